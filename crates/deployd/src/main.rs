@@ -1,0 +1,338 @@
+//! The `deployd` command: the server (`deployd serve`) and a CLI for it.
+//!
+//! This crate only composes the others: it parses arguments, starts the Manager and the HTTP
+//! server, waits for a signal and drains with a deadline; or it calls a running server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use deployd_manager::{Manager, Options, Phase};
+use deployd_server::client::Client;
+use serde_json::Value;
+
+#[derive(Debug, Parser)]
+#[command(name = "deployd", version, about = "A deployment server for agentic workflows")]
+struct Cli {
+    /// The deployd server the client commands talk to.
+    #[arg(long, global = true, env = "DEPLOYD_SERVER", default_value = "http://127.0.0.1:4501")]
+    server: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Deploys a deployment file to the server.
+    Deploy {
+        /// The deployment file.
+        file: PathBuf,
+        /// Replace a deployment of the same name.
+        #[arg(long)]
+        reload: bool,
+        /// Return once the deployment is created, without waiting for its services.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Runs a task and prints its result.
+    Run {
+        /// The deployment.
+        #[arg(short, long)]
+        deployment: String,
+        /// The service; the deployment's default service when absent.
+        #[arg(short, long)]
+        service: Option<String>,
+        /// The task's input as a JSON object.
+        #[arg(short, long, conflicts_with = "arg")]
+        input: Option<String>,
+        /// One input argument: `-a KEY VALUE` (VALUE is parsed as JSON when it is JSON).
+        #[arg(short, long, num_args = 2, value_names = ["KEY", "VALUE"], action = clap::ArgAction::Append)]
+        arg: Vec<String>,
+    },
+    /// Shows the server's status, or a deployment's.
+    Status {
+        /// A deployment.
+        name: Option<String>,
+    },
+    /// Stops and deletes a deployment.
+    Delete {
+        /// The deployment.
+        name: String,
+    },
+    /// Checks deployment files without deploying them.
+    Validate {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The address to listen on (loopback only).
+    #[arg(long, env = "DEPLOYD_LISTEN", default_value = "127.0.0.1:4501")]
+    listen: SocketAddr,
+    /// Where deployd keeps its state, the synced sources and the logs.
+    #[arg(long, env = "DEPLOYD_DATA_DIR", default_value = ".deployd")]
+    data_dir: PathBuf,
+    /// The most deployments that may exist at once.
+    #[arg(long, default_value_t = 10)]
+    max_deployments: usize,
+    /// Deployment files to deploy at start.
+    files: Vec<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let client = Client::new(&cli.server);
+    match cli.command {
+        None => serve(ServeArgs {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4501)),
+            data_dir: PathBuf::from(".deployd"),
+            max_deployments: 10,
+            files: Vec::new(),
+        })
+        .await
+        .map(|()| std::process::ExitCode::SUCCESS),
+        Some(Command::Serve(args)) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Some(Command::Deploy {
+            file,
+            reload,
+            no_wait,
+        }) => {
+            let name = client.deploy(&file, reload).await?;
+            println!("deployment `{name}` created");
+            if !no_wait {
+                wait_ready(&client, &name).await?;
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Run {
+            deployment,
+            service,
+            input,
+            arg,
+        }) => {
+            let input = task_input(input.as_deref(), &arg)?;
+            let result = client.run(&deployment, service.as_deref(), &input).await?;
+            match result {
+                Value::String(text) => println!("{text}"),
+                other => println!("{}", serde_json::to_string_pretty(&other)?),
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Status { name: None }) => {
+            let status = client.status().await?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Status { name: Some(name) }) => {
+            let status = client.deployment(&name).await?;
+            println!("deployment {} (default service: {})", status.name, status.default_service);
+            for service in status.services {
+                println!(
+                    "  {:<20} {:<10} port {:<5} pid {:<8} restarts {}{}",
+                    service.id,
+                    format!("{:?}", service.phase).to_lowercase(),
+                    service.port,
+                    service.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    service.restarts,
+                    service
+                        .last_exit
+                        .map(|e| format!(" (last exit: {e})"))
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Delete { name }) => {
+            client.delete(&name).await?;
+            println!("deployment `{name}` deleted");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Validate { files }) => Ok(validate(&files)),
+    }
+}
+
+fn task_input(input: Option<&str>, args: &[String]) -> anyhow::Result<Value> {
+    if let Some(input) = input {
+        let value: Value = serde_json::from_str(input).context("--input is not valid JSON")?;
+        if !value.is_object() {
+            bail!("--input must be a JSON object of keyword arguments");
+        }
+        return Ok(value);
+    }
+    let mut object = serde_json::Map::new();
+    for pair in args.chunks(2) {
+        if let [key, value] = pair {
+            let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone()));
+            object.insert(key.clone(), value);
+        }
+    }
+    Ok(Value::Object(object))
+}
+
+/// Waits until every service of the deployment is ready, or one has failed.
+async fn wait_ready(client: &Client, name: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = client.deployment(name).await?;
+        if let Some(failed) = status.services.iter().find(|s| s.phase == Phase::Failed) {
+            bail!(
+                "service `{}` failed: {}",
+                failed.id,
+                failed.last_exit.as_deref().unwrap_or("unknown reason")
+            );
+        }
+        if status.services.iter().all(|s| s.phase == Phase::Ready) {
+            for service in &status.services {
+                println!("  {} ready on port {}", service.id, service.port);
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("services of `{name}` are not ready after 120 s; see `deployd status {name}`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn validate(files: &[PathBuf]) -> std::process::ExitCode {
+    let mut failed = false;
+    for file in files {
+        let origin = file.display().to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(err) => {
+                eprintln!("{origin}: error: cannot read: {err}");
+                failed = true;
+                continue;
+            }
+        };
+        match deployd_config::parse(&text, &origin) {
+            Ok(loaded) => {
+                for warning in loaded.warnings {
+                    eprintln!("{warning}");
+                }
+                println!("{origin}: ok");
+            }
+            Err(diagnostics) => {
+                eprintln!("{diagnostics}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !args.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {}: deployments run code and deployd has no authentication \
+             yet, so it listens on loopback addresses only",
+            args.listen
+        );
+    }
+    let manager = Manager::start(
+        Options::new(&args.data_dir).max_deployments(args.max_deployments),
+    )
+    .await
+    .with_context(|| format!("cannot start on data directory {}", args.data_dir.display()))?;
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            manager.shutdown().await;
+            return Err(err).with_context(|| format!("cannot listen on {}", args.listen));
+        }
+    };
+    for file in &args.files {
+        if let Err(err) = deploy_file(&manager, file).await {
+            tracing::error!(file = %file.display(), error = %format!("{err:#}"), "cannot deploy");
+        }
+    }
+    tracing::info!(
+        address = %args.listen,
+        data_dir = %manager.options().data_dir.display(),
+        "deployd listening on http://{} (loopback only)",
+        args.listen
+    );
+
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(deployd_server::serve(listener, manager.clone(), async move {
+        let _ = server_stopped.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    // Stopping the Manager stops the services and ends open streams, so that the server can
+    // drain; the whole shutdown has a deadline.
+    let drained = tokio::time::timeout(Duration::from_secs(9), async {
+        manager.shutdown().await;
+        let _ = stop_server.send(());
+        let _ = server.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown deadline passed; exiting");
+    }
+    Ok(())
+}
+
+async fn deploy_file(manager: &Manager, file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let absolute = std::path::absolute(file)?;
+    let base = absolute.parent().unwrap_or(Path::new("/"));
+    let status = manager
+        .deploy(&text, &file.display().to_string(), base, true)
+        .await?;
+    tracing::info!(deployment = %status.name, "deployed {}", file.display());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

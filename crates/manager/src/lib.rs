@@ -1,0 +1,654 @@
+//! The Manager of deployd: deployments, their service processes, task workers and the control
+//! plane.
+//!
+//! A [`Manager`] is started on a data directory. It keeps the desired state of every deployment
+//! and every task in a SQLite store there, syncs each service's source, runs each service as a
+//! supervised process in its own process group, and routes tasks to services through a message
+//! queue: one worker per service forwards each task over the service protocol (`POST /tasks`,
+//! NDJSON events, then one result) and acknowledges the message only once the outcome is
+//! committed. A restarted Manager brings its deployments back, kills processes a crashed
+//! predecessor left behind, and queues again the tasks that had not finished.
+//!
+//! This crate knows neither HTTP routes nor the wire JSON of the API (that is `deployd-server`),
+//! nor the YAML (that is `deployd-config`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use deployd_config::{DeploymentSpec, Diagnostics};
+use deployd_queue::{Message, MessageQueue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+mod control;
+mod deployment;
+mod orphans;
+mod protocol;
+mod store;
+mod supervisor;
+mod worker;
+
+use control::Control;
+use deployment::Deployment;
+use store::{Store, StoredDeployment};
+
+/// What can go wrong in the Manager.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No such deployment, service, task or session.
+    #[error("{what} `{name}` not found")]
+    NotFound { what: &'static str, name: String },
+    /// A deployment with this name exists already.
+    #[error("deployment `{0}` already exists")]
+    AlreadyExists(String),
+    /// The deployment file does not load.
+    #[error("invalid deployment file:\n{0}")]
+    Invalid(Diagnostics),
+    /// A request that cannot be carried out as given.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The configured maximum number of deployments is reached.
+    #[error("at most {0} deployments can run at once; delete one first")]
+    TooManyDeployments(usize),
+    /// A service's source could not be synced.
+    #[error("service `{service}`: {source}")]
+    Source {
+        service: String,
+        #[source]
+        source: deployd_sources::Error,
+    },
+    /// The data directory is used by another deployd.
+    #[error("data directory {0} is in use by another deployd")]
+    DataDirLocked(PathBuf),
+    /// A filesystem operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(String),
+    /// The message queue failed.
+    #[error("message queue: {0}")]
+    Queue(#[from] deployd_queue::Error),
+    /// The Manager is shutting down.
+    #[error("deployd is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    fn not_found(what: &'static str, name: &str) -> Self {
+        Self::NotFound {
+            what,
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// How a Manager runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Where the store, the synced sources, the logs and the services' data live.
+    pub data_dir: PathBuf,
+    /// The most deployments that may exist at once.
+    pub max_deployments: usize,
+    /// How long a service may take to answer `GET /healthz` after it starts.
+    pub health_timeout: Duration,
+    /// How long a service may take to exit after SIGTERM before it gets SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+impl Options {
+    /// Defaults for a data directory: 10 deployments, 30 s to become healthy, 5 s to stop.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_deployments: 10,
+            health_timeout: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the maximum number of deployments.
+    pub fn max_deployments(mut self, max: usize) -> Self {
+        self.max_deployments = max;
+        self
+    }
+
+    /// Sets the time a service may take to exit after SIGTERM.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+}
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Started, not yet answering its health check.
+    Starting,
+    /// Healthy: taking tasks.
+    Ready,
+    /// Exited or unhealthy; waiting before the next start.
+    Restarting,
+    /// Restarted too often; given up on.
+    Failed,
+    /// Stopped by deployd.
+    Stopped,
+}
+
+/// The state of one service of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The service id.
+    pub id: String,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// The process id of its current process, if one runs.
+    pub pid: Option<u32>,
+    /// The port it listens on (on 127.0.0.1).
+    pub port: u16,
+    /// How many times it has been restarted.
+    pub restarts: u32,
+    /// Why its last process ended, if one did.
+    pub last_exit: Option<String>,
+}
+
+/// The state of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    /// The deployment's name.
+    pub name: String,
+    /// The service that takes tasks naming none.
+    pub default_service: String,
+    /// Its services, in the order of the file.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Waiting for its service.
+    Queued,
+    /// Handed to its service.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+}
+
+impl TaskStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Self {
+        match text {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            _ => Self::Queued,
+        }
+    }
+
+    /// Whether the task has ended.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// A task and, once it has ended, its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// Unique id.
+    pub id: String,
+    /// The deployment it belongs to.
+    pub deployment: String,
+    /// The service that runs it.
+    pub service: String,
+    /// The session whose state it reads and updates.
+    pub session_id: String,
+    /// Its input, as given.
+    pub input: Value,
+    /// Where it is.
+    pub status: TaskStatus,
+    /// How many times it has been handed to its service.
+    pub attempt: u32,
+    /// The result, once it succeeded.
+    pub result: Option<Value>,
+    /// The error, once it failed.
+    pub error: Option<String>,
+}
+
+/// A task to create.
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    /// The service to run it; the deployment's default service when `None`.
+    pub service: Option<String>,
+    /// The session to run it in; a new session when `None`.
+    pub session_id: Option<String>,
+    /// The input handed to the service.
+    pub input: Value,
+}
+
+/// What an entry of a task's event log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// An event the service streamed while running the task.
+    Event,
+    /// The task's result; the last entry.
+    Result,
+    /// The task's error; the last entry.
+    Error,
+}
+
+impl EventKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::Result => "result",
+            Self::Error => "error",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Self {
+        match text {
+            "result" => Self::Result,
+            "error" => Self::Error,
+            _ => Self::Event,
+        }
+    }
+
+    /// Whether this entry ends the task's log.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Event)
+    }
+}
+
+/// One entry of a task's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// The task.
+    pub task_id: String,
+    /// Position in the task's log, from 1.
+    pub seq: u64,
+    /// Event, result or error.
+    pub kind: EventKind,
+    /// The payload: the event's data, the result, or the error message.
+    pub data: Value,
+}
+
+/// The topic of a service's tasks.
+pub fn task_topic(deployment: &str, service: &str) -> String {
+    format!("deployd.{deployment}.{service}")
+}
+
+/// The Manager: a cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: Options,
+    control: Arc<Control>,
+    queue: Arc<dyn MessageQueue>,
+    node_id: String,
+    deployments: RwLock<BTreeMap<String, Arc<Deployment>>>,
+    /// Serializes deploy, delete and shutdown.
+    ops: tokio::sync::Mutex<bool>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Manager {
+    /// Opens the data directory, stops what a crashed predecessor left running, and brings the
+    /// persisted deployments back with their unfinished tasks.
+    pub async fn start(options: Options) -> Result<Self, Error> {
+        let data_dir = &options.data_dir;
+        std::fs::create_dir_all(data_dir.join("deployments"))
+            .map_err(|err| Error::io("cannot create", data_dir, err))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|err| Error::io("cannot open", data_dir, err))?;
+        let options = Options {
+            data_dir: data_dir.clone(),
+            ..options
+        };
+        let lock = orphans::lock_data_dir(&data_dir)?;
+        let node_id = orphans::node_id(&data_dir)?;
+        orphans::stop_leftovers(&node_id, options.stop_timeout).await;
+
+        let store = Store::open(&data_dir.join("deployd.db")).await?;
+        let control = Arc::new(Control::new(store));
+        let queue: Arc<dyn MessageQueue> = Arc::new(deployd_queue::memory::MemoryQueue::new());
+        let manager = Self {
+            inner: Arc::new(Inner {
+                options,
+                control,
+                queue,
+                node_id,
+                deployments: RwLock::new(BTreeMap::new()),
+                ops: tokio::sync::Mutex::new(false),
+                _lock: lock,
+            }),
+        };
+        manager.restore().await?;
+        Ok(manager)
+    }
+
+    async fn restore(&self) -> Result<(), Error> {
+        let _ops = self.inner.ops.lock().await;
+        for stored in self.inner.control.store().deployments().await? {
+            let spec = match deployd_config::parse(&stored.spec, &stored.origin) {
+                Ok(loaded) => loaded.spec,
+                Err(diagnostics) => {
+                    tracing::error!(deployment = %stored.name, %diagnostics, "cannot restore deployment");
+                    continue;
+                }
+            };
+            let base = PathBuf::from(&stored.base_path);
+            match self.launch(spec, &stored.spec, &base, false).await {
+                Ok(deployment) => {
+                    self.requeue_unfinished(&stored.name).await?;
+                    tracing::info!(deployment = %stored.name, "restored deployment");
+                    self.write_deployments().insert(stored.name.clone(), deployment);
+                }
+                Err(err) => {
+                    tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn requeue_unfinished(&self, deployment: &str) -> Result<(), Error> {
+        for task in self.inner.control.store().unfinished_tasks(deployment).await? {
+            let mut message = Message::new(task.id.clone());
+            message.attempt = task.attempt + 1;
+            self.inner
+                .queue
+                .publish(&task_topic(deployment, &task.service), message)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn read_deployments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Deployment>>> {
+        self.inner
+            .deployments
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_deployments(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Deployment>>> {
+        self.inner
+            .deployments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The options the Manager runs with (its data directory made absolute).
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// Deploys the deployment file `text` (reported as `origin`), whose local sources are
+    /// relative to `base`. With `reload`, an existing deployment of the same name is replaced
+    /// (and left alone when the file and base are the same); without, it is an
+    /// [`Error::AlreadyExists`].
+    ///
+    /// Returns once every service's source is synced and its process started; readiness shows
+    /// in [`Manager::status`].
+    pub async fn deploy(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+    ) -> Result<DeploymentStatus, Error> {
+        let spec = deployd_config::parse(text, origin)
+            .map_err(Error::Invalid)?
+            .spec;
+        for service in &spec.services {
+            if service.command.is_none() {
+                return Err(Error::BadRequest(format!(
+                    "service `{}` has an `import-path` but no `command`; Python workflow \
+                     services are not supported yet: give the service a `command`",
+                    service.id
+                )));
+            }
+        }
+        let base = base
+            .canonicalize()
+            .map_err(|err| Error::io("cannot open the deployment's folder", base, err))?;
+        let ops = self.inner.ops.lock().await;
+        if *ops {
+            return Err(Error::ShuttingDown);
+        }
+        let name = spec.name.clone();
+        let existing = self.read_deployments().get(&name).cloned();
+        match &existing {
+            Some(_) if !reload => return Err(Error::AlreadyExists(name)),
+            Some(current) if current.is_same(text, &base) => return Ok(current.status()),
+            None if self.read_deployments().len() >= self.inner.options.max_deployments => {
+                return Err(Error::TooManyDeployments(self.inner.options.max_deployments));
+            }
+            _ => {}
+        }
+        if let Some(old) = existing {
+            self.write_deployments().remove(&name);
+            old.stop().await;
+        }
+        let deployment = self.launch(spec, text, &base, true).await?;
+        self.inner
+            .control
+            .store()
+            .put_deployment(&StoredDeployment {
+                name: name.clone(),
+                spec: text.to_owned(),
+                origin: origin.to_owned(),
+                base_path: base.to_string_lossy().into_owned(),
+            })
+            .await
+            .inspect_err(|_| {
+                let deployment = Arc::clone(&deployment);
+                tokio::spawn(async move { deployment.stop().await });
+            })?;
+        let status = deployment.status();
+        self.write_deployments().insert(name, deployment);
+        Ok(status)
+    }
+
+    async fn launch(
+        &self,
+        spec: DeploymentSpec,
+        text: &str,
+        base: &Path,
+        sync: bool,
+    ) -> Result<Arc<Deployment>, Error> {
+        let dir = self
+            .inner
+            .options
+            .data_dir
+            .join("deployments")
+            .join(&spec.name);
+        let deployment = Deployment::start(deployment::Context {
+            spec,
+            text: text.to_owned(),
+            base: base.to_owned(),
+            dir,
+            sync,
+            node_id: self.inner.node_id.clone(),
+            control: Arc::clone(&self.inner.control),
+            queue: Arc::clone(&self.inner.queue),
+            health_timeout: self.inner.options.health_timeout,
+            stop_timeout: self.inner.options.stop_timeout,
+        })
+        .await?;
+        Ok(Arc::new(deployment))
+    }
+
+    /// Stops a deployment's services and forgets it with its tasks and sessions.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let _ops = self.inner.ops.lock().await;
+        let deployment = self
+            .write_deployments()
+            .remove(name)
+            .ok_or_else(|| Error::not_found("deployment", name))?;
+        deployment.stop().await;
+        self.inner.control.store().delete_deployment(name).await?;
+        let dir = deployment.dir().to_owned();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+            .await
+            .ok()
+            .and_then(Result::err)
+            .inspect(|err| tracing::warn!(deployment = %name, error = %err, "cannot remove files"));
+        Ok(())
+    }
+
+    /// The names of the deployments.
+    pub fn list(&self) -> Vec<String> {
+        self.read_deployments().keys().cloned().collect()
+    }
+
+    /// The state of a deployment and its services.
+    pub fn status(&self, name: &str) -> Result<DeploymentStatus, Error> {
+        self.deployment(name).map(|d| d.status())
+    }
+
+    fn deployment(&self, name: &str) -> Result<Arc<Deployment>, Error> {
+        self.read_deployments()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found("deployment", name))
+    }
+
+    /// Records a task and queues it for its service.
+    pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
+        let spec = self.deployment(deployment)?.spec().clone();
+        let service = task
+            .service
+            .unwrap_or_else(|| spec.default_service.clone());
+        if spec.service(&service).is_none() {
+            return Err(Error::not_found("service", &service));
+        }
+        let store = self.inner.control.store();
+        let session_id = match task.session_id {
+            Some(id) => match store.session(&id).await? {
+                Some((owner, _)) if owner == deployment => id,
+                _ => return Err(Error::not_found("session", &id)),
+            },
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                store.create_session(&id, deployment).await?;
+                id
+            }
+        };
+        let info = TaskInfo {
+            id: uuid::Uuid::new_v4().to_string(),
+            deployment: deployment.to_owned(),
+            service,
+            session_id,
+            input: task.input,
+            status: TaskStatus::Queued,
+            attempt: 0,
+            result: None,
+            error: None,
+        };
+        store.insert_task(&info).await?;
+        self.inner
+            .queue
+            .publish(
+                &task_topic(deployment, &info.service),
+                Message::new(info.id.clone()),
+            )
+            .await?;
+        Ok(info)
+    }
+
+    /// A task of a deployment.
+    pub async fn task(&self, deployment: &str, task_id: &str) -> Result<TaskInfo, Error> {
+        match self.inner.control.store().task(task_id).await? {
+            Some(task) if task.deployment == deployment => Ok(task),
+            _ => Err(Error::not_found("task", task_id)),
+        }
+    }
+
+    /// The tasks of a deployment, oldest first.
+    pub async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+        self.deployment(deployment)?;
+        self.inner.control.store().tasks(deployment).await
+    }
+
+    /// Waits until a task has ended and returns it.
+    pub async fn wait_task(&self, deployment: &str, task_id: &str) -> Result<TaskInfo, Error> {
+        let mut events = self.task_events(deployment, task_id, 0).await?;
+        while let Some(event) = events.recv().await {
+            if event.kind.is_terminal() {
+                break;
+            }
+        }
+        self.task(deployment, task_id).await
+    }
+
+    /// Streams a task's event log from the entry after `after`: what is stored first, then what
+    /// comes, until the task's result or error. The stream also ends when deployd shuts down.
+    pub async fn task_events(
+        &self,
+        deployment: &str,
+        task_id: &str,
+        after: u64,
+    ) -> Result<mpsc::Receiver<TaskEvent>, Error> {
+        self.task(deployment, task_id).await?;
+        Ok(self.inner.control.follow(task_id.to_owned(), after))
+    }
+
+    /// Subscribes to every entry appended to any task's log; for live views.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
+        self.inner.control.subscribe()
+    }
+
+    /// Stops every deployment (in reverse order of creation) and closes the store. Requests
+    /// made afterwards fail with [`Error::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        let mut ops = self.inner.ops.lock().await;
+        if *ops {
+            return;
+        }
+        *ops = true;
+        let mut deployments: Vec<_> = std::mem::take(&mut *self.write_deployments())
+            .into_values()
+            .collect();
+        deployments.sort_by_key(|d| std::cmp::Reverse(d.started()));
+        futures::future::join_all(deployments.iter().map(|d| d.stop())).await;
+        self.inner.control.close().await;
+    }
+}

@@ -1,0 +1,152 @@
+//! The service protocol, deployd's side: `POST /tasks`, then NDJSON events and one outcome.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The longest line a service may send.
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// The body of `POST /tasks`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TaskRequest<'a> {
+    pub(crate) task_id: &'a str,
+    pub(crate) session_id: &'a str,
+    pub(crate) attempt: u32,
+    pub(crate) input: &'a Value,
+    pub(crate) state: Option<&'a Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line {
+    Event {
+        #[serde(default)]
+        data: Value,
+    },
+    Result {
+        #[serde(default)]
+        data: Value,
+        #[serde(default)]
+        state: Option<Value>,
+    },
+    Error {
+        #[serde(default)]
+        message: Option<String>,
+    },
+}
+
+/// How a task ended, as the service said.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Result { data: Value, state: Option<Value> },
+    Error(String),
+}
+
+/// Why a call did not give an outcome.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// The service could not be reached or the exchange broke off: worth another attempt.
+    #[error("{0}")]
+    Transient(String),
+    /// The service answered something that is not the protocol: not worth another attempt.
+    #[error("the service broke the protocol: {0}")]
+    Protocol(String),
+    /// Recording an event failed.
+    #[error(transparent)]
+    Sink(crate::Error),
+}
+
+/// Sends a task to the service on `port` and hands every event to `on_event` as it comes.
+pub(crate) async fn call<F, Fut>(
+    client: &reqwest::Client,
+    port: u16,
+    request: &TaskRequest<'_>,
+    mut on_event: F,
+) -> Result<Outcome, CallError>
+where
+    F: FnMut(Value) -> Fut,
+    Fut: Future<Output = Result<(), crate::Error>>,
+{
+    let response = client
+        .post(format!("http://127.0.0.1:{port}/tasks"))
+        .json(request)
+        .send()
+        .await
+        .map_err(|err| CallError::Transient(format!("cannot reach the service: {err}")))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        let body: String = body.chars().take(500).collect();
+        let message = format!("POST /tasks answered {status}: {body}");
+        return Err(if status.is_server_error() {
+            CallError::Transient(message)
+        } else {
+            CallError::Protocol(message)
+        });
+    }
+    let mut body = response.bytes_stream();
+    let mut buffer = BytesMut::new();
+    let mut ended = false;
+    loop {
+        while let Some(newline) = buffer.iter().position(|b| *b == b'\n') {
+            let line = buffer.split_to(newline + 1);
+            let line = &line[..newline];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Line>(line) {
+                Ok(Line::Event { data }) => on_event(data).await.map_err(CallError::Sink)?,
+                Ok(Line::Result { data, state }) => return Ok(Outcome::Result { data, state }),
+                Ok(Line::Error { message }) => {
+                    return Ok(Outcome::Error(
+                        message.unwrap_or_else(|| "the service reported an error".to_owned()),
+                    ));
+                }
+                Err(err) => {
+                    let shown = String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned();
+                    return Err(CallError::Protocol(format!(
+                        "invalid line `{shown}`: {err}"
+                    )));
+                }
+            }
+        }
+        if ended {
+            return Err(if buffer.is_empty() {
+                CallError::Transient("the service closed the stream before the result".to_owned())
+            } else {
+                CallError::Transient("the stream ended in the middle of a line".to_owned())
+            });
+        }
+        if buffer.len() > MAX_LINE {
+            return Err(CallError::Protocol(format!(
+                "a line is longer than {MAX_LINE} bytes"
+            )));
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => buffer.extend_from_slice(chunk.chunk()),
+            Some(Err(err)) => {
+                return Err(CallError::Transient(format!("the stream broke off: {err}")));
+            }
+            None => {
+                ended = true;
+                // A last line without a newline still counts.
+                if !buffer.is_empty() && !buffer.ends_with(b"\n") {
+                    buffer.extend_from_slice(b"\n");
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP client used to talk to services.
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .unwrap_or_default()
+}

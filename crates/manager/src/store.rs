@@ -1,0 +1,403 @@
+//! The control plane's durable state in SQLite: deployments, tasks, their events and sessions.
+//!
+//! Invariant: an event is in the store before anyone is told about it, so a reader that catches
+//! up from the store after a notification never misses one.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::{Error, EventKind, TaskEvent, TaskInfo, TaskStatus};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS deployments (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        base_path TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS sessions (
+        id TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        state TEXT,
+        created_at INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS tasks (
+        id TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        service TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        input TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        result TEXT,
+        error TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS tasks_by_deployment ON tasks (deployment, created_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status)",
+    "CREATE TABLE IF NOT EXISTS events (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID",
+];
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn store_error(err: sqlx::Error) -> Error {
+    Error::Store(err.to_string())
+}
+
+fn to_json(text: Option<String>) -> Option<Value> {
+    text.map(|t| serde_json::from_str(&t).unwrap_or(Value::String(t)))
+}
+
+/// A deployment as persisted: enough to bring it back after a restart.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredDeployment {
+    pub(crate) name: String,
+    pub(crate) spec: String,
+    pub(crate) origin: String,
+    pub(crate) base_path: String,
+}
+
+/// The SQLite control-plane store.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    pub(crate) async fn open(path: &Path) -> Result<Self, Error> {
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(store_error)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|err| Error::Store(format!("cannot open {}: {err}", path.display())))?;
+        for statement in SCHEMA {
+            sqlx::query(*statement)
+                .execute(&pool)
+                .await
+                .map_err(store_error)?;
+        }
+        Ok(Self { pool })
+    }
+
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub(crate) async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO deployments (name, spec, origin, base_path, created_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, origin = excluded.origin,
+               base_path = excluded.base_path",
+        )
+        .bind(&d.name)
+        .bind(&d.spec)
+        .bind(&d.origin)
+        .bind(&d.base_path)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    pub(crate) async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
+        let rows = sqlx::query(
+            "SELECT name, spec, origin, base_path FROM deployments ORDER BY created_at, name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(StoredDeployment {
+                    name: row.try_get("name").map_err(store_error)?,
+                    spec: row.try_get("spec").map_err(store_error)?,
+                    origin: row.try_get("origin").map_err(store_error)?,
+                    base_path: row.try_get("base_path").map_err(store_error)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes a deployment with its tasks, events and sessions, in one transaction.
+    pub(crate) async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        sqlx::query(
+            "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE deployment = ?)",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        for statement in [
+            "DELETE FROM tasks WHERE deployment = ?",
+            "DELETE FROM sessions WHERE deployment = ?",
+            "DELETE FROM deployments WHERE name = ?",
+        ] {
+            sqlx::query(statement)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)
+    }
+
+    pub(crate) async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
+        sqlx::query("INSERT INTO sessions (id, deployment, state, created_at) VALUES (?, ?, NULL, ?)")
+            .bind(id)
+            .bind(deployment)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The session's deployment and state, if the session exists.
+    pub(crate) async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error> {
+        let row = sqlx::query("SELECT deployment, state FROM sessions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        row.map(|row| {
+            let deployment: String = row.try_get("deployment").map_err(store_error)?;
+            let state: Option<String> = row.try_get("state").map_err(store_error)?;
+            Ok((deployment, to_json(state)))
+        })
+        .transpose()
+    }
+
+    pub(crate) async fn insert_task(&self, task: &TaskInfo) -> Result<(), Error> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO tasks (id, deployment, service, session_id, input, status, attempt,
+               created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+        )
+        .bind(&task.id)
+        .bind(&task.deployment)
+        .bind(&task.service)
+        .bind(&task.session_id)
+        .bind(task.input.to_string())
+        .bind(TaskStatus::Queued.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    pub(crate) async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error> {
+        let row = sqlx::query(
+            "SELECT id, deployment, service, session_id, input, status, attempt, result, error
+             FROM tasks WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.map(task_from_row).transpose()
+    }
+
+    pub(crate) async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, deployment, service, session_id, input, status, attempt, result, error
+             FROM tasks WHERE deployment = ? ORDER BY created_at, id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter().map(task_from_row).collect()
+    }
+
+    /// Tasks that had not finished, oldest first: to be queued again after a restart.
+    pub(crate) async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, deployment, service, session_id, input, status, attempt, result, error
+             FROM tasks WHERE deployment = ? AND status IN ('queued', 'running')
+             ORDER BY created_at, id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter().map(task_from_row).collect()
+    }
+
+    pub(crate) async fn set_task_status(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        attempt: u32,
+    ) -> Result<(), Error> {
+        sqlx::query("UPDATE tasks SET status = ?, attempt = ?, updated_at = ? WHERE id = ?")
+            .bind(status.as_str())
+            .bind(i64::from(attempt))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Appends an event to the task's log; returns it with its sequence number.
+    pub(crate) async fn append_event(
+        &self,
+        task_id: &str,
+        kind: EventKind,
+        data: Value,
+    ) -> Result<TaskEvent, Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let event = append_in(&mut tx, task_id, kind, data).await?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(event)
+    }
+
+    /// Records the end of a task in one transaction: the final event, the task's outcome and
+    /// the session's new state.
+    pub(crate) async fn finish_task(
+        &self,
+        task: &TaskInfo,
+        outcome: Result<Value, String>,
+        state: Option<Value>,
+    ) -> Result<TaskEvent, Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let (kind, data, status, result, error) = match outcome {
+            Ok(result) => (
+                EventKind::Result,
+                result.clone(),
+                TaskStatus::Succeeded,
+                Some(result.to_string()),
+                None,
+            ),
+            Err(message) => (
+                EventKind::Error,
+                Value::String(message.clone()),
+                TaskStatus::Failed,
+                None,
+                Some(message),
+            ),
+        };
+        let event = append_in(&mut tx, &task.id, kind, data).await?;
+        sqlx::query(
+            "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(status.as_str())
+        .bind(result)
+        .bind(error)
+        .bind(now_ms())
+        .bind(&task.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        if let Some(state) = state {
+            sqlx::query("UPDATE sessions SET state = ? WHERE id = ?")
+                .bind(state.to_string())
+                .bind(&task.session_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(event)
+    }
+
+    /// The task's events with a sequence number above `after`, in order.
+    pub(crate) async fn events_after(&self, task_id: &str, after: u64) -> Result<Vec<TaskEvent>, Error> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
+        )
+        .bind(task_id)
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq").map_err(store_error)?;
+                let kind: String = row.try_get("kind").map_err(store_error)?;
+                let data: String = row.try_get("data").map_err(store_error)?;
+                Ok(TaskEvent {
+                    task_id: task_id.to_owned(),
+                    seq: u64::try_from(seq).unwrap_or(0),
+                    kind: EventKind::parse(&kind),
+                    data: to_json(Some(data)).unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+}
+
+async fn append_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    task_id: &str,
+    kind: EventKind,
+    data: Value,
+) -> Result<TaskEvent, Error> {
+    let seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events WHERE task_id = ?")
+        .bind(task_id)
+        .fetch_one(&mut **tx)
+        .await
+        .and_then(|row| row.try_get("next"))
+        .map_err(store_error)?;
+    sqlx::query("INSERT INTO events (task_id, seq, kind, data) VALUES (?, ?, ?, ?)")
+        .bind(task_id)
+        .bind(seq)
+        .bind(kind.as_str())
+        .bind(data.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    Ok(TaskEvent {
+        task_id: task_id.to_owned(),
+        seq: u64::try_from(seq).unwrap_or(0),
+        kind,
+        data,
+    })
+}
+
+fn task_from_row(row: sqlx::sqlite::SqliteRow) -> Result<TaskInfo, Error> {
+    let input: String = row.try_get("input").map_err(store_error)?;
+    let status: String = row.try_get("status").map_err(store_error)?;
+    let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
+    Ok(TaskInfo {
+        id: row.try_get("id").map_err(store_error)?,
+        deployment: row.try_get("deployment").map_err(store_error)?,
+        service: row.try_get("service").map_err(store_error)?,
+        session_id: row.try_get("session_id").map_err(store_error)?,
+        input: serde_json::from_str(&input).unwrap_or(Value::String(input)),
+        status: TaskStatus::parse(&status),
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        result: to_json(row.try_get("result").map_err(store_error)?),
+        error: row.try_get("error").map_err(store_error)?,
+    })
+}

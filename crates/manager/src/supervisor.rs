@@ -1,0 +1,366 @@
+//! Supervision of one service process: start, health check, restart with backoff, stop.
+//!
+//! Invariant: a service process runs in its own process group, and every signal deployd sends
+//! goes to the whole group, so nothing a service started outlives it.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use deployd_config::Command;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::Child;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::{Phase, ServiceStatus};
+
+/// Variables of deployd's own environment that a service inherits; everything else (tokens,
+/// credentials) stays with deployd.
+const INHERITED: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+];
+const INHERITED_PREFIXES: &[&str] = &["LC_", "PYENV_"];
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcessSpec {
+    pub(crate) service: String,
+    pub(crate) command: Command,
+    pub(crate) workdir: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) port: u16,
+    pub(crate) log: PathBuf,
+}
+
+/// Limits of the supervision.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub(crate) health_timeout: Duration,
+    pub(crate) stop_timeout: Duration,
+    /// More failures than this within `window` and the service is marked failed.
+    pub(crate) max_failures: usize,
+    pub(crate) window: Duration,
+    /// Healthy uptime after which the backoff starts again from its minimum.
+    pub(crate) reset_after: Duration,
+}
+
+impl Policy {
+    pub(crate) fn new(health_timeout: Duration, stop_timeout: Duration) -> Self {
+        Self {
+            health_timeout,
+            stop_timeout,
+            max_failures: 10,
+            window: Duration::from_secs(120),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The environment of a service process: the inherited allowlist, then `extra`.
+pub(crate) fn process_env(extra: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(key, _)| {
+            INHERITED.contains(&key.as_str())
+                || INHERITED_PREFIXES.iter().any(|p| key.starts_with(p))
+        })
+        .collect();
+    for (key, value) in extra {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+    env
+}
+
+/// A running supervisor; stops its process when told to.
+pub(crate) struct Supervisor {
+    state: watch::Receiver<ServiceStatus>,
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Supervisor {
+    pub(crate) fn start(spec: ProcessSpec, policy: Policy) -> Self {
+        let (state_tx, state) = watch::channel(ServiceStatus {
+            id: spec.service.clone(),
+            phase: Phase::Starting,
+            pid: None,
+            port: spec.port,
+            restarts: 0,
+            last_exit: None,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(supervise(spec, policy, state_tx, stop_rx));
+        Self {
+            state,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    pub(crate) fn status(&self) -> ServiceStatus {
+        self.state.borrow().clone()
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<ServiceStatus> {
+        self.state.clone()
+    }
+
+    /// Stops the process (SIGTERM to its group, SIGKILL after the stop timeout) and waits.
+    pub(crate) async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        let Some(task) = task else { return };
+        if let Err(err) = task.await {
+            tracing::error!(error = %err, "supervisor task failed");
+        }
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+enum Ended {
+    Stopped,
+    Exited(String),
+    Unhealthy,
+}
+
+async fn supervise(
+    spec: ProcessSpec,
+    policy: Policy,
+    state: watch::Sender<ServiceStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = new_backoff();
+    let mut failures: VecDeque<Instant> = VecDeque::new();
+    loop {
+        let ended = match spawn(&spec) {
+            Ok(child) => run_once(&spec, &policy, &state, &mut stop, child, &mut backoff).await,
+            Err(err) => Ended::Exited(format!("cannot start: {err}")),
+        };
+        let reason = match ended {
+            Ended::Stopped => {
+                state.send_modify(|s| {
+                    s.phase = Phase::Stopped;
+                    s.pid = None;
+                });
+                return;
+            }
+            Ended::Exited(reason) => reason,
+            Ended::Unhealthy => format!(
+                "did not answer GET /healthz within {:?}",
+                policy.health_timeout
+            ),
+        };
+        tracing::warn!(service = %spec.service, reason = %reason, "service process ended");
+        let now = Instant::now();
+        failures.push_back(now);
+        while failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            failures.pop_front();
+        }
+        if failures.len() > policy.max_failures {
+            tracing::error!(service = %spec.service, "service restarted too often; giving up");
+            state.send_modify(|s| {
+                s.phase = Phase::Failed;
+                s.pid = None;
+                s.last_exit = Some(reason);
+            });
+            stopped(&mut stop).await;
+            state.send_modify(|s| s.phase = Phase::Stopped);
+            return;
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+        state.send_modify(|s| {
+            s.phase = Phase::Restarting;
+            s.pid = None;
+            s.restarts += 1;
+            s.last_exit = Some(reason);
+        });
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => {
+                state.send_modify(|s| s.phase = Phase::Stopped);
+                return;
+            }
+        }
+    }
+}
+
+fn new_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn run_once(
+    spec: &ProcessSpec,
+    policy: &Policy,
+    state: &watch::Sender<ServiceStatus>,
+    stop: &mut watch::Receiver<bool>,
+    mut child: Child,
+    backoff: &mut ExponentialBackoff,
+) -> Ended {
+    let pid = child.id();
+    state.send_modify(|s| {
+        s.phase = Phase::Starting;
+        s.pid = pid;
+    });
+    tracing::info!(service = %spec.service, pid = ?pid, port = spec.port, "service process started");
+
+    let probe = wait_healthy(spec.port, policy.health_timeout);
+    let healthy = tokio::select! {
+        status = child.wait() => return exited(status, pid),
+        healthy = probe => healthy,
+        () = stopped(stop) => {
+            terminate(&mut child, pid, policy.stop_timeout).await;
+            return Ended::Stopped;
+        }
+    };
+    if !healthy {
+        terminate(&mut child, pid, policy.stop_timeout).await;
+        return Ended::Unhealthy;
+    }
+    state.send_modify(|s| s.phase = Phase::Ready);
+    tracing::info!(service = %spec.service, "service ready");
+    let ready_at = Instant::now();
+    let status = tokio::select! {
+        status = child.wait() => status,
+        () = stopped(stop) => {
+            terminate(&mut child, pid, policy.stop_timeout).await;
+            return Ended::Stopped;
+        }
+    };
+    if ready_at.elapsed() >= policy.reset_after {
+        *backoff = new_backoff();
+    }
+    exited(status, pid)
+}
+
+fn exited(status: std::io::Result<std::process::ExitStatus>, pid: Option<u32>) -> Ended {
+    // Whatever the leader left in its group goes with it.
+    signal_group(pid, Signal::SIGKILL);
+    Ended::Exited(match status {
+        Ok(status) => describe(status),
+        Err(err) => format!("cannot wait for the process: {err}"),
+    })
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(signal) => format!("killed by {signal}"),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        (None, None) => "ended".to_owned(),
+    }
+}
+
+fn signal_group(pid: Option<u32>, signal: Signal) {
+    if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = killpg(Pid::from_raw(pid), signal);
+    }
+}
+
+/// SIGTERM to the group; SIGKILL to the group if any of it is still there after `timeout`.
+///
+/// The wait is for the whole group, not the leader: with `sh -c`, the shell may end at once
+/// while the service it started is still shutting down gracefully.
+async fn terminate(child: &mut Child, pid: Option<u32>, timeout: Duration) {
+    signal_group(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Reap the leader as soon as it ends, so that it does not count as alive.
+        let _ = child.try_wait();
+        if !group_alive(pid) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(pid = ?pid, "service did not stop after SIGTERM; sending SIGKILL");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    signal_group(pid, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+fn group_alive(pid: Option<u32>) -> bool {
+    pid.and_then(|pid| i32::try_from(pid).ok())
+        .is_some_and(|pid| killpg(Pid::from_raw(pid), None).is_ok())
+}
+
+fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
+    use std::fs::OpenOptions;
+    use std::io::Write;
+
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)?;
+    let mut command = match &spec.command {
+        Command::Shell(line) => {
+            let mut command = tokio::process::Command::new("/bin/sh");
+            command.arg("-c").arg(line);
+            command
+        }
+        Command::Argv(argv) => {
+            let mut command = tokio::process::Command::new(&argv[0]);
+            command.args(&argv[1..]);
+            command
+        }
+    };
+    let _ = writeln!(log, "--- deployd: starting {:?} ---", spec.command);
+    command
+        .current_dir(&spec.workdir)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .kill_on_drop(false);
+    command.spawn()
+}
+
+/// Polls `GET /healthz` until it answers 200 or `timeout` passes.
+async fn wait_healthy(port: u16, timeout: Duration) -> bool {
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .no_proxy()
+        .build()
+    {
+        Ok(client) => client,
+        Err(_) => return false,
+    };
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    while Instant::now() < deadline {
+        if let Ok(response) = client.get(&url).send().await {
+            if response.status().is_success() {
+                return true;
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+    false
+}

@@ -1,0 +1,3 @@
+//! End-to-end scenarios against the real `deployd` binary.
+
+mod skeleton;

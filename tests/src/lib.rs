@@ -1,0 +1,347 @@
+//! The harness of deployd's end-to-end scenarios: it runs the real `deployd` binary on a free
+//! port with a temporary data directory, and talks to it through HTTP and the CLI.
+//!
+//! The binary is taken from `DEPLOYD_BIN` when set (as `cargo xtask e2e` does), and otherwise
+//! built with `cargo build -p deployd` first, so a plain `cargo test` never runs a stale one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+}
+
+/// The `deployd` binary under test.
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("DEPLOYD_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "deployd", "--bin", "deployd"])
+            .current_dir(workspace())
+            .status()
+            .expect("cannot run cargo to build deployd");
+        assert!(status.success(), "building deployd failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| workspace().join("target"), PathBuf::from);
+        target.join("debug").join("deployd")
+    })
+}
+
+/// Polls `check` every 50 ms until it gives a value or `limit` passes; panics with `what`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The processes whose environment has `DEPLOYD_DATA_DIR` inside `data_dir`: the service
+/// processes (and their children) of the deployd using that data directory.
+pub fn service_processes(data_dir: &Path) -> Vec<u32> {
+    let prefix = format!("DEPLOYD_DATA_DIR={}", data_dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| alive(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|var| var.starts_with(prefix.as_bytes()))
+            })
+        })
+        .collect()
+}
+
+/// A running `deployd serve`.
+pub struct Server {
+    child: Option<Child>,
+    /// Its base URL.
+    pub url: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    http: reqwest::blocking::Client,
+}
+
+impl Server {
+    /// Starts `deployd serve` on a free port with `data_dir`, and waits until it answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(data_dir).expect("cannot create the data directory");
+        let port = free_port();
+        let log = data_dir.with_extension(format!("{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("cannot create the server log");
+        let child = Command::new(binary())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("cannot start deployd");
+        let server = Self {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            data_dir: data_dir.canonicalize().expect("data dir"),
+            log,
+            http: reqwest::blocking::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        };
+        wait_for("deployd to answer /status/", Duration::from_secs(30), || {
+            server.get("/status/").ok().filter(|(status, _)| *status == 200)
+        });
+        server
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `GET path`: (status, JSON body or Null).
+    pub fn get(&self, path: &str) -> reqwest::Result<(u16, Value)> {
+        let response = self.http.get(format!("{}{path}", self.url)).send()?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().unwrap_or(Value::Null)))
+    }
+
+    /// `POST path` with a JSON body: (status, JSON body or Null).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .expect("POST failed");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// `POST path` with a raw body: (status, JSON body or Null).
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .body(body.to_owned())
+            .send()
+            .expect("POST failed");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// `GET path` and the body as text.
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET failed");
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .env("DEPLOYD_SERVER", &self.url)
+            .current_dir(workspace())
+            .output()
+            .expect("cannot run the deployd CLI")
+    }
+
+    /// The status of a deployment's first service: (phase, pid, restarts).
+    pub fn service(&self, deployment: &str, index: usize) -> (String, Option<u32>, u64) {
+        let (status, body) = self
+            .get(&format!("/deployments/{deployment}"))
+            .expect("GET deployment");
+        assert_eq!(status, 200, "{body}");
+        let service = &body["services"][index];
+        (
+            service["phase"].as_str().unwrap_or_default().to_owned(),
+            service["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+            service["restarts"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Waits until every service of a deployment is ready.
+    pub fn wait_ready(&self, deployment: &str) {
+        wait_for("the services to be ready", Duration::from_secs(60), || {
+            let (_, body) = self.get(&format!("/deployments/{deployment}")).ok()?;
+            let services = body["services"].as_array()?;
+            services
+                .iter()
+                .all(|s| s["phase"] == "ready")
+                .then_some(())
+        });
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: Signal) {
+        let pid = i32::try_from(self.pid()).expect("pid");
+        kill(Pid::from_raw(pid), signal).expect("cannot signal deployd");
+    }
+
+    /// Waits for the server to exit, at most `limit`; returns how long it took, or `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let child = self.child.as_mut()?;
+        while started.elapsed() < limit {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILLs the server and reaps it; its service processes are left as they are.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever a failed scenario left behind.
+        for pid in service_processes(&self.data_dir) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A folder with deployment files and a copy of the test service.
+pub struct Project {
+    /// The temporary folder everything lives in.
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A new project with the test service in `src/`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("src")).expect("src");
+        std::fs::copy(
+            workspace().join("tests/fixtures/services/echo.py"),
+            dir.path().join("src/echo.py"),
+        )
+        .expect("cannot copy the test service");
+        Self { dir }
+    }
+
+    /// The project's folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file into the project; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, text).expect("cannot write");
+        path
+    }
+
+    /// A deployment of `services` copies of the test service, each with `env` lines
+    /// (`KEY: value`, already indented for YAML) added.
+    pub fn deployment(&self, name: &str, services: &[(&str, &[(&str, &str)])]) -> PathBuf {
+        let mut text = format!("name: {name}\nservices:\n");
+        for (id, env) in services {
+            text.push_str(&format!(
+                "  {id}:\n    source:\n      type: local\n      location: src\n    command: python3 echo.py\n"
+            ));
+            if !env.is_empty() {
+                text.push_str("    env:\n");
+                for (key, value) in *env {
+                    text.push_str(&format!("      {key}: \"{value}\"\n"));
+                }
+            }
+        }
+        self.write(&format!("{name}.yaml"), &text)
+    }
+}
+
+impl Default for Project {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The stdout of a CLI run that must have succeeded.
+pub fn success(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "the CLI failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
