@@ -1,0 +1,127 @@
+//! deployd's project tasks: `cargo xtask ci` and `cargo xtask e2e`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  ci    cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
+  e2e   builds deployd and runs the end-to-end scenarios against the real binary";
+
+fn main() -> std::process::ExitCode {
+    let task = std::env::args().nth(1);
+    let result = match task.as_deref() {
+        Some("ci") => ci(),
+        Some("e2e") => e2e(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown task `{other}`\n\n{USAGE}")),
+        None => Err(anyhow::anyhow!("{USAGE}")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+fn run(what: &str, command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {what}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs tests with nextest when it is installed, else with `cargo test`.
+fn test(what: &str, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let mut command = cargo();
+    if has_nextest() {
+        command.args(["nextest", "run", "--no-fail-fast"]);
+    } else {
+        command.args(["test", "--no-fail-fast"]);
+    }
+    command.args(args);
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    run(what, &mut command)
+}
+
+fn ci() -> anyhow::Result<()> {
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    test(
+        "unit and integration tests",
+        &["--workspace", "--exclude", "deployd-e2e"],
+        &[],
+    )?;
+    run(
+        "doc tests",
+        cargo().args(["test", "--workspace", "--exclude", "deployd-e2e", "--doc"]),
+    )?;
+    e2e()
+}
+
+fn e2e() -> anyhow::Result<()> {
+    if Command::new("python3").arg("--version").output().is_err() {
+        bail!("the scenarios' services need python3, which is not installed");
+    }
+    run(
+        "build deployd",
+        cargo().args(["build", "-p", "deployd", "--bin", "deployd"]),
+    )?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let binary = target.join("debug").join("deployd");
+    test(
+        "end-to-end scenarios",
+        &["-p", "deployd-e2e"],
+        &[("DEPLOYD_BIN", &binary)],
+    )
+}
