@@ -37,7 +37,10 @@ impl Control {
 
     /// Appends a streamed event to the task's log.
     pub(crate) async fn event(&self, task_id: &str, data: Value) -> Result<(), Error> {
-        let event = self.store.append_event(task_id, EventKind::Event, data).await?;
+        let event = self
+            .store
+            .append_event(task_id, EventKind::Event, data)
+            .await?;
         let _ = self.bus.send(Arc::new(event));
         Ok(())
     }
@@ -107,5 +110,114 @@ impl Control {
     pub(crate) async fn close(&self) {
         let _ = self.closed.send(true);
         self.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::TaskStatus;
+
+    async fn control() -> (tempfile::TempDir, Control, TaskInfo) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        store.create_session("s", "d").await.unwrap();
+        let task = TaskInfo {
+            id: "t".into(),
+            deployment: "d".into(),
+            service: "svc".into(),
+            session_id: "s".into(),
+            input: json!({"a": 1}),
+            status: TaskStatus::Queued,
+            attempt: 0,
+            result: None,
+            error: None,
+        };
+        store.insert_task(&task).await.unwrap();
+        (dir, Control::new(store), task)
+    }
+
+    async fn collect(mut rx: mpsc::Receiver<TaskEvent>) -> Vec<(u64, EventKind, Value)> {
+        let mut seen = Vec::new();
+        while let Some(event) = rx.recv().await {
+            seen.push((event.seq, event.kind, event.data));
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_follower_sees_stored_then_live_entries_in_order() {
+        let (_dir, control, task) = control().await;
+        control.event("t", json!(1)).await.unwrap();
+        let follower = tokio::spawn(collect(control.follow("t".into(), 0)));
+        control.event("t", json!(2)).await.unwrap();
+        control
+            .finish(&task, Ok(json!("done")), Some(json!({"n": 1})))
+            .await
+            .unwrap();
+        assert_eq!(
+            follower.await.unwrap(),
+            [
+                (1, EventKind::Event, json!(1)),
+                (2, EventKind::Event, json!(2)),
+                (3, EventKind::Result, json!("done")),
+            ]
+        );
+        let stored = control.store().task("t").await.unwrap().unwrap();
+        assert_eq!(stored.status, TaskStatus::Succeeded);
+        assert_eq!(stored.result, Some(json!("done")));
+        let (_, state) = control.store().session("s").await.unwrap().unwrap();
+        assert_eq!(state, Some(json!({"n": 1})));
+    }
+
+    #[tokio::test]
+    async fn a_follower_resumes_after_the_last_entry_it_saw() {
+        let (_dir, control, task) = control().await;
+        for n in 1..=3 {
+            control.event("t", json!(n)).await.unwrap();
+        }
+        control
+            .finish(&task, Err("failed".into()), None)
+            .await
+            .unwrap();
+        let seen = collect(control.follow("t".into(), 2)).await;
+        assert_eq!(
+            seen,
+            [
+                (3, EventKind::Event, json!(3)),
+                (4, EventKind::Error, json!("failed")),
+            ]
+        );
+        let stored = control.store().task("t").await.unwrap().unwrap();
+        assert_eq!(stored.status, TaskStatus::Failed);
+        assert_eq!(stored.error.as_deref(), Some("failed"));
+    }
+
+    #[tokio::test]
+    async fn a_lagging_follower_catches_up_from_the_store() {
+        let (_dir, control, task) = control().await;
+        let rx = control.follow("t".into(), 0);
+        // More entries than the bus holds, before the follower reads any.
+        for n in 0..(BUS_CAPACITY + 10) {
+            control.event("t", json!(n)).await.unwrap();
+        }
+        control.finish(&task, Ok(json!("end")), None).await.unwrap();
+        let seen = collect(rx).await;
+        assert_eq!(seen.len(), BUS_CAPACITY + 11);
+        assert!(
+            seen.iter()
+                .enumerate()
+                .all(|(i, (seq, _, _))| *seq == i as u64 + 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn closing_ends_followers() {
+        let (_dir, control, _task) = control().await;
+        let rx = control.follow("t".into(), 0);
+        control.close().await;
+        assert!(collect(rx).await.is_empty());
     }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use deployd_config::SourceKind;
 use deployd_config::{DeploymentSpec, ServiceSpec};
 use deployd_queue::{MessageQueue, SubscribeOptions};
-use deployd_config::SourceKind;
 use deployd_sources::{LocalSource, SourceManager, SyncRequest};
 use tokio::sync::watch;
 
@@ -146,7 +146,11 @@ impl Deployment {
     }
 }
 
-async fn sync_source(context: &Context, service: &ServiceSpec, workdir: &Path) -> Result<(), Error> {
+async fn sync_source(
+    context: &Context,
+    service: &ServiceSpec,
+    workdir: &Path,
+) -> Result<(), Error> {
     let Some(source) = &service.source else {
         return tokio::fs::create_dir_all(workdir)
             .await
@@ -162,13 +166,14 @@ async fn sync_source(context: &Context, service: &ServiceSpec, workdir: &Path) -
                 base: context.base.clone(),
                 destination: workdir.to_owned(),
             };
-            let synced = LocalSource::new()
-                .sync(&request)
-                .await
-                .map_err(|source| Error::Source {
-                    service: service.id.clone(),
-                    source,
-                })?;
+            let synced =
+                LocalSource::new()
+                    .sync(&request)
+                    .await
+                    .map_err(|source| Error::Source {
+                        service: service.id.clone(),
+                        source,
+                    })?;
             tracing::info!(service = %service.id, files = synced.files, bytes = synced.bytes, "source synced");
             Ok(())
         }
@@ -198,11 +203,10 @@ async fn start_service(
         .map_err(|err| Error::io("cannot create", &service_data, err))?;
     let port = match service.port {
         Some(port) => port,
-        None => free_port().map_err(|err| Error::io("cannot allocate a port", workdir.as_path(), err))?,
+        None => free_port()
+            .map_err(|err| Error::io("cannot allocate a port", workdir.as_path(), err))?,
     };
-    let mut env: Vec<(String, String)> = vec![
-        ("PYTHONUNBUFFERED".into(), "1".into()),
-    ];
+    let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];
     env.extend(service.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend([
         ("PORT".into(), port.to_string()),
@@ -232,7 +236,10 @@ async fn start_service(
             SubscribeOptions::default().ack_deadline(Duration::from_secs(24 * 3600)),
         )
         .await?;
-    let supervisor = Supervisor::start(spec, Policy::new(context.health_timeout, context.stop_timeout));
+    let supervisor = Supervisor::start(
+        spec,
+        Policy::new(context.health_timeout, context.stop_timeout),
+    );
     let (worker_stop, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(worker::run(
         WorkerContext {

@@ -377,7 +377,8 @@ impl Manager {
                 Ok(deployment) => {
                     self.requeue_unfinished(&stored.name).await?;
                     tracing::info!(deployment = %stored.name, "restored deployment");
-                    self.write_deployments().insert(stored.name.clone(), deployment);
+                    self.write_deployments()
+                        .insert(stored.name.clone(), deployment);
                 }
                 Err(err) => {
                     tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
@@ -388,7 +389,13 @@ impl Manager {
     }
 
     async fn requeue_unfinished(&self, deployment: &str) -> Result<(), Error> {
-        for task in self.inner.control.store().unfinished_tasks(deployment).await? {
+        for task in self
+            .inner
+            .control
+            .store()
+            .unfinished_tasks(deployment)
+            .await?
+        {
             let mut message = Message::new(task.id.clone());
             message.attempt = task.attempt + 1;
             self.inner
@@ -399,7 +406,9 @@ impl Manager {
         Ok(())
     }
 
-    fn read_deployments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Deployment>>> {
+    fn read_deployments(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Deployment>>> {
         self.inner
             .deployments
             .read()
@@ -459,7 +468,9 @@ impl Manager {
             Some(_) if !reload => return Err(Error::AlreadyExists(name)),
             Some(current) if current.is_same(text, &base) => return Ok(current.status()),
             None if self.read_deployments().len() >= self.inner.options.max_deployments => {
-                return Err(Error::TooManyDeployments(self.inner.options.max_deployments));
+                return Err(Error::TooManyDeployments(
+                    self.inner.options.max_deployments,
+                ));
             }
             _ => {}
         }
@@ -554,9 +565,7 @@ impl Manager {
     /// Records a task and queues it for its service.
     pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
         let spec = self.deployment(deployment)?.spec().clone();
-        let service = task
-            .service
-            .unwrap_or_else(|| spec.default_service.clone());
+        let service = task.service.unwrap_or_else(|| spec.default_service.clone());
         if spec.service(&service).is_none() {
             return Err(Error::not_found("service", &service));
         }

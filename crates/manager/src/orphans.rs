@@ -79,7 +79,10 @@ pub(crate) async fn stop_leftovers(node_id: &str, grace: Duration) {
     if leftovers.is_empty() {
         return;
     }
-    tracing::warn!(count = leftovers.len(), "stopping service processes left by a previous run");
+    tracing::warn!(
+        count = leftovers.len(),
+        "stopping service processes left by a previous run"
+    );
     for pid in &leftovers {
         let _ = kill(*pid, Signal::SIGTERM);
     }

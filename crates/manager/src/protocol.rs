@@ -150,3 +150,150 @@ pub(crate) fn client() -> reqwest::Client {
         .build()
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The client side against a scripted peer; the real services are exercised end to end in
+    //! `tests/scenarios`.
+
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Serves one connection with `response` (raw HTTP) and returns the port.
+    async fn peer(response: &'static str) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0; 65536];
+            let _ = socket.read(&mut buffer).await;
+            socket.write_all(response.as_bytes()).await.unwrap();
+            socket.shutdown().await.unwrap();
+        });
+        port
+    }
+
+    async fn check(response: &'static str) -> (Result<Outcome, CallError>, Vec<Value>) {
+        let port = peer(response).await;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let request = TaskRequest {
+            task_id: "t",
+            session_id: "s",
+            attempt: 1,
+            input: &json!({}),
+            state: None,
+        };
+        let sink = Arc::clone(&events);
+        let outcome = call(&client(), port, &request, move |data| {
+            sink.lock().unwrap().push(data);
+            async { Ok(()) }
+        })
+        .await;
+        let events = events.lock().unwrap().clone();
+        (outcome, events)
+    }
+
+    const OK: &str = "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n";
+
+    #[tokio::test]
+    async fn events_then_result() {
+        let response = Box::leak(
+            format!(
+                "{OK}{}\n\n{}\n{}\n",
+                r#"{"type":"event","data":{"n":1}}"#,
+                r#"{"type":"event","data":{"n":2}}"#,
+                r#"{"type":"result","data":"done","state":{"k":1}}"#
+            )
+            .into_boxed_str(),
+        );
+        let (outcome, events) = check(response).await;
+        assert_eq!(events, [json!({"n": 1}), json!({"n": 2})]);
+        match outcome {
+            Ok(Outcome::Result { data, state }) => {
+                assert_eq!(data, json!("done"));
+                assert_eq!(state, Some(json!({"k": 1})));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn last_line_without_newline_counts() {
+        let response =
+            Box::leak(format!("{OK}{}", r#"{"type":"result","data":3}"#).into_boxed_str());
+        assert!(matches!(
+            check(response).await.0,
+            Ok(Outcome::Result { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn error_line_is_the_services_error() {
+        let response =
+            Box::leak(format!("{OK}{}\n", r#"{"type":"error","message":"boom"}"#).into_boxed_str());
+        match check(response).await.0 {
+            Ok(Outcome::Error(message)) => assert_eq!(message, "boom"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_before_the_result_is_transient() {
+        let response =
+            Box::leak(format!("{OK}{}\n", r#"{"type":"event","data":1}"#).into_boxed_str());
+        let (outcome, events) = check(response).await;
+        assert_eq!(events, [json!(1)]);
+        assert!(
+            matches!(outcome, Err(CallError::Transient(_))),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_breaks_the_protocol() {
+        let response = Box::leak(format!("{OK}not json\n").into_boxed_str());
+        let outcome = check(response).await.0;
+        assert!(
+            matches!(&outcome, Err(CallError::Protocol(m)) if m.contains("not json")),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn status_codes() {
+        let outcome = check("HTTP/1.0 503 Busy\r\n\r\nlater").await.0;
+        assert!(
+            matches!(outcome, Err(CallError::Transient(_))),
+            "{outcome:?}"
+        );
+        let outcome = check("HTTP/1.0 404 Not Found\r\n\r\n").await.0;
+        assert!(
+            matches!(outcome, Err(CallError::Protocol(_))),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_transient() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let request = TaskRequest {
+            task_id: "t",
+            session_id: "s",
+            attempt: 1,
+            input: &json!({}),
+            state: None,
+        };
+        let outcome = call(&client(), port, &request, |_| async { Ok(()) }).await;
+        assert!(
+            matches!(outcome, Err(CallError::Transient(_))),
+            "{outcome:?}"
+        );
+    }
+}

@@ -169,13 +169,15 @@ impl Store {
     }
 
     pub(crate) async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
-        sqlx::query("INSERT INTO sessions (id, deployment, state, created_at) VALUES (?, ?, NULL, ?)")
-            .bind(id)
-            .bind(deployment)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
+        sqlx::query(
+            "INSERT INTO sessions (id, deployment, state, created_at) VALUES (?, ?, NULL, ?)",
+        )
+        .bind(id)
+        .bind(deployment)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
         Ok(())
     }
 
@@ -332,7 +334,11 @@ impl Store {
     }
 
     /// The task's events with a sequence number above `after`, in order.
-    pub(crate) async fn events_after(&self, task_id: &str, after: u64) -> Result<Vec<TaskEvent>, Error> {
+    pub(crate) async fn events_after(
+        &self,
+        task_id: &str,
+        after: u64,
+    ) -> Result<Vec<TaskEvent>, Error> {
         let rows = sqlx::query(
             "SELECT seq, kind, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
         )
@@ -363,12 +369,13 @@ async fn append_in(
     kind: EventKind,
     data: Value,
 ) -> Result<TaskEvent, Error> {
-    let seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events WHERE task_id = ?")
-        .bind(task_id)
-        .fetch_one(&mut **tx)
-        .await
-        .and_then(|row| row.try_get("next"))
-        .map_err(store_error)?;
+    let seq: i64 =
+        sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events WHERE task_id = ?")
+            .bind(task_id)
+            .fetch_one(&mut **tx)
+            .await
+            .and_then(|row| row.try_get("next"))
+            .map_err(store_error)?;
     sqlx::query("INSERT INTO events (task_id, seq, kind, data) VALUES (?, ?, ?, ?)")
         .bind(task_id)
         .bind(seq)

@@ -61,7 +61,9 @@ impl Policy {
 }
 
 /// The environment of a service process: the inherited allowlist, then `extra`.
-pub(crate) fn process_env(extra: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+pub(crate) fn process_env(
+    extra: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(key, _)| {
             INHERITED.contains(&key.as_str())
@@ -354,13 +356,131 @@ async fn wait_healthy(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
     while Instant::now() < deadline {
-        if let Ok(response) = client.get(&url).send().await {
-            if response.status().is_success() {
-                return true;
-            }
+        if let Ok(response) = client.get(&url).send().await
+            && response.status().is_success()
+        {
+            return true;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(500));
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &std::path::Path, line: &str, port: u16) -> ProcessSpec {
+        ProcessSpec {
+            service: "svc".into(),
+            command: Command::Shell(line.into()),
+            workdir: dir.to_owned(),
+            env: process_env([("PORT".to_owned(), port.to_string())]),
+            port,
+            log: dir.join("svc.log"),
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn wait(
+        supervisor: &Supervisor,
+        check: impl Fn(&ServiceStatus) -> bool,
+    ) -> ServiceStatus {
+        let mut state = supervisor.watch();
+        let status = tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| check(s)))
+            .await
+            .expect("timed out")
+            .expect("supervisor gone")
+            .clone();
+        status
+    }
+
+    #[tokio::test]
+    async fn a_crashing_service_is_restarted_then_marked_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut policy = Policy::new(Duration::from_secs(5), Duration::from_secs(1));
+        policy.max_failures = 2;
+        let supervisor = Supervisor::start(
+            spec(dir.path(), "echo crashing; exit 3", free_port()),
+            policy,
+        );
+        let status = wait(&supervisor, |s| s.phase == Phase::Failed).await;
+        assert_eq!(status.restarts, 2);
+        assert_eq!(status.last_exit.as_deref(), Some("exited with status 3"));
+        let log = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+        assert_eq!(log.lines().filter(|l| *l == "crashing").count(), 3, "{log}");
+        supervisor.stop().await;
+        assert_eq!(supervisor.status().phase, Phase::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_never_gets_healthy_is_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy::new(Duration::from_millis(300), Duration::from_secs(1));
+        let supervisor = Supervisor::start(spec(dir.path(), "exec sleep 30", free_port()), policy);
+        let status = wait(&supervisor, |s| s.restarts >= 1).await;
+        assert!(
+            status
+                .last_exit
+                .as_deref()
+                .is_some_and(|e| e.contains("/healthz")),
+            "{status:?}"
+        );
+        supervisor.stop().await;
+    }
+
+    #[tokio::test]
+    async fn environment_is_the_allowlist_plus_the_service_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy::new(Duration::from_millis(200), Duration::from_secs(1));
+        let supervisor = Supervisor::start(spec(dir.path(), "env; sleep 30", free_port()), policy);
+        wait(&supervisor, |s| s.restarts >= 1).await;
+        supervisor.stop().await;
+        let log = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+        assert!(log.lines().any(|l| l.starts_with("PORT=")), "{log}");
+        assert!(log.lines().any(|l| l.starts_with("PATH=")), "{log}");
+        assert!(
+            !log.lines().any(|l| l.starts_with("CARGO")),
+            "deployd's own env leaked: {log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group_even_when_sigterm_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // A shell that ignores SIGTERM, serving /healthz through python, with a child of its own.
+        let line = format!(
+            "trap '' TERM; sleep 300 & echo $! > child.pid; \
+             exec python3 -c \"import http.server,signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); \
+             http.server.HTTPServer(('127.0.0.1', {port}), http.server.SimpleHTTPRequestHandler).serve_forever()\""
+        );
+        std::fs::write(dir.path().join("healthz"), "ok").unwrap();
+        let policy = Policy::new(Duration::from_secs(20), Duration::from_millis(500));
+        let supervisor = Supervisor::start(spec(dir.path(), &line, port), policy);
+        let status = wait(&supervisor, |s| s.phase == Phase::Ready).await;
+        let leader = status.pid.unwrap();
+        let child: i32 = std::fs::read_to_string(dir.path().join("child.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        supervisor.stop().await;
+        assert_eq!(supervisor.status().phase, Phase::Stopped);
+        for pid in [i32::try_from(leader).unwrap(), child] {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let alive = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+            assert!(!alive, "process {pid} survived the stop");
+        }
+    }
 }

@@ -11,8 +11,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::control::Control;
-use crate::supervisor::stopped;
 use crate::protocol::{self, CallError, Outcome, TaskRequest};
+use crate::supervisor::stopped;
 use crate::{Phase, ServiceStatus, TaskStatus};
 
 /// After this many attempts that broke off, a task fails for good.
@@ -100,7 +100,10 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
             return;
         }
     };
-    if let Err(err) = store.set_task_status(&task.id, TaskStatus::Running, attempt).await {
+    if let Err(err) = store
+        .set_task_status(&task.id, TaskStatus::Running, attempt)
+        .await
+    {
         tracing::warn!(task = %task_id, error = %err, "cannot mark task running");
         let _ = delivery.nack(Some(Duration::from_secs(1))).await;
         return;
@@ -116,13 +119,19 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
     let (outcome, state) = match called {
         Ok(Outcome::Result { data, state }) => (Ok(data), state),
         Ok(Outcome::Error(message)) => (Err(message), None),
-        Err(CallError::Protocol(message)) => (Err(format!("the service broke the protocol: {message}")), None),
-        Err(err) if attempt >= MAX_ATTEMPTS => {
-            (Err(format!("gave up after {attempt} attempts: {err}")), None)
-        }
+        Err(CallError::Protocol(message)) => (
+            Err(format!("the service broke the protocol: {message}")),
+            None,
+        ),
+        Err(err) if attempt >= MAX_ATTEMPTS => (
+            Err(format!("gave up after {attempt} attempts: {err}")),
+            None,
+        ),
         Err(err) => {
             tracing::warn!(task = %task.id, attempt, error = %err, "task attempt failed; will retry");
-            let _ = store.set_task_status(&task.id, TaskStatus::Queued, attempt).await;
+            let _ = store
+                .set_task_status(&task.id, TaskStatus::Queued, attempt)
+                .await;
             let delay = Duration::from_millis(200 * u64::from(attempt)).min(Duration::from_secs(5));
             let _ = delivery.nack(Some(delay)).await;
             return;
