@@ -19,7 +19,10 @@ fn create_task(server: &Server, deployment: &str, message: &str) -> String {
         &json!({ "input": input }),
     );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["input"], input, "the definition comes back with its input");
+    assert_eq!(
+        body["input"], input,
+        "the definition comes back with its input"
+    );
     assert!(body["session_id"].is_string(), "{body}");
     body["task_id"].as_str().unwrap().to_owned()
 }
@@ -28,7 +31,9 @@ fn create_task(server: &Server, deployment: &str, message: &str) -> String {
 fn wait_result(server: &Server, deployment: &str, task_id: &str, limit: Duration) -> Value {
     wait_for("the task's result", limit, || {
         let (status, body) = server
-            .get(&format!("/deployments/{deployment}/tasks/{task_id}/results"))
+            .get(&format!(
+                "/deployments/{deployment}/tasks/{task_id}/results"
+            ))
             .ok()?;
         assert_eq!(status, 200, "{body}");
         (!body.is_null()).then_some(body)
@@ -98,15 +103,20 @@ fn killed_service_is_restarted_and_serves_again() {
     let pid = pid.expect("a running service has a pid");
     sigkill(pid);
 
-    let new_pid = wait_for("the service to be restarted", Duration::from_secs(30), || {
-        match server.service("restart", 0) {
+    let new_pid = wait_for(
+        "the service to be restarted",
+        Duration::from_secs(30),
+        || match server.service("restart", 0) {
             (phase, Some(new), 1) if phase == "ready" && new != pid => Some(new),
             _ => None,
-        }
-    });
+        },
+    );
     assert!(alive(new_pid));
     let (_, body) = server.get("/deployments/restart").unwrap();
-    assert_eq!(body["services"][0]["last_exit"], "killed by SIGKILL", "{body}");
+    assert_eq!(
+        body["services"][0]["last_exit"], "killed by SIGKILL",
+        "{body}"
+    );
 
     let out = success(&server.cli(&["run", "-d", "restart", "-a", "message", "again"]));
     assert_eq!(out, "svc: again\n");
@@ -125,7 +135,10 @@ fn deployd_killed_comes_back_with_its_state() {
     let task = create_task(&first, "durable", "before the crash");
     let result = wait_result(&first, "durable", &task, Duration::from_secs(30));
     let old_processes = service_processes(&first.data_dir);
-    assert!(old_processes.len() >= 2, "the service and its child run: {old_processes:?}");
+    assert!(
+        old_processes.len() >= 2,
+        "the service and its child run: {old_processes:?}"
+    );
 
     first.kill();
     assert!(
@@ -185,14 +198,25 @@ fn task_created_while_service_is_down_is_delivered_later() {
     let (_, result) = server
         .get(&format!("/deployments/later/tasks/{task}/results"))
         .unwrap();
-    assert!(result.is_null(), "no result while the service is down: {result}");
-    assert_eq!(server.service("later", 0).0 == "ready", false);
+    assert!(
+        result.is_null(),
+        "no result while the service is down: {result}"
+    );
+    assert_ne!(
+        server.service("later", 0).0,
+        "ready",
+        "the service is still held down"
+    );
 
     std::fs::remove_file(&hold).unwrap();
     let result = wait_result(&server, "later", &task, Duration::from_secs(60));
     assert_eq!(result["result"], "svc: patience");
     let handled = std::fs::read_to_string(&task_log).unwrap();
-    assert_eq!(handled.lines().collect::<Vec<_>>(), [task.as_str()], "delivered once");
+    assert_eq!(
+        handled.lines().collect::<Vec<_>>(),
+        [task.as_str()],
+        "delivered once"
+    );
 }
 
 /// Done when 5: bad input gets a 4xx with a JSON detail that says what is wrong.
@@ -200,7 +224,7 @@ fn task_created_while_service_is_down_is_delivered_later() {
 fn bad_requests_get_clear_errors() {
     let project = Project::new();
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(&data.path().join("data"), &[]);
+    let server = Server::start(&data.path().join("data"), &["--max-deployments", "1"]);
     let base = project.path().to_str().unwrap().to_owned();
     let create = format!("/deployments/create?base_path={base}");
 
@@ -212,7 +236,10 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(status, 400, "{body}");
     let detail = body["detail"].as_str().unwrap();
     assert!(detail.contains("deployment.yaml:5:11"), "{detail}");
-    assert!(detail.contains("invalid type: string \"eighty\", expected u16"), "{detail}");
+    assert!(
+        detail.contains("invalid type: string \"eighty\", expected u16"),
+        "{detail}"
+    );
     assert_eq!(body["diagnostics"][0]["line"], 5);
     assert_eq!(body["diagnostics"][0]["column"], 11);
 
@@ -241,7 +268,10 @@ fn bad_requests_get_clear_errors() {
 
     // Unknown deployment, service, task.
     let (status, body) = server.get("/deployments/nope").unwrap();
-    assert_eq!((status, body), (404, json!({ "detail": "Deployment not found" })));
+    assert_eq!(
+        (status, body),
+        (404, json!({ "detail": "Deployment not found" }))
+    );
     let (status, _) = server.post("/deployments/nope/tasks/create", &json!({ "input": "{}" }));
     assert_eq!(status, 404);
 
@@ -253,9 +283,14 @@ fn bad_requests_get_clear_errors() {
     );
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["detail"], "service `ghost` not found");
-    let (status, body) = server.post("/deployments/dup/tasks/create", &json!({ "input": "{not json" }));
+    let (status, body) = server.post(
+        "/deployments/dup/tasks/create",
+        &json!({ "input": "{not json" }),
+    );
     assert_eq!(status, 400, "{body}");
-    let (status, _) = server.get("/deployments/dup/tasks/no-such-task/results").unwrap();
+    let (status, _) = server
+        .get("/deployments/dup/tasks/no-such-task/results")
+        .unwrap();
     assert_eq!(status, 404);
 
     // A duplicate deploy: 409, and the running deployment is untouched.
@@ -263,8 +298,25 @@ fn bad_requests_get_clear_errors() {
     let out = server.cli(&["deploy", file.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("deployment `dup` already exists (HTTP 409)"), "{stderr}");
+    assert!(
+        stderr.contains("deployment `dup` already exists (HTTP 409)"),
+        "{stderr}"
+    );
     assert_eq!(server.service("dup", 0).1, pid);
+
+    // Past the deployment limit: 409, with the limit named.
+    let other = project.deployment("other", &[("svc", &[])]);
+    let out = server.cli(&["deploy", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("at most 1 deployments can run at once"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("HTTP 409"), "{stderr}");
+    let (_, status) = server.get("/status/").unwrap();
+    assert_eq!(status["max_deployments"], 1);
+    assert_eq!(status["deployments"], json!(["dup"]));
 
     // Not JSON where JSON is expected: a 4xx with a JSON detail, never a 500.
     let (status, body) = server.post_raw("/deployments/dup/tasks/create", "{");
@@ -288,13 +340,80 @@ fn sigterm_stops_everything_within_ten_seconds() {
     let mut server = Server::start(&data.path().join("data"), &[]);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
     let processes = service_processes(&server.data_dir);
-    assert!(processes.len() >= 4, "two services and their children: {processes:?}");
+    assert!(
+        processes.len() >= 4,
+        "two services and their children: {processes:?}"
+    );
 
     server.signal(Signal::SIGTERM);
     let took = server.wait_exit(Duration::from_secs(10));
-    assert!(took.is_some(), "deployd still runs 10 s after SIGTERM:\n{}", server.log());
+    assert!(
+        took.is_some(),
+        "deployd still runs 10 s after SIGTERM:\n{}",
+        server.log()
+    );
     for pid in processes {
         assert!(!alive(pid), "process {pid} survived deployd");
     }
     assert!(service_processes(&server.data_dir).is_empty());
+}
+
+/// Sessions carry state from one task to the next, as llama_deploy's session routes show it.
+#[test]
+fn sessions_carry_state_between_tasks() {
+    let project = Project::new();
+    let file = project.deployment("sessions", &[("svc", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+
+    let (status, session) = server.post("/deployments/sessions/sessions/create", &json!({}));
+    assert_eq!(status, 200, "{session}");
+    let id = session["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        session,
+        json!({ "session_id": id, "task_ids": [], "state": {} })
+    );
+
+    let mut tasks = Vec::new();
+    for message in ["one", "two"] {
+        let (status, result) = server.post(
+            &format!("/deployments/sessions/tasks/run?session_id={id}"),
+            &json!({ "input": json!({ "message": message }).to_string() }),
+        );
+        assert_eq!((status, result), (200, json!(format!("svc: {message}"))));
+    }
+    let (_, listed) = server.get("/deployments/sessions/tasks").unwrap();
+    for task in listed.as_array().unwrap() {
+        assert_eq!(task["session_id"], id.as_str());
+        tasks.push(task["task_id"].as_str().unwrap().to_owned());
+    }
+    let (status, session) = server
+        .get(&format!("/deployments/sessions/sessions/{id}"))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        session,
+        json!({ "session_id": id, "task_ids": tasks, "state": { "count": 2 } })
+    );
+    // A task without a session gets a fresh one.
+    let other = create_task(&server, "sessions", "alone");
+    wait_result(&server, "sessions", &other, Duration::from_secs(30));
+    let (_, sessions) = server.get("/deployments/sessions/sessions").unwrap();
+    assert_eq!(sessions.as_array().map(Vec::len), Some(2), "{sessions}");
+
+    let (status, body) = server.post(
+        &format!("/deployments/sessions/sessions/delete?session_id={id}"),
+        &json!({}),
+    );
+    assert_eq!((status, body), (200, Value::Null));
+    let (status, _) = server
+        .get(&format!("/deployments/sessions/sessions/{id}"))
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, body) = server.post(
+        &format!("/deployments/sessions/tasks/create?session_id={id}"),
+        &json!({ "input": "{}" }),
+    );
+    assert_eq!(status, 404, "a deleted session takes no task: {body}");
 }

@@ -48,7 +48,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -110,7 +113,12 @@ impl Server {
         let log = data_dir.with_extension(format!("{port}.log"));
         let log_file = std::fs::File::create(&log).expect("cannot create the server log");
         let child = Command::new(binary())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "info")
@@ -130,9 +138,16 @@ impl Server {
                 .build()
                 .expect("http client"),
         };
-        wait_for("deployd to answer /status/", Duration::from_secs(30), || {
-            server.get("/status/").ok().filter(|(status, _)| *status == 200)
-        });
+        wait_for(
+            "deployd to answer /status/",
+            Duration::from_secs(30),
+            || {
+                server
+                    .get("/status/")
+                    .ok()
+                    .filter(|(status, _)| *status == 200)
+            },
+        );
         server
     }
 
@@ -217,10 +232,7 @@ impl Server {
         wait_for("the services to be ready", Duration::from_secs(60), || {
             let (_, body) = self.get(&format!("/deployments/{deployment}")).ok()?;
             let services = body["services"].as_array()?;
-            services
-                .iter()
-                .all(|s| s["phase"] == "ready")
-                .then_some(())
+            services.iter().all(|s| s["phase"] == "ready").then_some(())
         });
     }
 

@@ -245,6 +245,17 @@ pub struct TaskInfo {
     pub error: Option<String>,
 }
 
+/// A session: state carried from one task to the next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Unique id.
+    pub id: String,
+    /// The tasks run in it, oldest first.
+    pub task_ids: Vec<String>,
+    /// The state the last task left, if any.
+    pub state: Option<Value>,
+}
+
 /// A task to create.
 #[derive(Debug, Clone, Default)]
 pub struct NewTask {
@@ -601,6 +612,53 @@ impl Manager {
             )
             .await?;
         Ok(info)
+    }
+
+    /// Creates an empty session in a deployment.
+    pub async fn create_session(&self, deployment: &str) -> Result<SessionInfo, Error> {
+        self.deployment(deployment)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        self.inner
+            .control
+            .store()
+            .create_session(&id, deployment)
+            .await?;
+        Ok(SessionInfo {
+            id,
+            task_ids: Vec::new(),
+            state: None,
+        })
+    }
+
+    /// The sessions of a deployment, oldest first.
+    pub async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error> {
+        self.deployment(deployment)?;
+        self.inner.control.store().sessions(deployment).await
+    }
+
+    /// A session of a deployment.
+    pub async fn session(&self, deployment: &str, id: &str) -> Result<SessionInfo, Error> {
+        self.sessions(deployment)
+            .await?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| Error::not_found("session", id))
+    }
+
+    /// Deletes a session; the tasks run in it stay readable.
+    pub async fn delete_session(&self, deployment: &str, id: &str) -> Result<(), Error> {
+        self.deployment(deployment)?;
+        if self
+            .inner
+            .control
+            .store()
+            .delete_session(deployment, id)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Error::not_found("session", id))
+        }
     }
 
     /// A task of a deployment.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::{Error, EventKind, TaskEvent, TaskInfo, TaskStatus};
+use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS deployments (
@@ -194,6 +194,48 @@ impl Store {
             Ok((deployment, to_json(state)))
         })
         .transpose()
+    }
+
+    /// The sessions of a deployment with their task ids and state, oldest first.
+    pub(crate) async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error> {
+        let rows = sqlx::query(
+            "SELECT s.id AS id, s.state AS state, t.id AS task_id
+             FROM sessions s LEFT JOIN tasks t ON t.session_id = s.id
+             WHERE s.deployment = ?
+             ORDER BY s.created_at, s.id, t.created_at, t.id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let mut sessions: Vec<SessionInfo> = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id").map_err(store_error)?;
+            let task: Option<String> = row.try_get("task_id").map_err(store_error)?;
+            if sessions.last().is_none_or(|s| s.id != id) {
+                let state: Option<String> = row.try_get("state").map_err(store_error)?;
+                sessions.push(SessionInfo {
+                    id,
+                    task_ids: Vec::new(),
+                    state: to_json(state),
+                });
+            }
+            if let (Some(task), Some(session)) = (task, sessions.last_mut()) {
+                session.task_ids.push(task);
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Deletes a session; its tasks stay readable. Returns whether it existed.
+    pub(crate) async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
+        let done = sqlx::query("DELETE FROM sessions WHERE id = ? AND deployment = ?")
+            .bind(id)
+            .bind(deployment)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     pub(crate) async fn insert_task(&self, task: &TaskInfo) -> Result<(), Error> {

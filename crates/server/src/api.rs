@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use deployd_manager::{EventKind, Manager, NewTask, TaskEvent, TaskInfo, TaskStatus};
+use deployd_manager::{EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -41,8 +41,22 @@ pub fn router(manager: Manager) -> Router {
         .route("/deployments/{name}/tasks", get(list_tasks))
         .route("/deployments/{name}/tasks/create", post(create_task))
         .route("/deployments/{name}/tasks/run", post(run_task))
-        .route("/deployments/{name}/tasks/{task_id}/results", get(task_result))
-        .route("/deployments/{name}/tasks/{task_id}/events", get(task_events))
+        .route(
+            "/deployments/{name}/tasks/{task_id}/results",
+            get(task_result),
+        )
+        .route(
+            "/deployments/{name}/tasks/{task_id}/events",
+            get(task_events),
+        )
+        .route("/deployments/{name}/sessions", get(list_sessions))
+        .route("/deployments/{name}/sessions/", get(list_sessions))
+        .route("/deployments/{name}/sessions/create", post(create_session))
+        .route("/deployments/{name}/sessions/delete", post(delete_session))
+        .route(
+            "/deployments/{name}/sessions/{session_id}",
+            get(get_session),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(CatchPanicLayer::custom(|_| {
@@ -370,4 +384,50 @@ async fn task_events(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+fn session_definition(session: SessionInfo) -> Value {
+    json!({
+        "session_id": session.id,
+        "task_ids": session.task_ids,
+        "state": session.state.unwrap_or_else(|| json!({})),
+    })
+}
+
+async fn list_sessions(
+    State(manager): State<Manager>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<Value>>> {
+    let sessions = manager.sessions(&name).await?;
+    Ok(Json(sessions.into_iter().map(session_definition).collect()))
+}
+
+async fn get_session(
+    State(manager): State<Manager>,
+    Path((name, session_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(session_definition(
+        manager.session(&name, &session_id).await?,
+    )))
+}
+
+async fn create_session(
+    State(manager): State<Manager>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(session_definition(
+        manager.create_session(&name).await?,
+    )))
+}
+
+async fn delete_session(
+    State(manager): State<Manager>,
+    Path(name): Path<String>,
+    Q(session): Q<SessionParam>,
+) -> ApiResult<Json<Value>> {
+    let Some(id) = session.session_id else {
+        return Err(ApiError::bad_request("`session_id` is required"));
+    };
+    manager.delete_session(&name, &id).await?;
+    Ok(Json(Value::Null))
 }

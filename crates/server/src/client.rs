@@ -55,7 +55,10 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, Error> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, Error> {
         let unreachable = |source| Error::Unreachable {
             url: self.base.clone(),
             source,
@@ -90,9 +93,10 @@ impl Client {
             .parent()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let file_name = path
-            .file_name()
-            .map_or_else(|| "deployment.yaml".to_owned(), |n| n.to_string_lossy().into_owned());
+        let file_name = path.file_name().map_or_else(
+            || "deployment.yaml".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let form = reqwest::multipart::Form::new().part(
             "config_file",
             reqwest::multipart::Part::bytes(text).file_name(file_name),
@@ -101,7 +105,10 @@ impl Client {
             .send(
                 self.http
                     .post(self.url("/deployments/create"))
-                    .query(&[("base_path", base.as_str()), ("reload", if reload { "true" } else { "false" })])
+                    .query(&[
+                        ("base_path", base.as_str()),
+                        ("reload", if reload { "true" } else { "false" }),
+                    ])
                     .multipart(form),
             )
             .await?;
@@ -155,7 +162,11 @@ impl Client {
     }
 
     /// The result of a task, once it has ended.
-    pub async fn result(&self, deployment: &str, task_id: &str) -> Result<Option<TaskResult>, Error> {
+    pub async fn result(
+        &self,
+        deployment: &str,
+        task_id: &str,
+    ) -> Result<Option<TaskResult>, Error> {
         self.send(self.http.get(self.url(&format!(
             "/deployments/{deployment}/tasks/{task_id}/results"
         ))))

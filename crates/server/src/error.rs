@@ -44,7 +44,9 @@ impl From<Error> for ApiError {
         };
         let detail = match &err {
             // llama_deploy's exact text, which its clients may match on.
-            Error::NotFound { what: "deployment", .. } => "Deployment not found".to_owned(),
+            Error::NotFound {
+                what: "deployment", ..
+            } => "Deployment not found".to_owned(),
             Error::Invalid(diagnostics) => diagnostics.to_string(),
             other => other.to_string(),
         };
