@@ -417,3 +417,41 @@ fn sessions_carry_state_between_tasks() {
     );
     assert_eq!(status, 404, "a deleted session takes no task: {body}");
 }
+
+/// A running task takes a human-in-the-loop event, as llama_deploy's `POST .../events` sends it.
+#[test]
+fn a_running_task_takes_an_event() {
+    let project = Project::new();
+    let file = project.deployment("hitl", &[("svc", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+
+    let (status, body) = server.post(
+        "/deployments/hitl/tasks/create",
+        &json!({ "input": json!({ "wait_for_event": true }).to_string() }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let task = body["task_id"].as_str().unwrap().to_owned();
+    // Follow the task's events, live, until it says it is waiting.
+    let seen = server.read_lines_until(&format!("/deployments/hitl/tasks/{task}/events"), |line| {
+        line["data"]["step"] == "waiting"
+    });
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let event = json!({ "service_id": "svc", "event_obj_str": "\"approved\"" });
+    let (status, body) = server.post(&format!("/deployments/hitl/tasks/{task}/events"), &event);
+    assert_eq!((status, body), (200, event));
+    let result = wait_result(&server, "hitl", &task, Duration::from_secs(30));
+    assert_eq!(result["result"], "svc: approved");
+
+    // Once the task has ended, an event is a conflict, not a server error.
+    let (status, body) = server.post(
+        &format!("/deployments/hitl/tasks/{task}/events"),
+        &json!({ "event_obj_str": "{}" }),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("not running"),
+        "{body}"
+    );
+}

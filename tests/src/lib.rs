@@ -203,6 +203,29 @@ impl Server {
         (status, response.text().unwrap_or_default())
     }
 
+    /// Opens `GET path` as a stream and returns its lines, as they come, until `until` accepts
+    /// one (returned last) or the stream ends.
+    pub fn read_lines_until(&self, path: &str, until: impl Fn(&Value) -> bool) -> Vec<Value> {
+        use std::io::BufRead;
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET failed");
+        assert_eq!(response.status().as_u16(), 200, "GET {path}");
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(response).lines() {
+            let line = line.expect("the stream broke");
+            let value: Value = serde_json::from_str(&line).expect("a line is not JSON");
+            let done = until(&value);
+            lines.push(value);
+            if done {
+                break;
+            }
+        }
+        lines
+    }
+
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(binary())

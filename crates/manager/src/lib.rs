@@ -52,6 +52,9 @@ pub enum Error {
     /// A request that cannot be carried out as given.
     #[error("{0}")]
     BadRequest(String),
+    /// The request conflicts with the current state of what it names.
+    #[error("{0}")]
+    Conflict(String),
     /// The configured maximum number of deployments is reached.
     #[error("at most {0} deployments can run at once; delete one first")]
     TooManyDeployments(usize),
@@ -79,6 +82,9 @@ pub enum Error {
     /// The message queue failed.
     #[error("message queue: {0}")]
     Queue(#[from] deployd_queue::Error),
+    /// A service could not be reached or refused what was sent.
+    #[error("{0}")]
+    Unavailable(String),
     /// The Manager is shutting down.
     #[error("deployd is shutting down")]
     ShuttingDown,
@@ -659,6 +665,31 @@ impl Manager {
         } else {
             Err(Error::not_found("session", id))
         }
+    }
+
+    /// Delivers a human-in-the-loop event to a running task: `POST /tasks/{id}/events` to the
+    /// service running it.
+    pub async fn send_event(
+        &self,
+        deployment: &str,
+        task_id: &str,
+        data: Value,
+    ) -> Result<(), Error> {
+        let task = self.task(deployment, task_id).await?;
+        if task.status != TaskStatus::Running {
+            return Err(Error::Conflict(format!(
+                "task `{task_id}` is not running (it is {}); events go to running tasks",
+                task.status.as_str()
+            )));
+        }
+        let status = self.status(deployment)?;
+        let port = status
+            .services
+            .iter()
+            .find(|s| s.id == task.service)
+            .map(|s| s.port)
+            .ok_or_else(|| Error::not_found("service", &task.service))?;
+        protocol::send_event(port, task_id, data).await
     }
 
     /// A task of a deployment.

@@ -142,6 +142,35 @@ where
     }
 }
 
+/// Delivers an event to a running task: `POST /tasks/{task_id}/events` with `{"data": ...}`.
+pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<(), crate::Error> {
+    let response = client()
+        .post(format!("http://127.0.0.1:{port}/tasks/{task_id}/events"))
+        .timeout(Duration::from_secs(30))
+        .json(&serde_json::json!({ "data": data }))
+        .send()
+        .await
+        .map_err(|err| crate::Error::Unavailable(format!("cannot reach the service: {err}")))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body: String = response
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(500)
+        .collect();
+    Err(if status == reqwest::StatusCode::NOT_FOUND {
+        crate::Error::Conflict(format!("the service has no running task `{task_id}`"))
+    } else {
+        crate::Error::Unavailable(format!(
+            "the service answered {status} to the event: {body}"
+        ))
+    })
+}
+
 /// The HTTP client used to talk to services.
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -47,7 +47,7 @@ pub fn router(manager: Manager) -> Router {
         )
         .route(
             "/deployments/{name}/tasks/{task_id}/events",
-            get(task_events),
+            get(task_events).post(send_event),
         )
         .route("/deployments/{name}/sessions", get(list_sessions))
         .route("/deployments/{name}/sessions/", get(list_sessions))
@@ -430,4 +430,25 @@ async fn delete_session(
     };
     manager.delete_session(&name, &id).await?;
     Ok(Json(Value::Null))
+}
+
+/// llama_deploy's `EventDefinition`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct EventDefinition {
+    #[serde(default)]
+    service_id: Option<String>,
+    event_obj_str: String,
+}
+
+async fn send_event(
+    State(manager): State<Manager>,
+    Path((name, task_id)): Path<(String, String)>,
+    body: Result<Json<EventDefinition>, JsonRejection>,
+) -> ApiResult<Json<EventDefinition>> {
+    let event = json_body(body)?;
+    // A serialized event is usually JSON; anything else is passed on as a string.
+    let data = serde_json::from_str(&event.event_obj_str)
+        .unwrap_or_else(|_| Value::String(event.event_obj_str.clone()));
+    manager.send_event(&name, &task_id, data).await?;
+    Ok(Json(event))
 }

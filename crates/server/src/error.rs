@@ -35,7 +35,10 @@ impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         let status = match &err {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::AlreadyExists(_) | Error::TooManyDeployments(_) => StatusCode::CONFLICT,
+            Error::AlreadyExists(_) | Error::TooManyDeployments(_) | Error::Conflict(_) => {
+                StatusCode::CONFLICT
+            }
+            Error::Unavailable(_) => StatusCode::BAD_GATEWAY,
             Error::Invalid(_) | Error::BadRequest(_) | Error::Source { .. } => {
                 StatusCode::BAD_REQUEST
             }
