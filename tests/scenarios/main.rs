@@ -1,3 +1,4 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
+mod git;
 mod skeleton;

@@ -8,14 +8,17 @@ use anyhow::{Context, bail};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  ci    cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
-  e2e   builds deployd and runs the end-to-end scenarios against the real binary";
+  ci     cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
+  e2e    builds deployd and runs the end-to-end scenarios against the real binary
+  bench  runs every crate's benchmarks in release; each prints its measurements, the ratio to
+         its baseline measured in the same run, and fails when it misses its target";
 
 fn main() -> std::process::ExitCode {
     let task = std::env::args().nth(1);
     let result = match task.as_deref() {
         Some("ci") => ci(),
         Some("e2e") => e2e(),
+        Some("bench") => bench(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -123,5 +126,13 @@ fn e2e() -> anyhow::Result<()> {
         "end-to-end scenarios",
         &["-p", "deployd-e2e"],
         &[("DEPLOYD_BIN", &binary)],
+    )
+}
+
+fn bench() -> anyhow::Result<()> {
+    // Bench targets are plain `harness = false` programs: they measure, print and judge.
+    run(
+        "benchmarks",
+        cargo().args(["bench", "--workspace", "--benches", "--quiet"]),
     )
 }

@@ -14,10 +14,19 @@ use deployd_server::client::Client;
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
-#[command(name = "deployd", version, about = "A deployment server for agentic workflows")]
+#[command(
+    name = "deployd",
+    version,
+    about = "A deployment server for agentic workflows"
+)]
 struct Cli {
     /// The deployd server the client commands talk to.
-    #[arg(long, global = true, env = "DEPLOYD_SERVER", default_value = "http://127.0.0.1:4501")]
+    #[arg(
+        long,
+        global = true,
+        env = "DEPLOYD_SERVER",
+        default_value = "http://127.0.0.1:4501"
+    )]
     server: String,
     #[command(subcommand)]
     command: Option<Command>,
@@ -88,7 +97,10 @@ struct ServeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -149,14 +161,19 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Some(Command::Status { name: Some(name) }) => {
             let status = client.deployment(&name).await?;
-            println!("deployment {} (default service: {})", status.name, status.default_service);
+            println!(
+                "deployment {} (default service: {})",
+                status.name, status.default_service
+            );
             for service in status.services {
                 println!(
                     "  {:<20} {:<10} port {:<5} pid {:<8} restarts {}{}",
                     service.id,
                     format!("{:?}", service.phase).to_lowercase(),
                     service.port,
-                    service.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    service
+                        .pid
+                        .map_or_else(|| "-".to_owned(), |p| p.to_string()),
                     service.restarts,
                     service
                         .last_exit
@@ -186,7 +203,8 @@ fn task_input(input: Option<&str>, args: &[String]) -> anyhow::Result<Value> {
     let mut object = serde_json::Map::new();
     for pair in args.chunks(2) {
         if let [key, value] = pair {
-            let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone()));
+            let value =
+                serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone()));
             object.insert(key.clone(), value);
         }
     }
@@ -265,11 +283,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
-    let manager = Manager::start(
-        Options::new(&args.data_dir).max_deployments(args.max_deployments),
-    )
-    .await
-    .with_context(|| format!("cannot start on data directory {}", args.data_dir.display()))?;
+    let manager =
+        Manager::start(Options::new(&args.data_dir).max_deployments(args.max_deployments))
+            .await
+            .with_context(|| {
+                format!("cannot start on data directory {}", args.data_dir.display())
+            })?;
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -290,9 +309,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(deployd_server::serve(listener, manager.clone(), async move {
-        let _ = server_stopped.await;
-    }));
+    let server = tokio::spawn(deployd_server::serve(
+        listener,
+        manager.clone(),
+        async move {
+            let _ = server_stopped.await;
+        },
+    ));
     shutdown_signal().await;
     tracing::info!("shutting down");
     // Stopping the Manager stops the services and ends open streams, so that the server can
@@ -310,8 +333,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn deploy_file(manager: &Manager, file: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let absolute = std::path::absolute(file)?;
     let base = absolute.parent().unwrap_or(Path::new("/"));
     let status = manager

@@ -9,7 +9,7 @@ use std::time::Duration;
 use deployd_config::SourceKind;
 use deployd_config::{DeploymentSpec, ServiceSpec};
 use deployd_queue::{MessageQueue, SubscribeOptions};
-use deployd_sources::{LocalSource, SourceManager, SyncRequest};
+use deployd_sources::{GitSource, LocalSource, SourceManager, SyncPolicy, SyncRequest};
 use tokio::sync::watch;
 
 use crate::control::Control;
@@ -66,15 +66,10 @@ impl Deployment {
                 .await
                 .map_err(|err| Error::io("cannot create", dir, err))?;
         }
-        let [src_dir, log_dir, data_dir] = dirs;
+        let [_, log_dir, data_dir] = dirs;
 
         // Sync every source before starting anything, so a bad source starts nothing.
-        let mut workdirs = Vec::with_capacity(context.spec.services.len());
-        for service in &context.spec.services {
-            let workdir = src_dir.join(&service.id);
-            sync_source(&context, service, &workdir).await?;
-            workdirs.push(workdir);
-        }
+        let workdirs = sync_sources(&context).await?;
 
         let mut deployment = Self {
             started: STARTS.fetch_add(1, Ordering::Relaxed),
@@ -146,6 +141,22 @@ impl Deployment {
     }
 }
 
+/// Syncs every service's source (or, when `context.sync` is false, keeps what is there) and
+/// returns their folders. A failed sync leaves every tree as it was.
+pub(crate) async fn sync_sources(context: &Context) -> Result<Vec<PathBuf>, Error> {
+    let src_dir = context.dir.join("src");
+    tokio::fs::create_dir_all(&src_dir)
+        .await
+        .map_err(|err| Error::io("cannot create", &src_dir, err))?;
+    let mut workdirs = Vec::with_capacity(context.spec.services.len());
+    for service in &context.spec.services {
+        let workdir = src_dir.join(&service.id);
+        sync_source(context, service, &workdir).await?;
+        workdirs.push(workdir);
+    }
+    Ok(workdirs)
+}
+
 async fn sync_source(
     context: &Context,
     service: &ServiceSpec,
@@ -159,28 +170,40 @@ async fn sync_source(
     if !context.sync && workdir.is_dir() {
         return Ok(());
     }
-    match source.kind {
-        SourceKind::Local => {
-            let request = SyncRequest {
-                location: source.location.clone(),
-                base: context.base.clone(),
-                destination: workdir.to_owned(),
-            };
-            let synced =
-                LocalSource::new()
-                    .sync(&request)
-                    .await
-                    .map_err(|source| Error::Source {
-                        service: service.id.clone(),
-                        source,
-                    })?;
-            tracing::info!(service = %service.id, files = synced.files, bytes = synced.bytes, "source synced");
-            Ok(())
+    let request = SyncRequest::new(&source.location, &context.base, workdir)
+        .with_reference(source.reference.clone())
+        .with_policy(sync_policy(source.sync_policy))
+        .within(&context.dir);
+    let synced = match source.kind {
+        SourceKind::Local => LocalSource::new().sync(&request).await,
+        SourceKind::Git => GitSource::new().sync(&request).await,
+        other => {
+            return Err(Error::BadRequest(format!(
+                "service `{}`: {other:?} sources are not supported",
+                service.id
+            )));
         }
-        _ => Err(Error::BadRequest(format!(
-            "service `{}`: git sources are not supported yet",
-            service.id
-        ))),
+    }
+    .map_err(|source| Error::Source {
+        service: service.id.clone(),
+        source,
+    })?;
+    tracing::info!(
+        service = %service.id,
+        files = synced.files,
+        bytes = synced.bytes,
+        digest = %synced.digest,
+        "source synced"
+    );
+    Ok(())
+}
+
+fn sync_policy(policy: deployd_config::SyncPolicy) -> SyncPolicy {
+    match policy {
+        deployd_config::SyncPolicy::Merge => SyncPolicy::Merge,
+        deployd_config::SyncPolicy::Skip => SyncPolicy::Skip,
+        deployd_config::SyncPolicy::Fail => SyncPolicy::Fail,
+        _ => SyncPolicy::Replace,
     }
 }
 

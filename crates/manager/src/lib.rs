@@ -390,7 +390,8 @@ impl Manager {
                 }
             };
             let base = PathBuf::from(&stored.base_path);
-            match self.launch(spec, &stored.spec, &base, false).await {
+            let context = self.context(spec, &stored.spec, &base, false);
+            match Deployment::start(context).await.map(Arc::new) {
                 Ok(deployment) => {
                     self.requeue_unfinished(&stored.name).await?;
                     tracing::info!(deployment = %stored.name, "restored deployment");
@@ -491,11 +492,15 @@ impl Manager {
             }
             _ => {}
         }
+        // Sources first: a sync that fails leaves the running deployment as it is.
+        let mut context = self.context(spec, text, &base, true);
+        deployment::sync_sources(&context).await?;
+        context.sync = false;
         if let Some(old) = existing {
             self.write_deployments().remove(&name);
             old.stop().await;
         }
-        let deployment = self.launch(spec, text, &base, true).await?;
+        let deployment = Arc::new(Deployment::start(context).await?);
         self.inner
             .control
             .store()
@@ -515,20 +520,20 @@ impl Manager {
         Ok(status)
     }
 
-    async fn launch(
+    fn context(
         &self,
         spec: DeploymentSpec,
         text: &str,
         base: &Path,
         sync: bool,
-    ) -> Result<Arc<Deployment>, Error> {
+    ) -> deployment::Context {
         let dir = self
             .inner
             .options
             .data_dir
             .join("deployments")
             .join(&spec.name);
-        let deployment = Deployment::start(deployment::Context {
+        deployment::Context {
             spec,
             text: text.to_owned(),
             base: base.to_owned(),
@@ -539,9 +544,7 @@ impl Manager {
             queue: Arc::clone(&self.inner.queue),
             health_timeout: self.inner.options.health_timeout,
             stop_timeout: self.inner.options.stop_timeout,
-        })
-        .await?;
-        Ok(Arc::new(deployment))
+        }
     }
 
     /// Stops a deployment's services and forgets it with its tasks and sessions.
@@ -581,10 +584,23 @@ impl Manager {
 
     /// Records a task and queues it for its service.
     pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
-        let spec = self.deployment(deployment)?.spec().clone();
-        let service = task.service.unwrap_or_else(|| spec.default_service.clone());
-        if spec.service(&service).is_none() {
+        let running = self.deployment(deployment)?;
+        let service = task
+            .service
+            .unwrap_or_else(|| running.spec().default_service.clone());
+        let Some(status) = running
+            .status()
+            .services
+            .into_iter()
+            .find(|s| s.id == service)
+        else {
             return Err(Error::not_found("service", &service));
+        };
+        if status.phase == Phase::Failed {
+            return Err(Error::Unavailable(format!(
+                "service `{service}` has failed ({}) and takes no tasks; redeploy it",
+                status.last_exit.as_deref().unwrap_or("unknown reason")
+            )));
         }
         let store = self.inner.control.store();
         let session_id = match task.session_id {

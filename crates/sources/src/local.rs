@@ -1,16 +1,16 @@
 //! Local folders: a recursive copy confined to the source root.
 
-use std::ffi::OsStr;
-use std::fs;
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
-use walkdir::WalkDir;
 
-use crate::{Error, SourceManager, SyncRequest, Synced};
+use crate::copy::{CopyOptions, Links, copy_tree};
+use crate::destination::{Destination, discard};
+use crate::digest::{Manifest, digest_tree};
+use crate::{Error, SourceManager, SyncPolicy, SyncRequest, Synced};
 
-/// Folders that are never copied: version control, build outputs, caches, environments, and
-/// deployd's own data directory.
+/// Folders that are not copied unless told otherwise: version control, build outputs, caches,
+/// environments, and deployd's own data directory.
 pub const SKIPPED: &[&str] = &[
     ".git",
     "target",
@@ -20,17 +20,40 @@ pub const SKIPPED: &[&str] = &[
     ".deployd",
 ];
 
-/// Copies a local folder. Links are copied as links, and a link that points outside the
-/// source folder is refused.
-#[derive(Debug, Clone, Default)]
+/// Copies a local folder, resolved against the request's `base` and confined to it.
+///
+/// Folders named in the skip list ([`SKIPPED`] by default) are left out at any depth. Links are
+/// copied as links, and a link that points outside the source folder is refused, as is a
+/// `location` that is absolute or leads outside `base` (through `..` or a link). Files keep their
+/// permission bits exactly. Nothing outside the source is read: links are never followed.
+#[derive(Debug, Clone)]
 pub struct LocalSource {
-    _private: (),
+    skipped: Vec<String>,
+}
+
+impl Default for LocalSource {
+    fn default() -> Self {
+        Self {
+            skipped: SKIPPED.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
 }
 
 impl LocalSource {
-    /// A local source backend.
+    /// A local source backend that skips the folders of [`SKIPPED`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Skips the folders named `skipped` instead of [`SKIPPED`] (an empty list copies everything).
+    pub fn with_skipped<I, S>(skipped: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            skipped: skipped.into_iter().map(Into::into).collect(),
+        }
     }
 }
 
@@ -38,50 +61,102 @@ impl LocalSource {
 impl SourceManager for LocalSource {
     async fn sync(&self, request: &SyncRequest) -> Result<Synced, Error> {
         let request = request.clone();
-        tokio::task::spawn_blocking(move || sync_blocking(&request))
+        let skipped = self.skipped.clone();
+        tokio::task::spawn_blocking(move || sync_blocking(&request, &skipped))
             .await
             .map_err(|err| Error::Interrupted(err.to_string()))?
     }
 }
 
-fn sync_blocking(request: &SyncRequest) -> Result<Synced, Error> {
+fn sync_blocking(request: &SyncRequest, skipped: &[String]) -> Result<Synced, Error> {
     let source = resolve(&request.base, &request.location)?;
-    let destination = &request.destination;
-    let (parent, name) = match (destination.parent(), destination.file_name()) {
-        (Some(parent), Some(name)) if parent.is_dir() => (parent, name),
-        _ => {
-            return Err(Error::InvalidDestination {
-                path: destination.clone(),
-                reason: "its parent folder does not exist".to_owned(),
-            });
-        }
-    };
-    if destination.starts_with(&source) || source.starts_with(destination) {
+    let destination = Destination::lock(
+        &request.destination,
+        request.within.as_deref(),
+        None,
+        &request.location,
+    )?;
+    let path = destination.path();
+    if path.starts_with(&source) || source.starts_with(path) {
         return Err(Error::InvalidDestination {
-            path: destination.clone(),
+            path: request.destination.clone(),
             reason: format!("it overlaps the source {}", source.display()),
         });
     }
-    remove_leftovers(parent, name);
+    let exists = destination.exists();
+    match request.policy {
+        SyncPolicy::Skip if exists => return Synced::kept(path),
+        SyncPolicy::Fail if exists => {
+            return Err(Error::AlreadyExists {
+                path: request.destination.clone(),
+            });
+        }
+        _ => {}
+    }
+    let merge = request.policy == SyncPolicy::Merge && exists;
 
-    let staging = parent.join(format!(
-        ".{}.sync-{}",
-        name.to_string_lossy(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let copied = copy_tree(&request.location, &source, &staging);
-    let totals = match copied {
-        Ok(totals) => totals,
+    let staging = destination.staging();
+    let written = (|| {
+        if merge {
+            // The previous tree as it is, then the source over it.
+            copy_tree(
+                path,
+                &staging,
+                CopyOptions {
+                    skipped: &[],
+                    links: Links::AsTheyAre,
+                    overwrite: false,
+                },
+                None,
+            )?;
+            let totals = copy_tree(
+                &source,
+                &staging,
+                CopyOptions {
+                    skipped,
+                    links: Links::Confined {
+                        location: &request.location,
+                    },
+                    overwrite: true,
+                },
+                None,
+            )?;
+            Ok((totals, digest_tree(&staging)?))
+        } else {
+            let mut manifest = Manifest::default();
+            let totals = copy_tree(
+                &source,
+                &staging,
+                CopyOptions {
+                    skipped,
+                    links: Links::Confined {
+                        location: &request.location,
+                    },
+                    overwrite: false,
+                },
+                Some(&mut manifest),
+            )?;
+            Ok((totals, manifest.finish()))
+        }
+    })();
+    let (totals, digest) = match written {
+        Ok(written) => written,
         Err(err) => {
-            let _ = fs::remove_dir_all(&staging);
+            discard(&staging);
             return Err(err);
         }
     };
-    swap_into_place(&staging, destination)?;
+    if let Err(err) = destination.install(&staging, false) {
+        discard(&staging);
+        return Err(err);
+    }
     Ok(Synced {
-        path: destination.clone(),
-        files: totals.0,
-        bytes: totals.1,
+        path: path.to_owned(),
+        files: totals.files,
+        bytes: totals.bytes,
+        digest,
+        kept: false,
+        git: None,
     })
 }
 
@@ -109,7 +184,7 @@ fn resolve(base: &Path, location: &str) -> Result<PathBuf, Error> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::NotFound {
                 location: location.to_owned(),
-                path: joined,
+                detail: format!("there is nothing at {}", joined.display()),
             });
         }
         Err(err) => return Err(Error::io("cannot open", &joined, err)),
@@ -124,137 +199,4 @@ fn resolve(base: &Path, location: &str) -> Result<PathBuf, Error> {
         });
     }
     Ok(resolved)
-}
-
-/// Removes the staging and retired folders a killed sync may have left beside `name`.
-fn remove_leftovers(parent: &Path, name: &OsStr) {
-    let prefix = format!(".{}.", name.to_string_lossy());
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let file_name = file_name.to_string_lossy();
-        if let Some(rest) = file_name.strip_prefix(&prefix) {
-            if rest.starts_with("sync-") || rest.starts_with("old-") {
-                tracing::debug!(path = %entry.path().display(), "removing an interrupted sync");
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-}
-
-/// Copies `source` into the new folder `staging`; returns (files, bytes).
-fn copy_tree(location: &str, source: &Path, staging: &Path) -> Result<(u64, u64), Error> {
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let walker = WalkDir::new(source)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|entry| {
-            entry.depth() == 0
-                || !(entry.file_type().is_dir()
-                    && SKIPPED.iter().any(|s| entry.file_name() == OsStr::new(s)))
-        });
-    for entry in walker {
-        let entry = entry.map_err(|err| {
-            let path = err.path().unwrap_or(source).to_owned();
-            Error::io("cannot read", &path, err.into())
-        })?;
-        let relative = entry.path().strip_prefix(source).map_err(|_| Error::Escapes {
-            location: location.to_owned(),
-            root: source.to_owned(),
-            detail: format!("{} is outside the source", entry.path().display()),
-        })?;
-        let target = staging.join(relative);
-        let kind = entry.file_type();
-        if kind.is_dir() {
-            fs::create_dir(&target).map_err(|err| Error::io("cannot create", &target, err))?;
-            let mode = entry
-                .metadata()
-                .map_err(|err| Error::io("cannot read", entry.path(), err.into()))?
-                .permissions();
-            fs::set_permissions(&target, mode)
-                .map_err(|err| Error::io("cannot set permissions of", &target, err))?;
-        } else if kind.is_symlink() {
-            let link = fs::read_link(entry.path())
-                .map_err(|err| Error::io("cannot read link", entry.path(), err))?;
-            check_link(location, source, entry.path(), &link)?;
-            std::os::unix::fs::symlink(&link, &target)
-                .map_err(|err| Error::io("cannot create link", &target, err))?;
-            files += 1;
-        } else if kind.is_file() {
-            bytes += fs::copy(entry.path(), &target)
-                .map_err(|err| Error::io("cannot copy", entry.path(), err))?;
-            files += 1;
-        }
-        // Sockets, fifos and devices are not source code: skipped.
-    }
-    Ok((files, bytes))
-}
-
-/// A link inside the source may only point inside the source.
-fn check_link(location: &str, source: &Path, path: &Path, link: &Path) -> Result<(), Error> {
-    let escapes = || Error::Escapes {
-        location: location.to_owned(),
-        root: source.to_owned(),
-        detail: format!(
-            "the link {} points to {}",
-            path.display(),
-            link.display()
-        ),
-    };
-    if link.is_absolute() {
-        return Err(escapes());
-    }
-    // Lexically: the link's folder, relative to the source, then the link's components.
-    let folder = path
-        .parent()
-        .and_then(|p| p.strip_prefix(source).ok())
-        .ok_or_else(escapes)?;
-    let mut depth = folder.components().count();
-    for component in link.components() {
-        match component {
-            Component::ParentDir => depth = depth.checked_sub(1).ok_or_else(escapes)?,
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err(escapes()),
-        }
-    }
-    Ok(())
-}
-
-/// Puts `staging` where `destination` is, atomically when `destination` exists.
-fn swap_into_place(staging: &Path, destination: &Path) -> Result<(), Error> {
-    if destination.symlink_metadata().is_err() {
-        return fs::rename(staging, destination)
-            .map_err(|err| Error::io("cannot move the synced tree to", destination, err));
-    }
-    nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        staging,
-        nix::fcntl::AT_FDCWD,
-        destination,
-        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-    )
-    .map_err(|errno| {
-        Error::io(
-            "cannot swap the synced tree into",
-            destination,
-            std::io::Error::from(errno),
-        )
-    })?;
-    // `staging` now holds the previous tree.
-    let retired = staging.with_file_name(
-        staging
-            .file_name()
-            .map(|n| n.to_string_lossy().replacen(".sync-", ".old-", 1))
-            .unwrap_or_default(),
-    );
-    if fs::rename(staging, &retired).is_ok() {
-        let _ = fs::remove_dir_all(&retired);
-    } else {
-        let _ = fs::remove_dir_all(staging);
-    }
-    Ok(())
 }
