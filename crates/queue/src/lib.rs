@@ -1,0 +1,213 @@
+//! The message queue contract of deployd.
+//!
+//! Tasks reach services through a [`MessageQueue`]. This crate defines the contract every
+//! backend keeps, the in-memory backend used by default ([`memory::MemoryQueue`]), and, behind
+//! the `testing` feature, the conformance suite that every backend runs ([`testing`]).
+//!
+//! The contract:
+//! - [`MessageQueue::publish`] returns once the queue holds the message.
+//! - Consumers join a named *group* on a topic. Each message goes to exactly one member of a
+//!   group (competing consumers); every group on a topic receives every message (fan-out).
+//! - Delivery is at-least-once: a message is removed only when its [`Delivery`] is acked.
+//!   A nack (optionally delayed) redelivers it with `attempt + 1`. A message held by a consumer
+//!   that is dropped, or whose ack deadline passes, is redelivered to another member with
+//!   `attempt + 1`. Dropping a [`Delivery`] without acking it counts as a nack without delay.
+//!
+//! This crate does not know what a task is: messages are bytes plus headers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod memory;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// What can go wrong talking to a queue.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The queue is closed (shut down); no further messages can be published or received.
+    #[error("the queue is closed")]
+    Closed,
+    /// A topic or group name the backend cannot use.
+    #[error("invalid {what} `{name}`: {reason}")]
+    InvalidName {
+        /// What the name names: `topic` or `group`.
+        what: &'static str,
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The broker could not be reached within the configured bound.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// Any other backend failure, with the backend's message.
+    #[error("queue backend error: {0}")]
+    Backend(String),
+}
+
+/// A message: bytes plus headers, with a unique id and a delivery attempt number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Unique id, assigned by [`Message::new`]; kept across redeliveries.
+    pub id: String,
+    /// 1 on the first delivery, incremented by every redelivery.
+    pub attempt: u32,
+    /// Free-form headers.
+    pub headers: BTreeMap<String, String>,
+    /// The body.
+    pub payload: Bytes,
+}
+
+impl Message {
+    /// A new message with a fresh unique id and attempt 1.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7().to_string(),
+            attempt: 1,
+            headers: BTreeMap::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// How a consumer joins a group.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// A delivery not acked or nacked within this time is redelivered to another member.
+    pub ack_deadline: Duration,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self {
+            ack_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets the ack deadline.
+    pub fn ack_deadline(mut self, deadline: Duration) -> Self {
+        self.ack_deadline = deadline;
+        self
+    }
+}
+
+/// A message queue backend.
+#[async_trait]
+pub trait MessageQueue: Send + Sync + 'static {
+    /// Publishes `message` on `topic`; returns once the queue holds it.
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error>;
+
+    /// Joins consumer group `group` on `topic`. The group is created on first use and starts
+    /// with the messages published after its creation.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Consumer>, Error>;
+}
+
+/// A member of a consumer group. Dropping it redelivers every message it holds unacked.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Waits for the next message for this member.
+    ///
+    /// Cancel safe: dropping the returned future before it completes loses no message, so
+    /// `next` may be raced against a shutdown signal or a timeout.
+    async fn next(&mut self) -> Result<Delivery, Error>;
+}
+
+/// A received message, to be acked or nacked exactly once.
+pub struct Delivery {
+    /// The message, with its attempt number for this delivery.
+    pub message: Message,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery; for backend implementations.
+    pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
+        Self {
+            message,
+            acker: Some(acker),
+        }
+    }
+
+    /// Removes the message from the group for good.
+    pub async fn ack(mut self) -> Result<(), Error> {
+        match self.acker.take() {
+            Some(acker) => acker.ack().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Hands the message back for redelivery with `attempt + 1`, after `delay` if given.
+    pub async fn nack(mut self, delay: Option<Duration>) -> Result<(), Error> {
+        match self.acker.take() {
+            Some(acker) => acker.nack(delay).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            acker.abandon();
+        }
+    }
+}
+
+/// Settles one delivery; implemented by backends.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// See [`Delivery::ack`].
+    async fn ack(self: Box<Self>) -> Result<(), Error>;
+    /// See [`Delivery::nack`].
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error>;
+    /// The delivery was dropped unsettled: redeliver it as soon as possible. Must not block.
+    fn abandon(self: Box<Self>);
+}
+
+/// Checks a topic or group name: 1 to 200 characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        Some("must not be empty".to_owned())
+    } else if name.len() > 200 {
+        Some("is longer than 200 characters".to_owned())
+    } else {
+        name.chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|c| format!("contains `{c}`; use letters, digits, `.`, `_` and `-`"))
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            what,
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
