@@ -1,4 +1,5 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
 mod git;
+mod settings;
 mod skeleton;

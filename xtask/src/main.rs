@@ -1,4 +1,4 @@
-//! deployd's project tasks: `cargo xtask ci` and `cargo xtask e2e`.
+//! deployd's project tasks: `cargo xtask ci | e2e | bench | codegen`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  ci     cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
-  e2e    builds deployd and runs the end-to-end scenarios against the real binary
-  bench  runs every crate's benchmarks in release; each prints its measurements, the ratio to
-         its baseline measured in the same run, and fails when it misses its target";
+  ci       cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
+  e2e      builds deployd and runs the end-to-end scenarios against the real binary
+  bench    runs every crate's benchmarks in release; each prints its measurements, the ratio
+           to its baseline measured in the same run, and fails when it misses its target
+  codegen  writes the generated files that are checked in (docs/deployment.schema.json)";
 
 fn main() -> std::process::ExitCode {
     let task = std::env::args().nth(1);
@@ -19,6 +20,7 @@ fn main() -> std::process::ExitCode {
         Some("ci") => ci(),
         Some("e2e") => e2e(),
         Some("bench") => bench(),
+        Some("codegen") => codegen(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -135,4 +137,12 @@ fn bench() -> anyhow::Result<()> {
         "benchmarks",
         cargo().args(["bench", "--workspace", "--benches", "--quiet"]),
     )
+}
+
+fn codegen() -> anyhow::Result<()> {
+    let path = root().join("docs/deployment.schema.json");
+    std::fs::write(&path, deployd_config::json_schema())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
 }

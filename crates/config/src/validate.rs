@@ -2,254 +2,1184 @@
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
+use std::time::Duration;
 
-use crate::raw::{RawCommand, RawDeployment, RawService, RawSourceKind};
-use crate::{
-    Command, Diagnostic, Diagnostics, DeploymentSpec, Loaded, ServiceSpec, Severity, SourceKind,
-    SourceSpec,
+use crate::decode::{At, Cx, KeyPath, Keyword, Located, list, suggest};
+use crate::diagnostic::Severity;
+use crate::raw::{
+    Field, QueueType, RawCommand, RawCommands, RawControlPlane, RawDeployment, RawMessageQueue,
+    RawRestart, RawService, RawSource, RestartPolicy as RawRestartPolicy, Runtime as RawRuntime,
+    SourceType, SyncPolicy as RawSyncPolicy,
 };
+use crate::spec::{
+    Command, DeploymentSpec, HealthSpec, MessageQueueSpec, RestartPolicy, RestartSpec, Runtime,
+    ServiceSpec, SourceKind, SourceSpec, StateStoreSpec, SyncPolicy, UiSpec,
+};
+use crate::yaml::Span;
 
-struct Checker<'a> {
-    text: &'a str,
-    origin: &'a str,
-    found: Vec<Diagnostic>,
+/// The default port of llama_deploy's UI.
+const UI_PORT: u16 = 3000;
+/// The most replicas of one service.
+const MAX_REPLICAS: i64 = 64;
+
+struct Checker<'c, 'a> {
+    cx: &'c mut Cx<'a>,
 }
 
-impl Checker<'_> {
-    fn report(&mut self, severity: Severity, key: &[&str], message: String) {
-        let mut diagnostic = match severity {
-            Severity::Error => Diagnostic::error(self.origin, message),
-            Severity::Warning => Diagnostic::warning(self.origin, message),
+impl Checker<'_, '_> {
+    fn report(
+        &mut self,
+        severity: Severity,
+        at: &At,
+        on_key: bool,
+        message: String,
+        help: Option<String>,
+    ) {
+        let span = if on_key {
+            at.key_span.unwrap_or(at.span)
+        } else {
+            at.span
         };
-        diagnostic = diagnostic
-            .at_key(key.join("."))
-            .at(locate(self.text, key));
-        self.found.push(diagnostic);
+        self.cx
+            .report_at(severity, &at.path.to_string(), span, message, help);
     }
 
-    fn error(&mut self, key: &[&str], message: String) {
-        self.report(Severity::Error, key, message);
+    /// An error at the value.
+    fn error(&mut self, at: &At, message: String) {
+        self.report(Severity::Error, at, false, message, None);
     }
 
-    fn warning(&mut self, key: &[&str], message: String) {
-        self.report(Severity::Warning, key, message);
+    /// An error at the value, with a hint.
+    fn error_help(&mut self, at: &At, message: String, help: String) {
+        self.report(Severity::Error, at, false, message, Some(help));
+    }
+
+    /// An error at the key.
+    fn error_key(&mut self, at: &At, message: String) {
+        self.report(Severity::Error, at, true, message, None);
+    }
+
+    /// Whether an error was reported at `path` or under it.
+    fn error_under(&self, path: &str) -> bool {
+        self.cx.found.iter().any(|d| {
+            d.severity == Severity::Error
+                && d.key.as_deref().is_some_and(|key| {
+                    key.strip_prefix(path)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+                })
+        })
+    }
+
+    /// Whether an unknown key in the mapping at `parent` was reported as a likely typo of
+    /// `key`: then `key` missing is not news.
+    fn suggested(&self, parent: &str, key: &str) -> bool {
+        let help = format!("did you mean `{key}`?");
+        self.cx.found.iter().any(|d| {
+            d.help.as_deref() == Some(help.as_str())
+                && d.key.as_deref().is_some_and(|k| {
+                    let parent_of = k.rsplit_once('.').map_or("", |(p, _)| p);
+                    parent_of == parent
+                })
+        })
+    }
+
+    /// A warning at the key.
+    fn warning_key(&mut self, at: &At, message: String) {
+        self.report(Severity::Warning, at, true, message, None);
     }
 }
 
-pub(crate) fn validate(raw: RawDeployment, text: &str, origin: &str) -> Result<Loaded, Diagnostics> {
-    let mut checker = Checker {
-        text,
-        origin,
-        found: Vec::new(),
+pub(crate) fn validate(raw: RawDeployment, root: Span, cx: &mut Cx<'_>) -> Option<DeploymentSpec> {
+    let mut c = Checker { cx };
+    let document = At {
+        path: KeyPath::new(""),
+        span: Span {
+            end_line: root.line,
+            end_column: root.column,
+            ..root
+        },
+        key_span: None,
     };
-    if let Err(reason) = check_name(&raw.name) {
-        checker.error(&["name"], format!("invalid deployment name `{}`: {reason}", raw.name));
-    }
-    if raw.control_plane.is_some() {
-        checker.warning(
-            &["control-plane"],
-            "`control-plane` is accepted for llama_deploy compatibility and ignored: deployd \
-             serves the control plane itself"
-                .to_owned(),
+
+    let name = match raw.name {
+        Some(name) => {
+            if let Err(reason) = check_name(&name.value) {
+                c.error(
+                    &name.at,
+                    format!("invalid deployment name `{}`: {reason}", name.value),
+                );
+            }
+            Some(name.value)
+        }
+        None if c.error_under("name") || c.suggested("", "name") => None,
+        None => {
+            let at = At {
+                path: KeyPath::new("name"),
+                ..document.clone()
+            };
+            c.error(&at, "missing `name`: a deployment needs a name".to_owned());
+            None
+        }
+    };
+
+    let has_state_store = raw.state_store.is_some();
+    let mut state_store = raw.state_store.and_then(|store| state_store(&mut c, store));
+    if let Some(control_plane) = raw.control_plane {
+        check_control_plane(
+            &mut c,
+            control_plane.value,
+            &mut state_store,
+            has_state_store,
         );
     }
-    if let Some(queue) = &raw.message_queue {
-        let kind = queue.get("type").and_then(|t| t.as_str()).unwrap_or("simple");
-        if kind != "simple" {
-            checker.warning(
-                &["message-queue"],
-                format!("message queue `{kind}` is not supported yet; the embedded queue is used"),
+    let message_queue = raw
+        .message_queue
+        .and_then(|queue| message_queue(&mut c, queue.value, &queue.at));
+
+    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut services = Vec::new();
+    match raw.services {
+        Some(list) if !list.value.0.is_empty() => {
+            for (id, service) in list.value.0 {
+                let Some(service) = service else { continue };
+                if let Some(spec) = check_service(&mut c, id, service, &mut ports) {
+                    services.push(spec);
+                }
+            }
+        }
+        Some(list) => {
+            if !c.error_under("services") {
+                c.error_key(
+                    &list.at,
+                    "a deployment needs at least one service".to_owned(),
+                );
+            }
+        }
+        None if c.suggested("", "services") || c.error_under("services") => {}
+        None => {
+            let at = At {
+                path: KeyPath::new("services"),
+                ..document
+            };
+            c.error(
+                &at,
+                "missing `services`: a deployment needs at least one service".to_owned(),
             );
         }
     }
-    if raw.ui.is_some() {
-        checker.warning(&["ui"], "`ui` is accepted and ignored".to_owned());
-    }
-    if raw.services.0.is_empty() {
-        checker.error(&["services"], "a deployment needs at least one service".to_owned());
-    }
 
-    let mut services = Vec::with_capacity(raw.services.0.len());
-    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
-    for (id, service) in raw.services.0 {
-        if let Some(spec) = check_service(&mut checker, &id, service, &mut ports) {
-            services.push(spec);
-        }
-    }
+    let ui = raw.ui.and_then(|ui| check_ui(&mut c, ui, &mut ports));
 
+    let first = services
+        .first()
+        .map(|s: &ServiceSpec| s.id.clone())
+        .unwrap_or_default();
     let default_service = match raw.default_service {
-        Some(name) if services.iter().any(|s| s.id == name) => name,
-        other => {
-            let first = services.first().map(|s| s.id.clone()).unwrap_or_default();
-            if let Some(name) = other {
-                checker.warning(
-                    &["default-service"],
-                    format!("`default-service` names no service (`{name}`); `{first}` is used"),
-                );
-            }
+        Some(wanted) if services.iter().any(|s| s.id == wanted.value) => wanted.value,
+        // Without services there is nothing to fall back to; that error is reported already.
+        Some(_) if services.is_empty() => first,
+        Some(wanted) => {
+            let ids: Vec<&str> = services.iter().map(|s| s.id.as_str()).collect();
+            let help = suggest(&wanted.value, &ids).map(|best| format!("did you mean `{best}`?"));
+            c.report(
+                Severity::Warning,
+                &wanted.at,
+                false,
+                format!(
+                    "`default-service` names no service (`{}`); `{first}` is used",
+                    wanted.value
+                ),
+                help,
+            );
             first
         }
+        None => first,
     };
 
-    if checker.found.iter().any(|d| d.severity == Severity::Error) {
-        return Err(Diagnostics {
-            items: checker.found,
+    Some(DeploymentSpec {
+        name: name?,
+        default_service,
+        services,
+        message_queue,
+        state_store,
+        ui,
+    })
+}
+
+fn check_control_plane(
+    c: &mut Checker<'_, '_>,
+    raw: RawControlPlane,
+    state_store: &mut Option<StateStoreSpec>,
+    has_state_store: bool,
+) {
+    let ignored: [(&str, Option<&At>); 12] = [
+        ("port", raw.port.as_ref().map(|f| &f.at)),
+        ("host", raw.host.as_ref().map(|f| &f.at)),
+        ("internal_host", raw.internal_host.as_ref().map(|f| &f.at)),
+        ("internal_port", raw.internal_port.as_ref().map(|f| &f.at)),
+        ("running", raw.running.as_ref().map(|f| &f.at)),
+        ("cors_origins", raw.cors_origins.as_ref().map(|f| &f.at)),
+        (
+            "topic_namespace",
+            raw.topic_namespace.as_ref().map(|f| &f.at),
+        ),
+        ("use_tls", raw.use_tls.as_ref().map(|f| &f.at)),
+        ("step_interval", raw.step_interval.as_ref().map(|f| &f.at)),
+        (
+            "services_store_key",
+            raw.services_store_key.as_ref().map(|f| &f.at),
+        ),
+        (
+            "tasks_store_key",
+            raw.tasks_store_key.as_ref().map(|f| &f.at),
+        ),
+        (
+            "session_store_key",
+            raw.session_store_key.as_ref().map(|f| &f.at),
+        ),
+    ];
+    for (key, at) in ignored {
+        if let Some(at) = at {
+            c.warning_key(
+                at,
+                format!("`{key}` is ignored: deployd serves the control plane itself"),
+            );
+        }
+    }
+    if let Some(uri) = raw.state_store_uri {
+        let value = uri.value.trim();
+        if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            if has_state_store {
+                c.warning_key(
+                    &uri.at,
+                    "`state_store_uri` is ignored: `state-store` is given".to_owned(),
+                );
+            } else {
+                *state_store = Some(StateStoreSpec::Postgres {
+                    url: value.to_owned(),
+                });
+            }
+        } else {
+            c.warning_key(
+                &uri.at,
+                format!(
+                    "state store `{}` is not supported and ignored; use `state-store` with `sqlite:` or `postgres://`",
+                    scheme_of(value)
+                ),
+            );
+        }
+    }
+}
+
+fn scheme_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(scheme, _)| scheme)
+}
+
+fn state_store(c: &mut Checker<'_, '_>, store: Located<String>) -> Option<StateStoreSpec> {
+    let value = store.value.trim();
+    if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+        return Some(StateStoreSpec::Postgres {
+            url: value.to_owned(),
         });
     }
-    Ok(Loaded {
-        spec: DeploymentSpec {
-            name: raw.name,
-            default_service,
-            services,
+    if let Some(path) = value.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        return match check_relative_path(path) {
+            Ok(()) => Some(StateStoreSpec::Sqlite {
+                path: path.to_owned(),
+            }),
+            Err(reason) => {
+                c.error(&store.at, format!("the SQLite path `{path}` {reason}"));
+                None
+            }
+        };
+    }
+    c.error_help(
+        &store.at,
+        format!("`{value}` is not a state store"),
+        "write `sqlite:PATH`, relative to the deployment's data directory, or a `postgres://` URL"
+            .to_owned(),
+    );
+    None
+}
+
+/// The keys each message queue type takes; those marked `false` are accepted and ignored.
+fn queue_keys(kind: QueueType) -> &'static [(&'static str, bool)] {
+    match kind {
+        QueueType::Simple => &[
+            ("host", false),
+            ("port", false),
+            ("client_kwargs", false),
+            ("raise_exceptions", false),
+            ("use_ssl", false),
+            ("internal_host", false),
+            ("internal_port", false),
+        ],
+        QueueType::Redis => &[
+            ("url", true),
+            ("host", true),
+            ("port", true),
+            ("db", true),
+            ("username", true),
+            ("password", true),
+            ("ssl", true),
+            ("exclusive_mode", true),
+        ],
+        QueueType::RabbitMq => &[
+            ("url", true),
+            ("exchange_name", true),
+            ("username", true),
+            ("password", true),
+            ("host", true),
+            ("port", true),
+            ("vhost", true),
+            ("secure", true),
+        ],
+        QueueType::Kafka => &[("url", true), ("host", true), ("port", true)],
+        QueueType::Nats => &[
+            ("url", true),
+            ("host", true),
+            ("port", true),
+            ("username", true),
+            ("password", true),
+        ],
+        QueueType::Aws => &[
+            ("aws_region", true),
+            ("aws_access_key_id", true),
+            ("aws_secret_access_key", true),
+        ],
+        QueueType::Solace => &[
+            ("host", false),
+            ("vpn_name", false),
+            ("username", false),
+            ("password", false),
+            ("host_secured", false),
+            ("is_queue_temporary", false),
+        ],
+    }
+}
+
+fn at_of<T>(field: &Field<T>) -> Option<&At> {
+    field.as_ref().map(|f| &f.at)
+}
+
+fn text_of(field: &Field<String>) -> Option<&str> {
+    field.as_ref().map(|f| f.value.as_str())
+}
+
+fn message_queue(
+    c: &mut Checker<'_, '_>,
+    raw: RawMessageQueue,
+    at: &At,
+) -> Option<MessageQueueSpec> {
+    let Some(kind) = raw.kind else {
+        if !c.error_under(&format!("{}.type", at.path)) {
+            let words: Vec<&str> = QueueType::ALL.iter().map(|(w, _)| *w).collect();
+            c.report(
+                Severity::Error,
+                at,
+                true,
+                "`message-queue` needs a `type`".to_owned(),
+                Some(format!("use one of {}", list(&words))),
+            );
+        }
+        return None;
+    };
+    let kind_word = kind.value.word();
+    let present: [(&str, Option<&At>); 22] = [
+        ("url", at_of(&raw.url)),
+        ("host", at_of(&raw.host)),
+        ("port", at_of(&raw.port)),
+        ("db", at_of(&raw.db)),
+        ("username", at_of(&raw.username)),
+        ("password", at_of(&raw.password)),
+        ("ssl", at_of(&raw.ssl)),
+        ("exclusive_mode", at_of(&raw.exclusive_mode)),
+        ("exchange_name", at_of(&raw.exchange_name)),
+        ("vhost", at_of(&raw.vhost)),
+        ("secure", at_of(&raw.secure)),
+        ("client_kwargs", at_of(&raw.client_kwargs)),
+        ("raise_exceptions", at_of(&raw.raise_exceptions)),
+        ("use_ssl", at_of(&raw.use_ssl)),
+        ("internal_host", at_of(&raw.internal_host)),
+        ("internal_port", at_of(&raw.internal_port)),
+        ("aws_region", at_of(&raw.aws_region)),
+        ("aws_access_key_id", at_of(&raw.aws_access_key_id)),
+        ("aws_secret_access_key", at_of(&raw.aws_secret_access_key)),
+        ("vpn_name", at_of(&raw.vpn_name)),
+        ("host_secured", at_of(&raw.host_secured)),
+        ("is_queue_temporary", at_of(&raw.is_queue_temporary)),
+    ];
+    let allowed = queue_keys(kind.value);
+    let names: Vec<&str> = allowed.iter().map(|(k, _)| *k).collect();
+    let mut failed = false;
+    for (key, key_at) in present {
+        let Some(key_at) = key_at else { continue };
+        match allowed.iter().find(|(k, _)| *k == key) {
+            Some((_, true)) => {}
+            Some((_, false)) => {
+                if kind.value != QueueType::Solace {
+                    c.warning_key(
+                        key_at,
+                        format!("`{key}` of the `{kind_word}` queue is ignored: deployd runs this queue in process"),
+                    );
+                }
+            }
+            None => {
+                failed = true;
+                let help = match suggest(key, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None if names.is_empty() => {
+                        format!("a `{kind_word}` queue takes no keys besides `type`")
+                    }
+                    None => format!("the keys of a `{kind_word}` queue are {}", list(&names)),
+                };
+                c.report(
+                    Severity::Error,
+                    key_at,
+                    true,
+                    format!("`{key}` is not a key of a `{kind_word}` message queue"),
+                    Some(help),
+                );
+            }
+        }
+    }
+    let port = match &raw.port {
+        Some(port) => match check_port(c, port) {
+            Some(port) => Some(port),
+            None => {
+                failed = true;
+                None
+            }
         },
-        warnings: checker.found,
+        None => None,
+    };
+    let db = match &raw.db {
+        Some(db) if db.value < 0 => {
+            c.error(
+                &db.at,
+                format!("the redis database `{}` is negative", db.value),
+            );
+            failed = true;
+            None
+        }
+        Some(db) => Some(db.value),
+        None => None,
+    };
+    if failed {
+        return None;
+    }
+    let host = text_of(&raw.host);
+    let flag = |f: &Field<bool>| f.as_ref().is_some_and(|f| f.value);
+    let credentials = auth(text_of(&raw.username), text_of(&raw.password));
+    if let (Some(url), Some(_)) = (&raw.url, host)
+        && kind.value != QueueType::Simple
+    {
+        c.warning_key(
+            &url.at,
+            "`url` is ignored: the URL is built from `host`, `port` and the credentials, as llama_deploy does".to_owned(),
+        );
+    }
+    let url_or = |default: &str| text_of(&raw.url).unwrap_or(default).to_owned();
+    Some(match kind.value {
+        QueueType::Simple => MessageQueueSpec::Simple,
+        QueueType::Redis => MessageQueueSpec::Redis {
+            url: match host {
+                Some(host) => format!(
+                    "{}://{credentials}{host}:{}/{}",
+                    if flag(&raw.ssl) { "rediss" } else { "redis" },
+                    port.unwrap_or(6379),
+                    db.map(|d| d.to_string()).unwrap_or_default()
+                ),
+                None => url_or("redis://localhost:6379"),
+            },
+            exclusive_mode: flag(&raw.exclusive_mode),
+        },
+        QueueType::RabbitMq => MessageQueueSpec::RabbitMq {
+            url: match host {
+                Some(host) => format!(
+                    "{}://{credentials}{host}:{}/{}",
+                    if flag(&raw.secure) { "amqps" } else { "amqp" },
+                    port.unwrap_or(5672),
+                    percent_encode(text_of(&raw.vhost).unwrap_or(""))
+                ),
+                None => url_or("amqp://guest:guest@localhost/"),
+            },
+            exchange: text_of(&raw.exchange_name)
+                .unwrap_or("llama-deploy")
+                .to_owned(),
+        },
+        QueueType::Kafka => MessageQueueSpec::Kafka {
+            url: match host {
+                Some(host) => format!("{host}:{}", port.unwrap_or(9092)),
+                None => url_or("localhost:9092"),
+            },
+        },
+        QueueType::Nats => MessageQueueSpec::Nats {
+            url: match host {
+                Some(host) => format!("nats://{credentials}{host}:{}", port.unwrap_or(4222)),
+                None => url_or("nats://localhost:4222"),
+            },
+        },
+        QueueType::Aws => MessageQueueSpec::Aws {
+            region: text_of(&raw.aws_region).unwrap_or("us-east-1").to_owned(),
+            access_key_id: text_of(&raw.aws_access_key_id)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+            secret_access_key: text_of(&raw.aws_secret_access_key)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+        },
+        QueueType::Solace => {
+            c.warning_key(
+                &kind.at,
+                "the `solace` message queue is not supported; deployd's embedded queue is used"
+                    .to_owned(),
+            );
+            return None;
+        }
     })
+}
+
+/// `user:password@` for a URL, each part percent-encoded.
+fn auth(username: Option<&str>, password: Option<&str>) -> String {
+    match (username, password) {
+        (Some(user), Some(password)) => {
+            format!("{}:{}@", percent_encode(user), percent_encode(password))
+        }
+        (Some(user), None) => format!("{}@", percent_encode(user)),
+        (None, Some(password)) => format!(":{}@", percent_encode(password)),
+        (None, None) => String::new(),
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn check_port(c: &mut Checker<'_, '_>, port: &Located<i64>) -> Option<u16> {
+    match u16::try_from(port.value) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            c.error_help(
+                &port.at,
+                format!("port {} is outside 1..65535", port.value),
+                "leave `port` out to let deployd choose a free port".to_owned(),
+            );
+            None
+        }
+    }
+}
+
+fn claim_port(
+    c: &mut Checker<'_, '_>,
+    port: &Located<i64>,
+    owner: &str,
+    ports: &mut BTreeMap<u16, String>,
+) -> Option<u16> {
+    let value = check_port(c, port)?;
+    if let Some(other) = ports.get(&value) {
+        c.error(&port.at, format!("port {value} is already used by {other}"));
+        return None;
+    }
+    ports.insert(value, owner.to_owned());
+    Some(value)
 }
 
 fn check_service(
-    checker: &mut Checker<'_>,
-    id: &str,
+    c: &mut Checker<'_, '_>,
+    id: Located<String>,
     raw: RawService,
     ports: &mut BTreeMap<u16, String>,
 ) -> Option<ServiceSpec> {
-    let errors_before = checker.found.len();
-    let key = |leaf: &'static str| -> Vec<&str> {
-        if leaf.is_empty() {
-            vec!["services", id]
-        } else {
-            vec!["services", id, leaf]
-        }
-    };
-    if let Err(reason) = check_name(id) {
-        checker.error(&key(""), format!("invalid service id `{id}`: {reason}"));
-    }
-    let source = raw.source.and_then(|source| {
-        let location = match (source.location, source.name) {
-            (Some(location), None) | (None, Some(location)) => location,
-            (Some(_), Some(_)) => {
-                checker.error(
-                    &key("source"),
-                    "`source` has both `location` and its older spelling `name`; keep one"
-                        .to_owned(),
-                );
-                return None;
-            }
-            (None, None) => {
-                checker.error(&key("source"), "`source` needs a `location`".to_owned());
-                return None;
-            }
-        };
-        if source.sync_policy.is_some() {
-            checker.warning(
-                &["services", id, "source", "sync-policy"],
-                "`sync-policy` is not implemented yet; the source is replaced on every sync"
-                    .to_owned(),
-            );
-        }
-        let kind = match source.kind {
-            RawSourceKind::Local => {
-                if let Err(reason) = check_relative_path(&location) {
-                    checker.error(
-                        &["services", id, "source", "location"],
-                        format!("local source `{location}` {reason}"),
-                    );
-                    return None;
-                }
-                SourceKind::Local
-            }
-            RawSourceKind::Git => SourceKind::Git,
-            RawSourceKind::Docker => {
-                checker.error(
-                    &["services", id, "source", "type"],
-                    "docker sources are not supported; use `git` or `local`".to_owned(),
-                );
-                return None;
-            }
-        };
-        Some(SourceSpec { kind, location })
-    });
-
-    let command = match raw.command {
-        Some(RawCommand::Shell(line)) if line.trim().is_empty() => {
-            checker.error(&key("command"), "`command` is empty".to_owned());
-            None
-        }
-        Some(RawCommand::Argv(argv)) if argv.first().is_none_or(|p| p.is_empty()) => {
-            checker.error(&key("command"), "`command` needs a program to run".to_owned());
-            None
-        }
-        Some(RawCommand::Shell(line)) => Some(Command::Shell(line)),
-        Some(RawCommand::Argv(argv)) => Some(Command::Argv(argv)),
-        None => None,
-    };
-    if command.is_none() && raw.import_path.is_none() {
-        checker.error(
-            &key(""),
-            format!("service `{id}` needs a `command` (or an `import-path` to a Python workflow)"),
+    let errors_before =
+        c.cx.found
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+    if let Err(reason) = check_name(&id.value) {
+        c.error_key(
+            &id.at,
+            format!("invalid service id `{}`: {reason}", id.value),
         );
     }
+    let source = raw
+        .source
+        .and_then(|source| check_source(c, source.value, &source.at));
 
-    match raw.port {
-        Some(0) => checker.error(&key("port"), "port 0 is not a port; use 1 to 65535".to_owned()),
-        Some(port) => {
-            if let Some(other) = ports.insert(port, id.to_owned()) {
-                checker.error(
-                    &key("port"),
-                    format!("port {port} is already used by service `{other}`"),
+    let import_path = raw.import_path.and_then(|path| {
+        let file = path
+            .value
+            .split_once(':')
+            .map_or(path.value.as_str(), |(file, _)| file);
+        match check_relative_path(file) {
+            Ok(()) => Some(path.value),
+            Err(reason) => {
+                c.error(
+                    &path.at,
+                    format!("the import path `{}` {reason}", path.value),
                 );
+                None
             }
         }
-        None => {}
-    }
-    if raw.host.is_some() {
-        checker.warning(
-            &key("host"),
+    });
+    let command = raw
+        .command
+        .and_then(|command| check_command(c, command.value, &command.at));
+    let build = raw
+        .build
+        .map(|build| {
+            let RawCommands(list) = build.value;
+            list.into_iter()
+                .filter_map(|command| check_command(c, command.value, &command.at))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let runtime = match raw.runtime {
+        Some(runtime) => {
+            match (runtime.value, &import_path, &command) {
+                (RawRuntime::Python, None, _) => c.error_key(
+                    &runtime.at,
+                    format!(
+                        "service `{}` has runtime `python` and no `import-path` to a workflow",
+                        id.value
+                    ),
+                ),
+                (RawRuntime::Process, _, None) => c.error_key(
+                    &runtime.at,
+                    format!(
+                        "service `{}` has runtime `process` and no `command`",
+                        id.value
+                    ),
+                ),
+                _ => {}
+            }
+            match runtime.value {
+                RawRuntime::Python => Runtime::Python,
+                RawRuntime::Process => Runtime::Process,
+            }
+        }
+        None if import_path.is_some() => Runtime::Python,
+        None => {
+            let reported = ["command", "import-path", "runtime"].iter().any(|key| {
+                c.error_under(&format!("{}.{key}", id.at.path))
+                    || c.suggested(&id.at.path.to_string(), key)
+            });
+            if command.is_none() && !reported {
+                c.report(
+                    Severity::Error,
+                    &id.at,
+                    true,
+                    format!(
+                        "service `{}` has neither a `command` nor an `import-path`",
+                        id.value
+                    ),
+                    Some(
+                        "add `command: ./start.sh` to run a program, or `import-path: src/workflow:flow` to serve a llama-index workflow"
+                            .to_owned(),
+                    ),
+                );
+            }
+            Runtime::Process
+        }
+    };
+
+    let replicas = match raw.replicas {
+        Some(replicas) if (1..=MAX_REPLICAS).contains(&replicas.value) => {
+            u32::try_from(replicas.value).unwrap_or(1)
+        }
+        Some(replicas) => {
+            c.error(
+                &replicas.at,
+                format!("`replicas` is {}; use 1 to {MAX_REPLICAS}", replicas.value),
+            );
+            1
+        }
+        None => 1,
+    };
+    let port = raw.port.and_then(|port| {
+        let value = claim_port(c, &port, &format!("service `{}`", id.value), ports)?;
+        if replicas > 1 {
+            c.error_help(
+                &port.at,
+                format!("port {value} cannot be shared by {replicas} replicas"),
+                "leave `port` out: deployd gives each replica its own".to_owned(),
+            );
+        }
+        Some(value)
+    });
+    if let Some(host) = &raw.host {
+        c.warning_key(
+            &host.at,
             "`host` is ignored: services listen on 127.0.0.1".to_owned(),
         );
     }
-    for (present, name) in [
-        (raw.env_files.is_some(), "env-files"),
-        (raw.python_dependencies.is_some(), "python-dependencies"),
-        (raw.ts_dependencies.is_some(), "ts-dependencies"),
-    ] {
-        if present {
-            checker.warning(&key(name), format!("`{name}` is not supported yet and is ignored"));
+    if let Some(ts) = &raw.ts_dependencies {
+        c.warning_key(
+            &ts.at,
+            "`ts-dependencies` is accepted for llama_deploy compatibility and ignored".to_owned(),
+        );
+    }
+
+    let mut health = HealthSpec::default();
+    if let Some(raw_health) = raw.health {
+        if let Some(path) = raw_health.value.path {
+            if path.value.starts_with('/') && !path.value.contains(char::is_whitespace) {
+                health.path = path.value;
+            } else {
+                c.error(
+                    &path.at,
+                    format!(
+                        "the health path `{}` must start with `/` and have no spaces",
+                        path.value
+                    ),
+                );
+            }
+        }
+        if let Some(timeout) = raw_health.value.timeout {
+            health.timeout = positive(c, timeout.value.0, &timeout.at, "the health timeout")
+                .unwrap_or(health.timeout);
         }
     }
+    let restart = raw
+        .restart
+        .map(|r| check_restart(c, r.value))
+        .unwrap_or_default();
+    let max_concurrency = raw
+        .max_concurrency
+        .and_then(|max| match u32::try_from(max.value) {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                c.error(
+                    &max.at,
+                    format!("`max-concurrency` is {}; use at least 1", max.value),
+                );
+                None
+            }
+        });
+    let timeout = raw
+        .timeout
+        .and_then(|t| positive(c, t.value.0, &t.at, "`timeout`"));
 
     let mut env = BTreeMap::new();
-    for (name, value) in raw.env.map(|m| m.0).unwrap_or_default() {
-        if name.is_empty() || name.contains('=') || name.contains('\0') {
-            checker.error(
-                &["services", id, "env", &name],
-                format!("invalid environment variable name `{name}`"),
+    for (name, value) in raw.env.map(|m| m.value.0).unwrap_or_default() {
+        if name.value.is_empty() || name.value.contains(['=', '\0']) {
+            c.error_key(
+                &name.at,
+                format!("invalid environment variable name `{}`", name.value),
             );
-        } else if value.0.contains('\0') {
-            checker.error(
-                &["services", id, "env", &name],
-                "an environment value cannot contain a NUL byte".to_owned(),
-            );
-        } else {
-            env.insert(name, value.0);
+        } else if let Some(value) = value {
+            if value.contains('\0') {
+                c.error_key(
+                    &name.at,
+                    "an environment value cannot contain a NUL byte".to_owned(),
+                );
+            } else {
+                env.insert(name.value, value);
+            }
         }
     }
+    let env_files = checked_paths(c, raw.env_files, "the env file", |_| true);
+    let python_dependencies =
+        checked_paths(c, raw.python_dependencies, "the dependency", is_path_like);
 
-    let failed = checker.found[errors_before..]
-        .iter()
-        .any(|d| d.severity == Severity::Error);
-    (!failed).then(|| ServiceSpec {
-        id: id.to_owned(),
-        name: raw.name,
+    let errors_after =
+        c.cx.found
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+    (errors_after == errors_before).then(|| ServiceSpec {
+        id: id.value,
+        name: raw.name.map(|n| n.value),
         source,
-        import_path: raw.import_path,
+        import_path,
         command,
-        port: raw.port,
+        port,
         env,
+        runtime,
+        build,
+        replicas,
+        health,
+        restart,
+        max_concurrency,
+        timeout,
+        env_files,
+        python_dependencies,
     })
 }
 
+fn positive(c: &mut Checker<'_, '_>, duration: Duration, at: &At, what: &str) -> Option<Duration> {
+    if duration.is_zero() {
+        c.error(at, format!("{what} must be longer than zero"));
+        None
+    } else {
+        Some(duration)
+    }
+}
+
+fn check_restart(c: &mut Checker<'_, '_>, raw: RawRestart) -> RestartSpec {
+    let mut spec = RestartSpec::default();
+    if let Some(policy) = raw.policy {
+        spec.policy = match policy.value {
+            RawRestartPolicy::Always => RestartPolicy::Always,
+            RawRestartPolicy::OnFailure => RestartPolicy::OnFailure,
+            RawRestartPolicy::Never => RestartPolicy::Never,
+        };
+    }
+    if let Some(backoff) = raw.backoff {
+        let backoff_at = backoff.at;
+        if let Some(initial) = backoff.value.initial {
+            spec.backoff_initial = positive(c, initial.value.0, &initial.at, "the initial backoff")
+                .unwrap_or(spec.backoff_initial);
+        }
+        if let Some(max) = backoff.value.max {
+            spec.backoff_max = max.value.0;
+        }
+        if spec.backoff_max < spec.backoff_initial {
+            c.error_key(
+                &backoff_at,
+                format!(
+                    "the backoff's `max` ({:?}) is shorter than its `initial` ({:?})",
+                    spec.backoff_max, spec.backoff_initial
+                ),
+            );
+        }
+    }
+    if let Some(max) = raw.max_restarts {
+        match u32::try_from(max.value) {
+            Ok(n) => spec.max_restarts = n,
+            Err(_) => c.error(
+                &max.at,
+                format!("`max-restarts` is {}; use 0 or more", max.value),
+            ),
+        }
+    }
+    if let Some(window) = raw.window {
+        spec.window =
+            positive(c, window.value.0, &window.at, "the restart window").unwrap_or(spec.window);
+    }
+    spec
+}
+
+fn check_command(c: &mut Checker<'_, '_>, command: RawCommand, at: &At) -> Option<Command> {
+    match command {
+        RawCommand::Shell(line) if line.trim().is_empty() => {
+            c.error(at, "the command is empty".to_owned());
+            None
+        }
+        RawCommand::Argv(argv) if argv.first().is_none_or(|p| p.is_empty()) => {
+            c.error(at, "the command needs a program to run".to_owned());
+            None
+        }
+        RawCommand::Shell(line) if line.contains('\0') => {
+            c.error(at, "the command contains a NUL byte".to_owned());
+            None
+        }
+        RawCommand::Argv(argv) if argv.iter().any(|a| a.contains('\0')) => {
+            c.error(at, "the command contains a NUL byte".to_owned());
+            None
+        }
+        RawCommand::Shell(line) => Some(Command::Shell(line)),
+        RawCommand::Argv(argv) => Some(Command::Argv(argv)),
+    }
+}
+
+/// Checks that the entries of a list that are paths stay inside the deployment's folder.
+fn checked_paths(
+    c: &mut Checker<'_, '_>,
+    field: Field<Vec<Located<String>>>,
+    what: &str,
+    is_path: fn(&str) -> bool,
+) -> Vec<String> {
+    let Some(field) = field else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(field.value.len());
+    for entry in field.value {
+        if entry.value.trim().is_empty() {
+            c.error(&entry.at, format!("{what} is empty"));
+        } else if is_path(&entry.value)
+            && let Err(reason) = check_relative_path(&entry.value)
+        {
+            c.error_help(
+                &entry.at,
+                format!("{what} `{}` {reason}", entry.value),
+                "files must stay inside the deployment's folder".to_owned(),
+            );
+        } else {
+            out.push(entry.value);
+        }
+    }
+    out
+}
+
+/// A python dependency that names a file or folder (not a requirement spec or a URL).
+fn is_path_like(dependency: &str) -> bool {
+    let dependency = dependency.trim();
+    if dependency.contains("://") {
+        return false;
+    }
+    dependency.starts_with(['.', '/', '~'])
+        || dependency.ends_with(".txt")
+        || (dependency.contains('/')
+            && !dependency.contains(['<', '>', '=', '!', ';', '@', ' ', '[']))
+}
+
+fn check_source(c: &mut Checker<'_, '_>, raw: RawSource, at: &At) -> Option<SourceSpec> {
+    let location = match (raw.location, raw.name) {
+        (Some(location), None) | (None, Some(location)) => location,
+        (Some(_), Some(name)) => {
+            c.error_key(
+                &name.at,
+                "`source` has both `location` and its older spelling `name`; keep one".to_owned(),
+            );
+            return None;
+        }
+        (None, None) => {
+            let path = &at.path.to_string();
+            if !c.error_under(&format!("{path}.location"))
+                && !c.error_under(&format!("{path}.name"))
+                && !c.suggested(path, "location")
+            {
+                c.error_key(at, "`source` needs a `location`".to_owned());
+            }
+            return None;
+        }
+    };
+    let Some(kind) = raw.kind else {
+        if !c.error_under(&format!("{}.type", at.path)) {
+            c.report(
+                Severity::Error,
+                at,
+                true,
+                "`source` needs a `type`".to_owned(),
+                Some("use `type: local` or `type: git`".to_owned()),
+            );
+        }
+        return None;
+    };
+    let sync_policy = match raw.sync_policy.map(|p| p.value) {
+        None | Some(RawSyncPolicy::Replace) => SyncPolicy::Replace,
+        Some(RawSyncPolicy::Merge) => SyncPolicy::Merge,
+        Some(RawSyncPolicy::Skip) => SyncPolicy::Skip,
+        Some(RawSyncPolicy::Fail) => SyncPolicy::Fail,
+    };
+    match kind.value {
+        SourceType::Local => {
+            if let Some(reference) = &raw.reference {
+                c.error_key(
+                    &reference.at,
+                    "`ref` is for git sources; a local source has none".to_owned(),
+                );
+                return None;
+            }
+            if let Err(reason) = check_relative_path(&location.value) {
+                c.error_help(
+                    &location.at,
+                    format!("local source `{}` {reason}", location.value),
+                    "a local source is a folder inside the deployment's folder".to_owned(),
+                );
+                return None;
+            }
+            Some(SourceSpec {
+                kind: SourceKind::Local,
+                location: location.value,
+                reference: None,
+                sync_policy,
+            })
+        }
+        SourceType::Git => {
+            let (url, reference) = match raw.reference {
+                // With an explicit `ref`, the location is taken as it is.
+                Some(reference) => (
+                    location.value.clone(),
+                    Some((reference.value, reference.at)),
+                ),
+                None => {
+                    let (url, reference) = split_git_ref(&location.value);
+                    (
+                        url.to_owned(),
+                        reference.map(|r| (r.to_owned(), location.at.clone())),
+                    )
+                }
+            };
+            if let Err(reason) = check_git_url(&url) {
+                c.error(&location.at, format!("git URL `{url}` {reason}"));
+                return None;
+            }
+            if let Some((reference, at)) = &reference
+                && let Err(reason) = check_ref(reference)
+            {
+                let message = if reference.is_empty() {
+                    "the git location ends in `@` but names no branch, tag or commit".to_owned()
+                } else {
+                    format!("git ref `{reference}` {reason}")
+                };
+                c.error(at, message);
+                return None;
+            }
+            Some(SourceSpec {
+                kind: SourceKind::Git,
+                location: url,
+                reference: reference.map(|(r, _)| r),
+                sync_policy,
+            })
+        }
+        SourceType::Docker => {
+            c.error_help(
+                &kind.at,
+                "docker sources are not supported".to_owned(),
+                "use `type: git` or `type: local`".to_owned(),
+            );
+            None
+        }
+    }
+}
+
+fn check_ui(
+    c: &mut Checker<'_, '_>,
+    ui: Located<RawService>,
+    ports: &mut BTreeMap<u16, String>,
+) -> Option<UiSpec> {
+    let raw = ui.value;
+    c.warning_key(
+        &ui.at,
+        "`ui` is parsed, but deployd does not serve a UI yet".to_owned(),
+    );
+    let ignored: [(&str, Option<&At>); 14] = [
+        ("import-path", at_of(&raw.import_path)),
+        ("runtime", at_of(&raw.runtime)),
+        ("command", at_of(&raw.command)),
+        ("build", at_of(&raw.build)),
+        ("host", at_of(&raw.host)),
+        ("replicas", at_of(&raw.replicas)),
+        ("health", at_of(&raw.health)),
+        ("restart", at_of(&raw.restart)),
+        ("max-concurrency", at_of(&raw.max_concurrency)),
+        ("timeout", at_of(&raw.timeout)),
+        ("env", at_of(&raw.env)),
+        ("env-files", at_of(&raw.env_files)),
+        ("python-dependencies", at_of(&raw.python_dependencies)),
+        ("ts-dependencies", at_of(&raw.ts_dependencies)),
+    ];
+    for (key, at) in ignored {
+        if let Some(at) = at {
+            c.warning_key(at, format!("`{key}` is ignored for `ui`"));
+        }
+    }
+    let errors_before =
+        c.cx.found
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+    let port = match &raw.port {
+        Some(port) => claim_port(c, port, "`ui`", ports),
+        None if ports.contains_key(&UI_PORT) => {
+            c.error_key(
+                &ui.at,
+                format!(
+                    "the UI's default port {UI_PORT} is used by {}",
+                    ports[&UI_PORT]
+                ),
+            );
+            None
+        }
+        None => Some(UI_PORT),
+    };
+    let source = raw
+        .source
+        .and_then(|source| check_source(c, source.value, &source.at));
+    let errors_after =
+        c.cx.found
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+    (errors_after == errors_before).then(|| UiSpec {
+        name: raw.name.map(|n| n.value),
+        port: port.unwrap_or(UI_PORT),
+        source,
+    })
+}
+
+/// Splits `url@ref` on the last `@` after the host part, so that `git@host:org/repo.git` and
+/// `https://user:token@host/repo.git` keep their user.
+pub(crate) fn split_git_ref(location: &str) -> (&str, Option<&str>) {
+    let path_start = if let Some(scheme_end) = location.find("://") {
+        let authority = scheme_end + 3;
+        location[authority..]
+            .find('/')
+            .map_or(location.len(), |slash| authority + slash)
+    } else {
+        match (location.find(':'), location.find('/')) {
+            // scp-like `[user@]host:path`: the path starts after the first `:`.
+            (Some(colon), slash) if slash.is_none_or(|s| colon < s) => colon + 1,
+            _ => 0,
+        }
+    };
+    match location[path_start..].rfind('@') {
+        Some(at) => {
+            let split = path_start + at;
+            (&location[..split], Some(&location[split + 1..]))
+        }
+        None => (location, None),
+    }
+}
+
+fn check_git_url(url: &str) -> Result<(), &'static str> {
+    if url.trim().is_empty() {
+        return Err("is empty");
+    }
+    if url.starts_with('-') {
+        return Err("starts with `-`");
+    }
+    let transport = url.find("::");
+    if transport.is_some_and(|t| url.find("://").is_none_or(|s| t < s)) {
+        return Err("uses a `transport::` address; use an https, ssh or git URL");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains a space or a control character");
+    }
+    Ok(())
+}
+
+/// A branch, tag or commit name git accepts (a conservative subset of `git check-ref-format`).
+fn check_ref(reference: &str) -> Result<(), &'static str> {
+    if reference.is_empty() {
+        return Err("is empty");
+    }
+    if reference.len() > 255 {
+        return Err("is longer than 255 characters");
+    }
+    if reference.starts_with(['-', '/', '.']) || reference.ends_with(['/', '.']) {
+        return Err("starts or ends with `-`, `/` or `.`");
+    }
+    if reference.ends_with(".lock")
+        || reference.contains("..")
+        || reference.contains("@{")
+        || reference.contains("//")
+    {
+        return Err("is not a valid git ref name");
+    }
+    if reference
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+    {
+        return Err("contains a character git does not allow in a ref");
+    }
+    Ok(())
+}
+
 /// Names become URL path segments, topic names and directory names.
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("it is empty".to_owned());
     }
@@ -263,20 +1193,28 @@ fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
+        let what = if c == ' ' {
+            "a space".to_owned()
+        } else {
+            format!("`{}`", c.escape_default())
+        };
         return Err(format!(
-            "it contains `{c}`; use letters, digits, `-` and `_`"
+            "it contains {what}; use letters, digits, `-` and `_`"
         ));
     }
     Ok(())
 }
 
 /// A path that stays inside the folder it is relative to.
-fn check_relative_path(path: &str) -> Result<(), &'static str> {
+pub(crate) fn check_relative_path(path: &str) -> Result<(), &'static str> {
     if path.is_empty() {
         return Err("is empty");
     }
     if path.contains('\0') {
         return Err("contains a NUL byte");
+    }
+    if path.starts_with('~') {
+        return Err("starts with `~`; write it relative to the deployment file");
     }
     let mut depth: usize = 0;
     for component in Path::new(path).components() {
@@ -296,48 +1234,16 @@ fn check_relative_path(path: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Finds the line and column of the key at `path` in block-style YAML, when it is there.
-///
-/// A best-effort map from key paths to places for diagnostics that arise after parsing; a key
-/// written in flow style (`{a: 1}`) is not found, and the diagnostic then has no location.
-fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
-    let mut found = None;
-    let mut parent_indent: Option<usize> = None;
-    let mut lines = text.lines().enumerate();
-    'segments: for segment in path {
-        for (number, line) in lines.by_ref() {
-            let trimmed = line.trim_start();
-            if trimmed.is_empty() || trimmed.starts_with('#') {
-                continue;
-            }
-            let indent = line.len() - trimmed.len();
-            if parent_indent.is_some_and(|p| indent <= p) {
-                return found;
-            }
-            let key = trimmed
-                .split_once(':')
-                .map(|(k, _)| k.trim().trim_matches(|c| c == '"' || c == '\''));
-            if key == Some(*segment) {
-                found = Some((number + 1, indent + 1));
-                parent_indent = Some(indent);
-                continue 'segments;
-            }
-        }
-        return found;
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn relative_paths() {
-        for ok in ["src", "./src", "a/../b", "."] {
+        for ok in ["src", "./src", "a/../b", ".", "a/b/../../c"] {
             assert_eq!(check_relative_path(ok), Ok(()), "{ok}");
         }
-        for bad in ["../src", "/etc", "a/../../b", "", "../../etc"] {
+        for bad in ["../src", "/etc", "a/../../b", "", "../../etc", "~/x"] {
             assert!(check_relative_path(bad).is_err(), "{bad}");
         }
     }
@@ -353,12 +1259,72 @@ mod tests {
     }
 
     #[test]
-    fn locates_nested_keys() {
-        let text = "name: x\nservices:\n  a:\n    port: 1\n  b:\n    # c\n    port: 2\n";
-        assert_eq!(locate(text, &["services", "b", "port"]), Some((7, 5)));
-        assert_eq!(locate(text, &["services", "a", "port"]), Some((4, 5)));
-        assert_eq!(locate(text, &["services", "a"]), Some((3, 3)));
-        // `a` has no `env`: the nearest enclosing key is reported.
-        assert_eq!(locate(text, &["services", "a", "env"]), Some((3, 3)));
+    fn git_refs_split_on_the_last_at_after_the_host() {
+        let cases = [
+            (
+                "https://github.com/org/repo.git",
+                ("https://github.com/org/repo.git", None),
+            ),
+            (
+                "https://github.com/org/repo.git@main",
+                ("https://github.com/org/repo.git", Some("main")),
+            ),
+            (
+                "https://user:tok@en@host/repo.git",
+                ("https://user:tok@en@host/repo.git", None),
+            ),
+            (
+                "https://user:token@host/repo.git@v1.2",
+                ("https://user:token@host/repo.git", Some("v1.2")),
+            ),
+            (
+                "git@github.com:org/repo.git",
+                ("git@github.com:org/repo.git", None),
+            ),
+            (
+                "git@github.com:org/repo.git@feature/x",
+                ("git@github.com:org/repo.git", Some("feature/x")),
+            ),
+            (
+                "ssh://git@host:22/repo.git@abc123",
+                ("ssh://git@host:22/repo.git", Some("abc123")),
+            ),
+            ("https://host", ("https://host", None)),
+            ("https://u@host", ("https://u@host", None)),
+            ("/srv/repo.git@main", ("/srv/repo.git", Some("main"))),
+            ("repo@", ("repo", Some(""))),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(split_git_ref(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn git_urls_and_refs() {
+        assert!(check_git_url("ext::sh -c touch% /tmp/pwned").is_err());
+        assert!(check_git_url("-uhttps://x").is_err());
+        assert!(check_git_url("https://host/a::b").is_ok());
+        assert!(check_ref("main").is_ok());
+        assert!(check_ref("v1.2.3").is_ok());
+        assert!(check_ref("0123abc").is_ok());
+        for bad in ["", "-x", "a..b", "a b", "x.lock", "a@{1}", "/a", "a/"] {
+            assert!(check_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn python_dependency_paths() {
+        for path in ["requirements.txt", "./pkg", "../x", "/abs", "src/pkg", "."] {
+            assert!(is_path_like(path), "{path}");
+        }
+        for spec in [
+            "llama-index-core>=0.12",
+            "httpx",
+            "pkg @ https://x/y.whl",
+            "git+https://h/r.git",
+            "a[extra]",
+        ] {
+            assert!(!is_path_like(spec), "{spec}");
+        }
     }
 }

@@ -133,7 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             reload,
             no_wait,
         }) => {
-            let name = client.deploy(&file, reload).await?;
+            let (name, warnings) = client.deploy(&file, reload).await?;
+            for warning in warnings {
+                eprintln!("{warning}");
+            }
             println!("deployment `{name}` created");
             if !no_wait {
                 wait_ready(&client, &name).await?;
@@ -250,13 +253,13 @@ fn validate(files: &[PathBuf]) -> std::process::ExitCode {
         };
         match deployd_config::parse(&text, &origin) {
             Ok(loaded) => {
-                for warning in loaded.warnings {
-                    eprintln!("{warning}");
+                if !loaded.warnings.is_empty() {
+                    eprint!("{}", deployd_config::render_all(&loaded.warnings, &text));
                 }
-                println!("{origin}: ok");
+                println!("{origin}: ok ({} warnings)", loaded.warnings.len());
             }
             Err(diagnostics) => {
-                eprintln!("{diagnostics}");
+                eprint!("{}", diagnostics.render(&text));
                 failed = true;
             }
         }
@@ -337,10 +340,13 @@ async fn deploy_file(manager: &Manager, file: &Path) -> anyhow::Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let absolute = std::path::absolute(file)?;
     let base = absolute.parent().unwrap_or(Path::new("/"));
-    let status = manager
+    let deployed = manager
         .deploy(&text, &file.display().to_string(), base, true)
         .await?;
-    tracing::info!(deployment = %status.name, "deployed {}", file.display());
+    for warning in &deployed.warnings {
+        tracing::warn!(deployment = %deployed.status.name, "{warning}");
+    }
+    tracing::info!(deployment = %deployed.status.name, "deployed {}", file.display());
     Ok(())
 }
 

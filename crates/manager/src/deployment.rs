@@ -14,12 +14,13 @@ use tokio::sync::watch;
 
 use crate::control::Control;
 use crate::orphans::NODE_VAR;
+use crate::prepare::{self, BuildMarks};
 use crate::supervisor::{self, Policy, ProcessSpec, Supervisor};
 use crate::worker::{self, WorkerContext};
 use crate::{DeploymentStatus, Error, task_topic};
 
-/// Tasks a service is handed at once.
-const DEFAULT_CONCURRENCY: usize = 16;
+/// Tasks a service is handed at once when its `max-concurrency` is not set.
+const UNLIMITED_CONCURRENCY: usize = 4096;
 
 /// Everything a deployment needs to start.
 pub(crate) struct Context {
@@ -35,7 +36,6 @@ pub(crate) struct Context {
     pub(crate) node_id: String,
     pub(crate) control: Arc<Control>,
     pub(crate) queue: Arc<dyn MessageQueue>,
-    pub(crate) health_timeout: Duration,
     pub(crate) stop_timeout: Duration,
 }
 
@@ -195,7 +195,7 @@ async fn sync_source(
         digest = %synced.digest,
         "source synced"
     );
-    Ok(())
+    BuildMarks::new(&context.dir, &service.id).record_sync(&synced.digest.to_string())
 }
 
 fn sync_policy(policy: deployd_config::SyncPolicy) -> SyncPolicy {
@@ -229,8 +229,10 @@ async fn start_service(
         None => free_port()
             .map_err(|err| Error::io("cannot allocate a port", workdir.as_path(), err))?,
     };
+    // Later entries win: defaults, `env`, `env-files`, then what deployd sets.
     let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];
     env.extend(service.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(prepare::env_files(&context.base, &service.env_files)?);
     env.extend([
         ("PORT".into(), port.to_string()),
         ("HOST".into(), "127.0.0.1".into()),
@@ -242,34 +244,53 @@ async fn start_service(
         ),
         (NODE_VAR.into(), context.node_id.clone()),
     ]);
+    let env = supervisor::process_env(env);
+
+    let marks = BuildMarks::new(&context.dir, &service.id);
+    let built = prepare::build(prepare::Build {
+        service,
+        workdir: &workdir,
+        env: &env,
+        log: &log_dir.join(format!("{}.build.log", service.id)),
+        marks: &marks,
+    })
+    .await?;
+    if built {
+        tracing::info!(service = %service.id, "build finished");
+    }
+
     let spec = ProcessSpec {
         service: service.id.clone(),
         command,
         workdir,
-        env: supervisor::process_env(env),
+        env,
         port,
         log: log_dir.join(format!("{}.log", service.id)),
     };
     let topic = task_topic(&context.spec.name, &service.id);
+    let ack_deadline = service.timeout.map_or(Duration::from_secs(24 * 3600), |t| {
+        t + Duration::from_secs(60)
+    });
     let consumer = context
         .queue
         .subscribe(
             &topic,
             "workers",
-            SubscribeOptions::default().ack_deadline(Duration::from_secs(24 * 3600)),
+            SubscribeOptions::default().ack_deadline(ack_deadline),
         )
         .await?;
-    let supervisor = Supervisor::start(
-        spec,
-        Policy::new(context.health_timeout, context.stop_timeout),
-    );
+    let supervisor = Supervisor::start(spec, Policy::of(service, context.stop_timeout));
     let (worker_stop, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(worker::run(
         WorkerContext {
             service: service.id.clone(),
             control: Arc::clone(&context.control),
             service_state: supervisor.watch(),
-            max_concurrency: DEFAULT_CONCURRENCY,
+            max_concurrency: service
+                .max_concurrency
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(UNLIMITED_CONCURRENCY),
+            timeout: service.timeout,
         },
         consumer,
         stop_rx,

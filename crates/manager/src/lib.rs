@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc};
 mod control;
 mod deployment;
 mod orphans;
+mod prepare;
 mod protocol;
 mod store;
 mod supervisor;
@@ -64,6 +65,13 @@ pub enum Error {
         service: String,
         #[source]
         source: deployd_sources::Error,
+    },
+    /// A service's build command failed.
+    #[error("service `{service}`: build command `{command}` failed: {output}")]
+    Build {
+        service: String,
+        command: String,
+        output: String,
     },
     /// The data directory is used by another deployd.
     #[error("data directory {0} is in use by another deployd")]
@@ -115,19 +123,16 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// The most deployments that may exist at once.
     pub max_deployments: usize,
-    /// How long a service may take to answer `GET /healthz` after it starts.
-    pub health_timeout: Duration,
     /// How long a service may take to exit after SIGTERM before it gets SIGKILL.
     pub stop_timeout: Duration,
 }
 
 impl Options {
-    /// Defaults for a data directory: 10 deployments, 30 s to become healthy, 5 s to stop.
+    /// Defaults for a data directory: 10 deployments, 5 s for a service to stop.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
             max_deployments: 10,
-            health_timeout: Duration::from_secs(30),
             stop_timeout: Duration::from_secs(5),
         }
     }
@@ -155,8 +160,10 @@ pub enum Phase {
     Ready,
     /// Exited or unhealthy; waiting before the next start.
     Restarting,
-    /// Restarted too often; given up on.
+    /// Restarted too often, or ended and not to be restarted after a failure; given up on.
     Failed,
+    /// Ended successfully and not restarted (restart policy `on-failure` or `never`).
+    Exited,
     /// Stopped by deployd.
     Stopped,
 }
@@ -321,6 +328,70 @@ pub struct TaskEvent {
     pub data: Value,
 }
 
+/// A deployment that was deployed, with what the user should know about its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployed {
+    /// Its state.
+    pub status: DeploymentStatus,
+    /// Warnings: keys accepted and ignored, settings not acted on yet.
+    pub warnings: Vec<String>,
+}
+
+/// Parses a deployment file. `${VAR}` takes its value from deployd's environment, except
+/// `DEPLOYD_*` variables: those are deployd's own settings and secrets (its token, its git
+/// credentials), which a deployment file must not be able to copy into a service.
+fn load(text: &str, origin: &str) -> Result<deployd_config::Loaded, Diagnostics> {
+    deployd_config::parse_with(text, origin, &|name| {
+        if name.starts_with("DEPLOYD_") {
+            None
+        } else {
+            std::env::var(name).ok()
+        }
+    })
+}
+
+/// Refuses what cannot run yet and warns about settings that are not acted on yet.
+fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
+    let spec = &loaded.spec;
+    let mut warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    for service in &spec.services {
+        let id = &service.id;
+        if service.command.is_none() {
+            return Err(Error::BadRequest(format!(
+                "service `{id}` has an `import-path` but no `command`; Python workflow services \
+                 are not supported yet: give the service a `command`"
+            )));
+        }
+        if service.replicas > 1 {
+            warnings.push(format!(
+                "services.{id}.replicas: {} replicas are not supported yet; one process runs",
+                service.replicas
+            ));
+        }
+        if !service.python_dependencies.is_empty() {
+            warnings.push(format!(
+                "services.{id}.python-dependencies: not installed yet; install them in a `build` \
+                 command"
+            ));
+        }
+    }
+    if let Some(queue) = &spec.message_queue
+        && !matches!(queue, deployd_config::MessageQueueSpec::Simple)
+    {
+        warnings.push(
+            "message-queue: broker queues are not wired in yet; the embedded queue is used"
+                .to_owned(),
+        );
+    }
+    if spec.state_store.is_some() {
+        warnings.push(
+            "state-store: not supported yet; deployd's SQLite store in its data directory is used"
+                .to_owned(),
+        );
+    }
+    Ok(warnings)
+}
+
 /// The topic of a service's tasks.
 pub fn task_topic(deployment: &str, service: &str) -> String {
     format!("deployd.{deployment}.{service}")
@@ -382,7 +453,7 @@ impl Manager {
     async fn restore(&self) -> Result<(), Error> {
         let _ops = self.inner.ops.lock().await;
         for stored in self.inner.control.store().deployments().await? {
-            let spec = match deployd_config::parse(&stored.spec, &stored.origin) {
+            let spec = match load(&stored.spec, &stored.origin) {
                 Ok(loaded) => loaded.spec,
                 Err(diagnostics) => {
                     tracing::error!(deployment = %stored.name, %diagnostics, "cannot restore deployment");
@@ -460,19 +531,10 @@ impl Manager {
         origin: &str,
         base: &Path,
         reload: bool,
-    ) -> Result<DeploymentStatus, Error> {
-        let spec = deployd_config::parse(text, origin)
-            .map_err(Error::Invalid)?
-            .spec;
-        for service in &spec.services {
-            if service.command.is_none() {
-                return Err(Error::BadRequest(format!(
-                    "service `{}` has an `import-path` but no `command`; Python workflow \
-                     services are not supported yet: give the service a `command`",
-                    service.id
-                )));
-            }
-        }
+    ) -> Result<Deployed, Error> {
+        let loaded = load(text, origin).map_err(Error::Invalid)?;
+        let warnings = unsupported(&loaded)?;
+        let spec = loaded.spec;
         let base = base
             .canonicalize()
             .map_err(|err| Error::io("cannot open the deployment's folder", base, err))?;
@@ -484,7 +546,12 @@ impl Manager {
         let existing = self.read_deployments().get(&name).cloned();
         match &existing {
             Some(_) if !reload => return Err(Error::AlreadyExists(name)),
-            Some(current) if current.is_same(text, &base) => return Ok(current.status()),
+            Some(current) if current.is_same(text, &base) => {
+                return Ok(Deployed {
+                    status: current.status(),
+                    warnings,
+                });
+            }
             None if self.read_deployments().len() >= self.inner.options.max_deployments => {
                 return Err(Error::TooManyDeployments(
                     self.inner.options.max_deployments,
@@ -517,7 +584,7 @@ impl Manager {
             })?;
         let status = deployment.status();
         self.write_deployments().insert(name, deployment);
-        Ok(status)
+        Ok(Deployed { status, warnings })
     }
 
     fn context(
@@ -542,7 +609,6 @@ impl Manager {
             node_id: self.inner.node_id.clone(),
             control: Arc::clone(&self.inner.control),
             queue: Arc::clone(&self.inner.queue),
-            health_timeout: self.inner.options.health_timeout,
             stop_timeout: self.inner.options.stop_timeout,
         }
     }

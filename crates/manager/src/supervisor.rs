@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use deployd_config::Command;
+use deployd_config::{Command, RestartPolicy, ServiceSpec};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Child;
@@ -36,11 +36,16 @@ pub(crate) struct ProcessSpec {
     pub(crate) log: PathBuf,
 }
 
-/// Limits of the supervision.
+/// How a service is supervised: its health probe and its restart policy.
 #[derive(Debug, Clone)]
 pub(crate) struct Policy {
+    /// The path probed with `GET` until it answers 2xx.
+    pub(crate) health_path: String,
     pub(crate) health_timeout: Duration,
     pub(crate) stop_timeout: Duration,
+    pub(crate) restart: RestartPolicy,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
     /// More failures than this within `window` and the service is marked failed.
     pub(crate) max_failures: usize,
     pub(crate) window: Duration,
@@ -49,12 +54,33 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
+    #[cfg(test)]
     pub(crate) fn new(health_timeout: Duration, stop_timeout: Duration) -> Self {
         Self {
+            health_path: "/healthz".to_owned(),
             health_timeout,
             stop_timeout,
+            restart: RestartPolicy::Always,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
             max_failures: 10,
             window: Duration::from_secs(120),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+
+    /// The policy a service's spec asks for.
+    pub(crate) fn of(service: &ServiceSpec, stop_timeout: Duration) -> Self {
+        let restart = &service.restart;
+        Self {
+            health_path: service.health.path.clone(),
+            health_timeout: service.health.timeout,
+            stop_timeout,
+            restart: restart.policy,
+            backoff_initial: restart.backoff_initial,
+            backoff_max: restart.backoff_max.max(restart.backoff_initial),
+            max_failures: usize::try_from(restart.max_restarts).unwrap_or(usize::MAX),
+            window: restart.window,
             reset_after: Duration::from_secs(30),
         }
     }
@@ -133,7 +159,7 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 enum Ended {
     Stopped,
-    Exited(String),
+    Exited { reason: String, success: bool },
     Unhealthy,
 }
 
@@ -143,14 +169,17 @@ async fn supervise(
     state: watch::Sender<ServiceStatus>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = new_backoff();
+    let mut backoff = new_backoff(&policy);
     let mut failures: VecDeque<Instant> = VecDeque::new();
     loop {
         let ended = match spawn(&spec) {
             Ok(child) => run_once(&spec, &policy, &state, &mut stop, child, &mut backoff).await,
-            Err(err) => Ended::Exited(format!("cannot start: {err}")),
+            Err(err) => Ended::Exited {
+                reason: format!("cannot start: {err}"),
+                success: false,
+            },
         };
-        let reason = match ended {
+        let (reason, success) = match ended {
             Ended::Stopped => {
                 state.send_modify(|s| {
                     s.phase = Phase::Stopped;
@@ -158,13 +187,35 @@ async fn supervise(
                 });
                 return;
             }
-            Ended::Exited(reason) => reason,
-            Ended::Unhealthy => format!(
-                "did not answer GET /healthz within {:?}",
-                policy.health_timeout
+            Ended::Exited { reason, success } => (reason, success),
+            Ended::Unhealthy => (
+                format!(
+                    "did not answer GET {} within {:?}",
+                    policy.health_path, policy.health_timeout
+                ),
+                false,
             ),
         };
         tracing::warn!(service = %spec.service, reason = %reason, "service process ended");
+        let restart = match policy.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !success,
+            _ => true,
+        };
+        if !restart {
+            state.send_modify(|s| {
+                s.phase = if success {
+                    Phase::Exited
+                } else {
+                    Phase::Failed
+                };
+                s.pid = None;
+                s.last_exit = Some(reason);
+            });
+            stopped(&mut stop).await;
+            state.send_modify(|s| s.phase = Phase::Stopped);
+            return;
+        }
         let now = Instant::now();
         failures.push_back(now);
         while failures
@@ -201,10 +252,10 @@ async fn supervise(
     }
 }
 
-fn new_backoff() -> ExponentialBackoff {
+fn new_backoff(policy: &Policy) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(30))
+        .with_min_delay(policy.backoff_initial)
+        .with_max_delay(policy.backoff_max)
         .with_jitter()
         .without_max_times()
         .build()
@@ -225,7 +276,7 @@ async fn run_once(
     });
     tracing::info!(service = %spec.service, pid = ?pid, port = spec.port, "service process started");
 
-    let probe = wait_healthy(spec.port, policy.health_timeout);
+    let probe = wait_healthy(spec.port, &policy.health_path, policy.health_timeout);
     let healthy = tokio::select! {
         status = child.wait() => return exited(status, pid),
         healthy = probe => healthy,
@@ -249,7 +300,7 @@ async fn run_once(
         }
     };
     if ready_at.elapsed() >= policy.reset_after {
-        *backoff = new_backoff();
+        *backoff = new_backoff(policy);
     }
     exited(status, pid)
 }
@@ -257,10 +308,16 @@ async fn run_once(
 fn exited(status: std::io::Result<std::process::ExitStatus>, pid: Option<u32>) -> Ended {
     // Whatever the leader left in its group goes with it.
     signal_group(pid, Signal::SIGKILL);
-    Ended::Exited(match status {
-        Ok(status) => describe(status),
-        Err(err) => format!("cannot wait for the process: {err}"),
-    })
+    match status {
+        Ok(status) => Ended::Exited {
+            reason: describe(status),
+            success: status.success(),
+        },
+        Err(err) => Ended::Exited {
+            reason: format!("cannot wait for the process: {err}"),
+            success: false,
+        },
+    }
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
@@ -342,9 +399,9 @@ fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
     command.spawn()
 }
 
-/// Polls `GET /healthz` until it answers 200 or `timeout` passes.
-async fn wait_healthy(port: u16, timeout: Duration) -> bool {
-    let url = format!("http://127.0.0.1:{port}/healthz");
+/// Polls `GET path` until it answers 2xx or `timeout` passes.
+async fn wait_healthy(port: u16, path: &str, timeout: Duration) -> bool {
+    let url = format!("http://127.0.0.1:{port}{path}");
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .no_proxy()
@@ -395,11 +452,12 @@ mod tests {
         check: impl Fn(&ServiceStatus) -> bool,
     ) -> ServiceStatus {
         let mut state = supervisor.watch();
-        let status = tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| check(s)))
+        let seen = tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| check(s)))
             .await
             .expect("timed out")
-            .expect("supervisor gone")
-            .clone();
+            .expect("supervisor gone");
+        let status = seen.clone();
+        drop(seen);
         status
     }
 

@@ -23,6 +23,8 @@ pub(crate) struct WorkerContext {
     pub(crate) control: Arc<Control>,
     pub(crate) service_state: watch::Receiver<ServiceStatus>,
     pub(crate) max_concurrency: usize,
+    /// How long one task may run.
+    pub(crate) timeout: Option<Duration>,
 }
 
 /// Runs until `stop` turns true; then drops what it holds, which the queue redelivers.
@@ -115,7 +117,16 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
         input: &task.input,
         state: state.as_ref(),
     };
-    let called = protocol::call(client, port, &request, |data| control.event(&task.id, data)).await;
+    let call = protocol::call(client, port, &request, |data| control.event(&task.id, data));
+    let called = match context.timeout {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(called) => called,
+            Err(_) => Ok(Outcome::Error(format!(
+                "the task timed out after {limit:?}"
+            ))),
+        },
+        None => call.await,
+    };
     let (outcome, state) = match called {
         Ok(Outcome::Result { data, state }) => (Ok(data), state),
         Ok(Outcome::Error(message)) => (Err(message), None),

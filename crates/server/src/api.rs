@@ -171,8 +171,12 @@ async fn create_deployment(
         _ => std::env::current_dir()
             .map_err(|err| ApiError::bad_request(format!("no base_path given: {err}")))?,
     };
-    let status = manager.deploy(&text, &origin, &base, params.reload).await?;
-    Ok((StatusCode::OK, Json(json!({ "name": status.name }))).into_response())
+    let deployed = manager.deploy(&text, &origin, &base, params.reload).await?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "name": deployed.status.name, "warnings": deployed.warnings })),
+    )
+        .into_response())
 }
 
 async fn read_multipart(request: Request) -> ApiResult<(String, String)> {

@@ -81,8 +81,9 @@ impl Client {
         self.send(self.http.get(self.url("/status/"))).await
     }
 
-    /// Deploys the file at `path`; its folder is the base of its local sources.
-    pub async fn deploy(&self, path: &Path, reload: bool) -> Result<String, Error> {
+    /// Deploys the file at `path`; its folder is the base of its local sources. Returns the
+    /// deployment's name and the server's warnings about the file.
+    pub async fn deploy(&self, path: &Path, reload: bool) -> Result<(String, Vec<String>), Error> {
         let file_error = |source| Error::File {
             path: path.display().to_string(),
             source,
@@ -112,7 +113,18 @@ impl Client {
                     .multipart(form),
             )
             .await?;
-        Ok(answer["name"].as_str().unwrap_or_default().to_owned())
+        let warnings = answer["warnings"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .filter_map(|w| w.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((
+            answer["name"].as_str().unwrap_or_default().to_owned(),
+            warnings,
+        ))
     }
 
     /// `GET /deployments/{name}`.

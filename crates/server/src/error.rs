@@ -39,9 +39,10 @@ impl From<Error> for ApiError {
                 StatusCode::CONFLICT
             }
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Invalid(_) | Error::BadRequest(_) | Error::Source { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Error::Invalid(_)
+            | Error::BadRequest(_)
+            | Error::Source { .. }
+            | Error::Build { .. } => StatusCode::BAD_REQUEST,
             Error::ShuttingDown | Error::Queue(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
