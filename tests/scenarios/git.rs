@@ -27,24 +27,18 @@ fn git(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A repository holding the test service, with tag `v1` and tag `v2` whose `VERSION` differ.
+/// A repository holding the test service, with tags `v1` and `v2` whose `RESULT_PREFIX` (which
+/// the service puts before every result) differ.
 fn repository(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     git(dir, &["init", "-q"]);
-    let service =
-        std::fs::read_to_string(workspace().join("tests/fixtures/services/echo.py")).unwrap();
-    // The result names the version: `<VERSION file>: <message>` instead of `<service>: ...`.
-    let service = service.replace(
-        "f\"{os.environ['DEPLOYD_SERVICE']}: {message}\"",
-        "f\"{open('VERSION').read().strip()}: {message}\"",
-    );
-    assert!(
-        service.contains("open('VERSION')"),
-        "the fixture changed shape"
-    );
-    std::fs::write(dir.join("echo.py"), service).unwrap();
+    std::fs::copy(
+        workspace().join("tests/fixtures/services/echo.py"),
+        dir.join("echo.py"),
+    )
+    .unwrap();
     for version in ["v1", "v2"] {
-        std::fs::write(dir.join("VERSION"), version).unwrap();
+        std::fs::write(dir.join("RESULT_PREFIX"), format!("{version} ")).unwrap();
         git(dir, &["add", "."]);
         git(dir, &["commit", "-q", "-m", version]);
         git(dir, &["tag", "-a", version, "-m", version]);
@@ -70,13 +64,13 @@ fn a_git_service_deploys_at_a_tag_and_reloads_at_another() {
 
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
     let out = success(&server.cli(&["run", "-d", "gitsvc", "-a", "message", "hello"]));
-    assert_eq!(out, "v1: hello\n");
+    assert_eq!(out, "v1 svc: hello\n");
 
     project.write("gitsvc.yaml", &deployment("v2"));
     success(&server.cli(&["deploy", "--reload", file.to_str().unwrap()]));
     server.wait_ready("gitsvc");
     let out = success(&server.cli(&["run", "-d", "gitsvc", "-a", "message", "hello"]));
-    assert_eq!(out, "v2: hello\n");
+    assert_eq!(out, "v2 svc: hello\n");
 
     // A ref that does not exist is a clear error naming the nearest refs, and the running
     // deployment is not replaced.
@@ -94,5 +88,5 @@ fn a_git_service_deploys_at_a_tag_and_reloads_at_another() {
             out.status.success().then_some(out)
         },
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "v2: still\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "v2 svc: still\n");
 }
