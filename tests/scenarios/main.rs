@@ -1,5 +1,6 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
 mod git;
+mod pipeline;
 mod settings;
 mod skeleton;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use deployd_manager::{Manager, Options, Phase};
+use deployd_manager::{Manager, Options};
 use deployd_server::client::Client;
 use serde_json::Value;
 
@@ -214,26 +214,73 @@ fn task_input(input: Option<&str>, args: &[String]) -> anyhow::Result<Value> {
     Ok(Value::Object(object))
 }
 
-/// Waits until every service of the deployment is ready, or one has failed.
+/// The stages of a deploy, in order.
+const STAGES: [&str; 5] = ["sync", "prepare", "launch", "ready", "switch"];
+
+/// Follows a deploy until it ends, with a progress bar per service; fails naming the stage and
+/// the error of every service that failed.
 async fn wait_ready(client: &Client, name: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>16} [{bar:25}] {msg}")
+        .map(|style| style.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let mut service_bars: Vec<(String, indicatif::ProgressBar)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
     loop {
         let status = client.deployment(name).await?;
-        if let Some(failed) = status.services.iter().find(|s| s.phase == Phase::Failed) {
-            bail!(
-                "service `{}` failed: {}",
-                failed.id,
-                failed.last_exit.as_deref().unwrap_or("unknown reason")
-            );
+        for service in &status.services {
+            let bar = match service_bars.iter().find(|(id, _)| *id == service.id) {
+                Some((_, bar)) => bar.clone(),
+                None => {
+                    let bar = bars.add(indicatif::ProgressBar::new(STAGES.len() as u64));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(service.id.clone());
+                    service_bars.push((service.id.clone(), bar.clone()));
+                    bar
+                }
+            };
+            if let Some(stage) = &service.stage {
+                let index = STAGES.iter().position(|s| *s == stage.stage).unwrap_or(0);
+                let passed = if stage.state == "done" {
+                    index + 1
+                } else {
+                    index
+                };
+                bar.set_position(passed as u64);
+                bar.set_message(format!("{} {}", stage.stage, stage.state));
+            }
         }
-        if status.services.iter().all(|s| s.phase == Phase::Ready) {
+        if !status.deploying {
+            for (_, bar) in &service_bars {
+                bar.finish();
+            }
+            let failed: Vec<String> = status
+                .services
+                .iter()
+                .filter_map(|service| {
+                    let stage = service.stage.as_ref()?;
+                    (stage.state == "failed").then(|| {
+                        format!(
+                            "service `{}` failed in stage {}: {}",
+                            service.id,
+                            stage.stage,
+                            stage.error.as_deref().unwrap_or("unknown error")
+                        )
+                    })
+                })
+                .collect();
+            if !failed.is_empty() {
+                bail!("{}", failed.join("\n"));
+            }
             for service in &status.services {
                 println!("  {} ready on port {}", service.id, service.port);
             }
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("services of `{name}` are not ready after 120 s; see `deployd status {name}`");
+            bail!(
+                "the deploy of `{name}` has not ended after 30 minutes; see `deployd status {name}`"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

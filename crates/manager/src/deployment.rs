@@ -1,14 +1,22 @@
-//! One running deployment: for each service a synced source, a supervised process and a
-//! worker.
+//! One deployment: for each service a slot holding its running instance, and the deploy
+//! pipeline that brings new instances in.
+//!
+//! A deploy runs one item per service through the pipeline sync → prepare → launch → ready →
+//! switch (`deployd-pipeline`). `sync` is fail-fast: if any source cannot be synced, the deploy
+//! fails and nothing is switched. After it, a service's failure (a build that fails, a process
+//! that never gets healthy) fails that service only: the others still deploy, and the failed
+//! one keeps its previous instance, if it had one. `switch` starts the new instance's worker
+//! and then stops the previous instance, so a reload routes tasks to the old instance until the
+//! new one is ready.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deployd_config::SourceKind;
-use deployd_config::{DeploymentSpec, ServiceSpec};
-use deployd_queue::{MessageQueue, SubscribeOptions};
+use deployd_config::{DeploymentSpec, ServiceSpec, SourceKind};
+use deployd_pipeline::{Concurrency, ItemState, Pipeline, Progress};
+use deployd_queue::{Consumer, MessageQueue, SubscribeOptions};
 use deployd_sources::{GitSource, LocalSource, SourceManager, SyncPolicy, SyncRequest};
 use tokio::sync::watch;
 
@@ -17,12 +25,20 @@ use crate::orphans::NODE_VAR;
 use crate::prepare::{self, BuildMarks};
 use crate::supervisor::{self, Policy, ProcessSpec, Supervisor};
 use crate::worker::{self, WorkerContext};
-use crate::{DeploymentStatus, Error, task_topic};
+use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus, task_topic};
 
 /// Tasks a service is handed at once when its `max-concurrency` is not set.
 const UNLIMITED_CONCURRENCY: usize = 4096;
 
-/// Everything a deployment needs to start.
+/// How many services each stage works on at once. Every stage passes services on in the order
+/// they finish, so a slow build holds back no other service.
+const SYNC_CONCURRENCY: usize = 4;
+const PREPARE_CONCURRENCY: usize = 2;
+const LAUNCH_CONCURRENCY: usize = 4;
+const READY_CONCURRENCY: usize = 16;
+const SWITCH_CONCURRENCY: usize = 1;
+
+/// Everything a deploy needs.
 pub(crate) struct Context {
     pub(crate) spec: DeploymentSpec,
     /// The deployment file's text, as deployed.
@@ -39,57 +55,277 @@ pub(crate) struct Context {
     pub(crate) stop_timeout: Duration,
 }
 
-struct RunningService {
+/// A service's instance that takes tasks: its process and its worker.
+struct Instance {
     supervisor: Supervisor,
     worker_stop: watch::Sender<bool>,
     worker: tokio::task::JoinHandle<()>,
 }
 
+impl Instance {
+    /// Stops taking tasks, then stops the process.
+    async fn stop(&self) {
+        let _ = self.worker_stop.send(true);
+        self.supervisor.stop().await;
+        self.worker.abort();
+    }
+}
+
 /// Orders deployments by start, so that they stop in reverse.
 static STARTS: AtomicU64 = AtomicU64::new(0);
 
-pub(crate) struct Deployment {
-    started: u64,
+struct State {
     spec: DeploymentSpec,
     text: String,
     base: PathBuf,
+    /// Running instances by service id, in the order they were switched in.
+    instances: Vec<(String, Arc<Instance>)>,
+    /// The progress of the latest deploy.
+    progress: Option<Progress>,
+    /// Whether a deploy is under way.
+    deploying: bool,
+    /// The latest deploy's task.
+    pipeline: Option<tokio::task::JoinHandle<()>>,
+    stopped: bool,
+}
+
+pub(crate) struct Deployment {
+    started: u64,
+    name: String,
     dir: PathBuf,
-    services: Vec<RunningService>,
-    stopped: tokio::sync::Mutex<bool>,
+    state: Mutex<State>,
+}
+
+/// One service going through the pipeline.
+struct Item {
+    service: ServiceSpec,
+    workdir: PathBuf,
+    consumer: Option<Box<dyn Consumer>>,
+    env: Vec<(String, String)>,
+    port: u16,
+    supervisor: Option<Supervisor>,
 }
 
 impl Deployment {
-    pub(crate) async fn start(context: Context) -> Result<Self, Error> {
-        let dirs = ["src", "logs", "data"].map(|d| context.dir.join(d));
-        for dir in &dirs {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|err| Error::io("cannot create", dir, err))?;
-        }
-        let [_, log_dir, data_dir] = dirs;
-
-        // Sync every source before starting anything, so a bad source starts nothing.
-        let workdirs = sync_sources(&context).await?;
-
-        let mut deployment = Self {
+    /// A deployment with no instance yet; [`Deployment::deploy`] brings them in.
+    pub(crate) fn new(context: &Context) -> Arc<Self> {
+        Arc::new(Self {
             started: STARTS.fetch_add(1, Ordering::Relaxed),
-            spec: context.spec.clone(),
-            text: context.text.clone(),
-            base: context.base.clone(),
+            name: context.spec.name.clone(),
             dir: context.dir.clone(),
-            services: Vec::with_capacity(workdirs.len()),
-            stopped: tokio::sync::Mutex::new(false),
+            state: Mutex::new(State {
+                spec: context.spec.clone(),
+                text: context.text.clone(),
+                base: context.base.clone(),
+                instances: Vec::new(),
+                progress: None,
+                deploying: false,
+                pipeline: None,
+                stopped: false,
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs the deploy pipeline for `context` (a new spec, or the same one on restore).
+    ///
+    /// Returns once every service's source is synced and its task topic subscribed (so tasks
+    /// can be created for every service of the new spec); the rest of the pipeline goes on in
+    /// the background, visible in [`Deployment::status`]. A sync that fails fails the deploy
+    /// and changes nothing that runs.
+    pub(crate) async fn deploy(self: &Arc<Self>, context: Context) -> Result<(), Error> {
+        for dir in ["src", "logs", "data"].map(|d| context.dir.join(d)) {
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|err| Error::io("cannot create", &dir, err))?;
+        }
+        let context = Arc::new(context);
+        let total = context.spec.services.len();
+        let (synced_tx, mut synced) = watch::channel(0usize);
+        let items: Vec<Item> = context
+            .spec
+            .services
+            .iter()
+            .map(|service| Item {
+                workdir: context.dir.join("src").join(&service.id),
+                service: service.clone(),
+                consumer: None,
+                env: Vec::new(),
+                port: 0,
+                supervisor: None,
+            })
+            .collect();
+
+        let pipeline = {
+            let sync_context = Arc::clone(&context);
+            let prepare_context = Arc::clone(&context);
+            let launch_context = Arc::clone(&context);
+            let switch_context = Arc::clone(&context);
+            let deployment = Arc::clone(self);
+            Pipeline::from_iter(items)
+                .track(|item: &Item| item.service.id.clone())
+                .stage(
+                    "sync",
+                    Concurrency::unordered(SYNC_CONCURRENCY),
+                    move |item| {
+                        let context = Arc::clone(&sync_context);
+                        let synced = synced_tx.clone();
+                        async move {
+                            let item = sync_stage(&context, item).await?;
+                            synced.send_modify(|n| *n += 1);
+                            Ok::<_, Error>(item)
+                        }
+                    },
+                )
+                .try_stage(
+                    "prepare",
+                    Concurrency::unordered(PREPARE_CONCURRENCY),
+                    move |item| prepare_stage(Arc::clone(&prepare_context), item),
+                )
+                .and_then(
+                    "launch",
+                    Concurrency::unordered(LAUNCH_CONCURRENCY),
+                    move |item| launch_stage(Arc::clone(&launch_context), item),
+                )
+                .and_then(
+                    "ready",
+                    Concurrency::unordered(READY_CONCURRENCY),
+                    ready_stage,
+                )
+                .and_then(
+                    "switch",
+                    Concurrency::unordered(SWITCH_CONCURRENCY),
+                    move |item| {
+                        let context = Arc::clone(&switch_context);
+                        let deployment = Arc::clone(&deployment);
+                        async move { deployment.switch(&context, item).await }
+                    },
+                )
         };
-        for (service, workdir) in context.spec.services.iter().zip(workdirs) {
-            match start_service(&context, service, workdir, &log_dir, &data_dir).await {
-                Ok(running) => deployment.services.push(running),
-                Err(err) => {
-                    deployment.stop().await;
-                    return Err(err);
+        {
+            let mut state = self.state();
+            if state.stopped {
+                return Err(Error::ShuttingDown);
+            }
+            if let Some(previous) = state.pipeline.take() {
+                previous.abort();
+            }
+            state.progress = Some(pipeline.progress());
+            state.deploying = true;
+        }
+        let deployment = Arc::clone(self);
+        let new_spec = context.spec.clone();
+        let mut run = tokio::spawn(async move {
+            let outcome = pipeline.collect().await;
+            deployment.finish(&new_spec, outcome.is_ok()).await;
+            outcome
+        });
+
+        let all_synced = tokio::select! {
+            all = synced.wait_for(|n| *n == total) => all.is_ok(),
+            _ = &mut run => false,
+        };
+        if all_synced {
+            let mut state = self.state();
+            state.spec = context.spec.clone();
+            state.text = context.text.clone();
+            state.base = context.base.clone();
+            state.pipeline = Some(tokio::spawn(async move {
+                let _ = run.await;
+            }));
+            return Ok(());
+        }
+        // The pipeline ended before every source was synced: its error says why.
+        match run.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(pipeline_error(err)),
+            Err(join) => Err(Error::BadRequest(format!(
+                "the deploy was interrupted: {join}"
+            ))),
+        }
+    }
+
+    /// Brings a new instance in and stops the one it replaces.
+    async fn switch(&self, context: &Context, mut item: Item) -> Result<(), Error> {
+        let (Some(supervisor), Some(consumer)) = (item.supervisor.take(), item.consumer.take())
+        else {
+            return Err(Error::BadRequest(format!(
+                "service `{}` reached switch without a process",
+                item.service.id
+            )));
+        };
+        let (worker_stop, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(worker::run(
+            WorkerContext {
+                service: item.service.id.clone(),
+                control: Arc::clone(&context.control),
+                service_state: supervisor.watch(),
+                max_concurrency: item
+                    .service
+                    .max_concurrency
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(UNLIMITED_CONCURRENCY),
+                timeout: item.service.timeout,
+            },
+            consumer,
+            stop_rx,
+        ));
+        let instance = Arc::new(Instance {
+            supervisor,
+            worker_stop,
+            worker,
+        });
+        // `Err(instance)`: the deployment was stopped meanwhile; the new instance goes too.
+        let switched = {
+            let mut state = self.state();
+            if state.stopped {
+                Err(instance)
+            } else {
+                let previous = state
+                    .instances
+                    .iter()
+                    .position(|(id, _)| *id == item.service.id)
+                    .map(|index| state.instances.remove(index).1);
+                state.instances.push((item.service.id.clone(), instance));
+                Ok(previous)
+            }
+        };
+        match switched {
+            Ok(previous) => {
+                if let Some(previous) = previous {
+                    previous.stop().await;
                 }
+                Ok(())
+            }
+            Err(instance) => {
+                instance.stop().await;
+                Err(Error::ShuttingDown)
             }
         }
-        Ok(deployment)
+    }
+
+    /// After a deploy: instances of services the spec no longer has are stopped.
+    async fn finish(&self, spec: &DeploymentSpec, completed: bool) {
+        let removed: Vec<Arc<Instance>> = {
+            let mut state = self.state();
+            state.deploying = false;
+            if !completed {
+                return;
+            }
+            let (keep, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut state.instances)
+                .into_iter()
+                .partition(|(id, _)| spec.service(id).is_some());
+            state.instances = keep;
+            removed.into_iter().map(|(_, instance)| instance).collect()
+        };
+        for instance in removed {
+            instance.stop().await;
+        }
     }
 
     /// The order in which this deployment started among all.
@@ -97,13 +333,14 @@ impl Deployment {
         self.started
     }
 
-    pub(crate) fn spec(&self) -> &DeploymentSpec {
-        &self.spec
+    pub(crate) fn spec(&self) -> DeploymentSpec {
+        self.state().spec.clone()
     }
 
     /// Whether deploying `text` from `base` would change nothing.
     pub(crate) fn is_same(&self, text: &str, base: &Path) -> bool {
-        self.text == text && self.base == base
+        let state = self.state();
+        state.text == text && state.base == base
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -111,50 +348,222 @@ impl Deployment {
     }
 
     pub(crate) fn status(&self) -> DeploymentStatus {
+        let state = self.state();
+        let snapshot = state.progress.as_ref().map(Progress::snapshot);
+        let services = state
+            .spec
+            .services
+            .iter()
+            .map(|service| {
+                let stage = snapshot
+                    .as_ref()
+                    .and_then(|s| s.item(&service.id))
+                    .map(|item| StageStatus {
+                        stage: item.stage.clone(),
+                        state: match &item.state {
+                            ItemState::Waiting => "waiting",
+                            ItemState::Running => "running",
+                            ItemState::Done => "done",
+                            ItemState::Failed { .. } => "failed",
+                            _ => "unknown",
+                        }
+                        .to_owned(),
+                        error: match &item.state {
+                            ItemState::Failed { error } => Some(error.clone()),
+                            _ => None,
+                        },
+                    });
+                let instance = state.instances.iter().find(|(id, _)| *id == service.id);
+                let mut status = match instance {
+                    Some((_, instance)) => instance.supervisor.status(),
+                    None => ServiceStatus {
+                        id: service.id.clone(),
+                        phase: Phase::Pending,
+                        pid: None,
+                        port: 0,
+                        restarts: 0,
+                        last_exit: None,
+                        stage: None,
+                    },
+                };
+                if instance.is_none()
+                    && let Some(StageStatus {
+                        error: Some(error), ..
+                    }) = &stage
+                {
+                    status.phase = Phase::Failed;
+                    status.last_exit = Some(error.clone());
+                }
+                status.stage = stage;
+                status
+            })
+            .collect();
         DeploymentStatus {
-            name: self.spec.name.clone(),
-            default_service: self.spec.default_service.clone(),
-            services: self
-                .services
-                .iter()
-                .map(|s| s.supervisor.status())
-                .collect(),
+            name: self.name.clone(),
+            default_service: state.spec.default_service.clone(),
+            deploying: state.deploying,
+            services,
         }
     }
 
-    /// Stops the workers, then the processes, in reverse order of start. Idempotent.
+    /// Stops the deploy under way, then every instance, in reverse order of start. Idempotent.
     pub(crate) async fn stop(&self) {
-        let mut stopped = self.stopped.lock().await;
-        if *stopped {
-            return;
-        }
-        *stopped = true;
-        for service in &self.services {
-            let _ = service.worker_stop.send(true);
-        }
+        let instances = {
+            let mut state = self.state();
+            state.stopped = true;
+            if let Some(pipeline) = state.pipeline.take() {
+                pipeline.abort();
+            }
+            std::mem::take(&mut state.instances)
+        };
         // Signalled in reverse order of start, waited for together: one stop timeout bounds
         // the whole deployment's stop.
-        futures::future::join_all(self.services.iter().rev().map(|s| s.supervisor.stop())).await;
-        for service in &self.services {
-            service.worker.abort();
-        }
+        futures::future::join_all(instances.iter().rev().map(|(_, i)| i.stop())).await;
     }
 }
 
-/// Syncs every service's source (or, when `context.sync` is false, keeps what is there) and
-/// returns their folders. A failed sync leaves every tree as it was.
-pub(crate) async fn sync_sources(context: &Context) -> Result<Vec<PathBuf>, Error> {
-    let src_dir = context.dir.join("src");
-    tokio::fs::create_dir_all(&src_dir)
-        .await
-        .map_err(|err| Error::io("cannot create", &src_dir, err))?;
-    let mut workdirs = Vec::with_capacity(context.spec.services.len());
-    for service in &context.spec.services {
-        let workdir = src_dir.join(&service.id);
-        sync_source(context, service, &workdir).await?;
-        workdirs.push(workdir);
+/// The error a failed pipeline carries: the Manager's own when a stage returned one.
+fn pipeline_error(err: deployd_pipeline::Error) -> Error {
+    match err {
+        deployd_pipeline::Error::Stage { stage, source } => match source.downcast::<Error>() {
+            Ok(err) => *err,
+            Err(other) => Error::BadRequest(format!("stage `{stage}` failed: {other}")),
+        },
+        other => Error::BadRequest(other.to_string()),
     }
-    Ok(workdirs)
+}
+
+async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
+    sync_source(context, &item.service, &item.workdir).await?;
+    let ack_deadline = item
+        .service
+        .timeout
+        .map_or(Duration::from_secs(24 * 3600), |t| {
+            t + Duration::from_secs(60)
+        });
+    let topic = task_topic(&context.spec.name, &item.service.id);
+    item.consumer = Some(
+        context
+            .queue
+            .subscribe(
+                &topic,
+                "workers",
+                SubscribeOptions::default().ack_deadline(ack_deadline),
+            )
+            .await?,
+    );
+    Ok(item)
+}
+
+async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Error> {
+    let service = &item.service;
+    let data = context.dir.join("data").join(&service.id);
+    tokio::fs::create_dir_all(&data)
+        .await
+        .map_err(|err| Error::io("cannot create", &data, err))?;
+    let port = match service.port {
+        Some(port) => port,
+        None => free_port().map_err(|err| Error::io("cannot allocate a port", &data, err))?,
+    };
+    // Later entries win: defaults, `env`, `env-files`, then what deployd sets.
+    let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];
+    env.extend(service.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(prepare::env_files(&context.base, &service.env_files)?);
+    env.extend([
+        ("PORT".into(), port.to_string()),
+        ("HOST".into(), "127.0.0.1".into()),
+        ("DEPLOYD_DEPLOYMENT".into(), context.spec.name.clone()),
+        ("DEPLOYD_SERVICE".into(), service.id.clone()),
+        (
+            "DEPLOYD_DATA_DIR".into(),
+            data.to_string_lossy().into_owned(),
+        ),
+        (NODE_VAR.into(), context.node_id.clone()),
+    ]);
+    let env = supervisor::process_env(env);
+    let marks = BuildMarks::new(&context.dir, &service.id);
+    let built = prepare::build(prepare::Build {
+        service,
+        workdir: &item.workdir,
+        env: &env,
+        log: &context
+            .dir
+            .join("logs")
+            .join(format!("{}.build.log", service.id)),
+        marks: &marks,
+    })
+    .await?;
+    if built {
+        tracing::info!(service = %service.id, "build finished");
+    }
+    item.env = env;
+    item.port = port;
+    Ok(item)
+}
+
+async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Error> {
+    let Some(command) = item.service.command.clone() else {
+        return Err(Error::BadRequest(format!(
+            "service `{}` has no `command`",
+            item.service.id
+        )));
+    };
+    let spec = ProcessSpec {
+        service: item.service.id.clone(),
+        command,
+        workdir: item.workdir.clone(),
+        env: std::mem::take(&mut item.env),
+        port: item.port,
+        log: context
+            .dir
+            .join("logs")
+            .join(format!("{}.log", item.service.id)),
+    };
+    item.supervisor = Some(Supervisor::start(
+        spec,
+        Policy::of(&item.service, context.stop_timeout),
+    ));
+    Ok(item)
+}
+
+/// Waits until the new instance is healthy; a service that fails or never gets healthy fails
+/// here and its process is stopped.
+async fn ready_stage(mut item: Item) -> Result<Item, Error> {
+    let Some(supervisor) = item.supervisor.as_ref() else {
+        return Err(Error::BadRequest(format!(
+            "service `{}` has no process",
+            item.service.id
+        )));
+    };
+    let mut state = supervisor.watch();
+    // Enough for the health timeout and a few restarts in between.
+    let limit = item.service.health.timeout * 3 + Duration::from_secs(10);
+    let reached = tokio::time::timeout(
+        limit,
+        state.wait_for(|s| matches!(s.phase, Phase::Ready | Phase::Failed | Phase::Exited)),
+    )
+    .await
+    .map(|seen| seen.map(|status| status.clone()));
+    let outcome = match reached {
+        Ok(Ok(status)) if status.phase == Phase::Ready => Ok(()),
+        Ok(Ok(status)) => Err(status
+            .last_exit
+            .unwrap_or_else(|| "the process ended".to_owned())),
+        Ok(Err(_)) => Err("the supervisor ended".to_owned()),
+        Err(_) => Err(format!("not ready after {limit:?}")),
+    };
+    match outcome {
+        Ok(()) => Ok(item),
+        Err(reason) => {
+            if let Some(supervisor) = item.supervisor.take() {
+                supervisor.stop().await;
+            }
+            Err(Error::NotReady {
+                service: item.service.id.clone(),
+                reason,
+            })
+        }
+    }
 }
 
 async fn sync_source(
@@ -205,101 +614,6 @@ fn sync_policy(policy: deployd_config::SyncPolicy) -> SyncPolicy {
         deployd_config::SyncPolicy::Fail => SyncPolicy::Fail,
         _ => SyncPolicy::Replace,
     }
-}
-
-async fn start_service(
-    context: &Context,
-    service: &ServiceSpec,
-    workdir: PathBuf,
-    log_dir: &Path,
-    data_dir: &Path,
-) -> Result<RunningService, Error> {
-    let Some(command) = service.command.clone() else {
-        return Err(Error::BadRequest(format!(
-            "service `{}` has no `command`",
-            service.id
-        )));
-    };
-    let service_data = data_dir.join(&service.id);
-    tokio::fs::create_dir_all(&service_data)
-        .await
-        .map_err(|err| Error::io("cannot create", &service_data, err))?;
-    let port = match service.port {
-        Some(port) => port,
-        None => free_port()
-            .map_err(|err| Error::io("cannot allocate a port", workdir.as_path(), err))?,
-    };
-    // Later entries win: defaults, `env`, `env-files`, then what deployd sets.
-    let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];
-    env.extend(service.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.extend(prepare::env_files(&context.base, &service.env_files)?);
-    env.extend([
-        ("PORT".into(), port.to_string()),
-        ("HOST".into(), "127.0.0.1".into()),
-        ("DEPLOYD_DEPLOYMENT".into(), context.spec.name.clone()),
-        ("DEPLOYD_SERVICE".into(), service.id.clone()),
-        (
-            "DEPLOYD_DATA_DIR".into(),
-            service_data.to_string_lossy().into_owned(),
-        ),
-        (NODE_VAR.into(), context.node_id.clone()),
-    ]);
-    let env = supervisor::process_env(env);
-
-    let marks = BuildMarks::new(&context.dir, &service.id);
-    let built = prepare::build(prepare::Build {
-        service,
-        workdir: &workdir,
-        env: &env,
-        log: &log_dir.join(format!("{}.build.log", service.id)),
-        marks: &marks,
-    })
-    .await?;
-    if built {
-        tracing::info!(service = %service.id, "build finished");
-    }
-
-    let spec = ProcessSpec {
-        service: service.id.clone(),
-        command,
-        workdir,
-        env,
-        port,
-        log: log_dir.join(format!("{}.log", service.id)),
-    };
-    let topic = task_topic(&context.spec.name, &service.id);
-    let ack_deadline = service.timeout.map_or(Duration::from_secs(24 * 3600), |t| {
-        t + Duration::from_secs(60)
-    });
-    let consumer = context
-        .queue
-        .subscribe(
-            &topic,
-            "workers",
-            SubscribeOptions::default().ack_deadline(ack_deadline),
-        )
-        .await?;
-    let supervisor = Supervisor::start(spec, Policy::of(service, context.stop_timeout));
-    let (worker_stop, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(worker::run(
-        WorkerContext {
-            service: service.id.clone(),
-            control: Arc::clone(&context.control),
-            service_state: supervisor.watch(),
-            max_concurrency: service
-                .max_concurrency
-                .and_then(|n| usize::try_from(n).ok())
-                .unwrap_or(UNLIMITED_CONCURRENCY),
-            timeout: service.timeout,
-        },
-        consumer,
-        stop_rx,
-    ));
-    Ok(RunningService {
-        supervisor,
-        worker_stop,
-        worker,
-    })
 }
 
 /// A port free on 127.0.0.1 right now.

@@ -66,6 +66,9 @@ pub enum Error {
         #[source]
         source: deployd_sources::Error,
     },
+    /// A service did not become ready.
+    #[error("service `{service}` is not ready: {reason}")]
+    NotReady { service: String, reason: String },
     /// A service's build command failed.
     #[error("service `{service}`: build command `{command}` failed: {output}")]
     Build {
@@ -166,6 +169,8 @@ pub enum Phase {
     Exited,
     /// Stopped by deployd.
     Stopped,
+    /// Not started yet: its deploy is under way.
+    Pending,
 }
 
 /// The state of one service of a deployment.
@@ -183,6 +188,20 @@ pub struct ServiceStatus {
     pub restarts: u32,
     /// Why its last process ended, if one did.
     pub last_exit: Option<String>,
+    /// Where the service is in its latest deploy.
+    #[serde(default)]
+    pub stage: Option<StageStatus>,
+}
+
+/// Where a service is in the deploy pipeline (sync → prepare → launch → ready → switch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageStatus {
+    /// The stage it is in, waits for, failed in, or (when done) went through last.
+    pub stage: String,
+    /// `waiting`, `running`, `done` or `failed`.
+    pub state: String,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
 }
 
 /// The state of a deployment.
@@ -192,6 +211,9 @@ pub struct DeploymentStatus {
     pub name: String,
     /// The service that takes tasks naming none.
     pub default_service: String,
+    /// Whether a deploy of it is under way.
+    #[serde(default)]
+    pub deploying: bool,
     /// Its services, in the order of the file.
     pub services: Vec<ServiceStatus>,
 }
@@ -462,8 +484,10 @@ impl Manager {
             };
             let base = PathBuf::from(&stored.base_path);
             let context = self.context(spec, &stored.spec, &base, false);
-            match Deployment::start(context).await.map(Arc::new) {
-                Ok(deployment) => {
+            let deployment = Deployment::new(&context);
+            match deployment.deploy(context).await {
+                Ok(()) => {
+                    // Every service's topic is subscribed now: nothing requeued is lost.
                     self.requeue_unfinished(&stored.name).await?;
                     tracing::info!(deployment = %stored.name, "restored deployment");
                     self.write_deployments()
@@ -523,8 +547,9 @@ impl Manager {
     /// (and left alone when the file and base are the same); without, it is an
     /// [`Error::AlreadyExists`].
     ///
-    /// Returns once every service's source is synced and its process started; readiness shows
-    /// in [`Manager::status`].
+    /// Returns once every service's source is synced (a sync that fails is an error, and
+    /// changes nothing); building, starting and switching to the new instances go on in the
+    /// background, each service's stage shown by [`Manager::status`].
     pub async fn deploy(
         &self,
         text: &str,
@@ -559,15 +584,25 @@ impl Manager {
             }
             _ => {}
         }
-        // Sources first: a sync that fails leaves the running deployment as it is.
-        let mut context = self.context(spec, text, &base, true);
-        deployment::sync_sources(&context).await?;
-        context.sync = false;
-        if let Some(old) = existing {
-            self.write_deployments().remove(&name);
-            old.stop().await;
+        // The pipeline returns once every source is synced: a sync that fails leaves what runs
+        // as it is (and a new deployment is not created).
+        let context = self.context(spec, text, &base, true);
+        let (deployment, is_new) = match existing {
+            Some(current) => (current, false),
+            None => {
+                let deployment = Deployment::new(&context);
+                self.write_deployments()
+                    .insert(name.clone(), Arc::clone(&deployment));
+                (deployment, true)
+            }
+        };
+        if let Err(err) = deployment.deploy(context).await {
+            if is_new {
+                self.write_deployments().remove(&name);
+                deployment.stop().await;
+            }
+            return Err(err);
         }
-        let deployment = Arc::new(Deployment::start(context).await?);
         self.inner
             .control
             .store()
@@ -577,14 +612,11 @@ impl Manager {
                 origin: origin.to_owned(),
                 base_path: base.to_string_lossy().into_owned(),
             })
-            .await
-            .inspect_err(|_| {
-                let deployment = Arc::clone(&deployment);
-                tokio::spawn(async move { deployment.stop().await });
-            })?;
-        let status = deployment.status();
-        self.write_deployments().insert(name, deployment);
-        Ok(Deployed { status, warnings })
+            .await?;
+        Ok(Deployed {
+            status: deployment.status(),
+            warnings,
+        })
     }
 
     fn context(
@@ -653,7 +685,7 @@ impl Manager {
         let running = self.deployment(deployment)?;
         let service = task
             .service
-            .unwrap_or_else(|| running.spec().default_service.clone());
+            .unwrap_or_else(|| running.spec().default_service);
         let Some(status) = running
             .status()
             .services
@@ -829,6 +861,9 @@ impl Manager {
             .collect();
         deployments.sort_by_key(|d| std::cmp::Reverse(d.started()));
         futures::future::join_all(deployments.iter().map(|d| d.stop())).await;
+        // A process launched by a deploy that was cancelled half-way is not in any deployment
+        // any more; whatever carries this node's mark still is stopped here.
+        orphans::stop_leftovers(&self.inner.node_id, self.inner.options.stop_timeout).await;
         self.inner.control.close().await;
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! Build commands run in the service's source folder, in order, each in its own process group,
 //! with the service's environment; their output goes to `<logs>/<service>.build.log`. A build is
-//! skipped when the source it would build is the one the last successful build built: the
-//! digest of every synced tree is recorded in `<deployment>/build/<service>.synced`, and the
-//! digest a build succeeded for in `<deployment>/build/<service>.built`.
+//! skipped when the last successful build built the same synced tree with the same commands:
+//! the digest of every synced tree is recorded in `<deployment>/build/<service>.synced`, and the
+//! digest and commands a build succeeded for in `<deployment>/build/<service>.built`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -147,21 +147,23 @@ impl BuildMarks {
             .map_err(|err| Error::io("cannot write", &self.synced, err))
     }
 
-    /// Whether the last successful build built the tree synced last.
-    pub(crate) fn is_current(&self) -> bool {
-        match (
-            std::fs::read_to_string(&self.synced),
-            std::fs::read_to_string(&self.built),
-        ) {
-            (Ok(synced), Ok(built)) => !synced.is_empty() && synced == built,
+    /// What a build is of: the tree synced last and the build's own commands.
+    fn key(&self, service: &ServiceSpec) -> Option<String> {
+        let synced = std::fs::read_to_string(&self.synced).ok()?;
+        (!synced.is_empty()).then(|| format!("{synced}\n{:?}", service.build))
+    }
+
+    /// Whether the last successful build built the tree synced last with the same commands.
+    pub(crate) fn is_current(&self, service: &ServiceSpec) -> bool {
+        match (self.key(service), std::fs::read_to_string(&self.built)) {
+            (Some(key), Ok(built)) => key == built,
             _ => false,
         }
     }
 
-    fn record_build(&self) -> Result<(), Error> {
-        let synced = std::fs::read_to_string(&self.synced).unwrap_or_default();
-        std::fs::write(&self.built, synced)
-            .map_err(|err| Error::io("cannot write", &self.built, err))
+    fn record_build(&self, service: &ServiceSpec) -> Result<(), Error> {
+        let key = self.key(service).unwrap_or_default();
+        std::fs::write(&self.built, key).map_err(|err| Error::io("cannot write", &self.built, err))
     }
 }
 
@@ -177,13 +179,13 @@ pub(crate) struct Build<'a> {
 /// Runs the service's build commands unless the source is unchanged since the last successful
 /// build. Returns whether it ran them.
 pub(crate) async fn build(build: Build<'_>) -> Result<bool, Error> {
-    if build.service.build.is_empty() || build.marks.is_current() {
+    if build.service.build.is_empty() || build.marks.is_current(build.service) {
         return Ok(false);
     }
     for command in &build.service.build {
         run_build_command(&build, command).await?;
     }
-    build.marks.record_build()?;
+    build.marks.record_build(build.service)?;
     Ok(true)
 }
 

@@ -119,6 +119,7 @@ impl Supervisor {
             port: spec.port,
             restarts: 0,
             last_exit: None,
+            stage: None,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(supervise(spec, policy, state_tx, stop_rx));
@@ -149,6 +150,14 @@ impl Supervisor {
         if let Err(err) = task.await {
             tracing::error!(error = %err, "supervisor task failed");
         }
+    }
+}
+
+impl Drop for Supervisor {
+    /// A supervisor dropped without [`Supervisor::stop`] (its deploy was cancelled) still stops
+    /// its process, in the background.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
     }
 }
 

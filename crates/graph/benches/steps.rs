@@ -1,0 +1,345 @@
+//! Steps per second of the graph runtime, per backend and durability mode, against
+//! pydantic_graph v1's file persistence measured in the same run on the same 1,000-step graph.
+//!
+//! For each store: one 1,000-step run (and the cost of its last 100 steps against its first
+//! 100, which must not grow with the history), then 1,000 concurrent 10-step runs; in-memory
+//! stores report the median of 15 repetitions. Targets are checked at the end: each prints
+//! `ok` or `MISS`, and a miss exits non-zero.
+//!
+//! `cargo bench -p deployd-graph --bench steps`; Postgres at `DEPLOYD_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/test`).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deployd_graph::store::{FileStore, MemoryStore, PostgresStore, SqliteStore};
+use deployd_graph::{Ctx, Durability, End, Node, NodeError, Outcome, Runner, Store, graph};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Count {
+    count: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Tick {
+    i: u32,
+    n: u32,
+}
+
+graph! {
+    Chain {
+        state: Count,
+        output: u64,
+        nodes {
+            Tick => TickNext [Tick, End],
+        }
+    }
+}
+
+impl Node<Chain> for Tick {
+    async fn run(self, ctx: Ctx<'_, Chain>) -> Result<TickNext, NodeError> {
+        ctx.state.count += 1;
+        Ok(if self.i + 1 >= self.n {
+            End(ctx.state.count).into()
+        } else {
+            Tick {
+                i: self.i + 1,
+                n: self.n,
+            }
+            .into()
+        })
+    }
+}
+
+const LONG: u32 = 1_000;
+const RUNS: u32 = 1_000;
+const SHORT: u32 = 10;
+
+struct Measured {
+    name: String,
+    durable: bool,
+    long: f64,
+    /// Seconds per step of the last 100 steps over the first 100.
+    growth: f64,
+    concurrent: f64,
+}
+
+async fn one_long_run(store: Arc<dyn Store>) -> (f64, f64) {
+    let runner = Runner::<Chain>::with_store(store, ());
+    let mut run = runner
+        .start(Tick { i: 0, n: LONG }, Count::default())
+        .await
+        .expect("start");
+    let started = Instant::now();
+    let mut first = Duration::ZERO;
+    let mut last = Instant::now();
+    let mut steps = 0;
+    while run.next().await.expect("step") {
+        steps += 1;
+        if steps == 100 {
+            first = started.elapsed();
+        }
+        if steps == LONG - 100 {
+            last = Instant::now();
+        }
+    }
+    let total = started.elapsed();
+    let last = last.elapsed();
+    assert_eq!(run.output(), Some(&u64::from(LONG)));
+    (
+        f64::from(LONG) / total.as_secs_f64(),
+        last.as_secs_f64() / first.as_secs_f64().max(1e-9),
+    )
+}
+
+async fn concurrent_runs(store: Arc<dyn Store>) -> f64 {
+    let runner = Runner::<Chain>::with_store(store, ());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..RUNS)
+        .map(|_| {
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                let done = runner
+                    .run(Tick { i: 0, n: SHORT }, Count::default())
+                    .await
+                    .expect("run");
+                assert!(matches!(done.outcome, Outcome::End(n) if n == u64::from(SHORT)));
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    f64::from(RUNS * SHORT) / started.elapsed().as_secs_f64()
+}
+
+fn postgres_url() -> String {
+    std::env::var("DEPLOYD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A fresh store of each kind, by name.
+async fn open(kind: &str, durability: Durability, dir: &std::path::Path) -> Arc<dyn Store> {
+    let id = format!(
+        "{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    match kind {
+        "memory (latest)" => Arc::new(MemoryStore::latest_only()),
+        "memory (history)" => Arc::new(MemoryStore::full_history()),
+        "file" => Arc::new(
+            FileStore::open(dir.join(format!("{id}.log")), durability)
+                .await
+                .expect("file store"),
+        ),
+        "sqlite" => Arc::new(
+            SqliteStore::open(dir.join(format!("{id}.db")), durability)
+                .await
+                .expect("sqlite store"),
+        ),
+        _ => Arc::new(
+            PostgresStore::connect_in_schema(
+                &postgres_url(),
+                &format!("graph_bench_{id}"),
+                durability,
+            )
+            .await
+            .expect("postgres store"),
+        ),
+    }
+}
+
+async fn drop_bench_schemas() {
+    let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await else {
+        return;
+    };
+    let names: Vec<(String,)> =
+        sqlx::query_as("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'graph_bench_%'")
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+    for (name,) in names {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {name} CASCADE")))
+            .execute(&pool)
+            .await;
+    }
+    pool.close().await;
+}
+
+fn pydantic_graph(steps: u32) -> Option<f64> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/pydantic_graph_bench.py"
+    );
+    let importable = Command::new("python3")
+        .args(["-c", "import pydantic_graph"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !importable {
+        println!("installing pydantic-graph<2 for the baseline");
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "pydantic-graph<2"])
+            .status();
+    }
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(steps.to_string())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+        return None;
+    }
+    let line = String::from_utf8_lossy(&output.stdout);
+    let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    value["steps_per_sec"].as_f64()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let postgres = runtime.block_on(async {
+        sqlx::PgPool::connect(&postgres_url())
+            .await
+            .map(drop)
+            .is_ok()
+    });
+
+    let mut cases: Vec<(&str, Option<Durability>)> =
+        vec![("memory (latest)", None), ("memory (history)", None)];
+    let mut durable = vec!["file", "sqlite"];
+    if postgres {
+        durable.push("postgres");
+    } else {
+        println!("Postgres unavailable at {}: not measured", postgres_url());
+    }
+    for kind in durable {
+        cases.push((kind, Some(Durability::Immediate)));
+        cases.push((kind, Some(Durability::group())));
+    }
+
+    println!(
+        "{:<28} {:>16} {:>14} {:>22}",
+        "store", "1 run x 1,000", "last/first", "1,000 runs x 10"
+    );
+    let mut results = Vec::new();
+    // `GRAPH_BENCH_ONLY=sqlite` measures only the stores whose name contains `sqlite`, without
+    // the baseline or the targets (for profiling).
+    let only = std::env::var("GRAPH_BENCH_ONLY").ok();
+    for (kind, durability) in cases {
+        let name = match durability {
+            None => kind.to_owned(),
+            Some(Durability::Immediate) => format!("{kind}, fsync each"),
+            Some(_) => format!("{kind}, group commit"),
+        };
+        if only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            continue;
+        }
+        let d = durability.unwrap_or_default();
+        // In-memory runs take a millisecond: repeat them and keep the median.
+        let repeats = if durability.is_none() { 15 } else { 1 };
+        let mut longs = Vec::new();
+        let mut concurrents = Vec::new();
+        for _ in 0..repeats {
+            longs.push(
+                runtime.block_on(async { one_long_run(open(kind, d, dir.path()).await).await }),
+            );
+            concurrents.push(
+                runtime.block_on(async { concurrent_runs(open(kind, d, dir.path()).await).await }),
+            );
+        }
+        longs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        concurrents.sort_by(f64::total_cmp);
+        let (long, growth) = longs[longs.len() / 2];
+        let concurrent = concurrents[concurrents.len() / 2];
+        println!(
+            "{name:<28} {:>10.0} steps/s {:>13.2}x {:>16.0} steps/s",
+            long, growth, concurrent
+        );
+        results.push(Measured {
+            name,
+            durable: durability.is_some(),
+            long,
+            growth,
+            concurrent,
+        });
+    }
+    if postgres {
+        runtime.block_on(drop_bench_schemas());
+    }
+
+    if only.is_some() {
+        return;
+    }
+    println!("\npydantic_graph v1, FileStatePersistence (no fsync), same graph:");
+    let baseline = pydantic_graph(LONG);
+    match baseline {
+        Some(rate) => println!("{:<28} {rate:>10.1} steps/s", "1 run x 1,000"),
+        None => println!("  could not run python3 {LONG} steps"),
+    }
+
+    println!("\ntargets:");
+    let mut missed = 0;
+    let mut check = |ok: bool, what: String| {
+        println!("  {} {what}", if ok { "ok  " } else { "MISS" });
+        if !ok {
+            missed += 1;
+        }
+    };
+    for m in &results {
+        // The first 100 steps include warm-up, so allow noise, not growth.
+        check(
+            m.growth < 3.0,
+            format!(
+                "{}: per-step cost flat over the history ({:.2}x)",
+                m.name, m.growth
+            ),
+        );
+    }
+    if let Some(m) = results.iter().find(|m| m.name == "memory (latest)") {
+        check(
+            m.long >= 1_000_000.0,
+            format!("in-memory >= 1,000,000 steps/s ({:.0})", m.long),
+        );
+    }
+    if let Some(m) = results.iter().find(|m| m.name == "sqlite, group commit") {
+        check(
+            m.concurrent >= 20_000.0,
+            format!(
+                "SQLite with group commit >= 20,000 steps/s across concurrent runs ({:.0})",
+                m.concurrent
+            ),
+        );
+    }
+    match baseline {
+        Some(rate) => {
+            for m in results.iter().filter(|m| m.durable) {
+                check(
+                    m.long > rate,
+                    format!(
+                        "{} faster than pydantic_graph's file persistence at 1,000 steps: {:.1}x",
+                        m.name,
+                        m.long / rate
+                    ),
+                );
+            }
+        }
+        None => check(false, "pydantic_graph baseline measured".to_owned()),
+    }
+    if missed > 0 {
+        std::process::exit(1);
+    }
+}

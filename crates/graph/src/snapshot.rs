@@ -1,0 +1,697 @@
+//! Snapshots: one per step of a run, their lifecycle, and their JSON form.
+//!
+//! A run's history is the list of its snapshots in `seq` order. A snapshot holds the node to run
+//! and the state *before* it runs (as pydantic_graph's `NodeSnapshot`), or, for the last one, the
+//! run's output (`EndSnapshot`). Its status moves along
+//!
+//! ```text
+//! created ──claim──▶ pending ──start──▶ running ──▶ success | error
+//!    ▲                  │                  │
+//!    └──── lease expired (attempt + 1) ────┘
+//! waiting ──answer──▶ created            pending ──replace──▶ skipped
+//! ```
+//!
+//! and every other move is an [`Error::IllegalTransition`]. Snapshots are never deleted: a retry
+//! or a replacement is a new snapshot.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::Error;
+use crate::clock::Timestamp;
+
+/// Serialized JSON, kept as text: nodes, states, outputs, requests and answers.
+pub type Json = Box<RawValue>;
+
+/// The id of a run.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(String);
+
+/// The id of a snapshot: `{node_id}:{32 hex digits}`, or `end:{hex}` for the end of a run.
+///
+/// The id of a `waiting` snapshot is the id of its interrupt.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SnapshotId(String);
+
+macro_rules! string_id {
+    ($name:ident) => {
+        impl $name {
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl From<String> for $name {
+            fn from(id: String) -> Self {
+                Self(id)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                Self(id.to_owned())
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+string_id!(RunId);
+string_id!(SnapshotId);
+
+/// Where a snapshot is in its lifecycle.
+///
+/// The first five are pydantic_graph's; `waiting` (an interrupt waits for its answer) and
+/// `skipped` (the caller replaced a pending node before it ran) are deployd's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Recorded, runnable, not yet claimed.
+    Created,
+    /// Claimed by a worker (it holds the lease) but not started.
+    Pending,
+    /// Its node is running.
+    Running,
+    /// Its node finished and its successor was recorded (for an end snapshot: the run ended).
+    Success,
+    /// Its node failed or panicked; `error` says why.
+    Error,
+    /// An interrupt waits for its answer.
+    Waiting,
+    /// Replaced by the caller before it ran.
+    Skipped,
+}
+
+impl Status {
+    /// The lowercase name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Success => "success",
+            Status::Error => "error",
+            Status::Waiting => "waiting",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "created" => Status::Created,
+            "pending" => Status::Pending,
+            "running" => Status::Running,
+            "success" => Status::Success,
+            "error" => Status::Error,
+            "waiting" => Status::Waiting,
+            "skipped" => Status::Skipped,
+            _ => return Err(Error::Storage(format!("unknown snapshot status {s:?}"))),
+        })
+    }
+}
+
+/// A node to run, or the end of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// pydantic_graph's `NodeSnapshot`.
+    Node,
+    /// pydantic_graph's `EndSnapshot`.
+    End,
+}
+
+impl Kind {
+    /// `node` or `end`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Node => "node",
+            Kind::End => "end",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "node" => Ok(Kind::Node),
+            "end" => Ok(Kind::End),
+            _ => Err(Error::Storage(format!("unknown snapshot kind {s:?}"))),
+        }
+    }
+}
+
+/// Who holds a snapshot, and until when. Past `until`, anyone may take it back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The worker holding it.
+    pub owner: String,
+    /// When the lease expires unless renewed.
+    pub until: Timestamp,
+}
+
+/// One step of a run. See the [module docs](self) for the lifecycle.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// `{node_id}:{hex}`, or `end:{hex}`.
+    pub id: SnapshotId,
+    /// The run it belongs to.
+    pub run_id: RunId,
+    /// Its position in the run's history, from 0; unique within the run.
+    pub seq: u64,
+    /// A node to run or the end.
+    pub kind: Kind,
+    /// The node's id (`end` for the end).
+    pub node_id: String,
+    /// The node's fields and `node_id`, or for the end, the run's output.
+    pub node: Json,
+    /// The graph's state before the node runs (for the end: the final state).
+    pub state: Json,
+    /// Where it is in its lifecycle.
+    pub status: Status,
+    /// When it was recorded (pydantic_graph's `ts` of an end snapshot).
+    pub created_ts: Timestamp,
+    /// When its node started running.
+    pub start_ts: Option<Timestamp>,
+    /// How long its node ran, in seconds.
+    pub duration: Option<f64>,
+    /// 1 for the first try, plus one per retry or expired lease.
+    pub attempt: u32,
+    /// The worker holding it while `pending` or `running` (kept afterwards, for the record).
+    pub lease: Option<Lease>,
+    /// Why its node failed.
+    pub error: Option<String>,
+    /// The request of the interrupt it waits on.
+    pub request: Option<Json>,
+    /// The answer to that interrupt.
+    pub answer: Option<Json>,
+}
+
+impl Snapshot {
+    /// A `created` snapshot of a node. `node` must be the node's JSON object including `node_id`.
+    pub fn node(
+        run_id: RunId,
+        seq: u64,
+        node_id: &str,
+        hex: &str,
+        node: Json,
+        state: Json,
+        now: Timestamp,
+    ) -> Self {
+        Snapshot {
+            id: SnapshotId(format!("{node_id}:{hex}")),
+            run_id,
+            seq,
+            kind: Kind::Node,
+            node_id: node_id.to_owned(),
+            node,
+            state,
+            status: Status::Created,
+            created_ts: now,
+            start_ts: None,
+            duration: None,
+            attempt: 1,
+            lease: None,
+            error: None,
+            request: None,
+            answer: None,
+        }
+    }
+
+    /// The end of a run (`success` from the start: there is nothing left to run).
+    pub fn end(
+        run_id: RunId,
+        seq: u64,
+        hex: &str,
+        output: Json,
+        state: Json,
+        now: Timestamp,
+    ) -> Self {
+        Snapshot {
+            id: SnapshotId(format!("end:{hex}")),
+            kind: Kind::End,
+            node_id: "end".to_owned(),
+            status: Status::Success,
+            ..Snapshot::node(run_id, seq, "end", hex, output, state, now)
+        }
+    }
+
+    /// Whether nothing will ever run from this snapshot again (`success`, `error`, `skipped`).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.status,
+            Status::Success | Status::Error | Status::Skipped
+        )
+    }
+}
+
+/// A change of a snapshot's status, applied atomically by [`Store::transition`](crate::Store).
+///
+/// Transitions that carry an `owner` are refused with [`Error::Conflict`] unless `owner` holds
+/// the snapshot's lease.
+#[derive(Clone, Debug)]
+pub enum Transition {
+    /// `created → pending`: the lease is taken.
+    Claim {
+        /// The new lease.
+        lease: Lease,
+    },
+    /// `pending → running`.
+    Start {
+        /// The lease holder.
+        owner: String,
+        /// The start time, recorded as `start_ts`.
+        at: Timestamp,
+        /// The lease's new expiry.
+        until: Timestamp,
+    },
+    /// `pending | running` stays, with the lease extended.
+    Renew {
+        /// The lease holder.
+        owner: String,
+        /// The lease's new expiry.
+        until: Timestamp,
+    },
+    /// `running → success`, and `next` (the successor, the end, or a waiting interrupt) is
+    /// inserted in the same commit.
+    Succeed {
+        /// The lease holder.
+        owner: String,
+        /// How long the node ran, in seconds.
+        duration: f64,
+        /// The snapshot that follows.
+        next: Box<Snapshot>,
+    },
+    /// `running → error`, and `retry`, if any, is inserted in the same commit.
+    Fail {
+        /// The lease holder.
+        owner: String,
+        /// How long the node ran, in seconds.
+        duration: f64,
+        /// Why it failed.
+        error: String,
+        /// A new try of the same node.
+        retry: Option<Box<Snapshot>>,
+    },
+    /// `pending → skipped`, and `next` is inserted in the same commit.
+    Replace {
+        /// The lease holder.
+        owner: String,
+        /// The replacement.
+        next: Box<Snapshot>,
+    },
+    /// `waiting → created`, with the answer recorded.
+    Answer {
+        /// The answer, as JSON.
+        answer: Json,
+    },
+}
+
+impl Transition {
+    /// The status the snapshot moves to.
+    pub fn target(&self) -> Status {
+        match self {
+            Transition::Claim { .. } => Status::Pending,
+            Transition::Start { .. } | Transition::Renew { .. } => Status::Running,
+            Transition::Succeed { .. } => Status::Success,
+            Transition::Fail { .. } => Status::Error,
+            Transition::Replace { .. } => Status::Skipped,
+            Transition::Answer { .. } => Status::Created,
+        }
+    }
+
+    /// Whether a snapshot in `from` may take this transition.
+    pub fn allowed_from(&self, from: Status) -> bool {
+        match self {
+            Transition::Claim { .. } => from == Status::Created,
+            Transition::Start { .. } | Transition::Replace { .. } => from == Status::Pending,
+            Transition::Renew { .. } => matches!(from, Status::Pending | Status::Running),
+            Transition::Succeed { .. } | Transition::Fail { .. } => from == Status::Running,
+            Transition::Answer { .. } => from == Status::Waiting,
+        }
+    }
+
+    /// The lease holder the transition requires.
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            Transition::Claim { .. } | Transition::Answer { .. } => None,
+            Transition::Start { owner, .. }
+            | Transition::Renew { owner, .. }
+            | Transition::Succeed { owner, .. }
+            | Transition::Fail { owner, .. }
+            | Transition::Replace { owner, .. } => Some(owner),
+        }
+    }
+
+    /// The snapshot inserted with the transition, if any.
+    pub fn inserted(&self) -> Option<&Snapshot> {
+        match self {
+            Transition::Succeed { next, .. } | Transition::Replace { next, .. } => Some(next),
+            Transition::Fail { retry, .. } => retry.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Checks that `current` may take this transition: the status, then the lease holder.
+    pub(crate) fn check(&self, current: &Snapshot) -> Result<(), Error> {
+        if !self.allowed_from(current.status) {
+            return Err(Error::IllegalTransition {
+                id: current.id.clone(),
+                from: current.status,
+                to: self.target(),
+            });
+        }
+        check_owner(
+            &current.id,
+            current.lease.as_ref().map(|l| l.owner.as_str()),
+            self.owner(),
+        )
+    }
+
+    /// Applies the transition to `current`, which [`check`](Self::check) accepted.
+    pub(crate) fn apply(&self, current: &mut Snapshot) {
+        if !matches!(self, Transition::Renew { .. }) {
+            current.status = self.target();
+        }
+        match self {
+            Transition::Claim { lease } => current.lease = Some(lease.clone()),
+            Transition::Start { at, until, .. } => {
+                current.start_ts = Some(*at);
+                set_until(current, *until);
+            }
+            Transition::Renew { until, .. } => set_until(current, *until),
+            Transition::Succeed { duration, .. } => current.duration = Some(*duration),
+            Transition::Fail {
+                duration, error, ..
+            } => {
+                current.duration = Some(*duration);
+                current.error = Some(error.clone());
+            }
+            Transition::Replace { .. } => {}
+            Transition::Answer { answer } => current.answer = Some(answer.clone()),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Takes back a `pending` or `running` snapshot whose lease expired before `now`: it becomes
+    /// `created` again with `attempt + 1`. Returns whether it did.
+    pub(crate) fn expire(&mut self, now: Timestamp) -> bool {
+        let expired = matches!(self.status, Status::Pending | Status::Running)
+            && self.lease.as_ref().is_some_and(|l| l.until < now);
+        if expired {
+            self.status = Status::Created;
+            self.attempt += 1;
+            self.lease = None;
+            self.start_ts = None;
+        }
+        expired
+    }
+}
+
+fn set_until(snapshot: &mut Snapshot, until: Timestamp) {
+    if let Some(lease) = &mut snapshot.lease {
+        lease.until = until;
+    }
+}
+
+/// The lease check shared by every backend: `Conflict` unless `required` holds the lease.
+pub(crate) fn check_owner(
+    id: &SnapshotId,
+    holder: Option<&str>,
+    required: Option<&str>,
+) -> Result<(), Error> {
+    match required {
+        Some(owner) if holder != Some(owner) => Err(Error::Conflict {
+            id: id.to_string(),
+            reason: match holder {
+                Some(holder) => format!("leased by {holder}, not {owner}"),
+                None => format!("not leased by {owner}"),
+            },
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The history of one or more runs as a JSON array (pydantic_graph's layout, plus deployd's
+/// fields).
+pub fn to_json(snapshots: &[Snapshot]) -> Result<String, Error> {
+    serde_json::to_string_pretty(snapshots).map_err(|source| Error::Codec {
+        what: "snapshots",
+        source,
+    })
+}
+
+/// Reads a history written by [`to_json`], or by pydantic_graph (missing deployd fields get
+/// defaults: an empty run id and `seq` = position in the array).
+pub fn from_json(json: &str) -> Result<Vec<Snapshot>, Error> {
+    let wire: Vec<Wire> = serde_json::from_str(json).map_err(|source| Error::Codec {
+        what: "snapshots",
+        source,
+    })?;
+    wire.into_iter()
+        .enumerate()
+        .map(|(i, w)| w.into_snapshot(i as u64))
+        .collect()
+}
+
+impl Serialize for Snapshot {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Result_<'a> {
+            data: &'a RawValue,
+        }
+        impl Serialize for Result_<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("data", self.data)?;
+                map.end()
+            }
+        }
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("state", &self.state)?;
+        match self.kind {
+            Kind::Node => {
+                map.serialize_entry("node", &self.node)?;
+                map.serialize_entry("start_ts", &self.start_ts)?;
+                map.serialize_entry("duration", &self.duration)?;
+                map.serialize_entry("status", &self.status)?;
+                map.serialize_entry("kind", "node")?;
+            }
+            Kind::End => {
+                map.serialize_entry("result", &Result_ { data: &self.node })?;
+                map.serialize_entry("ts", &self.created_ts)?;
+                map.serialize_entry("kind", "end")?;
+                map.serialize_entry("status", &self.status)?;
+            }
+        }
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("run_id", &self.run_id)?;
+        map.serialize_entry("seq", &self.seq)?;
+        map.serialize_entry("attempt", &self.attempt)?;
+        if self.kind == Kind::Node {
+            map.serialize_entry("created_ts", &self.created_ts)?;
+        }
+        map.serialize_entry("lease_owner", &self.lease.as_ref().map(|l| &l.owner))?;
+        map.serialize_entry("lease_until", &self.lease.as_ref().map(|l| l.until))?;
+        map.serialize_entry("error", &self.error)?;
+        map.serialize_entry("request", &self.request)?;
+        map.serialize_entry("answer", &self.answer)?;
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Snapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = Wire::deserialize(deserializer)?;
+        let seq = wire.seq.unwrap_or(0);
+        wire.into_snapshot(seq).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Deserialize)]
+struct WireResult {
+    data: Json,
+}
+
+#[derive(Deserialize)]
+struct WireNodeId {
+    node_id: String,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    kind: Kind,
+    id: SnapshotId,
+    state: Json,
+    #[serde(default)]
+    node: Option<Json>,
+    #[serde(default)]
+    result: Option<WireResult>,
+    #[serde(default)]
+    status: Option<Status>,
+    #[serde(default)]
+    start_ts: Option<Timestamp>,
+    #[serde(default)]
+    duration: Option<f64>,
+    #[serde(default)]
+    ts: Option<Timestamp>,
+    #[serde(default)]
+    run_id: Option<RunId>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    attempt: Option<u32>,
+    #[serde(default)]
+    created_ts: Option<Timestamp>,
+    #[serde(default)]
+    lease_owner: Option<String>,
+    #[serde(default)]
+    lease_until: Option<Timestamp>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    request: Option<Json>,
+    #[serde(default)]
+    answer: Option<Json>,
+}
+
+impl Wire {
+    fn into_snapshot(self, position: u64) -> Result<Snapshot, Error> {
+        let invalid = |what: &str| Error::Storage(format!("snapshot {}: {what}", self.id));
+        let (node_id, node, status) = match self.kind {
+            Kind::Node => {
+                let node = self
+                    .node
+                    .ok_or_else(|| invalid("a node snapshot needs `node`"))?;
+                let WireNodeId { node_id } =
+                    serde_json::from_str(node.get()).map_err(|source| Error::Codec {
+                        what: "a node's node_id",
+                        source,
+                    })?;
+                (node_id, node, self.status.unwrap_or(Status::Created))
+            }
+            Kind::End => {
+                let result = self
+                    .result
+                    .ok_or_else(|| invalid("an end snapshot needs `result`"))?;
+                (
+                    "end".to_owned(),
+                    result.data,
+                    self.status.unwrap_or(Status::Success),
+                )
+            }
+        };
+        let lease = match (self.lease_owner, self.lease_until) {
+            (Some(owner), Some(until)) => Some(Lease { owner, until }),
+            _ => None,
+        };
+        Ok(Snapshot {
+            id: self.id,
+            run_id: self.run_id.unwrap_or_else(|| RunId(String::new())),
+            seq: self.seq.unwrap_or(position),
+            kind: self.kind,
+            node_id,
+            node,
+            state: self.state,
+            status,
+            created_ts: self
+                .created_ts
+                .or(self.ts)
+                .unwrap_or(Timestamp::from_micros(0)),
+            start_ts: self.start_ts,
+            duration: self.duration,
+            attempt: self.attempt.unwrap_or(1),
+            lease,
+            error: self.error,
+            request: self.request,
+            answer: self.answer,
+        })
+    }
+}
+
+/// Serializes `value` as [`Json`].
+pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Json, Error> {
+    serde_json::value::to_raw_value(value).map_err(|source| Error::Codec { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Json {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn pydantic_graph_history_loads() {
+        // Written by pydantic_graph 1.x's FileStatePersistence.
+        let json = r#"[
+          {"state": {"count": 0}, "node": {"by": 1, "node_id": "Increment"},
+           "start_ts": "2025-01-01T00:00:00.000001Z", "duration": 0.5, "status": "success",
+           "kind": "node", "id": "Increment:7d2f0d4ad1f54e3db8a3f6d7e8f9a0b1"},
+          {"state": {"count": 1}, "result": {"data": 1}, "ts": "2025-01-01T00:00:01Z",
+           "kind": "end", "id": "end:0a1b2c3d4e5f60718293a4b5c6d7e8f9"}
+        ]"#;
+        let history = from_json(json).unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].node_id, "Increment");
+        assert_eq!(history[0].status, Status::Success);
+        assert_eq!(history[1].kind, Kind::End);
+        assert_eq!(history[1].node.get(), "1");
+        assert_eq!(history[1].seq, 1);
+        let again = from_json(&to_json(&history).unwrap()).unwrap();
+        assert_eq!(to_json(&again).unwrap(), to_json(&history).unwrap());
+    }
+
+    #[test]
+    fn renew_keeps_pending() {
+        let mut s = Snapshot::node(
+            RunId::from("r"),
+            0,
+            "A",
+            "00",
+            raw(r#"{"node_id":"A"}"#),
+            raw("null"),
+            Timestamp::from_micros(0),
+        );
+        let lease = Lease {
+            owner: "w".into(),
+            until: Timestamp::from_micros(10),
+        };
+        let claim = Transition::Claim { lease };
+        claim.check(&s).unwrap();
+        claim.apply(&mut s);
+        let renew = Transition::Renew {
+            owner: "w".into(),
+            until: Timestamp::from_micros(20),
+        };
+        renew.check(&s).unwrap();
+        renew.apply(&mut s);
+        assert_eq!(s.status, Status::Pending);
+        assert_eq!(s.lease.as_ref().unwrap().until, Timestamp::from_micros(20));
+    }
+}

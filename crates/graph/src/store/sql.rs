@@ -1,0 +1,457 @@
+//! What the SQLite and Postgres backends share: the schema, the statements (written with
+//! `$n` parameters, which both understand) and, through [`sql_backend!`], the code that runs
+//! them for one database type.
+
+use crate::Error;
+use crate::snapshot::{SnapshotId, Status, Transition, check_owner};
+
+/// The columns of `graph_snapshots`, in the order [`sql_backend!`]'s `from_row` reads them.
+macro_rules! columns {
+    () => {
+        "id, run_id, seq, kind, node_id, node, state, status, created_ts, start_ts, duration, \
+         attempt, lease_owner, lease_until, error, request, answer"
+    };
+}
+
+/// The table and its indexes; times are microseconds since the Unix epoch.
+pub(crate) const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS graph_snapshots (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        node TEXT NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_ts BIGINT NOT NULL,
+        start_ts BIGINT,
+        duration DOUBLE PRECISION,
+        attempt BIGINT NOT NULL,
+        lease_owner TEXT,
+        lease_until BIGINT,
+        error TEXT,
+        request TEXT,
+        answer TEXT,
+        UNIQUE (run_id, seq)
+    )",
+    "CREATE INDEX IF NOT EXISTS graph_snapshots_by_status
+        ON graph_snapshots (status, created_ts)",
+    "CREATE INDEX IF NOT EXISTS graph_snapshots_by_lease
+        ON graph_snapshots (lease_until)",
+];
+
+pub(crate) const INSERT: &str = concat!(
+    "INSERT INTO graph_snapshots (",
+    columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+);
+pub(crate) const INSERT_IF_NEW: &str = concat!(
+    "INSERT INTO graph_snapshots (",
+    columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+     ON CONFLICT (id) DO NOTHING"
+);
+pub(crate) const GET: &str = concat!("SELECT ", columns!(), " FROM graph_snapshots WHERE id = $1");
+pub(crate) const LATEST: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM graph_snapshots WHERE run_id = $1 ORDER BY seq DESC LIMIT 1"
+);
+pub(crate) const HISTORY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM graph_snapshots WHERE run_id = $1 ORDER BY seq"
+);
+pub(crate) const STATUS_OF: &str = "SELECT status, lease_owner FROM graph_snapshots WHERE id = $1";
+pub(crate) const EXPIRE: &str = "UPDATE graph_snapshots
+    SET status = 'created', attempt = attempt + 1, lease_owner = NULL, lease_until = NULL,
+        start_ts = NULL
+    WHERE status IN ('pending', 'running') AND lease_until < $1
+    RETURNING id";
+
+pub(crate) const CLAIM: &str = "UPDATE graph_snapshots SET status = 'pending', lease_owner = $2,
+    lease_until = $3 WHERE id = $1 AND status = 'created'";
+pub(crate) const START: &str = "UPDATE graph_snapshots SET status = 'running', start_ts = $2,
+    lease_until = $3 WHERE id = $1 AND status = 'pending' AND lease_owner = $4";
+pub(crate) const RENEW: &str = "UPDATE graph_snapshots SET lease_until = $2
+    WHERE id = $1 AND status IN ('pending', 'running') AND lease_owner = $3";
+pub(crate) const SUCCEED: &str = "UPDATE graph_snapshots SET status = 'success', duration = $2
+    WHERE id = $1 AND status = 'running' AND lease_owner = $3";
+pub(crate) const FAIL: &str = "UPDATE graph_snapshots SET status = 'error', duration = $2,
+    error = $3 WHERE id = $1 AND status = 'running' AND lease_owner = $4";
+pub(crate) const REPLACE: &str = "UPDATE graph_snapshots SET status = 'skipped'
+    WHERE id = $1 AND status = 'pending' AND lease_owner = $2";
+pub(crate) const ANSWER: &str = "UPDATE graph_snapshots SET status = 'created', answer = $2
+    WHERE id = $1 AND status = 'waiting'";
+
+/// Why a conditional update changed no row, from the row as it is.
+pub(crate) fn refused(
+    id: &SnapshotId,
+    row: Option<(String, Option<String>)>,
+    transition: &Transition,
+) -> Error {
+    let Some((status, owner)) = row else {
+        return super::table::not_found(id);
+    };
+    let status: Status = match status.parse() {
+        Ok(status) => status,
+        Err(err) => return err,
+    };
+    if !transition.allowed_from(status) {
+        return Error::IllegalTransition {
+            id: id.clone(),
+            from: status,
+            to: transition.target(),
+        };
+    }
+    check_owner(id, owner.as_deref(), transition.owner())
+        .err()
+        .unwrap_or_else(|| Error::Storage(format!("snapshot {id} changed under the update")))
+}
+
+pub(crate) fn db_error(err: sqlx::Error) -> Error {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => Error::Conflict {
+            id: db.constraint().unwrap_or("graph_snapshots").to_owned(),
+            reason: "a snapshot with this id, or at this place in its run, exists".to_owned(),
+        },
+        _ => Error::Storage(err.to_string()),
+    }
+}
+
+pub(crate) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The statements run for one database type `$db`; `$lock` is appended to the sub-selects of
+/// claims (`FOR UPDATE SKIP LOCKED` on Postgres).
+macro_rules! sql_backend {
+    ($db:ty, $lock:literal) => {
+        use std::sync::Arc;
+
+        use async_trait::async_trait;
+        use serde_json::value::RawValue;
+        use sqlx::Row as _;
+
+        use super::sql::{self, db_error, to_i64};
+        use super::writer::{Batch, Done, Op};
+        use crate::Error;
+        use crate::clock::Timestamp;
+        use crate::snapshot::{Lease, RunId, Snapshot, SnapshotId, Transition};
+
+        type Pool = sqlx::Pool<$db>;
+        type Conn = <$db as sqlx::Database>::Connection;
+
+        const CLAIM_ANY: &str = concat!(
+            "UPDATE graph_snapshots SET status = 'pending', lease_owner = $1, lease_until = $2 \
+             WHERE status = 'created' AND id = (SELECT id FROM graph_snapshots \
+             WHERE status = 'created' ORDER BY created_ts, id LIMIT 1",
+            $lock,
+            ") RETURNING ",
+            columns!()
+        );
+        const CLAIM_RUN: &str = concat!(
+            "UPDATE graph_snapshots SET status = 'pending', lease_owner = $1, lease_until = $2 \
+             WHERE status = 'created' AND id = (SELECT id FROM graph_snapshots \
+             WHERE run_id = $3 ORDER BY seq DESC LIMIT 1",
+            $lock,
+            ") RETURNING ",
+            columns!()
+        );
+
+        pub(super) struct SqlBatch {
+            pub(super) pool: Pool,
+        }
+
+        #[async_trait]
+        impl Batch for SqlBatch {
+            async fn run(&self, ops: &[Op]) -> Result<Vec<Result<Done, Error>>, Error> {
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(run_op(&mut tx, op).await?);
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(results)
+            }
+        }
+
+        /// Runs one op: `Err` for a database error (the batch fails), `Ok(Err)` for an op the
+        /// lifecycle refused (it wrote nothing).
+        async fn run_op(conn: &mut Conn, op: &Op) -> Result<Result<Done, Error>, Error> {
+            match op {
+                Op::Insert(snapshot) => {
+                    let done = insert(conn, snapshot, sql::INSERT_IF_NEW).await?;
+                    Ok(Ok(Done::Inserted(done)))
+                }
+                Op::Transition(id, transition) => {
+                    let changed = update(conn, id, transition).await?;
+                    if !changed {
+                        let row = sqlx::query(sql::STATUS_OF)
+                            .bind(id.as_str())
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map_err(db_error)?;
+                        let row = match row {
+                            Some(row) => Some((
+                                row.try_get::<String, _>(0).map_err(db_error)?,
+                                row.try_get::<Option<String>, _>(1).map_err(db_error)?,
+                            )),
+                            None => None,
+                        };
+                        return Ok(Err(sql::refused(id, row, transition)));
+                    }
+                    if let Some(next) = transition.inserted() {
+                        // A duplicate fails the statement, and so the batch: nothing of this
+                        // transition is committed.
+                        insert(conn, next, sql::INSERT).await?;
+                    }
+                    Ok(Ok(Done::Transitioned))
+                }
+                Op::Claim(run, lease) => {
+                    let query = match run {
+                        Some(run) => sqlx::query(CLAIM_RUN)
+                            .bind(lease.owner.as_str())
+                            .bind(lease.until.as_micros())
+                            .bind(run.as_str()),
+                        None => sqlx::query(CLAIM_ANY)
+                            .bind(lease.owner.as_str())
+                            .bind(lease.until.as_micros()),
+                    };
+                    let row = query.fetch_optional(&mut *conn).await.map_err(db_error)?;
+                    let claimed = match row {
+                        Some(row) => Some(Box::new(from_row(&row)?)),
+                        None => None,
+                    };
+                    Ok(Ok(Done::Claimed(claimed)))
+                }
+                Op::Expire(now) => {
+                    let rows = sqlx::query(sql::EXPIRE)
+                        .bind(now.as_micros())
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(db_error)?;
+                    let ids = rows
+                        .iter()
+                        .map(|row| row.try_get::<String, _>(0).map(SnapshotId::from))
+                        .collect::<Result<_, _>>()
+                        .map_err(db_error)?;
+                    Ok(Ok(Done::Expired(ids)))
+                }
+            }
+        }
+
+        async fn insert(
+            conn: &mut Conn,
+            s: &Snapshot,
+            statement: &'static str,
+        ) -> Result<bool, Error> {
+            let done = sqlx::query(statement)
+                .bind(s.id.as_str())
+                .bind(s.run_id.as_str())
+                .bind(to_i64(s.seq))
+                .bind(s.kind.as_str())
+                .bind(s.node_id.as_str())
+                .bind(s.node.get())
+                .bind(s.state.get())
+                .bind(s.status.as_str())
+                .bind(s.created_ts.as_micros())
+                .bind(s.start_ts.map(Timestamp::as_micros))
+                .bind(s.duration)
+                .bind(i64::from(s.attempt))
+                .bind(s.lease.as_ref().map(|l| l.owner.as_str()))
+                .bind(s.lease.as_ref().map(|l| l.until.as_micros()))
+                .bind(s.error.as_deref())
+                .bind(s.request.as_ref().map(|r| r.get()))
+                .bind(s.answer.as_ref().map(|a| a.get()))
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn update(conn: &mut Conn, id: &SnapshotId, t: &Transition) -> Result<bool, Error> {
+            let id = id.as_str();
+            let query = match t {
+                Transition::Claim { lease } => sqlx::query(sql::CLAIM)
+                    .bind(id)
+                    .bind(lease.owner.as_str())
+                    .bind(lease.until.as_micros()),
+                Transition::Start { owner, at, until } => sqlx::query(sql::START)
+                    .bind(id)
+                    .bind(at.as_micros())
+                    .bind(until.as_micros())
+                    .bind(owner.as_str()),
+                Transition::Renew { owner, until } => sqlx::query(sql::RENEW)
+                    .bind(id)
+                    .bind(until.as_micros())
+                    .bind(owner.as_str()),
+                Transition::Succeed {
+                    owner, duration, ..
+                } => sqlx::query(sql::SUCCEED)
+                    .bind(id)
+                    .bind(*duration)
+                    .bind(owner.as_str()),
+                Transition::Fail {
+                    owner,
+                    duration,
+                    error,
+                    ..
+                } => sqlx::query(sql::FAIL)
+                    .bind(id)
+                    .bind(*duration)
+                    .bind(error.as_str())
+                    .bind(owner.as_str()),
+                Transition::Replace { owner, .. } => {
+                    sqlx::query(sql::REPLACE).bind(id).bind(owner.as_str())
+                }
+                Transition::Answer { answer } => {
+                    sqlx::query(sql::ANSWER).bind(id).bind(answer.get())
+                }
+            };
+            let done = query.execute(&mut *conn).await.map_err(db_error)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        fn json(text: String) -> Result<Box<RawValue>, Error> {
+            RawValue::from_string(text).map_err(|source| Error::Codec {
+                what: "a stored snapshot",
+                source,
+            })
+        }
+
+        fn from_row(row: &<$db as sqlx::Database>::Row) -> Result<Snapshot, Error> {
+            let text = |i: usize| row.try_get::<String, _>(i).map_err(db_error);
+            let opt_text = |i: usize| row.try_get::<Option<String>, _>(i).map_err(db_error);
+            let int = |i: usize| row.try_get::<i64, _>(i).map_err(db_error);
+            let opt_int = |i: usize| row.try_get::<Option<i64>, _>(i).map_err(db_error);
+            let lease = match (opt_text(12)?, opt_int(13)?) {
+                (Some(owner), Some(until)) => Some(Lease {
+                    owner,
+                    until: Timestamp::from_micros(until),
+                }),
+                _ => None,
+            };
+            Ok(Snapshot {
+                id: SnapshotId::from(text(0)?),
+                run_id: RunId::from(text(1)?),
+                seq: u64::try_from(int(2)?).unwrap_or(0),
+                kind: text(3)?.parse()?,
+                node_id: text(4)?,
+                node: json(text(5)?)?,
+                state: json(text(6)?)?,
+                status: text(7)?.parse()?,
+                created_ts: Timestamp::from_micros(int(8)?),
+                start_ts: opt_int(9)?.map(Timestamp::from_micros),
+                duration: row.try_get::<Option<f64>, _>(10).map_err(db_error)?,
+                attempt: u32::try_from(int(11)?).unwrap_or(u32::MAX),
+                lease,
+                error: opt_text(14)?,
+                request: opt_text(15)?.map(json).transpose()?,
+                answer: opt_text(16)?.map(json).transpose()?,
+            })
+        }
+
+        pub(super) async fn get(pool: &Pool, id: &SnapshotId) -> Result<Snapshot, Error> {
+            let row = sqlx::query(sql::GET)
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await
+                .map_err(db_error)?;
+            match row {
+                Some(row) => from_row(&row),
+                None => Err(super::table::not_found(id)),
+            }
+        }
+
+        pub(super) async fn latest(pool: &Pool, run: &RunId) -> Result<Option<Snapshot>, Error> {
+            let row = sqlx::query(sql::LATEST)
+                .bind(run.as_str())
+                .fetch_optional(pool)
+                .await
+                .map_err(db_error)?;
+            row.as_ref().map(from_row).transpose()
+        }
+
+        pub(super) async fn history(pool: &Pool, run: &RunId) -> Result<Vec<Snapshot>, Error> {
+            let rows = sqlx::query(sql::HISTORY)
+                .bind(run.as_str())
+                .fetch_all(pool)
+                .await
+                .map_err(db_error)?;
+            rows.iter().map(from_row).collect()
+        }
+
+        /// The [`Store`](super::Store) methods on a pool and a writer.
+        macro_rules! impl_store {
+            ($store:ty) => {
+                #[async_trait]
+                impl super::Store for $store {
+                    async fn insert(&self, snapshot: &Snapshot) -> Result<bool, Error> {
+                        match self.writer.submit(Op::Insert(snapshot.clone())).await? {
+                            Done::Inserted(new) => Ok(new),
+                            other => Err(unexpected(other)),
+                        }
+                    }
+
+                    async fn transition(
+                        &self,
+                        id: &SnapshotId,
+                        transition: Transition,
+                    ) -> Result<(), Error> {
+                        match self
+                            .writer
+                            .submit(Op::Transition(id.clone(), transition))
+                            .await?
+                        {
+                            Done::Transitioned => Ok(()),
+                            other => Err(unexpected(other)),
+                        }
+                    }
+
+                    async fn claim(
+                        &self,
+                        run: Option<&RunId>,
+                        lease: Lease,
+                    ) -> Result<Option<Snapshot>, Error> {
+                        match self.writer.submit(Op::Claim(run.cloned(), lease)).await? {
+                            Done::Claimed(claimed) => Ok(claimed.map(|s| *s)),
+                            other => Err(unexpected(other)),
+                        }
+                    }
+
+                    async fn expire_leases(
+                        &self,
+                        now: Timestamp,
+                    ) -> Result<Vec<SnapshotId>, Error> {
+                        match self.writer.submit(Op::Expire(now)).await? {
+                            Done::Expired(ids) => Ok(ids),
+                            other => Err(unexpected(other)),
+                        }
+                    }
+
+                    async fn get(&self, id: &SnapshotId) -> Result<Snapshot, Error> {
+                        get(&self.pool, id).await
+                    }
+
+                    async fn latest(&self, run: &RunId) -> Result<Option<Snapshot>, Error> {
+                        latest(&self.pool, run).await
+                    }
+
+                    async fn history(&self, run: &RunId) -> Result<Vec<Snapshot>, Error> {
+                        history(&self.pool, run).await
+                    }
+                }
+            };
+        }
+
+        fn unexpected(done: Done) -> Error {
+            Error::Storage(format!("the writer answered {done:?}"))
+        }
+
+        fn spawn_writer(pool: &Pool, durability: super::Durability) -> super::writer::Writer {
+            super::writer::Writer::spawn(Arc::new(SqlBatch { pool: pool.clone() }), durability)
+        }
+    };
+}

@@ -1,0 +1,170 @@
+//! The deploy pipeline: sync → prepare → launch → ready → switch, one item per service.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use deployd_e2e::{Project, Server, success, wait_for};
+
+fn service(build: &str) -> String {
+    format!(
+        "    source:\n      type: local\n      location: src\n    command: python3 echo.py\n    build:\n      - \"{build}\"\n"
+    )
+}
+
+/// Done when 2 of issue 7: each service is seen moving through the stages while a slow build
+/// runs; a failing build fails its service with the build's output, and the others deploy.
+#[test]
+fn services_move_through_the_stages_and_a_failing_build_fails_only_its_service() {
+    let project = Project::new();
+    let release = project.path().join("release-slow-build");
+    let file = project.write(
+        "three.yaml",
+        &format!(
+            "name: three\nservices:\n  slow:\n{}  quick:\n{}  broken:\n{}",
+            service(&format!(
+                "while [ ! -e {} ]; do sleep 0.05; done; echo slow build done",
+                release.display()
+            )),
+            service("echo quick build done"),
+            service("echo 'fatal: cannot compile' >&2; exit 7"),
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+
+    let cli = {
+        let url = server.url.clone();
+        let file = file.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(deployd_e2e::binary())
+                .args(["deploy", file.to_str().unwrap()])
+                .env("DEPLOYD_SERVER", url)
+                .output()
+                .unwrap()
+        })
+    };
+
+    // While the slow build runs, watch every service's stage.
+    let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
+    let observe = |seen: &mut BTreeSet<(String, String, String)>| {
+        let (status, body) = server.get("/deployments/three").ok()?;
+        (status == 200).then_some(())?;
+        for service in body["services"].as_array()? {
+            let stage = &service["stage"];
+            seen.insert((
+                service["id"].as_str()?.to_owned(),
+                stage["stage"].as_str()?.to_owned(),
+                stage["state"].as_str()?.to_owned(),
+            ));
+        }
+        Some(body)
+    };
+    wait_for(
+        "the quick service to be deployed while the slow one builds",
+        Duration::from_secs(60),
+        || {
+            let body = observe(&mut seen)?;
+            let quick = body["services"]
+                .as_array()?
+                .iter()
+                .find(|s| s["id"] == "quick")?;
+            (quick["phase"] == "ready" && quick["stage"]["state"] == "done").then_some(())
+        },
+    );
+    let body = observe(&mut seen).unwrap();
+    let slow = body["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "slow")
+        .unwrap()
+        .clone();
+    assert_eq!(slow["stage"]["stage"], "prepare", "{body}");
+    assert_eq!(slow["stage"]["state"], "running", "{body}");
+    assert_eq!(slow["phase"], "pending", "{body}");
+    assert_eq!(body["deploying"], true);
+
+    std::fs::write(&release, "").unwrap();
+    let body = wait_for("the deploy to end", Duration::from_secs(60), || {
+        let body = observe(&mut seen)?;
+        (body["deploying"] == false).then_some(body)
+    });
+    let by_id = |id: &str| {
+        body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        (
+            by_id("slow")["phase"].as_str(),
+            by_id("slow")["stage"]["stage"].as_str()
+        ),
+        (Some("ready"), Some("switch"))
+    );
+    assert_eq!(by_id("quick")["phase"], "ready");
+    let broken = by_id("broken");
+    assert_eq!(broken["phase"], "failed", "{body}");
+    assert_eq!(broken["stage"]["stage"], "prepare");
+    assert_eq!(broken["stage"]["state"], "failed");
+    let error = broken["stage"]["error"].as_str().unwrap();
+    assert!(error.contains("fatal: cannot compile"), "{error}");
+    assert!(error.contains("exit status: 7"), "{error}");
+
+    assert!(
+        seen.contains(&("slow".into(), "prepare".into(), "running".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("quick".into(), "switch".into(), "done".into())),
+        "{seen:?}"
+    );
+
+    // The CLI followed the deploy and named the failing stage with the build's output.
+    let out = cli.join().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("service `broken` failed in stage prepare"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fatal: cannot compile"), "{stderr}");
+
+    // The services that deployed take tasks.
+    let out = success(&server.cli(&["run", "-d", "three", "-s", "slow", "-a", "message", "hi"]));
+    assert_eq!(out, "slow: hi\n");
+    let out = success(&server.cli(&["run", "-d", "three", "-s", "quick", "-a", "message", "hi"]));
+    assert_eq!(out, "quick: hi\n");
+}
+
+/// A reload whose new build fails keeps the previous instance serving.
+#[test]
+fn a_reload_whose_build_fails_keeps_the_previous_instance() {
+    let project = Project::new();
+    let file = project.write(
+        "keep.yaml",
+        &format!("name: keep\nservices:\n  svc:\n{}", service("true")),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let (_, pid, _) = server.service("keep", 0);
+
+    project.write(
+        "keep.yaml",
+        &format!("name: keep\nservices:\n  svc:\n{}", service("exit 1")),
+    );
+    let out = server.cli(&["deploy", "--reload", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let (phase, new_pid, _) = server.service("keep", 0);
+    assert_eq!(
+        (phase.as_str(), new_pid),
+        ("ready", pid),
+        "the old instance still runs"
+    );
+    let out = success(&server.cli(&["run", "-d", "keep", "-a", "message", "still"]));
+    assert_eq!(out, "svc: still\n");
+}
