@@ -1,30 +1,98 @@
 //! The control plane: the store plus the live fan-out of task events.
 //!
+//! Writes to task logs (events, outcomes) go through a batched pipeline stage that commits what
+//! has queued up in one transaction, then broadcasts each entry and answers each writer.
+//!
 //! Invariant: every entry is committed to the store before it is broadcast.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use deployd_pipeline::{BatchConfig, Feeder, Pipeline};
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::store::Store;
-use crate::{Error, EventKind, TaskEvent, TaskInfo};
+use crate::store::{Store, Write};
+use crate::{Error, TaskEvent, TaskInfo};
 
 /// Capacity of the live event bus; a follower that falls further behind catches up from the
 /// store.
 const BUS_CAPACITY: usize = 4096;
 
+/// Writes of task logs are committed in batches: one transaction for what has queued up while
+/// the previous one committed (group commit), at most this many.
+const MAX_BATCH: usize = 256;
+
 pub(crate) struct Control {
     store: Store,
     bus: broadcast::Sender<Arc<TaskEvent>>,
     closed: watch::Sender<bool>,
+    writes: Feeder<Pending>,
+    /// Transactions the writer committed; for tests of the batching.
+    #[cfg_attr(not(test), allow(dead_code))]
+    commits: Arc<AtomicU64>,
+}
+
+/// A write waiting for its commit.
+struct Pending {
+    write: Write,
+    done: oneshot::Sender<Result<(), Error>>,
 }
 
 impl Control {
+    /// The control plane over `store`, with its batched writer (a pipeline stage) started.
     pub(crate) fn new(store: Store) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
         let (closed, _) = watch::channel(false);
-        Self { store, bus, closed }
+        let (writes, writer) = Pipeline::<Pending>::channel();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let store = store.clone();
+            let bus = bus.clone();
+            let commits = Arc::clone(&commits);
+            writer.batched_stage(
+                "store",
+                BatchConfig::new(1, MAX_BATCH, Duration::from_millis(5)),
+                move |batch: Vec<Pending>| {
+                    let store = store.clone();
+                    let bus = bus.clone();
+                    let commits = Arc::clone(&commits);
+                    async move {
+                        let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
+                        let written = store.write(&writes).await;
+                        commits.fetch_add(1, Ordering::Relaxed);
+                        match written {
+                            Ok(events) => {
+                                for (pending, event) in batch.into_iter().zip(events) {
+                                    let _ = bus.send(Arc::new(event));
+                                    let _ = pending.done.send(Ok(()));
+                                }
+                            }
+                            Err(err) => {
+                                let message = err.to_string();
+                                for pending in batch {
+                                    let _ = pending.done.send(Err(Error::Store(message.clone())));
+                                }
+                            }
+                        }
+                        Ok::<_, Error>(Vec::<()>::new())
+                    }
+                },
+            )
+        };
+        tokio::spawn(async move {
+            if let Err(err) = writer.run().await {
+                tracing::error!(error = %err, "the task log writer stopped");
+            }
+        });
+        Self {
+            store,
+            bus,
+            closed,
+            writes,
+            commits,
+        }
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -35,26 +103,55 @@ impl Control {
         self.bus.subscribe()
     }
 
-    /// Appends a streamed event to the task's log.
-    pub(crate) async fn event(&self, task_id: &str, data: Value) -> Result<(), Error> {
-        let event = self
-            .store
-            .append_event(task_id, EventKind::Event, data)
-            .await?;
-        let _ = self.bus.send(Arc::new(event));
-        Ok(())
+    /// Queues a write for the batched writer and waits until it is committed and broadcast.
+    async fn commit(&self, write: Write, urgent: bool) -> Result<(), Error> {
+        let (done, committed) = oneshot::channel();
+        let pending = Pending { write, done };
+        let queued = if urgent {
+            self.writes.put_urgent(pending).await
+        } else {
+            self.writes.put(pending).await
+        };
+        queued.map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?;
+        committed
+            .await
+            .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
     }
 
-    /// Commits the task's outcome.
+    /// Appends a streamed event to the task's log.
+    pub(crate) async fn event(&self, task_id: &str, data: Value) -> Result<(), Error> {
+        self.commit(
+            Write::Event {
+                task_id: task_id.to_owned(),
+                data,
+            },
+            false,
+        )
+        .await
+    }
+
+    /// Commits the task's outcome (its final entry, its status, its session's state).
     pub(crate) async fn finish(
         &self,
         task: &TaskInfo,
         outcome: Result<Value, String>,
         state: Option<Value>,
     ) -> Result<(), Error> {
-        let event = self.store.finish_task(task, outcome, state).await?;
-        let _ = self.bus.send(Arc::new(event));
-        Ok(())
+        self.commit(
+            Write::Finish {
+                task_id: task.id.clone(),
+                session_id: task.session_id.clone(),
+                outcome,
+                state,
+            },
+            true,
+        )
+        .await
+    }
+
+    #[cfg(test)]
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Follows a task's log from the entry after `after` until its terminal entry, the
@@ -118,7 +215,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::TaskStatus;
+    use crate::{EventKind, TaskStatus};
 
     async fn control() -> (tempfile::TempDir, Control, TaskInfo) {
         let dir = tempfile::tempdir().unwrap();
@@ -219,5 +316,50 @@ mod tests {
         let rx = control.follow("t".into(), 0);
         control.close().await;
         assert!(collect(rx).await.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod batching {
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_transactions_and_keep_each_log_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let control = Arc::new(Control::new(store));
+        const TASKS: usize = 50;
+        const EVENTS: usize = 20;
+        let mut writers = Vec::new();
+        for t in 0..TASKS {
+            let control = Arc::clone(&control);
+            writers.push(tokio::spawn(async move {
+                let id = format!("t{t}");
+                for n in 0..EVENTS {
+                    control.event(&id, json!(n)).await.unwrap();
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let writes = (TASKS * EVENTS) as u64;
+        assert!(
+            control.commits() < writes,
+            "{} transactions for {writes} writes: nothing was batched",
+            control.commits()
+        );
+        for t in 0..TASKS {
+            let events = control
+                .store()
+                .events_after(&format!("t{t}"), 0)
+                .await
+                .unwrap();
+            let seen: Vec<_> = events.iter().map(|e| (e.seq, e.data.clone())).collect();
+            let expected: Vec<_> = (0..EVENTS).map(|n| (n as u64 + 1, json!(n))).collect();
+            assert_eq!(seen, expected);
+        }
     }
 }

@@ -313,66 +313,25 @@ impl Store {
         Ok(())
     }
 
-    /// Appends an event to the task's log; returns it with its sequence number.
-    pub(crate) async fn append_event(
-        &self,
-        task_id: &str,
-        kind: EventKind,
-        data: Value,
-    ) -> Result<TaskEvent, Error> {
+    /// Commits `writes` in one transaction, in order; returns the log entry each appended.
+    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<TaskEvent>, Error> {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
-        let event = append_in(&mut tx, task_id, kind, data).await?;
-        tx.commit().await.map_err(store_error)?;
-        Ok(event)
-    }
-
-    /// Records the end of a task in one transaction: the final event, the task's outcome and
-    /// the session's new state.
-    pub(crate) async fn finish_task(
-        &self,
-        task: &TaskInfo,
-        outcome: Result<Value, String>,
-        state: Option<Value>,
-    ) -> Result<TaskEvent, Error> {
-        let mut tx = self.pool.begin().await.map_err(store_error)?;
-        let (kind, data, status, result, error) = match outcome {
-            Ok(result) => (
-                EventKind::Result,
-                result.clone(),
-                TaskStatus::Succeeded,
-                Some(result.to_string()),
-                None,
-            ),
-            Err(message) => (
-                EventKind::Error,
-                Value::String(message.clone()),
-                TaskStatus::Failed,
-                None,
-                Some(message),
-            ),
-        };
-        let event = append_in(&mut tx, &task.id, kind, data).await?;
-        sqlx::query(
-            "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(status.as_str())
-        .bind(result)
-        .bind(error)
-        .bind(now_ms())
-        .bind(&task.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
-        if let Some(state) = state {
-            sqlx::query("UPDATE sessions SET state = ? WHERE id = ?")
-                .bind(state.to_string())
-                .bind(&task.session_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(store_error)?;
+        let mut events = Vec::with_capacity(writes.len());
+        for write in writes {
+            events.push(match write {
+                Write::Event { task_id, data } => {
+                    append_in(&mut tx, task_id, EventKind::Event, data.clone()).await?
+                }
+                Write::Finish {
+                    task_id,
+                    session_id,
+                    outcome,
+                    state,
+                } => finish_in(&mut tx, task_id, session_id, outcome, state.as_ref()).await?,
+            });
         }
         tx.commit().await.map_err(store_error)?;
-        Ok(event)
+        Ok(events)
     }
 
     /// The task's events with a sequence number above `after`, in order.
@@ -403,6 +362,64 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// One write to a task's log.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    /// An event the service streamed.
+    Event { task_id: String, data: Value },
+    /// The task's end: its final entry, its outcome and its session's new state.
+    Finish {
+        task_id: String,
+        session_id: String,
+        outcome: Result<Value, String>,
+        state: Option<Value>,
+    },
+}
+
+async fn finish_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    task_id: &str,
+    session_id: &str,
+    outcome: &Result<Value, String>,
+    state: Option<&Value>,
+) -> Result<TaskEvent, Error> {
+    let (kind, data, status, result, error) = match outcome {
+        Ok(result) => (
+            EventKind::Result,
+            result.clone(),
+            TaskStatus::Succeeded,
+            Some(result.to_string()),
+            None,
+        ),
+        Err(message) => (
+            EventKind::Error,
+            Value::String(message.clone()),
+            TaskStatus::Failed,
+            None,
+            Some(message.clone()),
+        ),
+    };
+    let event = append_in(tx, task_id, kind, data).await?;
+    sqlx::query("UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ? WHERE id = ?")
+        .bind(status.as_str())
+        .bind(result)
+        .bind(error)
+        .bind(now_ms())
+        .bind(task_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    if let Some(state) = state {
+        sqlx::query("UPDATE sessions SET state = ? WHERE id = ?")
+            .bind(state.to_string())
+            .bind(session_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(event)
 }
 
 async fn append_in(
