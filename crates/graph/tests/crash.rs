@@ -565,9 +565,28 @@ fn main() {
             "hitl",
         ));
     }
+    // The list protocol of libtest, which cargo-nextest uses: `--list --format terse` names
+    // every case (none are ignored), then each case runs as `<name> --exact`.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        if !args.iter().any(|a| a == "--ignored") {
+            for (name, _, _) in &cases {
+                println!("{name}: test");
+            }
+        }
+        return;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
     let (mut passed, mut failed) = (0, 0);
     for (name, backend, point) in cases {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+        let skip = filter.as_ref().is_some_and(|f| {
+            if exact {
+                name != *f
+            } else {
+                !name.contains(f.as_str())
+            }
+        });
+        if skip {
             continue;
         }
         let result = runtime.block_on(async {
