@@ -272,7 +272,7 @@ impl IdSource for RandomIds {
         // random key makes sources of different processes disjoint in practice.
         let hi = mix(self.key.0.wrapping_add(n));
         let lo = mix(self.key.1 ^ n.rotate_left(17));
-        format!("{hi:016x}{lo:016x}")
+        hex32((u128::from(hi) << 64) | u128::from(lo))
     }
 }
 
@@ -290,8 +290,19 @@ impl SequentialIds {
 impl IdSource for SequentialIds {
     fn next_hex(&self) -> String {
         let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
-        format!("{n:032x}")
+        hex32(u128::from(n))
     }
+}
+
+/// `n` as 32 lowercase hex digits (`format!("{n:032x}")` without the formatting machinery,
+/// which shows in the cost of a step).
+fn hex32(n: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for shift in (0..32).rev() {
+        hex.push(char::from(DIGITS[((n >> (shift * 4)) & 0xf) as usize]));
+    }
+    hex
 }
 
 #[cfg(test)]
@@ -348,5 +359,9 @@ mod tests {
         assert_ne!(a, b);
         let seq = SequentialIds::new();
         assert_eq!(seq.next_hex(), "00000000000000000000000000000001");
+        assert_eq!(
+            hex32(0xfedc_ba98_7654_3210_0123_4567_89ab_cdef),
+            "fedcba98765432100123456789abcdef"
+        );
     }
 }

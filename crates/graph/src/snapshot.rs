@@ -222,8 +222,12 @@ impl Snapshot {
         state: Json,
         now: Timestamp,
     ) -> Self {
+        let mut id = String::with_capacity(node_id.len() + 1 + hex.len());
+        id.push_str(node_id);
+        id.push(':');
+        id.push_str(hex);
         Snapshot {
-            id: SnapshotId(format!("{node_id}:{hex}")),
+            id: SnapshotId(id),
             run_id,
             seq,
             kind: Kind::Node,
@@ -252,9 +256,7 @@ impl Snapshot {
         now: Timestamp,
     ) -> Self {
         Snapshot {
-            id: SnapshotId(format!("end:{hex}")),
             kind: Kind::End,
-            node_id: "end".to_owned(),
             status: Status::Success,
             ..Snapshot::node(run_id, seq, "end", hex, output, state, now)
         }

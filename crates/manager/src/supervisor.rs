@@ -368,11 +368,39 @@ async fn terminate(child: &mut Child, pid: Option<u32>, timeout: Duration) {
     }
     signal_group(pid, Signal::SIGKILL);
     let _ = child.wait().await;
+    // SIGKILL is delivered asynchronously: return once the group is gone (a member that is
+    // only a zombie still counts, so the wait is bounded).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while group_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
+/// Whether any process of the group led by `pid` still runs; zombies (dead, waiting for a
+/// parent to reap them) do not count.
 fn group_alive(pid: Option<u32>) -> bool {
-    pid.and_then(|pid| i32::try_from(pid).ok())
-        .is_some_and(|pid| killpg(Pid::from_raw(pid), None).is_ok())
+    let Some(group) = pid.and_then(|pid| i32::try_from(pid).ok()) else {
+        return false;
+    };
+    if killpg(Pid::from_raw(group), None).is_err() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // After the command name: state, ppid, pgrp, ...
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        pgrp == Some(group) && !matches!(state, "Z" | "X")
+    })
 }
 
 fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {

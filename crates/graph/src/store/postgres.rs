@@ -7,7 +7,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::Durability;
 
-sql_backend!(sqlx::Postgres, " FOR UPDATE SKIP LOCKED");
+sql_backend!(sqlx::Postgres, " FOR UPDATE SKIP LOCKED", false);
 
 /// Snapshots in Postgres. Several stores (processes, machines) may share one database: a
 /// claim takes a row with `FOR UPDATE SKIP LOCKED` and checks its status in the same update,

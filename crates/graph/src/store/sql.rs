@@ -85,6 +85,81 @@ pub(crate) const REPLACE: &str = "UPDATE graph_snapshots SET status = 'skipped'
 pub(crate) const ANSWER: &str = "UPDATE graph_snapshots SET status = 'created', answer = $2
     WHERE id = $1 AND status = 'waiting'";
 
+/// The row counts of the multi-row statements ([`MultiRow`]): a batch is cut into chunks of
+/// these sizes, so that a few statements, each prepared once, cover every batch.
+pub(crate) const CHUNKS: [usize; 5] = [128, 32, 8, 2, 1];
+
+/// `items` cut into chunks of the sizes in [`CHUNKS`], largest first, each with the index of
+/// its size.
+pub(crate) fn chunks<T>(mut items: &[T]) -> Vec<(usize, &[T])> {
+    let mut out = Vec::new();
+    for (k, &size) in CHUNKS.iter().enumerate() {
+        while items.len() >= size {
+            let (chunk, rest) = items.split_at(size);
+            out.push((k, chunk));
+            items = rest;
+        }
+    }
+    out
+}
+
+/// SQLite statements that write many rows at once (`?` parameters, `UPDATE … FROM (VALUES …)`),
+/// one per size in [`CHUNKS`]: a batch of commits costs a few statements instead of one or two
+/// per commit. The updates return the ids they changed.
+pub(crate) struct MultiRow {
+    /// `pending → running`; rows `(id, start_ts, lease_until, owner)`.
+    pub(crate) start: Vec<String>,
+    /// `running → success`; rows `(id, duration, owner)`.
+    pub(crate) succeed: Vec<String>,
+    /// Snapshots inserted by transitions; a duplicate fails the statement.
+    pub(crate) insert: Vec<String>,
+    /// Snapshots inserted unless their id exists; returns the ids inserted.
+    pub(crate) insert_if_new: Vec<String>,
+}
+
+pub(crate) static MULTI_ROW: std::sync::LazyLock<MultiRow> = std::sync::LazyLock::new(|| {
+    let values = |rows: usize, width: usize| {
+        let row = format!("({})", vec!["?"; width].join(", "));
+        vec![row; rows].join(", ")
+    };
+    let each = |f: &dyn Fn(usize) -> String| CHUNKS.iter().map(|&rows| f(rows)).collect();
+    MultiRow {
+        start: each(&|rows| {
+            format!(
+                "UPDATE graph_snapshots SET status = 'running', start_ts = v.column2, \
+                 lease_until = v.column3 FROM (VALUES {}) AS v \
+                 WHERE graph_snapshots.id = v.column1 AND graph_snapshots.status = 'pending' \
+                 AND graph_snapshots.lease_owner = v.column4 RETURNING id",
+                values(rows, 4)
+            )
+        }),
+        succeed: each(&|rows| {
+            format!(
+                "UPDATE graph_snapshots SET status = 'success', duration = v.column2 \
+                 FROM (VALUES {}) AS v \
+                 WHERE graph_snapshots.id = v.column1 AND graph_snapshots.status = 'running' \
+                 AND graph_snapshots.lease_owner = v.column3 RETURNING id",
+                values(rows, 3)
+            )
+        }),
+        insert: each(&|rows| {
+            format!(
+                "INSERT INTO graph_snapshots ({}) VALUES {}",
+                columns!(),
+                values(rows, 17)
+            )
+        }),
+        insert_if_new: each(&|rows| {
+            format!(
+                "INSERT INTO graph_snapshots ({}) VALUES {} ON CONFLICT (id) DO NOTHING \
+                 RETURNING id",
+                columns!(),
+                values(rows, 17)
+            )
+        }),
+    }
+});
+
 /// Why a conditional update changed no row, from the row as it is.
 pub(crate) fn refused(
     id: &SnapshotId,
@@ -125,9 +200,10 @@ pub(crate) fn to_i64(n: u64) -> i64 {
 }
 
 /// The statements run for one database type `$db`; `$lock` is appended to the sub-selects of
-/// claims (`FOR UPDATE SKIP LOCKED` on Postgres).
+/// claims (`FOR UPDATE SKIP LOCKED` on Postgres); with `$multi_row`, a batch's inserts, starts
+/// and successes are written with [`MultiRow`]'s statements (SQLite).
 macro_rules! sql_backend {
-    ($db:ty, $lock:literal) => {
+    ($db:ty, $lock:literal, $multi_row:literal) => {
         use std::sync::Arc;
 
         use async_trait::async_trait;
@@ -168,13 +244,186 @@ macro_rules! sql_backend {
         impl Batch for SqlBatch {
             async fn run(&self, ops: &[Op]) -> Result<Vec<Result<Done, Error>>, Error> {
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let mut results = Vec::with_capacity(ops.len());
-                for op in ops {
-                    results.push(run_op(&mut tx, op).await?);
-                }
+                let results = if $multi_row && ops.len() > 1 {
+                    run_grouped(&mut tx, ops).await?
+                } else {
+                    let mut results = Vec::with_capacity(ops.len());
+                    for op in ops {
+                        results.push(run_op(&mut tx, op).await?);
+                    }
+                    results
+                };
                 tx.commit().await.map_err(db_error)?;
                 Ok(results)
             }
+        }
+
+        /// Runs `ops` in order, each run of consecutive inserts, starts and successes that
+        /// touch distinct snapshots as a few multi-row statements.
+        async fn run_grouped(
+            conn: &mut Conn,
+            ops: &[Op],
+        ) -> Result<Vec<Result<Done, Error>>, Error> {
+            let mut results = Vec::with_capacity(ops.len());
+            let mut rest = ops;
+            while let Some(first) = rest.first() {
+                if !groupable(first) {
+                    results.push(run_op(conn, first).await?);
+                    rest = &rest[1..];
+                    continue;
+                }
+                let len = rest
+                    .iter()
+                    .position(|op| !groupable(op))
+                    .unwrap_or(rest.len());
+                let (segment, after) = rest.split_at(len);
+                if segment.len() > 1 && independent(segment) {
+                    run_segment(conn, segment, &mut results).await?;
+                } else {
+                    for op in segment {
+                        results.push(run_op(conn, op).await?);
+                    }
+                }
+                rest = after;
+            }
+            Ok(results)
+        }
+
+        fn groupable(op: &Op) -> bool {
+            matches!(
+                op,
+                Op::Insert(_)
+                    | Op::Transition(_, Transition::Start { .. } | Transition::Succeed { .. })
+            )
+        }
+
+        /// Whether no op of `segment` touches a snapshot another one updates or inserts, so
+        /// that running all its updates, then all its inserts, does what running it in order
+        /// does.
+        fn independent(segment: &[Op]) -> bool {
+            let mut seen = std::collections::HashSet::with_capacity(segment.len() * 2);
+            segment.iter().all(|op| match op {
+                Op::Insert(s) => seen.insert(s.id.as_str()),
+                Op::Transition(id, t) => {
+                    seen.insert(id.as_str())
+                        && t.inserted()
+                            .is_none_or(|next| seen.insert(next.id.as_str()))
+                }
+                _ => false,
+            })
+        }
+
+        /// Runs a segment of [`groupable`], [`independent`] ops: the starts, the successes,
+        /// then the snapshots inserted (by the transitions that applied, and by inserts).
+        async fn run_segment(
+            conn: &mut Conn,
+            segment: &[Op],
+            results: &mut Vec<Result<Done, Error>>,
+        ) -> Result<(), Error> {
+            let statements = &*sql::MULTI_ROW;
+            let mut starts = Vec::new();
+            let mut succeeds = Vec::new();
+            for op in segment {
+                match op {
+                    Op::Transition(id, Transition::Start { owner, at, until }) => {
+                        starts.push((id.as_str(), owner.as_str(), *at, *until));
+                    }
+                    Op::Transition(
+                        id,
+                        Transition::Succeed {
+                            owner, duration, ..
+                        },
+                    ) => {
+                        succeeds.push((id.as_str(), owner.as_str(), *duration));
+                    }
+                    _ => {}
+                }
+            }
+            let mut changed = std::collections::HashSet::with_capacity(segment.len());
+            for (k, chunk) in sql::chunks(&starts) {
+                let mut query = sqlx::query(statements.start[k].as_str());
+                for &(id, owner, at, until) in chunk {
+                    query = query
+                        .bind(id)
+                        .bind(at.as_micros())
+                        .bind(until.as_micros())
+                        .bind(owner);
+                }
+                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
+                    changed.insert(row.try_get::<String, _>(0).map_err(db_error)?);
+                }
+            }
+            for (k, chunk) in sql::chunks(&succeeds) {
+                let mut query = sqlx::query(statements.succeed[k].as_str());
+                for &(id, owner, duration) in chunk {
+                    query = query.bind(id).bind(duration).bind(owner);
+                }
+                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
+                    changed.insert(row.try_get::<String, _>(0).map_err(db_error)?);
+                }
+            }
+            let mut fresh = Vec::new();
+            let mut carried = Vec::new();
+            for op in segment {
+                match op {
+                    Op::Insert(snapshot) => fresh.push(snapshot),
+                    Op::Transition(id, t) if changed.contains(id.as_str()) => {
+                        carried.extend(t.inserted());
+                    }
+                    _ => {}
+                }
+            }
+            for (k, chunk) in sql::chunks(&carried) {
+                let mut query = sqlx::query(statements.insert[k].as_str());
+                for snapshot in chunk {
+                    query = bind_snapshot(query, snapshot);
+                }
+                query.execute(&mut *conn).await.map_err(db_error)?;
+            }
+            let mut inserted = std::collections::HashSet::with_capacity(fresh.len());
+            for (k, chunk) in sql::chunks(&fresh) {
+                let mut query = sqlx::query(statements.insert_if_new[k].as_str());
+                for snapshot in chunk {
+                    query = bind_snapshot(query, snapshot);
+                }
+                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
+                    inserted.insert(row.try_get::<String, _>(0).map_err(db_error)?);
+                }
+            }
+            for op in segment {
+                results.push(match op {
+                    Op::Insert(snapshot) => {
+                        Ok(Done::Inserted(inserted.contains(snapshot.id.as_str())))
+                    }
+                    Op::Transition(id, _) if changed.contains(id.as_str()) => {
+                        Ok(Done::Transitioned)
+                    }
+                    Op::Transition(id, t) => Err(refusal(conn, id, t).await?),
+                    other => Err(Error::Storage(format!("cannot group {other:?}"))),
+                });
+            }
+            Ok(())
+        }
+
+        /// Why the update of `id` by `transition` changed no row.
+        async fn refusal(
+            conn: &mut Conn,
+            id: &SnapshotId,
+            transition: &Transition,
+        ) -> Result<Error, Error> {
+            let row = sqlx::query(sql::STATUS_OF)
+                .bind(id.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            let row = match row {
+                Some(row) => Some((
+                    row.try_get::<String, _>(0).map_err(db_error)?,
+                    row.try_get::<Option<String>, _>(1).map_err(db_error)?,
+                )),
+                None => None,
+            };
+            Ok(sql::refused(id, row, transition))
         }
 
         /// Runs one op: `Err` for a database error (the batch fails), `Ok(Err)` for an op the
@@ -188,19 +437,7 @@ macro_rules! sql_backend {
                 Op::Transition(id, transition) => {
                     let changed = update(conn, id, transition).await?;
                     if !changed {
-                        let row = sqlx::query(sql::STATUS_OF)
-                            .bind(id.as_str())
-                            .fetch_optional(&mut *conn)
-                            .await
-                            .map_err(db_error)?;
-                        let row = match row {
-                            Some(row) => Some((
-                                row.try_get::<String, _>(0).map_err(db_error)?,
-                                row.try_get::<Option<String>, _>(1).map_err(db_error)?,
-                            )),
-                            None => None,
-                        };
-                        return Ok(Err(sql::refused(id, row, transition)));
+                        return Ok(Err(refusal(conn, id, transition).await?));
                     }
                     if let Some(next) = transition.inserted() {
                         // A duplicate fails the statement, and so the batch: nothing of this
@@ -247,7 +484,18 @@ macro_rules! sql_backend {
             s: &Snapshot,
             statement: &'static str,
         ) -> Result<bool, Error> {
-            let done = sqlx::query(statement)
+            let done = bind_snapshot(sqlx::query(statement), s)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        type Query<'q> = sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments>;
+
+        /// Binds the 17 columns of `s`, in [`columns!`]'s order.
+        fn bind_snapshot<'q>(query: Query<'q>, s: &Snapshot) -> Query<'q> {
+            query
                 .bind(s.id.as_str())
                 .bind(s.run_id.as_str())
                 .bind(to_i64(s.seq))
@@ -265,10 +513,6 @@ macro_rules! sql_backend {
                 .bind(s.error.as_deref())
                 .bind(s.request.as_ref().map(|r| r.get()))
                 .bind(s.answer.as_ref().map(|a| a.get()))
-                .execute(&mut *conn)
-                .await
-                .map_err(db_error)?;
-            Ok(done.rows_affected() == 1)
         }
 
         async fn update(conn: &mut Conn, id: &SnapshotId, t: &Transition) -> Result<bool, Error> {

@@ -184,13 +184,24 @@ impl Table {
                 reason: "a snapshot with this id exists".to_owned(),
             });
         }
-        self.unindex(id);
-        if let Some(current) = self.snapshots.get_mut(id) {
-            transition.apply(current);
-        }
-        if let Some((status, created_ts)) = self.snapshots.get(id).map(|s| (s.status, s.created_ts))
-        {
-            self.index_entry(status, created_ts, id);
+        // Most transitions keep the snapshot in the index it is in (`pending → running`) or
+        // take it out of every index (`running → success`): touch the indexes only as needed.
+        let before = index_of(current.status);
+        let after = index_of(transition.target());
+        if before == after && before != Some(Status::Created) {
+            if let Some(current) = self.snapshots.get_mut(id) {
+                transition.apply(current);
+            }
+        } else {
+            self.unindex(id);
+            if let Some(current) = self.snapshots.get_mut(id) {
+                transition.apply(current);
+            }
+            if let Some((status, created_ts)) =
+                self.snapshots.get(id).map(|s| (s.status, s.created_ts))
+            {
+                self.index_entry(status, created_ts, id);
+            }
         }
         let inserted = match transition {
             Transition::Succeed { next, .. } | Transition::Replace { next, .. } => Some(next),
@@ -267,6 +278,15 @@ impl Table {
         let mut runs: Vec<&RunId> = self.runs.keys().collect();
         runs.sort();
         runs.into_iter().flat_map(|run| self.history(run)).collect()
+    }
+}
+
+/// The index a snapshot in `status` belongs to: `created`, leased (as `pending`), or none.
+fn index_of(status: Status) -> Option<Status> {
+    match status {
+        Status::Created => Some(Status::Created),
+        Status::Pending | Status::Running => Some(Status::Pending),
+        _ => None,
     }
 }
 
