@@ -1,19 +1,52 @@
 //! The message queue contract of deployd.
 //!
 //! Tasks reach services through a [`MessageQueue`]. This crate defines the contract every
-//! backend keeps, the in-memory backend used by default ([`memory::MemoryQueue`]), and, behind
+//! backend keeps, the in-memory backend used by default ([`memory::MemoryQueue`]), the broker
+//! backends behind Cargo features, [`connect`] to pick one from a [`QueueConfig`], and, behind
 //! the `testing` feature, the conformance suite that every backend runs ([`testing`]).
 //!
 //! The contract:
-//! - [`MessageQueue::publish`] returns once the queue holds the message.
+//! - [`MessageQueue::publish`] returns once the queue holds the message (after the broker's
+//!   publisher confirm where it has one). While the broker is unreachable it retries, and fails
+//!   with [`Error::Unavailable`] after [`Bounds::publish_timeout`]: it never hangs.
 //! - Consumers join a named *group* on a topic. Each message goes to exactly one member of a
 //!   group (competing consumers); every group on a topic receives every message (fan-out).
 //! - Delivery is at-least-once: a message is removed only when its [`Delivery`] is acked.
 //!   A nack (optionally delayed) redelivers it with `attempt + 1`. A message held by a consumer
 //!   that is dropped, or whose ack deadline passes, is redelivered to another member with
 //!   `attempt + 1`. Dropping a [`Delivery`] without acking it counts as a nack without delay.
+//! - A lost connection is retried with exponential backoff (`backon`) between
+//!   [`Bounds::reconnect_min_delay`] and [`Bounds::reconnect_max_delay`]; reconnecting is
+//!   invisible to callers, and a consumer waiting in [`Consumer::next`] waits through it.
 //!
 //! This crate does not know what a task is: messages are bytes plus headers.
+//!
+//! ## Backends
+//!
+//! | backend | feature | order | nack delay | ack deadline | attempt |
+//! | --- | --- | --- | --- | --- | --- |
+//! | [`memory`] | (always) | publish order per group; due redeliveries first | in-process timer | in-process timer per delivery | counted in the message |
+//! | `redis` (Streams) | `redis` | publish order; redeliveries first | sorted set per group, moved to the group's retry stream when due | holder's deadline in its consumer name; idle entries (`XPENDING`) copied to the retry stream by a Lua script | field of the entry, `+ 1` per copy |
+//! | `rabbitmq` (lapin) | `rabbitmq` | publish order per queue; redeliveries go last | per-delay queue with TTL dead-lettering into the group's queue | client timer; the broker requeues what a closed channel held | header, `+ 1` per copy, `+ 1` if the broker flags `redelivered` |
+//! | `nats` (JetStream) | `nats` | publish order per subject | `NAK` with delay | client timer (`NAK`), `AckWait` longer for dead processes | JetStream's delivery count |
+//! | Kafka | | not implemented yet ([`connect`] answers [`Error::Unsupported`]) | | | |
+//! | `sqs` | `sqs` | none guaranteed (standard queues) | `ChangeMessageVisibility` (whole seconds) | client timer; visibility timeout one second longer for dead processes | `ApproximateReceiveCount` |
+//!
+//! Every broker backend redelivers what a dropped [`Consumer`] held at once; what a crashed
+//! process held comes back after the broker-side timeout. Each module's docs describe its
+//! layout on the broker.
+//!
+//! ## Testing against brokers
+//!
+//! `tests/{redis,rabbitmq,nats,sqs}.rs` run the whole conformance suite against a real broker;
+//! each needs its feature and `testing`, so a plain `cargo test` does not build them. They read
+//! `DEPLOYD_TEST_REDIS_URL`, `DEPLOYD_TEST_RABBITMQ_URL`, `DEPLOYD_TEST_NATS_URL`,
+//! `DEPLOYD_TEST_KAFKA_BROKERS` and `DEPLOYD_TEST_SQS_ENDPOINT` (defaults: the usual ports on
+//! 127.0.0.1) and fail when the broker does not answer. `cargo xtask e2e` starts what is not
+//! running. The fault cases (publish while the broker is down, reconnect after a restart)
+//! restart a private `redis-server` / `nats-server` that the test starts, and put a
+//! [`testing::TcpProxy`] in front of RabbitMQ and moto, which the test cannot restart (RabbitMQ
+//! is a slow system service; moto loses every queue when restarted).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,9 +54,32 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod config;
 pub mod memory;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+#[cfg(any(
+    feature = "redis",
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "sqs"
+))]
+mod retry;
+
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "sqs"))]
+mod deadline;
+
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
+
+pub use config::{Bounds, QueueConfig, connect};
 
 /// What can go wrong talking to a queue.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +104,29 @@ pub enum Error {
     /// Any other backend failure, with the backend's message.
     #[error("queue backend error: {0}")]
     Backend(String),
+    /// The configuration names a backend this build of deployd-queue does not include.
+    #[error("{}", unsupported_message(backend, feature))]
+    Unsupported {
+        /// The backend, as a person would name it (`Redis`, `RabbitMQ`, ...).
+        backend: &'static str,
+        /// The Cargo feature of `deployd-queue` that includes it; empty for a backend no
+        /// feature provides yet (Kafka).
+        feature: &'static str,
+    },
+    /// The configuration is unusable (a malformed URL, a missing field).
+    #[error("invalid message queue configuration: {0}")]
+    InvalidConfig(String),
+}
+
+fn unsupported_message(backend: &str, feature: &str) -> String {
+    if feature.is_empty() {
+        format!("the {backend} message queue is not implemented in this version of deployd")
+    } else {
+        format!(
+            "the {backend} message queue is not built in: rebuild deployd-queue with the \
+             `{feature}` feature"
+        )
+    }
 }
 
 /// A message: bytes plus headers, with a unique id and a delivery attempt number.

@@ -30,6 +30,13 @@
 //! Waits are short and bounded, so a broken backend fails instead of hanging: an expected
 //! message must arrive within [`RECEIVE_TIMEOUT`]; "nothing else arrives" is watched for
 //! [`QUIET_PERIOD`].
+//!
+//! Two more cases need a broker that the test can stop and start, through a [`BrokerControl`]:
+//! [`publish_while_down_fails_within_bound`] and [`reconnects_after_restart`]. A backend test
+//! runs them with a broker of its own: a server process the test starts and kills
+//! ([`BrokerProcess`]), or, for a broker the test cannot restart, a [`TcpProxy`] in front of
+//! it whose stop cuts every connection and refuses new ones. The in-memory backend has no
+//! connection to lose and is exempt from both.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -40,6 +47,10 @@ use bytes::Bytes;
 use tokio::time::{Instant, timeout};
 
 use crate::{Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
+
+mod broker;
+
+pub use broker::{BrokerControl, BrokerProcess, START_TIMEOUT, TcpProxy, free_port, wait_for_port};
 
 /// How long the suite waits for a message that must arrive (or for any other queue call).
 pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,10 +76,18 @@ pub fn unique_prefix(case: &str) -> String {
 ///
 /// The attributes (at least the test attribute, such as `#[tokio::test]`) go on every
 /// generated `async fn`; `queue` is an expression evaluated at the start of each test whose
-/// value implements [`MessageQueue`] (it may `.await`). See the [module docs](crate::testing).
+/// value implements [`MessageQueue`] (it may `.await`). An optional `many_messages = N`
+/// replaces [`MANY_MESSAGES`] in [`many_messages_through_four_consumers`], for a test broker
+/// too slow for it (say which and why where you use it). See the
+/// [module docs](crate::testing).
 #[macro_export]
 macro_rules! conformance_tests {
     ($(#[$attr:meta])+ queue = $queue:expr $(,)?) => {
+        $crate::conformance_tests!(
+            $(#[$attr])+ queue = $queue, many_messages = $crate::testing::MANY_MESSAGES
+        );
+    };
+    ($(#[$attr:meta])+ queue = $queue:expr, many_messages = $many:expr $(,)?) => {
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] round_trip);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] competing_consumers_split_the_work);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] every_group_sees_every_message);
@@ -81,7 +100,12 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] late_ack_keeps_the_redelivery);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] late_nack_adds_no_copy);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] large_payloads);
-        $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] many_messages_through_four_consumers);
+        $(#[$attr])+
+        async fn many_messages_through_four_consumers() {
+            let queue = $queue;
+            let prefix = $crate::testing::unique_prefix("many_messages_through_four_consumers");
+            $crate::testing::many_messages_through_four_consumers_n(&queue, &prefix, $many).await;
+        }
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] fifo_for_one_consumer);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] invalid_names_rejected);
     };
@@ -486,9 +510,19 @@ pub async fn large_payloads(queue: &dyn MessageQueue, prefix: &str) {
     expect_nothing(&mut consumer, "after the large messages were acked").await;
 }
 
-/// [`MANY_MESSAGES`] messages through four concurrent members of one group: every message
-/// is acked exactly once, none is lost, none comes back after its ack.
+/// [`MANY_MESSAGES`] messages through four concurrent members of one group; see
+/// [`many_messages_through_four_consumers_n`].
 pub async fn many_messages_through_four_consumers(queue: &dyn MessageQueue, prefix: &str) {
+    many_messages_through_four_consumers_n(queue, prefix, MANY_MESSAGES).await;
+}
+
+/// `count` messages through four concurrent members of one group: every message
+/// is acked exactly once, none is lost, none comes back after its ack.
+pub async fn many_messages_through_four_consumers_n(
+    queue: &dyn MessageQueue,
+    prefix: &str,
+    count: usize,
+) {
     let topic = format!("{prefix}.tasks");
     let mut members = Vec::new();
     for _ in 0..4 {
@@ -521,7 +555,7 @@ pub async fn many_messages_through_four_consumers(queue: &dyn MessageQueue, pref
                 };
                 ids.push(delivery.message.id.clone());
                 ack(delivery).await;
-                if acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= MANY_MESSAGES {
+                if acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= count {
                     done_tx.send_replace(true);
                 }
             }
@@ -529,15 +563,34 @@ pub async fn many_messages_through_four_consumers(queue: &dyn MessageQueue, pref
         });
     }
 
-    let mut sent = Vec::with_capacity(MANY_MESSAGES);
-    for i in 0..MANY_MESSAGES {
-        let message = Message::new(i.to_string());
-        sent.push(message.id.clone());
-        publish(queue, &topic, message).await;
+    let messages: Vec<Message> = (0..count).map(|i| Message::new(i.to_string())).collect();
+    let sent: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+    // Publish in chunks, keeping at most `MAX_BACKLOG` messages waiting, as a server whose
+    // workers keep up does; some brokers (moto) slow down with a long backlog.
+    let mut published: usize = 0;
+    let mut messages = messages.into_iter();
+    loop {
+        let chunk: Vec<Message> = messages.by_ref().take(PUBLISHERS * 8).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let stalled_at = Instant::now();
+        while published.saturating_sub(acked.load(std::sync::atomic::Ordering::SeqCst))
+            > MAX_BACKLOG
+        {
+            assert!(
+                stalled_at.elapsed() < RECEIVE_TIMEOUT,
+                "the members acked nothing for {RECEIVE_TIMEOUT:?} with {} messages waiting",
+                published.saturating_sub(acked.load(std::sync::atomic::Ordering::SeqCst))
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        published += chunk.len();
+        publish_concurrently(queue, &topic, chunk, PUBLISHERS).await;
     }
 
     let mut members = Vec::new();
-    let mut received = HashSet::with_capacity(MANY_MESSAGES);
+    let mut received = HashSet::with_capacity(count);
     let mut duplicates = Vec::new();
     let mut stalled_members = Vec::new();
     let mut per_member = Vec::new();
@@ -561,7 +614,7 @@ pub async fn many_messages_through_four_consumers(queue: &dyn MessageQueue, pref
     let missing = sent.iter().filter(|id| !received.contains(*id)).count();
     assert!(
         duplicates.is_empty() && missing == 0,
-        "{MANY_MESSAGES} messages through 4 members: {missing} never arrived, {} arrived twice \
+        "{count} messages through 4 members: {missing} never arrived, {} arrived twice \
          (e.g. {:?}); messages per member {per_member:?}; members that waited \
          {RECEIVE_TIMEOUT:?} in vain: {stalled_members:?}",
         duplicates.len(),
@@ -641,6 +694,136 @@ pub async fn invalid_names_rejected(queue: &dyn MessageQueue, prefix: &str) {
     ack(delivery).await;
 }
 
+/// With the broker stopped, `publish` fails with [`Error::Unavailable`] within `bound` (the
+/// queue's publish timeout) plus a margin for the machine's noise, instead of hanging; once
+/// the broker is back, publishing and receiving work again without a new queue.
+pub async fn publish_while_down_fails_within_bound(
+    queue: &dyn MessageQueue,
+    broker: &dyn BrokerControl,
+    bound: Duration,
+    prefix: &str,
+) {
+    let topic = format!("{prefix}.tasks");
+    let mut consumer = subscribe(queue, &topic, "workers", SubscribeOptions::default()).await;
+    let before = Message::new("before the stop");
+    publish(queue, &topic, before.clone()).await;
+    let delivery = receive(&mut *consumer, "the message published while the broker ran").await;
+    assert_eq!(delivery.message.id, before.id);
+    ack(delivery).await;
+
+    broker.stop().await;
+    let margin = RECEIVE_TIMEOUT;
+    let started = Instant::now();
+    let result = timeout(
+        bound + margin,
+        queue.publish(&topic, Message::new("while down")),
+    )
+    .await;
+    let waited = started.elapsed();
+    broker.start().await;
+    match result {
+        Err(_) => panic!(
+            "publish with the broker down did not return within {:?} (bound {bound:?})",
+            bound + margin
+        ),
+        Ok(Ok(())) => panic!("publish with the broker down reported success"),
+        Ok(Err(Error::Unavailable(message))) => {
+            tracing::info!(?waited, %message, "publish failed as it should");
+        }
+        Ok(Err(other)) => {
+            panic!("publish with the broker down must fail with Error::Unavailable, got {other:?}")
+        }
+    }
+
+    let after = Message::new("after the restart");
+    publish(queue, &topic, after.clone()).await;
+    loop {
+        let delivery = receive(&mut *consumer, "the message published after the restart").await;
+        let id = delivery.message.id.clone();
+        ack(delivery).await;
+        if id == after.id {
+            break;
+        }
+    }
+}
+
+/// The broker restarts under a waiting consumer: the consumer and the publisher reconnect by
+/// themselves. What was published before the stop arrives too when `keeps_messages` (the
+/// broker persists them across a restart); what was published after always does.
+pub async fn reconnects_after_restart(
+    queue: &dyn MessageQueue,
+    broker: &dyn BrokerControl,
+    keeps_messages: bool,
+    prefix: &str,
+) {
+    let topic = format!("{prefix}.tasks");
+    let mut consumer = subscribe(queue, &topic, "workers", SubscribeOptions::default()).await;
+    let first = Message::new("first");
+    publish(queue, &topic, first.clone()).await;
+    let delivery = receive(&mut *consumer, "the first message").await;
+    assert_eq!(delivery.message.id, first.id);
+    ack(delivery).await;
+    let queued = Message::new("queued before the restart");
+    publish(queue, &topic, queued.clone()).await;
+
+    // The consumer waits through the restart.
+    broker.stop().await;
+    let waiting = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + 3 * RECEIVE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, consumer.next()).await {
+                Ok(Ok(delivery)) => {
+                    let id = delivery.message.id.clone();
+                    if let Err(err) = bounded("ack", delivery.ack()).await {
+                        tracing::info!(error = %err, "ack across the restart failed");
+                        continue;
+                    }
+                    seen.push(id);
+                    return (consumer, seen);
+                }
+                Ok(Err(err)) => panic!("next across a broker restart failed: {err}"),
+                Err(_) => return (consumer, seen),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.start().await;
+
+    let after = Message::new("published after the restart");
+    publish(queue, &topic, after.clone()).await;
+    let (mut consumer, mut seen) = match waiting.await {
+        Ok(result) => result,
+        Err(err) => panic!("the waiting consumer failed: {err}"),
+    };
+    let mut wanted: HashSet<String> = HashSet::from([after.id.clone()]);
+    if keeps_messages {
+        wanted.insert(queued.id.clone());
+    }
+    for id in &seen {
+        wanted.remove(id);
+    }
+    while !wanted.is_empty() {
+        let delivery = receive(
+            &mut *consumer,
+            "the messages of before and after the restart",
+        )
+        .await;
+        let id = delivery.message.id.clone();
+        ack(delivery).await;
+        wanted.remove(&id);
+        seen.push(id);
+    }
+    let published = [first.id, queued.id, after.id];
+    for id in &seen {
+        assert!(
+            published.contains(id),
+            "received a message never published: {id}"
+        );
+    }
+}
+
 fn expect_invalid(result: Result<(), Error>, expected_what: &str, name: &str, call: &str) {
     match result {
         Err(Error::InvalidName { what, .. }) if what == expected_what => {}
@@ -657,6 +840,48 @@ pub async fn bounded<T>(what: &str, future: impl Future<Output = T>) -> T {
     match timeout(RECEIVE_TIMEOUT, future).await {
         Ok(output) => output,
         Err(_) => panic!("{what} did not return within {RECEIVE_TIMEOUT:?}"),
+    }
+}
+
+/// How many publishes [`many_messages_through_four_consumers`] keeps in flight, as the many
+/// tasks of a busy server do; a broker that confirms each publish after a disk sync would take
+/// minutes for them one at a time.
+pub const PUBLISHERS: usize = 32;
+
+/// How many published messages [`many_messages_through_four_consumers`] lets wait for the
+/// members at most.
+pub const MAX_BACKLOG: usize = 2_000;
+
+/// Publishes `messages` on `topic` with up to `in_flight` publishes at once; panics on the
+/// first failure.
+pub async fn publish_concurrently(
+    queue: &dyn MessageQueue,
+    topic: &str,
+    messages: Vec<Message>,
+    in_flight: usize,
+) {
+    let mut messages = messages.into_iter();
+    let mut running: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Vec::new();
+    loop {
+        while running.len() < in_flight.max(1) {
+            let Some(message) = messages.next() else {
+                break;
+            };
+            running.push(Box::pin(publish(queue, topic, message)));
+        }
+        if running.is_empty() {
+            return;
+        }
+        std::future::poll_fn(|cx| {
+            let before = running.len();
+            running.retain_mut(|publishing| publishing.as_mut().poll(cx).is_pending());
+            if running.len() < before {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 }
 

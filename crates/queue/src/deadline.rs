@@ -1,0 +1,119 @@
+//! Client-side ack deadlines: one watcher task per consumer for all the deliveries it handed
+//! out, instead of a timer task per delivery.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Where an entry sits in a [`Deadlines`]; removes it with [`Deadlines::remove`].
+pub(crate) type Key = (Instant, u64);
+
+/// The deliveries of one consumer by deadline.
+pub(crate) struct Deadlines<T> {
+    state: Mutex<State<T>>,
+    notify: Notify,
+    next: AtomicU64,
+}
+
+struct State<T> {
+    entries: BTreeMap<Key, Arc<T>>,
+    /// When the watcher wakes up by itself; `None` while it waits for a notification only.
+    /// An entry due earlier than this wakes it up.
+    wake_at: Option<Instant>,
+}
+
+impl<T: Send + Sync + 'static> Deadlines<T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                entries: BTreeMap::new(),
+                wake_at: None,
+            }),
+            notify: Notify::new(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `value` until `at`.
+    pub(crate) fn insert(&self, at: Instant, value: Arc<T>) -> Key {
+        let key = (at, self.next.fetch_add(1, Ordering::Relaxed));
+        let wake = {
+            let mut state = self.lock();
+            state.entries.insert(key, value);
+            // Waking the watcher costs a task switch per delivery: only when it would sleep
+            // past this deadline.
+            let wake = state.wake_at.is_none_or(|wake_at| at < wake_at);
+            if wake {
+                state.wake_at = Some(at);
+            }
+            wake
+        };
+        if wake {
+            self.notify.notify_one();
+        }
+        key
+    }
+
+    /// Stops watching the entry at `key`; `None` if it fired or was removed already.
+    pub(crate) fn remove(&self, key: Key) -> Option<Arc<T>> {
+        self.lock().entries.remove(&key)
+    }
+
+    /// Removes and returns every entry.
+    pub(crate) fn drain(&self) -> Vec<Arc<T>> {
+        std::mem::take(&mut self.lock().entries)
+            .into_values()
+            .collect()
+    }
+
+    /// Calls `fire` for every entry whose deadline passed, in deadline order; runs until the
+    /// task is aborted.
+    pub(crate) async fn watch<F, Fut>(self: Arc<Self>, fire: F)
+    where
+        F: Fn(Arc<T>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let now = Instant::now();
+            let due = {
+                let mut state = self.lock();
+                let later = state.entries.split_off(&(now, u64::MAX));
+                let due = std::mem::replace(&mut state.entries, later);
+                state.wake_at = if due.is_empty() {
+                    state.entries.keys().next().map(|(at, _)| *at)
+                } else {
+                    // Fire, then look again at once.
+                    Some(now)
+                };
+                due
+            };
+            if !due.is_empty() {
+                for (_, value) in due {
+                    fire(value).await;
+                }
+                continue;
+            }
+            let wake_at = self.lock().wake_at;
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The NATS JetStream backend (feature `nats`).
+//!
+//! Layout, for topic `t`, group `g` and prefix `p`:
+//! - one stream `p` on subjects `p.>`, file storage, *interest* retention: a message is kept
+//!   until every group that existed when it was published acked it. Topic `t` is subject
+//!   `p.t`. `publish` waits for the stream's publish ack (JetStream's publisher confirm) and
+//!   sets `Nats-Msg-Id` to the message id, so a publish retried after a lost ack is stored once.
+//! - one durable pull consumer per group, filtered on `p.t`, delivering only what is published
+//!   after its creation, with explicit acks. Its name is derived from `t` and `g` (with a hash).
+//!   It stays when its last member leaves, keeping the group's messages, unless
+//!   [`NatsOptions::group_expiry`] is set.
+//!
+//! A member pulls one message per `next` (nothing is prefetched for a member that is not
+//! asking). The attempt number is JetStream's delivery count. `nack` is `NAK` (with the
+//! delay: `nak_with_delay`). The ack deadline of each member is kept by the client: at the
+//! deadline it sends `NAK`, and a late ack or nack of that delivery is not sent; the group's
+//! server-side `AckWait` is set a little longer (twice the first member's deadline, at least
+//! one second more), so that it only catches members whose process died; a member with a
+//! longer deadline than `AckWait` sends "in progress" to keep its delivery. A consumer that is
+//! dropped NAKs what it held.
+//!
+//! Payloads too large for one NATS message (the server's `max_payload`, 1 MiB by default) are
+//! stored in the object store bucket `p-payloads`, kept for
+//! [`NatsOptions::large_payload_ttl`], and the message carries a reference.
+//!
+//! While the connection is down, the client buffers what is published: a `publish` that failed
+//! with [`Error::Unavailable`] after its bound may still reach the stream once the connection is
+//! back (at-least-once; a retried publish within two minutes is stored once, by its id).
+//!
+//! Order: JetStream keeps publish order within a subject; a single member receives a topic's
+//! messages in order; a NAKed message is redelivered ahead of newer ones once due.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::message::{AckKind, Acker as NatsAcker};
+use async_nats::jetstream::object_store::{self, ObjectStore};
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use crate::config::NatsOptions;
+use crate::deadline::{Deadlines, Key};
+use crate::retry::{self, Delays};
+use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
+
+const ID_HEADER: &str = "Deployd-Id";
+const HEADERS_HEADER: &str = "Deployd-Headers";
+const PAYLOAD_REF_HEADER: &str = "Deployd-Payload-Ref";
+/// Room left for headers and protocol overhead below the server's `max_payload`.
+const HEADROOM: usize = 16 * 1024;
+/// The longest wait of one pull request.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// A [`MessageQueue`] on NATS JetStream. See the [module docs](self).
+///
+/// Cloning is cheap and yields another handle on the same connection.
+#[derive(Clone)]
+pub struct NatsQueue {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NatsQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsQueue")
+            .field("stream", &self.shared.stream_name)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    options: NatsOptions,
+    stream_name: String,
+    payloads: tokio::sync::OnceCell<ObjectStore>,
+}
+
+fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("nats: {what}: {err}"))
+}
+
+impl NatsQueue {
+    /// Connects to the server of `options.url` and creates the stream if needed; fails with
+    /// [`Error::Unavailable`] when the server does not answer within the connect timeout.
+    pub async fn connect(options: NatsOptions) -> Result<Self, Error> {
+        if options.stream_prefix.is_empty()
+            || !options
+                .stream_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::InvalidConfig(format!(
+                "nats stream prefix `{}` must be letters, digits, `-` and `_`",
+                options.stream_prefix
+            )));
+        }
+        let bounds = options.bounds.clone();
+        let backoff = bounds.clone();
+        let connect_options = async_nats::ConnectOptions::new()
+            .connection_timeout(bounds.connect_timeout)
+            .request_timeout(Some(bounds.publish_timeout))
+            .max_reconnects(None)
+            .reconnect_delay_callback(move |attempts| {
+                let exponent = u32::try_from(attempts.min(16)).unwrap_or(16);
+                backoff
+                    .reconnect_min_delay
+                    .saturating_mul(2u32.saturating_pow(exponent))
+                    .min(backoff.reconnect_max_delay)
+            });
+        let client = match tokio::time::timeout(
+            bounds.connect_timeout,
+            async_nats::connect_with_options(options.url.as_str(), connect_options),
+        )
+        .await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => return Err(unavailable("connecting", err)),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "nats: no connection within {:?}",
+                    bounds.connect_timeout
+                )));
+            }
+        };
+        let mut jetstream = jetstream::new(client.clone());
+        jetstream.set_timeout(bounds.publish_timeout);
+        let stream_name = options.stream_prefix.clone();
+        let shared = Arc::new(Shared {
+            client,
+            jetstream,
+            stream_name,
+            options,
+            payloads: tokio::sync::OnceCell::new(),
+        });
+        retry::bounded(
+            &bounds,
+            bounds.connect_timeout,
+            "creating the stream",
+            || shared.stream(),
+        )
+        .await?;
+        Ok(Self { shared })
+    }
+}
+
+impl Shared {
+    async fn stream(&self) -> Result<stream::Stream, Error> {
+        let prefix = &self.options.stream_prefix;
+        self.jetstream
+            .get_or_create_stream(stream::Config {
+                name: self.stream_name.clone(),
+                subjects: vec![format!("{prefix}.>")],
+                retention: stream::RetentionPolicy::Interest,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| unavailable("creating the stream", err))
+    }
+
+    fn subject(&self, topic: &str) -> String {
+        format!("{}.{topic}", self.options.stream_prefix)
+    }
+
+    async fn payloads(&self) -> Result<&ObjectStore, Error> {
+        self.payloads
+            .get_or_try_init(|| async {
+                let bucket = format!("{}-payloads", self.options.stream_prefix);
+                match self.jetstream.get_object_store(&bucket).await {
+                    Ok(store) => Ok(store),
+                    Err(_) => self
+                        .jetstream
+                        .create_object_store(object_store::Config {
+                            bucket,
+                            max_age: self.options.large_payload_ttl,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|err| unavailable("creating the payload bucket", err)),
+                }
+            })
+            .await
+    }
+
+    /// The largest payload sent inline.
+    fn inline_limit(&self) -> usize {
+        let max_payload = self.client.server_info().max_payload;
+        max_payload.saturating_sub(HEADROOM).max(HEADROOM)
+    }
+}
+
+/// A durable consumer name for group `group` of `topic`: readable, unique by a hash.
+fn consumer_name(topic: &str, group: &str) -> String {
+    let hash = format!("{topic}\0{group}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let readable: String = format!("{topic}-{group}")
+        .chars()
+        .map(|c| if c == '.' { '_' } else { c })
+        .take(100)
+        .collect();
+    format!("{readable}-{hash:016x}")
+}
+
+fn encode_headers(message: &Message, payload_ref: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", message.id.as_str());
+    headers.insert(ID_HEADER, message.id.as_str());
+    if !message.headers.is_empty() {
+        let encoded: Vec<String> = message
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                format!(
+                    "{}={}",
+                    crate::config::percent_encode(name),
+                    crate::config::percent_encode(value)
+                )
+            })
+            .collect();
+        headers.insert(HEADERS_HEADER, encoded.join("&").as_str());
+    }
+    if let Some(reference) = payload_ref {
+        headers.insert(PAYLOAD_REF_HEADER, reference);
+    }
+    headers
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len() + 1
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[async_trait]
+impl MessageQueue for NatsQueue {
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        let subject = self.shared.subject(topic);
+        let bounds = &self.shared.options.bounds;
+        let (headers, payload) = if message.payload.len() > self.shared.inline_limit() {
+            let reference = message.id.clone();
+            let payloads =
+                retry::bounded(bounds, bounds.publish_timeout, "storing a payload", || {
+                    self.shared.payloads()
+                })
+                .await?;
+            let mut reader: &[u8] = &message.payload;
+            tokio::time::timeout(
+                bounds.publish_timeout,
+                payloads.put(reference.as_str(), &mut reader),
+            )
+            .await
+            .map_err(|_| Error::Unavailable("nats: storing a large payload timed out".into()))?
+            .map_err(|err| unavailable("storing a large payload", err))?;
+            (encode_headers(&message, Some(&reference)), Bytes::new())
+        } else {
+            (encode_headers(&message, None), message.payload.clone())
+        };
+        retry::bounded(bounds, bounds.publish_timeout, "publishing to nats", || {
+            let headers = headers.clone();
+            let payload = payload.clone();
+            let subject = subject.clone();
+            async move {
+                let ack = self
+                    .shared
+                    .jetstream
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|err| unavailable("publishing", err))?;
+                ack.await.map_err(|err| unavailable("publishing", err))?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Consumer>, Error> {
+        crate::validate_name("topic", topic)?;
+        crate::validate_name("group", group)?;
+        let name = consumer_name(topic, group);
+        let deadline = options.ack_deadline;
+        let server_ack_wait = (deadline * 2).max(deadline + Duration::from_secs(1));
+        let group_expiry = self.shared.options.group_expiry;
+        let bounds = &self.shared.options.bounds;
+        let consumer: PullConsumer = retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "creating a consumer",
+            || {
+                let name = name.clone();
+                let subject = self.shared.subject(topic);
+                async move {
+                    let stream = self.shared.stream().await?;
+                    stream
+                        .get_or_create_consumer(
+                            &name,
+                            pull::Config {
+                                durable_name: Some(name.clone()),
+                                filter_subject: subject,
+                                deliver_policy: DeliverPolicy::New,
+                                ack_policy: AckPolicy::Explicit,
+                                ack_wait: server_ack_wait,
+                                max_deliver: -1,
+                                inactive_threshold: group_expiry.unwrap_or_default(),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .map_err(|err| unavailable("creating a consumer", err))
+                }
+            },
+        )
+        .await?;
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let member = Arc::new(Member {
+            shared: Arc::clone(&self.shared),
+            consumer,
+            ack_deadline: deadline,
+            ack_wait,
+            deadlines: Arc::new(Deadlines::new()),
+        });
+        let watcher = tokio::spawn(
+            Arc::clone(&member.deadlines).watch(|held: Arc<Held>| held.deadline_reached()),
+        );
+        Ok(Box::new(NatsConsumer {
+            member,
+            fetch: None,
+            watcher,
+        }))
+    }
+}
+
+/// One member of a group.
+struct Member {
+    shared: Arc<Shared>,
+    consumer: PullConsumer,
+    ack_deadline: Duration,
+    /// The group's server-side ack wait.
+    ack_wait: Duration,
+    /// What this member handed out and has not settled.
+    deadlines: Arc<Deadlines<Held>>,
+}
+
+type Fetched = Result<Option<jetstream::Message>, Error>;
+
+impl Member {
+    /// Pulls at most one message, waiting up to [`PULL_EXPIRES`].
+    async fn fetch_one(self: Arc<Self>) -> Fetched {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(1)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(|err| unavailable("pulling", err))?;
+        match batch.next().await {
+            Some(Ok(message)) => Ok(Some(message)),
+            Some(Err(err)) => Err(unavailable("pulling", err)),
+            None => Ok(None),
+        }
+    }
+
+    async fn hand_out(self: &Arc<Self>, message: jetstream::Message) -> Result<Delivery, Error> {
+        let attempt = message
+            .info()
+            .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
+            .unwrap_or(1)
+            .max(1);
+        let (message, acker) = message.split();
+        let decoded = match self.decode(message, attempt).await {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                let _ = acker
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return Err(err);
+            }
+        };
+        let now = Instant::now();
+        let deadline = now + self.ack_deadline;
+        let held = Arc::new(Held {
+            member: Arc::clone(self),
+            key: Mutex::new(None),
+            settled: AtomicBool::new(false),
+            deadline,
+            acker,
+        });
+        held.schedule(now);
+        Ok(Delivery::new(decoded, Box::new(NatsDeliveryAcker(held))))
+    }
+
+    async fn decode(&self, message: async_nats::Message, attempt: u32) -> Result<Message, Error> {
+        let headers = message.headers.unwrap_or_default();
+        let id = headers
+            .get(ID_HEADER)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let mut user_headers = BTreeMap::new();
+        if let Some(encoded) = headers.get(HEADERS_HEADER) {
+            for pair in encoded.as_str().split('&').filter(|p| !p.is_empty()) {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                user_headers.insert(percent_decode(name), percent_decode(value));
+            }
+        }
+        let payload = match headers.get(PAYLOAD_REF_HEADER) {
+            None => message.payload,
+            Some(reference) => {
+                let bounds = &self.shared.options.bounds;
+                let payloads = self.shared.payloads().await?;
+                let read = async {
+                    let mut object = payloads
+                        .get(reference.as_str())
+                        .await
+                        .map_err(|err| unavailable("reading a large payload", err))?;
+                    let mut bytes = Vec::new();
+                    object
+                        .read_to_end(&mut bytes)
+                        .await
+                        .map_err(|err| unavailable("reading a large payload", err))?;
+                    Ok::<_, Error>(Bytes::from(bytes))
+                };
+                tokio::time::timeout(bounds.publish_timeout, read)
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable("nats: reading a large payload timed out".into())
+                    })??
+            }
+        };
+        Ok(Message {
+            id,
+            attempt,
+            headers: user_headers,
+            payload,
+        })
+    }
+}
+
+/// A delivery handed out.
+struct Held {
+    member: Arc<Member>,
+    /// Its entry in the member's deadlines.
+    key: Mutex<Option<Key>>,
+    settled: AtomicBool,
+    /// The member's ack deadline for it.
+    deadline: Instant,
+    acker: NatsAcker,
+}
+
+impl Held {
+    /// Watches the delivery until its deadline, or until the next "in progress" beat when the
+    /// server's ack wait is shorter.
+    fn schedule(self: &Arc<Self>, now: Instant) {
+        let beat = (self.member.ack_wait / 2).max(Duration::from_millis(100));
+        let at = self.deadline.min(now + beat);
+        let key = self.member.deadlines.insert(at, Arc::clone(self));
+        *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+
+    /// True for the first of the acker, the deadline and the consumer's drop.
+    fn claim(&self) -> bool {
+        let first = !self.settled.swap(true, Ordering::SeqCst);
+        if first && let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.member.deadlines.remove(key);
+        }
+        first
+    }
+
+    async fn deadline_reached(self: Arc<Self>) {
+        let now = Instant::now();
+        if now < self.deadline {
+            if !self.settled.load(Ordering::SeqCst) {
+                let _ = self.acker.ack_with(AckKind::Progress).await;
+                self.schedule(now);
+            }
+            return;
+        }
+        if self.claim() {
+            tracing::debug!("ack deadline passed; redelivering");
+            if let Err(err) = self.acker.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(error = %err, "cannot hand back a message past its ack deadline");
+            }
+        }
+    }
+}
+
+/// Settles one delivery of a [`NatsQueue`].
+struct NatsDeliveryAcker(Arc<Held>);
+
+#[async_trait]
+impl Acker for NatsDeliveryAcker {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        if !self.0.claim() {
+            return Ok(());
+        }
+        self.0
+            .acker
+            .ack()
+            .await
+            .map_err(|err| unavailable("acking (the message will be redelivered)", err))
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {
+        if !self.0.claim() {
+            return Ok(());
+        }
+        let delay = delay.filter(|d| !d.is_zero());
+        self.0
+            .acker
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(|err| unavailable("nacking (the message will be redelivered)", err))
+    }
+
+    fn abandon(self: Box<Self>) {
+        if !self.0.claim() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = self.0.acker.ack_with(AckKind::Nak(None)).await;
+        });
+    }
+}
+
+/// A member of a group of a [`NatsQueue`].
+struct NatsConsumer {
+    member: Arc<Member>,
+    /// The pull in progress; it outlives a cancelled `next`, whose result the next call takes.
+    fetch: Option<Pin<Box<dyn Future<Output = Fetched> + Send>>>,
+    watcher: JoinHandle<()>,
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn next(&mut self) -> Result<Delivery, Error> {
+        let bounds = self.member.shared.options.bounds.clone();
+        let mut delays: Option<Delays> = None;
+        loop {
+            let fetch = self
+                .fetch
+                .get_or_insert_with(|| Box::pin(Arc::clone(&self.member).fetch_one()));
+            let result = fetch.await;
+            self.fetch = None;
+            let result = match result {
+                Ok(Some(message)) => self.member.hand_out(message).await.map(Some),
+                other => other.map(|_| None),
+            };
+            match result {
+                Ok(Some(delivery)) => return Ok(delivery),
+                Ok(None) => delays = None,
+                Err(Error::Unavailable(message)) => {
+                    let delay = delays
+                        .get_or_insert_with(|| Delays::new(&bounds))
+                        .next_delay(&bounds);
+                    tracing::warn!(error = %message, ?delay, "nats pull failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+impl Drop for NatsConsumer {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        let fetch = self.fetch.take();
+        let member = Arc::clone(&self.member);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            for held in member.deadlines.drain() {
+                if !held.settled.swap(true, Ordering::SeqCst) {
+                    let _ = held.acker.ack_with(AckKind::Nak(None)).await;
+                }
+            }
+            // A pull in progress may still bring a message in this member's name.
+            if let Some(fetch) = fetch
+                && let Ok(Some(message)) = fetch.await
+            {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,790 @@
+//! The RabbitMQ backend (feature `rabbitmq`), on AMQP 0-9-1 through lapin.
+//!
+//! Layout, for topic `t`, group `g` and prefix `p`:
+//! - exchange `p.t`, of type `fanout`, durable: `publish` sends there (persistent messages,
+//!   publisher confirms: it returns once the broker confirmed).
+//! - queue `p.t.g`, durable, bound to the exchange: the group. Every group's queue gets every
+//!   message (fan-out); the members of a group consume from its queue and the broker hands each
+//!   message to one of them (competing consumers), with manual acks and a prefetch of
+//!   [`RabbitMqOptions::prefetch`]. Names longer than AMQP's 255 bytes are shortened with a hash.
+//! - queues `p.t.g.delay.{ms}`, one per nack delay in use: a nack with a delay publishes a copy
+//!   there; the queue's message TTL is the delay and it dead-letters into `p.t.g`. Each expires
+//!   a minute after its last use.
+//!
+//! The attempt number is the `x-deployd-attempt` header plus one when the broker flags the
+//! delivery `redelivered` (it requeued the message after a consumer's channel closed: a
+//! dropped consumer or a crashed process). A nack publishes a copy with `attempt + 1` to the
+//! group's queue (or a delay queue), waits for its confirm, then acks the original. The ack
+//! deadline is kept by the client: a delivery not settled in time is handed back like a nack,
+//! and a late ack or nack of it does nothing. A delivery the broker pushed ahead (prefetch) that
+//! no `next` took within the member's ack deadline goes back to the queue unchanged, so a
+//! member that stopped asking does not sit on messages. A consumer that is dropped closes its
+//! channel, and the broker requeues what it held.
+//!
+//! Order: RabbitMQ keeps publish order within a queue; a single member receives a topic's
+//! messages in order; redeliveries go to the back of the queue.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use crate::config::RabbitMqOptions;
+use crate::deadline::{Deadlines, Key};
+use crate::retry::{self, Delays};
+use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
+
+const ATTEMPT_HEADER: &str = "x-deployd-attempt";
+const HEADER_PREFIX: &str = "h:";
+/// How long an unused delay queue outlives its delay.
+const DELAY_QUEUE_LINGER: Duration = Duration::from_secs(60);
+
+/// A [`MessageQueue`] on RabbitMQ. See the [module docs](self).
+///
+/// Cloning is cheap and yields another handle on the same connection.
+#[derive(Clone)]
+pub struct RabbitMqQueue {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RabbitMqQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqQueue")
+            .field("exchange_prefix", &self.shared.options.exchange_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    options: RabbitMqOptions,
+    link: tokio::sync::Mutex<Option<Link>>,
+}
+
+/// A live connection and its publishing channel (with publisher confirms).
+#[derive(Clone)]
+struct Link {
+    connection: Arc<Connection>,
+    publisher: Channel,
+    /// Exchanges declared on this connection.
+    declared: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("rabbitmq: {what}: {err}"))
+}
+
+impl RabbitMqQueue {
+    /// Connects to the broker of `options.url`; fails with [`Error::Unavailable`] when it does
+    /// not answer within the connect timeout.
+    pub async fn connect(options: RabbitMqOptions) -> Result<Self, Error> {
+        if options.prefetch < 1 {
+            return Err(Error::InvalidConfig(
+                "rabbitmq prefetch must be at least 1".into(),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            options,
+            link: tokio::sync::Mutex::new(None),
+        });
+        let bounds = shared.options.bounds.clone();
+        retry::bounded(
+            &bounds,
+            bounds.connect_timeout,
+            "connecting to rabbitmq",
+            || shared.link(),
+        )
+        .await?;
+        Ok(Self { shared })
+    }
+}
+
+impl Shared {
+    /// The live link, connecting if there is none or it broke.
+    async fn link(&self) -> Result<Link, Error> {
+        let mut slot = self.link.lock().await;
+        if let Some(link) = slot.as_ref() {
+            if link.connection.status().connected() && link.publisher.status().connected() {
+                return Ok(link.clone());
+            }
+            *slot = None;
+        }
+        let connect = Connection::connect(&self.options.url, ConnectionProperties::default());
+        let connection =
+            match tokio::time::timeout(self.options.bounds.connect_timeout, connect).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(err)) => return Err(unavailable("connecting", err)),
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "rabbitmq: no connection within {:?}",
+                        self.options.bounds.connect_timeout
+                    )));
+                }
+            };
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|err| unavailable("opening a channel", err))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|err| unavailable("enabling publisher confirms", err))?;
+        let link = Link {
+            connection: Arc::new(connection),
+            publisher,
+            declared: Arc::default(),
+        };
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    fn exchange(&self, topic: &str) -> String {
+        amqp_name(&[&self.options.exchange_prefix, topic], "")
+    }
+
+    fn queue(&self, topic: &str, group: &str) -> String {
+        amqp_name(&[&self.options.exchange_prefix, topic, group], "")
+    }
+
+    /// Publishes `message` to `exchange` with `routing_key` and waits for the confirm.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+        expiration: Option<u64>,
+    ) -> Result<(), Error> {
+        let properties = properties(message, expiration);
+        let bounds = &self.options.bounds;
+        retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "publishing to rabbitmq",
+            || {
+                let properties = properties.clone();
+                async move {
+                    let link = self.link().await?;
+                    if !exchange.is_empty() {
+                        declare_exchange(&link, exchange).await?;
+                    }
+                    let confirm = link
+                        .publisher
+                        .basic_publish(
+                            exchange.into(),
+                            routing_key.into(),
+                            BasicPublishOptions::default(),
+                            &message.payload,
+                            properties,
+                        )
+                        .await
+                        .map_err(|err| unavailable("publishing", err))?;
+                    match confirm
+                        .await
+                        .map_err(|err| unavailable("publishing", err))?
+                    {
+                        Confirmation::Nack(_) => Err(Error::Unavailable(
+                            "rabbitmq: the broker refused the message (nack)".to_owned(),
+                        )),
+                        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Hands `message` back to the group's queue `queue` with `attempt`, after `delay`.
+    async fn hand_back(
+        &self,
+        queue: &str,
+        message: &Message,
+        delay: Option<Duration>,
+    ) -> Result<(), Error> {
+        match delay.filter(|d| !d.is_zero()) {
+            None => self.send("", queue, message, None).await,
+            Some(delay) => {
+                let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                // A TTL is at most 2^32 - 1 ms in RabbitMQ.
+                let ms = ms.min(u64::from(u32::MAX) - DELAY_QUEUE_LINGER.as_millis() as u64);
+                let delay_queue = amqp_name(&[queue], &format!(".delay.{ms}"));
+                let bounds = &self.options.bounds;
+                retry::bounded(
+                    bounds,
+                    bounds.publish_timeout,
+                    "declaring a delay queue",
+                    || {
+                        let delay_queue = delay_queue.clone();
+                        async move {
+                            let link = self.link().await?;
+                            let mut args = FieldTable::default();
+                            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ms as i64));
+                            args.insert(
+                                "x-expires".into(),
+                                AMQPValue::LongLongInt(
+                                    (ms + DELAY_QUEUE_LINGER.as_millis() as u64) as i64,
+                                ),
+                            );
+                            args.insert(
+                                "x-dead-letter-exchange".into(),
+                                AMQPValue::LongString("".into()),
+                            );
+                            args.insert(
+                                "x-dead-letter-routing-key".into(),
+                                AMQPValue::LongString(queue.into()),
+                            );
+                            let channel = link
+                                .connection
+                                .create_channel()
+                                .await
+                                .map_err(|err| unavailable("opening a channel", err))?;
+                            let declared = channel
+                                .queue_declare(
+                                    delay_queue.as_str().into(),
+                                    QueueDeclareOptions {
+                                        durable: true,
+                                        ..QueueDeclareOptions::default()
+                                    },
+                                    args,
+                                )
+                                .await;
+                            let _ = channel.close(200, "done".into()).await;
+                            declared.map_err(|err| unavailable("declaring a delay queue", err))?;
+                            Ok(())
+                        }
+                    },
+                )
+                .await?;
+                self.send("", &delay_queue, message, None).await
+            }
+        }
+    }
+}
+
+async fn declare_exchange(link: &Link, exchange: &str) -> Result<(), Error> {
+    if link
+        .declared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(exchange)
+    {
+        return Ok(());
+    }
+    link.publisher
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|err| unavailable("declaring an exchange", err))?;
+    link.declared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(exchange.to_owned());
+    Ok(())
+}
+
+/// `parts` joined with `.`, plus `suffix`; shortened with a hash of the whole to fit AMQP's
+/// 255 bytes.
+fn amqp_name(parts: &[&str], suffix: &str) -> String {
+    let name = parts.join(".");
+    if name.len() + suffix.len() <= 255 {
+        return format!("{name}{suffix}");
+    }
+    // FNV-1a, 64 bits: stable across runs and machines.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let keep = 255 - suffix.len() - 17;
+    format!("{}.{hash:016x}{suffix}", &name[..keep])
+}
+
+fn properties(message: &Message, expiration: Option<u64>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(message.attempt)),
+    );
+    for (name, value) in &message.headers {
+        headers.insert(
+            format!("{HEADER_PREFIX}{name}").into(),
+            AMQPValue::LongString(value.as_str().into()),
+        );
+    }
+    let properties = BasicProperties::default()
+        .with_message_id(message.id.as_str().into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    match expiration {
+        Some(ms) => properties.with_expiration(ms.to_string().into()),
+        None => properties,
+    }
+}
+
+/// The message of a delivery; see the module docs for the attempt number.
+fn decode(delivery: &lapin::message::Delivery) -> Message {
+    let properties = &delivery.properties;
+    let mut attempt = 1u32;
+    let mut headers = BTreeMap::new();
+    if let Some(table) = properties.headers() {
+        for (name, value) in table.inner() {
+            let name = name.as_str();
+            if name == ATTEMPT_HEADER {
+                attempt = match value {
+                    AMQPValue::LongLongInt(n) => u32::try_from(*n).unwrap_or(1),
+                    AMQPValue::LongInt(n) => u32::try_from(*n).unwrap_or(1),
+                    AMQPValue::LongUInt(n) => *n,
+                    _ => 1,
+                };
+            } else if let Some(header) = name.strip_prefix(HEADER_PREFIX) {
+                let text = match value {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                    _ => continue,
+                };
+                headers.insert(header.to_owned(), text);
+            }
+        }
+    }
+    if delivery.redelivered {
+        attempt = attempt.saturating_add(1);
+    }
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    Message {
+        id,
+        attempt,
+        headers,
+        payload: Bytes::from(delivery.data.clone()),
+    }
+}
+
+#[async_trait]
+impl MessageQueue for RabbitMqQueue {
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        let exchange = self.shared.exchange(topic);
+        self.shared.send(&exchange, "", &message, None).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Consumer>, Error> {
+        crate::validate_name("topic", topic)?;
+        crate::validate_name("group", group)?;
+        let state = Arc::new(MemberState {
+            shared: Arc::clone(&self.shared),
+            exchange: self.shared.exchange(topic),
+            queue: self.shared.queue(topic, group),
+            ack_deadline: options.ack_deadline,
+            buffer: Mutex::new(VecDeque::new()),
+            stream: tokio::sync::Mutex::new(None),
+            deadlines: Arc::new(Deadlines::new()),
+            channel: Mutex::new(None),
+        });
+        let bounds = &self.shared.options.bounds;
+        let stream = retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "subscribing on rabbitmq",
+            || state.open(),
+        )
+        .await?;
+        *state.stream.lock().await = Some(stream);
+        let pump = tokio::spawn(Arc::clone(&state).tend());
+        let watcher = tokio::spawn(Arc::clone(&state.deadlines).watch(
+            |held: Arc<Held>| async move {
+                if held.claim() {
+                    tracing::debug!(id = %held.message.id, "ack deadline passed; redelivering");
+                    if let Err(err) = held.redeliver(None).await {
+                        tracing::warn!(error = %err, "cannot redeliver a message past its ack deadline");
+                    }
+                }
+            },
+        ));
+        Ok(Box::new(RabbitMqConsumer {
+            state,
+            pump: Some(pump),
+            watcher,
+        }))
+    }
+}
+
+/// A delivery the broker pushed, not yet handed out.
+struct Pushed {
+    arrived: Instant,
+    delivery: lapin::message::Delivery,
+}
+
+/// One member: its queue, what the broker pushed to it, and what it handed out.
+struct MemberState {
+    shared: Arc<Shared>,
+    exchange: String,
+    queue: String,
+    ack_deadline: Duration,
+    buffer: Mutex<VecDeque<Pushed>>,
+    /// The deliveries the broker pushes; `None` while the channel is broken. Whoever holds the
+    /// lock reads it: `next`, or the tending task while no `next` waits.
+    stream: tokio::sync::Mutex<Option<lapin::Consumer>>,
+    /// Handed out and not settled.
+    deadlines: Arc<Deadlines<Held>>,
+    /// The channel consuming for this member.
+    channel: Mutex<Option<Channel>>,
+}
+
+impl MemberState {
+    /// Opens a channel and starts consuming the group's queue, declaring what is missing.
+    async fn open(&self) -> Result<lapin::Consumer, Error> {
+        let link = self.shared.link().await?;
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|err| unavailable("opening a channel", err))?;
+        declare_exchange(&link, &self.exchange).await?;
+        channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| unavailable("declaring a queue", err))?;
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| unavailable("binding a queue", err))?;
+        channel
+            .basic_qos(
+                self.shared.options.prefetch.max(1),
+                BasicQosOptions::default(),
+            )
+            .await
+            .map_err(|err| unavailable("setting the prefetch", err))?;
+        let tag: ShortString = format!("deployd-{}", uuid::Uuid::new_v4().simple()).into();
+        let stream = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| unavailable("consuming", err))?;
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
+        Ok(stream)
+    }
+
+    /// Waits for the broker to push a delivery into the buffer, reopening the channel when it
+    /// broke. `stream` is the member's stream, locked by the caller.
+    async fn pull(&self, stream: &mut Option<lapin::Consumer>) {
+        if let Some(consumer) = stream.as_mut() {
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    self.push(delivery);
+                    return;
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(queue = %self.queue, error = %err, "rabbitmq consumer lost its channel; reconnecting");
+                }
+                None => {
+                    tracing::warn!(queue = %self.queue, "rabbitmq consumer lost its channel; reconnecting");
+                }
+            }
+            *stream = None;
+            // The broker requeues everything the channel held.
+            self.forget_channel();
+        }
+        let bounds = &self.shared.options.bounds;
+        let mut delays = Delays::new(bounds);
+        loop {
+            match self.open().await {
+                Ok(new_stream) => {
+                    *stream = Some(new_stream);
+                    return;
+                }
+                Err(err) => {
+                    let delay = delays.next_delay(bounds);
+                    tracing::debug!(queue = %self.queue, error = %err, ?delay, "rabbitmq reconnect failed");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    fn push(&self, delivery: lapin::message::Delivery) {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(Pushed {
+                arrived: Instant::now(),
+                delivery,
+            });
+    }
+
+    /// While no `next` waits: moves what the broker pushed into the buffer, and hands back
+    /// what waited there past the ack deadline.
+    async fn tend(self: Arc<Self>) {
+        let check =
+            (self.ack_deadline / 2).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(check);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Ok(mut stream) = self.stream.try_lock()
+                && let Some(consumer) = stream.as_mut()
+            {
+                while let Some(item) = consumer.next().now_or_never() {
+                    match item {
+                        Some(Ok(delivery)) => self.push(delivery),
+                        _ => {
+                            // Broken: the next `next` reopens it.
+                            *stream = None;
+                            self.forget_channel();
+                            break;
+                        }
+                    }
+                }
+            }
+            self.return_stale().await;
+        }
+    }
+
+    /// Everything pushed and handed out on the broken channel is requeued by the broker: drop
+    /// the buffer and disarm the deadlines, whose acks could not work any more.
+    fn forget_channel(&self) {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        for held in self.deadlines.drain() {
+            held.settled.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Hands back, unchanged, deliveries that waited in the buffer past the ack deadline.
+    async fn return_stale(&self) {
+        let stale: Vec<Pushed> = {
+            let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stale = Vec::new();
+            while buffer
+                .front()
+                .is_some_and(|p| p.arrived.elapsed() >= self.ack_deadline)
+            {
+                stale.extend(buffer.pop_front());
+            }
+            stale
+        };
+        for pushed in stale {
+            let message = decode(&pushed.delivery);
+            if let Err(err) = self.shared.hand_back(&self.queue, &message, None).await {
+                tracing::warn!(queue = %self.queue, error = %err, "cannot hand back a prefetched message; the broker keeps it for this member");
+                continue;
+            }
+            let _ = pushed.delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+    }
+
+    fn take(self: &Arc<Self>) -> Option<Delivery> {
+        let pushed = self
+            .buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()?;
+        let message = decode(&pushed.delivery);
+        let held = Arc::new(Held {
+            state: Arc::clone(self),
+            key: Mutex::new(None),
+            settled: AtomicBool::new(false),
+            acker: pushed.delivery.acker,
+            message: message.clone(),
+        });
+        let at = Instant::now() + self.ack_deadline;
+        let key = self.deadlines.insert(at, Arc::clone(&held));
+        *held.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        Some(Delivery::new(message, Box::new(RabbitMqAcker(held))))
+    }
+}
+
+/// A delivery handed out.
+struct Held {
+    state: Arc<MemberState>,
+    /// Its entry in the member's deadlines.
+    key: Mutex<Option<Key>>,
+    /// Whether its acker, its ack deadline or the loss of its channel settled it already.
+    settled: AtomicBool,
+    acker: lapin::Acker,
+    message: Message,
+}
+
+impl Held {
+    /// True for the first of the acker, the deadline and the loss of the channel.
+    fn claim(&self) -> bool {
+        let first = !self.settled.swap(true, Ordering::SeqCst);
+        if first && let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.state.deadlines.remove(key);
+        }
+        first
+    }
+
+    /// Publishes a copy with `attempt + 1`, then acks the original.
+    async fn redeliver(&self, delay: Option<Duration>) -> Result<(), Error> {
+        let mut copy = self.message.clone();
+        copy.attempt = copy.attempt.saturating_add(1);
+        self.state
+            .shared
+            .hand_back(&self.state.queue, &copy, delay)
+            .await?;
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|err| unavailable("acking a redelivered message", err))?;
+        Ok(())
+    }
+}
+
+/// Settles one delivery of a [`RabbitMqQueue`].
+struct RabbitMqAcker(Arc<Held>);
+
+#[async_trait]
+impl Acker for RabbitMqAcker {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        if !self.0.claim() {
+            return Ok(());
+        }
+        self.0
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|err| unavailable("acking (the message will be redelivered)", err))?;
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {
+        if !self.0.claim() {
+            return Ok(());
+        }
+        self.0.redeliver(delay).await
+    }
+
+    fn abandon(self: Box<Self>) {
+        if !self.0.claim() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(err) = self.0.redeliver(None).await {
+                tracing::warn!(error = %err, "cannot hand back an abandoned rabbitmq delivery");
+            }
+        });
+    }
+}
+
+/// A member of a group of a [`RabbitMqQueue`].
+struct RabbitMqConsumer {
+    state: Arc<MemberState>,
+    pump: Option<JoinHandle<()>>,
+    watcher: JoinHandle<()>,
+}
+
+#[async_trait]
+impl Consumer for RabbitMqConsumer {
+    async fn next(&mut self) -> Result<Delivery, Error> {
+        loop {
+            if let Some(delivery) = self.state.take() {
+                return Ok(delivery);
+            }
+            let mut stream = self.state.stream.lock().await;
+            if self
+                .state
+                .buffer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                self.state.pull(&mut stream).await;
+            }
+        }
+    }
+}
+
+impl Drop for RabbitMqConsumer {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+        let state = Arc::clone(&self.state);
+        let channel = self
+            .state
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // What was handed out and not settled comes back from the broker, flagged
+            // redelivered, once the channel closes; disarm its deadlines first.
+            for held in state.deadlines.drain() {
+                held.settled.store(true, Ordering::SeqCst);
+            }
+            // What was pushed and never handed out goes back unchanged.
+            let buffered: Vec<Pushed> = state
+                .buffer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            for pushed in buffered {
+                let message = decode(&pushed.delivery);
+                if state
+                    .shared
+                    .hand_back(&state.queue, &message, None)
+                    .await
+                    .is_ok()
+                {
+                    let _ = pushed.delivery.acker.ack(BasicAckOptions::default()).await;
+                }
+            }
+            if let Some(channel) = channel {
+                let _ = channel.close(200, "consumer dropped".into()).await;
+            }
+        });
+    }
+}

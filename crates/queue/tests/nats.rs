@@ -1,0 +1,71 @@
+//! The conformance suite against a real NATS server with JetStream.
+//!
+//! The suite runs against `DEPLOYD_TEST_NATS_URL` (default `nats://127.0.0.1:4222`); the fault
+//! cases start their own `nats-server -js` on a free port, with its store in a temporary
+//! folder, and kill and restart it. Both fail, never skip, when NATS is missing;
+//! `cargo xtask e2e` starts NATS when it is not running.
+
+use std::time::Duration;
+
+use deployd_queue::Bounds;
+use deployd_queue::nats::{NatsOptions, NatsQueue};
+use deployd_queue::testing::{self, BrokerProcess};
+
+fn url() -> String {
+    std::env::var("DEPLOYD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// The suite's groups are used once: the server forgets them after a while.
+fn options(url: String) -> NatsOptions {
+    let mut options = NatsOptions::new(url);
+    options.group_expiry = Some(Duration::from_secs(600));
+    options
+}
+
+async fn connect(options: NatsOptions) -> NatsQueue {
+    match NatsQueue::connect(options).await {
+        Ok(queue) => queue,
+        Err(err) => panic!(
+            "cannot reach NATS (set DEPLOYD_TEST_NATS_URL, or run `cargo xtask e2e`, which \
+             starts it): {err}"
+        ),
+    }
+}
+
+deployd_queue::conformance_tests!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    queue = connect(options(url())).await
+);
+
+const BOUND: Duration = Duration::from_secs(2);
+
+async fn private_server() -> (BrokerProcess, NatsQueue, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let port = testing::free_port();
+    let port_text = port.to_string();
+    let dir_text = dir.path().to_string_lossy().into_owned();
+    let server = BrokerProcess::start(
+        "nats-server",
+        &["-a", "127.0.0.1", "-p", &port_text, "-js", "-sd", &dir_text],
+        port,
+    )
+    .await;
+    let options = NatsOptions::new(format!("nats://127.0.0.1:{port}"))
+        .bounds(Bounds::default().publish_timeout(BOUND));
+    let queue = connect(options).await;
+    (server, queue, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_while_down_fails_within_bound() {
+    let (server, queue, _dir) = private_server().await;
+    let prefix = testing::unique_prefix("down");
+    testing::publish_while_down_fails_within_bound(&queue, &server, BOUND, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_restart() {
+    let (server, queue, _dir) = private_server().await;
+    let prefix = testing::unique_prefix("restart");
+    testing::reconnects_after_restart(&queue, &server, true, &prefix).await;
+}

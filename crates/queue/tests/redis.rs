@@ -1,0 +1,95 @@
+//! The conformance suite against a real Redis server.
+//!
+//! The suite runs against `DEPLOYD_TEST_REDIS_URL` (default `redis://127.0.0.1:6379/0`); the
+//! fault cases start their own `redis-server` on a free port (with an append-only file, so
+//! that it keeps its streams across a kill). Both fail, never skip, when Redis is missing.
+//! `cargo xtask e2e` starts Redis when it is not running.
+
+use std::time::Duration;
+
+use deployd_queue::Bounds;
+use deployd_queue::redis::{RedisOptions, RedisQueue};
+use deployd_queue::testing::{self, BrokerProcess};
+
+fn url() -> String {
+    std::env::var("DEPLOYD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+async fn queue() -> RedisQueue {
+    let url = url();
+    match RedisQueue::connect(RedisOptions::new(&url)).await {
+        Ok(queue) => queue,
+        Err(err) => panic!(
+            "cannot reach Redis at {url} (set DEPLOYD_TEST_REDIS_URL, or run `cargo xtask e2e`, \
+             which starts it): {err}"
+        ),
+    }
+}
+
+deployd_queue::conformance_tests!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    queue = queue().await
+);
+
+const BOUND: Duration = Duration::from_secs(2);
+
+/// A private `redis-server` on a free port, with its data in a temporary folder.
+async fn private_server() -> (BrokerProcess, RedisQueue, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let port = testing::free_port();
+    let port_text = port.to_string();
+    let dir_text = dir.path().to_string_lossy().into_owned();
+    let server = BrokerProcess::start(
+        "redis-server",
+        &[
+            "--port",
+            &port_text,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &dir_text,
+        ],
+        port,
+    )
+    .await;
+    let options = RedisOptions::new(format!("redis://127.0.0.1:{port}/0"))
+        .bounds(Bounds::default().publish_timeout(BOUND));
+    let queue = RedisQueue::connect(options)
+        .await
+        .expect("connecting to the private redis-server");
+    (server, queue, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_while_down_fails_within_bound() {
+    let (server, queue, _dir) = private_server().await;
+    let prefix = testing::unique_prefix("down");
+    testing::publish_while_down_fails_within_bound(&queue, &server, BOUND, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_restart() {
+    let (server, queue, _dir) = private_server().await;
+    let prefix = testing::unique_prefix("restart");
+    testing::reconnects_after_restart(&queue, &server, true, &prefix).await;
+}
+
+#[tokio::test]
+async fn connect_fails_within_bound_when_nothing_listens() {
+    let port = testing::free_port();
+    let options = RedisOptions::new(format!("redis://127.0.0.1:{port}/0"))
+        .bounds(Bounds::default().connect_timeout(Duration::from_millis(500)));
+    let started = std::time::Instant::now();
+    let result = RedisQueue::connect(options).await;
+    assert!(
+        matches!(result, Err(deployd_queue::Error::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

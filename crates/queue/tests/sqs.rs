@@ -1,0 +1,91 @@
+//! The conformance suite against SQS: `moto_server` (from PyPI's `moto[server]`) or AWS.
+//!
+//! The suite runs against `DEPLOYD_TEST_SQS_ENDPOINT` (default `http://127.0.0.1:5000`) in
+//! `DEPLOYD_TEST_SQS_REGION` (default `us-east-1`), with the credentials of
+//! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` or, without them, moto's dummy `test`/`test`.
+//! It fails, never skips, when the endpoint does not answer; `cargo xtask e2e` starts moto.
+//!
+//! moto keeps its queues in memory, so restarting it is a loss of every queue rather than an
+//! outage: the fault cases reach it through a [`TcpProxy`] whose stop cuts every connection and
+//! refuses new ones, and whose start brings the endpoint back with its queues.
+
+use std::time::Duration;
+
+use deployd_queue::Bounds;
+use deployd_queue::sqs::{SqsOptions, SqsQueue};
+use deployd_queue::testing::{self, TcpProxy};
+
+fn endpoint() -> String {
+    std::env::var("DEPLOYD_TEST_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+fn options(endpoint: String) -> SqsOptions {
+    let region = std::env::var("DEPLOYD_TEST_SQS_REGION").unwrap_or_else(|_| "us-east-1".into());
+    let mut options = SqsOptions::new(region).endpoint(endpoint);
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+        options = options.credentials("test", "test");
+    }
+    options
+}
+
+async fn connect(options: SqsOptions) -> SqsQueue {
+    let endpoint = options.endpoint.clone().unwrap_or_default();
+    match SqsQueue::connect(options).await {
+        Ok(queue) => queue,
+        Err(err) => panic!(
+            "cannot reach SQS at {endpoint} (set DEPLOYD_TEST_SQS_ENDPOINT, or run `cargo xtask \
+             e2e`, which starts moto_server): {err}"
+        ),
+    }
+}
+
+// moto answers about 20 receive-and-delete round trips per second (the SDK's own client,
+// measured by `benches/throughput.rs`): 100,000 messages would take over an hour, so the
+// many-messages case moves 2,000 here. Against AWS, use the full count.
+deployd_queue::conformance_tests!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    queue = connect(options(endpoint())).await,
+    many_messages = many_messages()
+);
+
+/// `DEPLOYD_TEST_SQS_MANY_MESSAGES`, or 2,000.
+fn many_messages() -> usize {
+    std::env::var("DEPLOYD_TEST_SQS_MANY_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+}
+
+const BOUND: Duration = Duration::from_secs(2);
+
+async fn proxied() -> (TcpProxy, SqsQueue) {
+    let endpoint = endpoint();
+    let authority = endpoint
+        .strip_prefix("http://")
+        .expect("the fault cases need a plain-HTTP endpoint such as moto's")
+        .trim_end_matches('/');
+    let target = tokio::net::lookup_host(authority)
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("the endpoint's address resolves");
+    let proxy = TcpProxy::start(target).await;
+    let options = options(format!("http://127.0.0.1:{}", proxy.port()))
+        .bounds(Bounds::default().publish_timeout(BOUND));
+    let queue = connect(options).await;
+    (proxy, queue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_while_down_fails_within_bound() {
+    let (proxy, queue) = proxied().await;
+    let prefix = testing::unique_prefix("down");
+    testing::publish_while_down_fails_within_bound(&queue, &proxy, BOUND, &prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_restart() {
+    let (proxy, queue) = proxied().await;
+    let prefix = testing::unique_prefix("restart");
+    testing::reconnects_after_restart(&queue, &proxy, true, &prefix).await;
+}
