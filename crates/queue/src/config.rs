@@ -77,6 +77,10 @@ pub struct RedisOptions {
     /// Approximate cap on a topic's stream length (`XADD MAXLEN ~`); `None` keeps everything.
     /// A cap can drop messages a slow group has not read yet.
     pub max_stream_length: Option<u64>,
+    /// Lets Redis delete a topic's keys after this long without a publish (the groups'
+    /// streams: after this long from their creation); `None` keeps them. For short-lived topics
+    /// (tests) only: an expired stream loses what it held.
+    pub key_expiry: Option<Duration>,
     /// Time bounds.
     pub bounds: Bounds,
 }
@@ -89,6 +93,7 @@ impl RedisOptions {
             key_prefix: "deployd".to_owned(),
             poll_interval: Duration::from_millis(100),
             max_stream_length: None,
+            key_expiry: None,
             bounds: Bounds::default(),
         }
     }
@@ -133,6 +138,10 @@ pub struct RabbitMqOptions {
     /// How many unacked messages the broker may push to one consumer ahead of `next`
     /// (at least 2).
     pub prefetch: u16,
+    /// Lets RabbitMQ delete a group's queue (and what it holds) after it had no consumer for
+    /// this long (`x-expires`); `None` keeps queues. For short-lived groups (tests) only. A
+    /// queue keeps the setting it was declared with: changing it needs the queue deleted.
+    pub group_expiry: Option<Duration>,
     /// Time bounds.
     pub bounds: Bounds,
 }
@@ -144,6 +153,7 @@ impl RabbitMqOptions {
             url: url.into(),
             exchange_prefix: "deployd".to_owned(),
             prefetch: 2,
+            group_expiry: None,
             bounds: Bounds::default(),
         }
     }

@@ -465,6 +465,11 @@ impl MemberState {
             .await
             .map_err(|err| unavailable("opening a channel", err))?;
         declare_exchange(&link, &self.exchange).await?;
+        let mut arguments = FieldTable::default();
+        if let Some(expiry) = self.shared.options.group_expiry {
+            let ms = i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX).max(1);
+            arguments.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
         channel
             .queue_declare(
                 self.queue.as_str().into(),
@@ -472,7 +477,7 @@ impl MemberState {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                arguments,
             )
             .await
             .map_err(|err| unavailable("declaring a queue", err))?;

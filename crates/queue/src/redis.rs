@@ -286,6 +286,16 @@ impl Shared {
                 Err(Error::Backend(message)) if message.contains("BUSYGROUP") => {}
                 Err(err) => return Err(err),
             }
+            if let Some(expiry) = self.options.key_expiry {
+                let ms = u64::try_from(expiry.as_millis()).unwrap_or(u64::MAX).max(1);
+                let _: Value = self
+                    .run("setting a key's expiry", || {
+                        let mut cmd = redis::cmd("PEXPIRE");
+                        cmd.arg(key).arg(ms);
+                        cmd
+                    })
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -356,27 +366,38 @@ impl MessageQueue for RedisQueue {
         let key = format!("{}:{{{topic}}}", self.shared.options.key_prefix);
         let max_len = self.shared.options.max_stream_length;
         let attempt = message.attempt.to_string();
-        let _id: Value = self
-            .shared
-            .run("publishing to redis", || {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(&key);
-                if let Some(max_len) = max_len {
-                    cmd.arg("MAXLEN").arg("~").arg(max_len);
-                }
-                cmd.arg("*")
-                    .arg("id")
-                    .arg(&message.id)
-                    .arg("attempt")
-                    .arg(&attempt)
-                    .arg("payload")
-                    .arg(message.payload.as_ref());
-                for (name, value) in &message.headers {
-                    cmd.arg(format!("h:{name}")).arg(value);
-                }
-                cmd
-            })
-            .await?;
+        let xadd = || {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&key);
+            if let Some(max_len) = max_len {
+                cmd.arg("MAXLEN").arg("~").arg(max_len);
+            }
+            cmd.arg("*")
+                .arg("id")
+                .arg(&message.id)
+                .arg("attempt")
+                .arg(&attempt)
+                .arg("payload")
+                .arg(message.payload.as_ref());
+            for (name, value) in &message.headers {
+                cmd.arg(format!("h:{name}")).arg(value);
+            }
+            cmd
+        };
+        match self.shared.options.key_expiry {
+            None => {
+                let _id: Value = self.shared.run("publishing to redis", xadd).await?;
+            }
+            Some(expiry) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(xadd()).ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(u64::try_from(expiry.as_millis()).unwrap_or(u64::MAX).max(1))
+                    .ignore();
+                self.shared.run_pipe("publishing to redis", &pipe).await?;
+            }
+        }
         Ok(())
     }
 

@@ -21,6 +21,13 @@ fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The suite's groups are used once: RabbitMQ deletes their queues after a while.
+fn options(url: String) -> RabbitMqOptions {
+    let mut options = RabbitMqOptions::new(url);
+    options.group_expiry = Some(Duration::from_secs(600));
+    options
+}
+
 async fn connect(options: RabbitMqOptions) -> RabbitMqQueue {
     match RabbitMqQueue::connect(options).await {
         Ok(queue) => queue,
@@ -33,7 +40,7 @@ async fn connect(options: RabbitMqOptions) -> RabbitMqQueue {
 
 deployd_queue::conformance_tests!(
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    queue = connect(RabbitMqOptions::new(url())).await
+    queue = connect(options(url())).await
 );
 
 const BOUND: Duration = Duration::from_secs(2);
@@ -61,7 +68,7 @@ async fn proxied() -> (TcpProxy, RabbitMqQueue) {
         .and_then(|mut addrs| addrs.next())
         .expect("the broker's address resolves");
     let proxy = TcpProxy::start(target).await;
-    let options = RabbitMqOptions::new(format!("{head}127.0.0.1:{}{path}", proxy.port()))
+    let options = options(format!("{head}127.0.0.1:{}{path}", proxy.port()))
         .bounds(Bounds::default().publish_timeout(BOUND));
     let queue = connect(options).await;
     (proxy, queue)

@@ -15,9 +15,16 @@ fn url() -> String {
     std::env::var("DEPLOYD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// The suite's topics are used once: Redis forgets them after a while.
+fn options(url: &str) -> RedisOptions {
+    let mut options = RedisOptions::new(url);
+    options.key_expiry = Some(Duration::from_secs(600));
+    options
+}
+
 async fn queue() -> RedisQueue {
     let url = url();
-    match RedisQueue::connect(RedisOptions::new(&url)).await {
+    match RedisQueue::connect(options(&url)).await {
         Ok(queue) => queue,
         Err(err) => panic!(
             "cannot reach Redis at {url} (set DEPLOYD_TEST_REDIS_URL, or run `cargo xtask e2e`, \
@@ -58,7 +65,7 @@ async fn private_server() -> (BrokerProcess, RedisQueue, tempfile::TempDir) {
         port,
     )
     .await;
-    let options = RedisOptions::new(format!("redis://127.0.0.1:{port}/0"))
+    let options = options(&format!("redis://127.0.0.1:{port}/0"))
         .bounds(Bounds::default().publish_timeout(BOUND));
     let queue = RedisQueue::connect(options)
         .await
