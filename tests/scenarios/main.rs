@@ -1,5 +1,6 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
+mod brokers;
 mod git;
 mod pipeline;
 mod settings;

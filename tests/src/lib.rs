@@ -380,3 +380,72 @@ pub fn success(output: &Output) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// A TCP relay in front of a broker that keeps a copy of what clients send, so a scenario can
+/// prove that deployd's traffic went through the broker (a task's id crossed the wire).
+pub struct TcpTap {
+    /// The port to connect to instead of the broker's.
+    pub port: u16,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl TcpTap {
+    /// Relays 127.0.0.1:`port` to `target` (`host:port`) until the test process exits.
+    pub fn start(target: &str) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        std::net::TcpStream::connect(target)
+            .unwrap_or_else(|err| panic!("the broker at {target} does not answer: {err}"));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind the tap");
+        let port = listener.local_addr().expect("tap address").port();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target = target.to_owned();
+        let seen = std::sync::Arc::clone(&sent);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (Ok(mut client_rx), Ok(mut server_tx)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                let seen = std::sync::Arc::clone(&seen);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = client_rx.read(&mut buf) {
+                        if n == 0 || server_tx.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        seen.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend_from_slice(&buf[..n]);
+                    }
+                    let _ = server_tx.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut server_rx, mut client_tx) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server_rx, &mut client_tx);
+                    let _ = client_tx.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { port, sent }
+    }
+
+    /// Whether a client sent `needle` to the broker.
+    pub fn saw(&self, needle: &str) -> bool {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+/// `host:port` of a broker URL such as `amqp://guest:guest@127.0.0.1:5672/%2f`.
+pub fn url_address(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    rest.rsplit_once('@')
+        .map_or(rest, |(_, host)| host)
+        .to_owned()
+}

@@ -5,13 +5,18 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+mod brokers;
+
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   ci       cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
-  e2e      builds deployd and runs the end-to-end scenarios against the real binary
+  e2e      starts the brokers that are not running (Redis, RabbitMQ, NATS, tansu, moto), runs
+           the queue's conformance suite against each, then builds deployd and runs the
+           end-to-end scenarios against the real binary; stops only the brokers it started
   bench    runs every crate's benchmarks in release; each prints its measurements, the ratio
            to its baseline measured in the same run, and fails when it misses its target
+           (the queue's bench runs against every broker, started as for e2e)
   codegen  writes the generated files that are checked in (docs/deployment.schema.json)";
 
 fn main() -> std::process::ExitCode {
@@ -71,7 +76,7 @@ fn has_nextest() -> bool {
 }
 
 /// Runs tests with nextest when it is installed, else with `cargo test`.
-fn test(what: &str, args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<()> {
+fn test(what: &str, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let mut command = cargo();
     if has_nextest() {
         command.args(["nextest", "run", "--no-fail-fast"]);
@@ -124,11 +129,22 @@ fn e2e() -> anyhow::Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let binary = target.join("debug").join("deployd");
-    test(
-        "end-to-end scenarios",
-        &["-p", "deployd-e2e"],
-        &[("DEPLOYD_BIN", &binary)],
-    )
+    brokers::with_brokers(|env| {
+        let mut suite = cargo();
+        suite.args(brokers::queue_test_args(has_nextest()));
+        suite.envs(env.vars());
+        run(
+            "the queue's conformance suite against every broker",
+            &mut suite,
+        )?;
+        let vars = env.vars();
+        let mut envs: Vec<(&str, &std::ffi::OsStr)> = vars
+            .iter()
+            .map(|(key, value)| (*key, std::ffi::OsStr::new(value.as_str())))
+            .collect();
+        envs.push(("DEPLOYD_BIN", binary.as_os_str()));
+        test("end-to-end scenarios", &["-p", "deployd-e2e"], &envs)
+    })
 }
 
 /// The packages with benchmarks. Each bench target is a plain `harness = false` program that
@@ -149,6 +165,17 @@ fn bench() -> anyhow::Result<()> {
             eprintln!("xtask: {err:#}");
             missed.push(*package);
         }
+    }
+    // The queue's bench measures every adapter against its broker's own client.
+    let queue = brokers::with_brokers(|env| {
+        let mut command = cargo();
+        command.args(brokers::queue_bench_args());
+        command.envs(env.vars());
+        run("benchmarks of deployd-queue (every broker)", &mut command)
+    });
+    if let Err(err) = queue {
+        eprintln!("xtask: {err:#}");
+        missed.push("deployd-queue");
     }
     if missed.is_empty() {
         eprintln!("xtask: every benchmark met its targets");

@@ -32,6 +32,20 @@ pub(crate) struct Control {
     /// Transactions the writer committed; for tests of the batching.
     #[cfg_attr(not(test), allow(dead_code))]
     commits: Arc<AtomicU64>,
+    /// Tasks a worker of this server is running now; see [`Control::claim`].
+    running: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A task this server runs; dropping it lets a later delivery of the task run it again.
+pub(crate) struct Claim<'a> {
+    control: &'a Control,
+    task: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.control.running_tasks().remove(&self.task);
+    }
 }
 
 /// A write waiting for its commit.
@@ -41,6 +55,22 @@ struct Pending {
 }
 
 impl Control {
+    fn running_tasks(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks `task` as running here, or `None` when a worker of this server runs it already:
+    /// a queue delivers at least once, and a requeue after a restart or a queue change can
+    /// deliver a task whose earlier message the broker still holds.
+    pub(crate) fn claim(&self, task: &str) -> Option<Claim<'_>> {
+        self.running_tasks().insert(task.to_owned()).then(|| Claim {
+            control: self,
+            task: task.to_owned(),
+        })
+    }
+
     /// The control plane over `store`, with its batched writer (a pipeline stage) started.
     pub(crate) fn new(store: Store) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
@@ -92,6 +122,7 @@ impl Control {
             closed,
             writes,
             commits,
+            running: std::sync::Mutex::default(),
         }
     }
 
@@ -216,6 +247,19 @@ mod tests {
 
     use super::*;
     use crate::{EventKind, TaskStatus};
+
+    #[tokio::test]
+    async fn a_running_task_cannot_be_claimed_twice() {
+        let (_dir, control, task) = control().await;
+        let first = control.claim(&task.id).expect("the first claim wins");
+        assert!(control.claim(&task.id).is_none(), "a duplicate delivery");
+        assert!(control.claim("other").is_some(), "claims are per task");
+        drop(first);
+        assert!(
+            control.claim(&task.id).is_some(),
+            "a later delivery may run the task once the first is done"
+        );
+    }
 
     async fn control() -> (tempfile::TempDir, Control, TaskInfo) {
         let dir = tempfile::tempdir().unwrap();

@@ -16,16 +16,17 @@ use std::time::Duration;
 
 use deployd_config::{DeploymentSpec, ServiceSpec, SourceKind};
 use deployd_pipeline::{Concurrency, ItemState, Pipeline, Progress};
-use deployd_queue::{Consumer, MessageQueue, SubscribeOptions};
+use deployd_queue::{Consumer, MessageQueue, QueueConfig, SubscribeOptions};
 use deployd_sources::{GitSource, LocalSource, SourceManager, SyncPolicy, SyncRequest};
 use tokio::sync::watch;
 
 use crate::control::Control;
 use crate::orphans::NODE_VAR;
 use crate::prepare::{self, BuildMarks};
+use crate::queues::task_topic;
 use crate::supervisor::{self, Policy, ProcessSpec, Supervisor};
 use crate::worker::{self, WorkerContext};
-use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus, task_topic};
+use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus};
 
 /// Tasks a service is handed at once when its `max-concurrency` is not set.
 const UNLIMITED_CONCURRENCY: usize = 4096;
@@ -51,6 +52,8 @@ pub(crate) struct Context {
     pub(crate) sync: bool,
     pub(crate) node_id: String,
     pub(crate) control: Arc<Control>,
+    /// The queue the deployment file names, and a connection to it.
+    pub(crate) queue_config: QueueConfig,
     pub(crate) queue: Arc<dyn MessageQueue>,
     pub(crate) stop_timeout: Duration,
 }
@@ -87,6 +90,9 @@ struct State {
     /// The latest deploy's task.
     pipeline: Option<tokio::task::JoinHandle<()>>,
     stopped: bool,
+    /// The queue tasks are published to: the latest synced spec's.
+    queue_config: QueueConfig,
+    queue: Arc<dyn MessageQueue>,
 }
 
 pub(crate) struct Deployment {
@@ -122,6 +128,8 @@ impl Deployment {
                 deploying: false,
                 pipeline: None,
                 stopped: false,
+                queue_config: context.queue_config.clone(),
+                queue: Arc::clone(&context.queue),
             }),
         })
     }
@@ -235,6 +243,8 @@ impl Deployment {
             state.spec = context.spec.clone();
             state.text = context.text.clone();
             state.base = context.base.clone();
+            state.queue_config = context.queue_config.clone();
+            state.queue = Arc::clone(&context.queue);
             state.pipeline = Some(tokio::spawn(async move {
                 let _ = run.await;
             }));
@@ -347,6 +357,20 @@ impl Deployment {
         &self.dir
     }
 
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queue new tasks are published to.
+    pub(crate) fn queue(&self) -> Arc<dyn MessageQueue> {
+        Arc::clone(&self.state().queue)
+    }
+
+    /// The configuration [`Deployment::queue`] was connected with.
+    pub(crate) fn queue_config(&self) -> QueueConfig {
+        self.state().queue_config.clone()
+    }
+
     pub(crate) fn status(&self) -> DeploymentStatus {
         let state = self.state();
         let snapshot = state.progress.as_ref().map(Progress::snapshot);
@@ -402,6 +426,7 @@ impl Deployment {
             name: self.name.clone(),
             default_service: state.spec.default_service.clone(),
             deploying: state.deploying,
+            message_queue: crate::queues::describe(&state.queue_config),
             services,
         }
     }
@@ -441,7 +466,7 @@ async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
         .map_or(Duration::from_secs(24 * 3600), |t| {
             t + Duration::from_secs(60)
         });
-    let topic = task_topic(&context.spec.name, &item.service.id);
+    let topic = task_topic(&context.node_id, &context.spec.name, &item.service.id);
     item.consumer = Some(
         context
             .queue

@@ -29,6 +29,7 @@ mod deployment;
 mod orphans;
 mod prepare;
 mod protocol;
+mod queues;
 mod store;
 mod supervisor;
 mod worker;
@@ -214,6 +215,10 @@ pub struct DeploymentStatus {
     /// Whether a deploy of it is under way.
     #[serde(default)]
     pub deploying: bool,
+    /// The message queue its tasks go through (`in-memory`, `Redis at redis://…`), without
+    /// credentials.
+    #[serde(default)]
+    pub message_queue: String,
     /// Its services, in the order of the file.
     pub services: Vec<ServiceStatus>,
 }
@@ -397,14 +402,6 @@ fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
             ));
         }
     }
-    if let Some(queue) = &spec.message_queue
-        && !matches!(queue, deployd_config::MessageQueueSpec::Simple)
-    {
-        warnings.push(
-            "message-queue: broker queues are not wired in yet; the embedded queue is used"
-                .to_owned(),
-        );
-    }
     if spec.state_store.is_some() {
         warnings.push(
             "state-store: not supported yet; deployd's SQLite store in its data directory is used"
@@ -412,11 +409,6 @@ fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
         );
     }
     Ok(warnings)
-}
-
-/// The topic of a service's tasks.
-pub fn task_topic(deployment: &str, service: &str) -> String {
-    format!("deployd.{deployment}.{service}")
 }
 
 /// The Manager: a cheap-to-clone handle.
@@ -428,7 +420,6 @@ pub struct Manager {
 struct Inner {
     options: Options,
     control: Arc<Control>,
-    queue: Arc<dyn MessageQueue>,
     node_id: String,
     deployments: RwLock<BTreeMap<String, Arc<Deployment>>>,
     /// Serializes deploy, delete and shutdown.
@@ -456,12 +447,10 @@ impl Manager {
 
         let store = Store::open(&data_dir.join("deployd.db")).await?;
         let control = Arc::new(Control::new(store));
-        let queue: Arc<dyn MessageQueue> = Arc::new(deployd_queue::memory::MemoryQueue::new());
         let manager = Self {
             inner: Arc::new(Inner {
                 options,
                 control,
-                queue,
                 node_id,
                 deployments: RwLock::new(BTreeMap::new()),
                 ops: tokio::sync::Mutex::new(false),
@@ -483,12 +472,21 @@ impl Manager {
                 }
             };
             let base = PathBuf::from(&stored.base_path);
-            let context = self.context(spec, &stored.spec, &base, false);
+            let queue_config = queues::config_of(spec.message_queue.as_ref());
+            let queue = match queues::connect(&queue_config).await {
+                Ok(queue) => queue,
+                Err(err) => {
+                    // The deployment stays stored: the next start, or a deploy, brings it back.
+                    tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
+                    continue;
+                }
+            };
+            let context = self.context(spec, &stored.spec, &base, false, queue_config, queue);
             let deployment = Deployment::new(&context);
             match deployment.deploy(context).await {
                 Ok(()) => {
                     // Every service's topic is subscribed now: nothing requeued is lost.
-                    self.requeue_unfinished(&stored.name).await?;
+                    self.requeue_unfinished(&deployment).await?;
                     tracing::info!(deployment = %stored.name, "restored deployment");
                     self.write_deployments()
                         .insert(stored.name.clone(), deployment);
@@ -501,20 +499,22 @@ impl Manager {
         Ok(())
     }
 
-    async fn requeue_unfinished(&self, deployment: &str) -> Result<(), Error> {
+    /// Publishes again every task of `deployment` that has not finished. A task whose message
+    /// is still held by a broker is then delivered twice; the worker skips a delivery of a task
+    /// that has finished or is running.
+    async fn requeue_unfinished(&self, deployment: &Deployment) -> Result<(), Error> {
+        let queue = deployment.queue();
         for task in self
             .inner
             .control
             .store()
-            .unfinished_tasks(deployment)
+            .unfinished_tasks(deployment.name())
             .await?
         {
             let mut message = Message::new(task.id.clone());
             message.attempt = task.attempt + 1;
-            self.inner
-                .queue
-                .publish(&task_topic(deployment, &task.service), message)
-                .await?;
+            let topic = queues::task_topic(&self.inner.node_id, deployment.name(), &task.service);
+            queue.publish(&topic, message).await?;
         }
         Ok(())
     }
@@ -584,9 +584,16 @@ impl Manager {
             }
             _ => {}
         }
+        // Each deployment has its own connection to its queue, kept across reloads that leave
+        // `message-queue` as it is.
+        let queue_config = queues::config_of(spec.message_queue.as_ref());
+        let (queue, queue_changed) = match &existing {
+            Some(current) if current.queue_config() == queue_config => (current.queue(), false),
+            _ => (queues::connect(&queue_config).await?, existing.is_some()),
+        };
         // The pipeline returns once every source is synced: a sync that fails leaves what runs
         // as it is (and a new deployment is not created).
-        let context = self.context(spec, text, &base, true);
+        let context = self.context(spec, text, &base, true, queue_config, queue);
         let (deployment, is_new) = match existing {
             Some(current) => (current, false),
             None => {
@@ -602,6 +609,10 @@ impl Manager {
                 deployment.stop().await;
             }
             return Err(err);
+        }
+        if queue_changed {
+            // Tasks waiting in the previous queue move to the new one.
+            self.requeue_unfinished(&deployment).await?;
         }
         self.inner
             .control
@@ -625,6 +636,8 @@ impl Manager {
         text: &str,
         base: &Path,
         sync: bool,
+        queue_config: deployd_queue::QueueConfig,
+        queue: Arc<dyn MessageQueue>,
     ) -> deployment::Context {
         let dir = self
             .inner
@@ -640,7 +653,8 @@ impl Manager {
             sync,
             node_id: self.inner.node_id.clone(),
             control: Arc::clone(&self.inner.control),
-            queue: Arc::clone(&self.inner.queue),
+            queue_config,
+            queue,
             stop_timeout: self.inner.options.stop_timeout,
         }
     }
@@ -724,12 +738,10 @@ impl Manager {
             error: None,
         };
         store.insert_task(&info).await?;
-        self.inner
-            .queue
-            .publish(
-                &task_topic(deployment, &info.service),
-                Message::new(info.id.clone()),
-            )
+        let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
+        running
+            .queue()
+            .publish(&topic, Message::new(info.id.clone()))
             .await?;
         Ok(info)
     }

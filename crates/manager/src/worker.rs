@@ -81,6 +81,13 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
     let store = control.store();
     let task_id = String::from_utf8_lossy(&delivery.message.payload).into_owned();
     let attempt = delivery.message.attempt;
+    let Some(_claim) = control.claim(&task_id) else {
+        // Another delivery of the same task is running here; it acks or redelivers the task.
+        tracing::debug!(task = %task_id, "duplicate delivery of a running task");
+        let _ = delivery.ack().await;
+        return;
+    };
+    // Read after the claim: a delivery that ran meanwhile has committed its outcome.
     let task = match store.task(&task_id).await {
         Ok(Some(task)) if !task.status.is_finished() => task,
         Ok(_) => {

@@ -1,0 +1,148 @@
+//! Which message queue a deployment's tasks go through: the deployment file's `message-queue`
+//! mapped onto [`QueueConfig`], and the topics deployd uses on it.
+//!
+//! Every deployment has its own connection. Topics carry a prefix of the data directory's node
+//! id, so that two deployd servers (or two test runs) sharing one broker never take each
+//! other's tasks: a task is only meaningful to the server whose store holds it.
+
+use std::sync::Arc;
+
+use deployd_config::MessageQueueSpec;
+use deployd_queue::{MessageQueue, QueueConfig};
+
+use crate::Error;
+
+/// The queue a deployment file asks for; the embedded queue when it names none.
+pub(crate) fn config_of(spec: Option<&MessageQueueSpec>) -> QueueConfig {
+    use deployd_queue::config::{
+        KafkaOptions, NatsOptions, RabbitMqOptions, RedisOptions, SqsOptions,
+    };
+    match spec {
+        None | Some(MessageQueueSpec::Simple) => QueueConfig::Memory,
+        // llama_deploy's `exclusive_mode` made one consumer take a topic's messages; every
+        // deployd group already hands each task to exactly one worker, so it changes nothing.
+        Some(MessageQueueSpec::Redis { url, .. }) => QueueConfig::Redis(RedisOptions::new(url)),
+        Some(MessageQueueSpec::RabbitMq { url, exchange, .. }) => {
+            let mut options = RabbitMqOptions::new(url);
+            options.exchange_prefix.clone_from(exchange);
+            QueueConfig::RabbitMq(options)
+        }
+        Some(MessageQueueSpec::Kafka { url, .. }) => QueueConfig::Kafka(KafkaOptions::new(url)),
+        Some(MessageQueueSpec::Nats { url, .. }) => QueueConfig::Nats(NatsOptions::new(url)),
+        Some(MessageQueueSpec::Aws {
+            region,
+            access_key_id,
+            secret_access_key,
+            ..
+        }) => {
+            let mut options = SqsOptions::new(region);
+            if let (Some(id), Some(secret)) = (access_key_id, secret_access_key) {
+                options = options.credentials(id, secret);
+            }
+            // The AWS SDKs' own variables for another endpoint (LocalStack, moto, a VPC one).
+            let endpoint = ["AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL"]
+                .iter()
+                .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+            if let Some(endpoint) = endpoint {
+                options = options.endpoint(endpoint);
+            }
+            QueueConfig::Sqs(options)
+        }
+        Some(other) => {
+            // `MessageQueueSpec` is non-exhaustive; a kind the config crate learns before this
+            // mapping does is refused by `connect`'s caller through `describe`.
+            tracing::warn!(queue = ?other, "unknown message queue kind; the embedded queue is used");
+            QueueConfig::Memory
+        }
+    }
+}
+
+/// Where `config` points, without credentials, for messages.
+pub(crate) fn describe(config: &QueueConfig) -> String {
+    let redact = deployd_sources::redact_url;
+    match config {
+        QueueConfig::Redis(options) => format!("Redis at {}", redact(&options.url)),
+        QueueConfig::RabbitMq(options) => format!("RabbitMQ at {}", redact(&options.url)),
+        QueueConfig::Nats(options) => format!("NATS at {}", redact(&options.url)),
+        QueueConfig::Kafka(options) => format!("Kafka at {}", options.brokers),
+        QueueConfig::Sqs(options) => match &options.endpoint {
+            Some(endpoint) => format!("SQS at {endpoint} ({})", options.region),
+            None => format!("SQS in {}", options.region),
+        },
+        other => other.backend_name().to_owned(),
+    }
+}
+
+/// Connects to the queue `config` names. A backend this build lacks, or unusable options, are
+/// the deployment file's fault (a 400); a broker that does not answer is a 503.
+pub(crate) async fn connect(config: &QueueConfig) -> Result<Arc<dyn MessageQueue>, Error> {
+    deployd_queue::connect(config).await.map_err(|err| {
+        let place = describe(config);
+        match err {
+            deployd_queue::Error::Unsupported { .. } | deployd_queue::Error::InvalidConfig(_) => {
+                Error::BadRequest(format!("message-queue ({place}): {err}"))
+            }
+            other => {
+                Error::Unavailable(format!("message-queue: cannot connect to {place}: {other}"))
+            }
+        }
+    })
+}
+
+/// The topic of a service's tasks: `deployd.{node}.{deployment}.{service}`, where `node` is the
+/// first twelve characters of the data directory's node id. Deployment names and service ids
+/// are letters, digits, `-` and `_`, so the topic suits every broker's naming rules.
+pub(crate) fn task_topic(node_id: &str, deployment: &str, service: &str) -> String {
+    let node: String = node_id.chars().take(12).collect();
+    format!("deployd.{node}.{deployment}.{service}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_queue_and_simple_are_the_embedded_queue() {
+        assert_eq!(config_of(None), QueueConfig::Memory);
+        assert_eq!(
+            config_of(Some(&MessageQueueSpec::Simple)),
+            QueueConfig::Memory
+        );
+    }
+
+    #[test]
+    fn topics_are_namespaced_by_node() {
+        assert_eq!(
+            task_topic("0123456789abcdef0123", "quickstart", "echo_workflow"),
+            "deployd.0123456789ab.quickstart.echo_workflow"
+        );
+        assert_ne!(
+            task_topic("aaaaaaaaaaaa0", "d", "s"),
+            task_topic("bbbbbbbbbbbb0", "d", "s")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_does_not_answer_is_unavailable_not_a_bad_request() {
+        // Nothing listens on port 1; without the feature the backend is a bad request instead.
+        let mut options = deployd_queue::config::RedisOptions::new("redis://127.0.0.1:1/0");
+        options.bounds = deployd_queue::Bounds::default()
+            .connect_timeout(std::time::Duration::from_millis(300))
+            .publish_timeout(std::time::Duration::from_millis(300));
+        let err = match connect(&QueueConfig::Redis(options)).await {
+            Ok(_) => panic!("connected to a port nobody listens on"),
+            Err(err) => err,
+        };
+        let message = err.to_string();
+        if cfg!(feature = "redis") {
+            assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+            assert!(
+                message.contains("Redis at redis://127.0.0.1:1/0"),
+                "{message}"
+            );
+        } else {
+            assert!(matches!(err, Error::BadRequest(_)), "{err:?}");
+            assert!(message.contains("redis"), "{message}");
+        }
+    }
+}
