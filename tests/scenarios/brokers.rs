@@ -157,6 +157,44 @@ fn skeleton_runs_on_rabbitmq() {
     );
 }
 
+/// deployd restarted while its deployment's broker is down: the deployment comes back once the
+/// broker answers, without another deploy.
+#[test]
+fn a_deployment_comes_back_when_its_broker_answers_again() {
+    let url = env_or("DEPLOYD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0");
+    let tap = TcpTap::start(&url_address(&url));
+    let project = Project::new();
+    let file = project.write(
+        "deployment.yaml",
+        &format!(
+            "name: patient\nmessage-queue:\n  type: redis\n  url: redis://127.0.0.1:{}/0\nservices:\n  svc:\n    source:\n      type: local\n      location: src\n    command: python3 echo.py\n",
+            tap.port
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let mut first = Server::start(&data_dir, &[]);
+    success(&first.cli(&["deploy", file.to_str().unwrap()]));
+    first.kill();
+
+    tap.set_open(false);
+    let second = Server::start(&data_dir, &[]);
+    let (_, body) = second.get("/deployments/").unwrap();
+    assert_eq!(body, json!([]), "not back while its broker is down");
+    tap.set_open(true);
+    wait_for(
+        "the deployment to come back",
+        Duration::from_secs(60),
+        || {
+            let (_, body) = second.get("/deployments/").ok()?;
+            (body == json!([{ "name": "patient" }])).then_some(())
+        },
+    );
+    second.wait_ready("patient");
+    let out = success(&second.cli(&["run", "-d", "patient", "-a", "message", "back"]));
+    assert_eq!(out, "svc: back\n");
+}
+
 /// A broker that does not answer: the deploy is refused with a clear error naming it, and
 /// nothing is created.
 #[test]

@@ -387,6 +387,7 @@ pub struct TcpTap {
     /// The port to connect to instead of the broker's.
     pub port: u16,
     sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TcpTap {
@@ -399,10 +400,17 @@ impl TcpTap {
         let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind the tap");
         let port = listener.local_addr().expect("tap address").port();
         let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let target = target.to_owned();
         let seen = std::sync::Arc::clone(&sent);
+        let is_open = std::sync::Arc::clone(&open);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    // A broker that is down: the connection closes at once.
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
@@ -431,7 +439,12 @@ impl TcpTap {
                 });
             }
         });
-        Self { port, sent }
+        Self { port, sent, open }
+    }
+
+    /// Plays a broker that is down (new connections are closed at once), or up again.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether a client sent `needle` to the broker.

@@ -464,32 +464,12 @@ impl Manager {
     async fn restore(&self) -> Result<(), Error> {
         let _ops = self.inner.ops.lock().await;
         for stored in self.inner.control.store().deployments().await? {
-            let spec = match load(&stored.spec, &stored.origin) {
-                Ok(loaded) => loaded.spec,
-                Err(diagnostics) => {
-                    tracing::error!(deployment = %stored.name, %diagnostics, "cannot restore deployment");
-                    continue;
-                }
-            };
-            let base = PathBuf::from(&stored.base_path);
-            let queue_config = queues::config_of(spec.message_queue.as_ref());
-            let queue = match queues::connect(&queue_config).await {
-                Ok(queue) => queue,
-                Err(err) => {
-                    // The deployment stays stored: the next start, or a deploy, brings it back.
-                    tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
-                    continue;
-                }
-            };
-            let context = self.context(spec, &stored.spec, &base, false, queue_config, queue);
-            let deployment = Deployment::new(&context);
-            match deployment.deploy(context).await {
-                Ok(()) => {
-                    // Every service's topic is subscribed now: nothing requeued is lost.
-                    self.requeue_unfinished(&deployment).await?;
-                    tracing::info!(deployment = %stored.name, "restored deployment");
-                    self.write_deployments()
-                        .insert(stored.name.clone(), deployment);
+            match self.restore_one(&stored).await {
+                Ok(()) => {}
+                Err(Error::Unavailable(reason)) => {
+                    // Its broker does not answer yet: keep trying in the background.
+                    tracing::warn!(deployment = %stored.name, %reason, "cannot restore deployment yet; retrying");
+                    self.retry_restore(stored);
                 }
                 Err(err) => {
                     tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
@@ -497,6 +477,59 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// Brings one stored deployment back (the caller holds `ops`).
+    async fn restore_one(&self, stored: &StoredDeployment) -> Result<(), Error> {
+        let spec = load(&stored.spec, &stored.origin)
+            .map_err(Error::Invalid)?
+            .spec;
+        let base = PathBuf::from(&stored.base_path);
+        let queue_config = queues::config_of(spec.message_queue.as_ref());
+        let queue = queues::connect(&queue_config).await?;
+        let context = self.context(spec, &stored.spec, &base, false, queue_config, queue);
+        let deployment = Deployment::new(&context);
+        deployment.deploy(context).await?;
+        // Every service's topic is subscribed now: nothing requeued is lost.
+        if let Err(err) = self.requeue_unfinished(&deployment).await {
+            // The tasks stay `queued` in the store; the next start publishes them again.
+            tracing::error!(deployment = %stored.name, error = %err, "cannot queue the unfinished tasks again");
+        }
+        tracing::info!(deployment = %stored.name, "restored deployment");
+        self.write_deployments()
+            .insert(stored.name.clone(), deployment);
+        Ok(())
+    }
+
+    /// Retries [`Manager::restore_one`] with backoff (1 s doubling to 30 s) until it succeeds,
+    /// fails for another reason than an unreachable broker, the deployment is deployed again
+    /// meanwhile, or the Manager shuts down or is dropped.
+    fn retry_restore(&self, stored: StoredDeployment) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                let Some(inner) = inner.upgrade() else { return };
+                let manager = Manager { inner };
+                let ops = manager.inner.ops.lock().await;
+                if *ops || manager.read_deployments().contains_key(&stored.name) {
+                    return;
+                }
+                match manager.restore_one(&stored).await {
+                    Ok(()) => return,
+                    Err(Error::Unavailable(reason)) => {
+                        tracing::warn!(deployment = %stored.name, %reason, "cannot restore deployment yet; retrying");
+                    }
+                    Err(err) => {
+                        tracing::error!(deployment = %stored.name, error = %err, "cannot restore deployment");
+                        return;
+                    }
+                }
+                drop(ops);
+            }
+        });
     }
 
     /// Publishes again every task of `deployment` that has not finished. A task whose message
