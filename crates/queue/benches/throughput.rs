@@ -1,6 +1,6 @@
 //! Throughput of the queue backends: publish + receive + ack of 1 KiB messages.
 //!
-//! `cargo bench -p deployd-queue --bench throughput [--features redis,rabbitmq,nats,sqs]`
+//! `cargo bench -p deployd-queue --bench throughput [--features redis,rabbitmq,nats,sqs,kafka]`
 //! (`cargo xtask bench` starts the brokers and passes every feature).
 //!
 //! The in-memory backend must move at least 1,000,000 messages per second (publish premade
@@ -642,6 +642,123 @@ mod sqs_bench {
     }
 }
 
+#[cfg(feature = "kafka")]
+mod kafka_bench {
+    use super::*;
+    use deployd_queue::kafka::{KafkaOptions, KafkaQueue};
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Message as _, Offset, TopicPartitionList};
+
+    pub(super) async fn run(verdicts: &mut Verdicts) {
+        const COUNT: usize = 10_000;
+        let brokers = env("DEPLOYD_TEST_KAFKA_BROKERS", "127.0.0.1:9092");
+        let queue: Arc<dyn MessageQueue> = Arc::new(
+            KafkaQueue::connect(KafkaOptions::new(&brokers))
+                .await
+                .expect("connecting to kafka"),
+        );
+        let (adapter, raw) = best_of(
+            || adapter_rate(Arc::clone(&queue), COUNT),
+            || raw(&brokers, COUNT),
+        )
+        .await;
+        verdicts.compare("kafka", COUNT, adapter, raw);
+    }
+
+    /// The adapter's work with rdkafka alone: a one-partition topic, a producer with
+    /// `acks=all` and the same linger, the id and attempt as record headers; a group member
+    /// receiving one record at a time, storing its offset for librdkafka's auto-commit.
+    async fn raw(brokers: &str, count: usize) -> f64 {
+        let topic = format!("bench-raw.{}", uuid::Uuid::new_v4().simple());
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("an admin client");
+        admin
+            .create_topics(
+                [&NewTopic::new(&topic, 1, TopicReplication::Fixed(-1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("creating the topic");
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .create()
+            .expect("a producer");
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("{topic}.bench"))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "500")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .expect("a consumer");
+        consumer.subscribe(&[&topic]).expect("subscribing");
+        let start = Instant::now();
+        let consuming = tokio::spawn(async move {
+            for _ in 0..count {
+                let record = consumer.recv().await.expect("receiving");
+                let mut offsets = TopicPartitionList::new();
+                offsets
+                    .add_partition_offset(
+                        record.topic(),
+                        record.partition(),
+                        Offset::Offset(record.offset() + 1),
+                    )
+                    .expect("an offset");
+                consumer
+                    .store_offsets(&offsets)
+                    .expect("storing the offset");
+            }
+        });
+        let payload = payload();
+        let mut sent = 0;
+        while sent < count {
+            let batch = IN_FLIGHT.min(count - sent);
+            let mut pending = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let producer = &producer;
+                let topic = &topic;
+                let payload = &payload;
+                let id = uuid::Uuid::now_v7().to_string();
+                pending.push(async move {
+                    let headers = OwnedHeaders::new()
+                        .insert(Header {
+                            key: "deployd-id",
+                            value: Some(id.as_str()),
+                        })
+                        .insert(Header {
+                            key: "deployd-attempt",
+                            value: Some("1"),
+                        });
+                    let record = FutureRecord::<(), [u8]>::to(topic)
+                        .payload(&payload[..])
+                        .headers(headers);
+                    producer
+                        .send(record, Duration::from_secs(10))
+                        .await
+                        .expect("sending");
+                });
+            }
+            futures_join_all(pending).await;
+            sent += batch;
+        }
+        consuming.await.expect("the consumer");
+        rate(count, start.elapsed())
+    }
+}
+
 fn main() -> ExitCode {
     let mut verdicts = Verdicts { misses: Vec::new() };
     memory(&mut verdicts);
@@ -659,6 +776,8 @@ fn main() -> ExitCode {
         nats_bench::run(&mut verdicts).await;
         #[cfg(feature = "sqs")]
         sqs_bench::run(&mut verdicts).await;
+        #[cfg(feature = "kafka")]
+        kafka_bench::run(&mut verdicts).await;
         let _ = &mut verdicts;
     });
     if verdicts.misses.is_empty() {

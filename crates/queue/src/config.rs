@@ -235,8 +235,7 @@ impl Default for NatsOptions {
     }
 }
 
-/// Options of a Kafka backend (not implemented yet: [`connect`] answers
-/// [`Error::Unsupported`] for it).
+/// Options of the Kafka backend ([`crate::kafka::KafkaQueue`], feature `kafka`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KafkaOptions {
@@ -245,6 +244,18 @@ pub struct KafkaOptions {
     /// Prefix of the topics the backend uses: topic `t` is Kafka topic `{prefix}.t`, and group
     /// `g` on it is consumer group `{prefix}.t.g`.
     pub topic_prefix: String,
+    /// How many partitions a topic the backend creates gets. One (the default) keeps publish
+    /// order per topic, and one process of a group reads the topic at a time; more let as many
+    /// processes share a topic, with order kept per partition only.
+    pub partitions: i32,
+    /// The replication factor of the topics the backend creates; `None` takes the broker's
+    /// default.
+    pub replication_factor: Option<i32>,
+    /// The consumer group session timeout: a process that stopped heartbeating for this long
+    /// leaves its group, and its partitions (with what it held unacked) go to another
+    /// process. Kafka accepts 6 to 300 seconds by default; tansu completes a group join after
+    /// half of it, so it also bounds how long a new group takes to start receiving.
+    pub session_timeout: Duration,
     /// Extra librdkafka settings (`security.protocol`, `sasl.*`, ...), applied last.
     pub extra: Vec<(String, String)>,
     /// Time bounds.
@@ -257,6 +268,9 @@ impl KafkaOptions {
         Self {
             brokers: brokers.into(),
             topic_prefix: "deployd".to_owned(),
+            partitions: 1,
+            replication_factor: None,
+            session_timeout: Duration::from_secs(6),
             extra: Vec::new(),
             bounds: Bounds::default(),
         }
@@ -368,7 +382,7 @@ pub enum QueueConfig {
     RabbitMq(RabbitMqOptions),
     /// NATS JetStream (feature `nats`).
     Nats(NatsOptions),
-    /// Kafka (not implemented yet).
+    /// Kafka (feature `kafka`).
     Kafka(KafkaOptions),
     /// Amazon SQS (feature `sqs`).
     Sqs(SqsOptions),
@@ -417,6 +431,10 @@ pub async fn connect(config: &QueueConfig) -> Result<Arc<dyn MessageQueue>, Erro
         QueueConfig::Nats(options) => Ok(Arc::new(
             crate::nats::NatsQueue::connect(options.clone()).await?,
         )),
+        #[cfg(feature = "kafka")]
+        QueueConfig::Kafka(options) => Ok(Arc::new(
+            crate::kafka::KafkaQueue::connect(options.clone()).await?,
+        )),
         #[cfg(feature = "sqs")]
         QueueConfig::Sqs(options) => Ok(Arc::new(
             crate::sqs::SqsQueue::connect(options.clone()).await?,
@@ -435,7 +453,7 @@ fn feature_of(config: &QueueConfig) -> &'static str {
         QueueConfig::Redis(_) => "redis",
         QueueConfig::RabbitMq(_) => "rabbitmq",
         QueueConfig::Nats(_) => "nats",
-        QueueConfig::Kafka(_) => "",
+        QueueConfig::Kafka(_) => "kafka",
         QueueConfig::Sqs(_) => "sqs",
     }
 }
@@ -548,21 +566,23 @@ mod tests {
         assert!(connect(&QueueConfig::default()).await.is_ok());
     }
 
+    #[cfg(not(feature = "kafka"))]
     #[tokio::test]
-    async fn kafka_is_not_implemented_yet() {
+    async fn kafka_left_out_names_its_feature() {
         let Err(err) = connect(&QueueConfig::Kafka(KafkaOptions::default())).await else {
-            panic!("kafka is not implemented");
+            panic!("kafka is not built in");
         };
         assert!(matches!(
             err,
             Error::Unsupported {
                 backend: "Kafka",
-                ..
+                feature: "kafka"
             }
         ));
         assert_eq!(
             err.to_string(),
-            "the Kafka message queue is not implemented in this version of deployd"
+            "the Kafka message queue is not built in: rebuild deployd-queue with the `kafka` \
+             feature"
         );
     }
 

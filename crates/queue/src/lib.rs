@@ -29,24 +29,26 @@
 //! | `redis` (Streams) | `redis` | publish order; redeliveries first | sorted set per group, moved to the group's retry stream when due | holder's deadline in its consumer name; idle entries (`XPENDING`) copied to the retry stream by a Lua script | field of the entry, `+ 1` per copy |
 //! | `rabbitmq` (lapin) | `rabbitmq` | publish order per queue; redeliveries go last | per-delay queue with TTL dead-lettering into the group's queue | client timer; the broker requeues what a closed channel held | header, `+ 1` per copy, `+ 1` if the broker flags `redelivered` |
 //! | `nats` (JetStream) | `nats` | publish order per subject | `NAK` with delay | client timer (`NAK`), `AckWait` longer for dead processes | JetStream's delivery count |
-//! | Kafka | | not implemented yet ([`connect`] answers [`Error::Unsupported`]) | | | |
+//! | `kafka` (rdkafka) | `kafka` | publish order per partition (one partition per topic by default); redeliveries first | in-process timer, then handed to the process's members again; the offset stays uncommitted meanwhile | client timer per delivery | header, `+ 1` per in-process redelivery; as published after a crash |
 //! | `sqs` | `sqs` | none guaranteed (standard queues) | `ChangeMessageVisibility` (whole seconds) | client timer; visibility timeout one second longer for dead processes | `ApproximateReceiveCount` |
 //!
 //! Every broker backend redelivers what a dropped [`Consumer`] held at once; what a crashed
-//! process held comes back after the broker-side timeout. Each module's docs describe its
-//! layout on the broker.
+//! process held comes back after the broker-side timeout (Kafka: the group's session timeout,
+//! after which the partition's new owner reads on from the last committed offset). Each
+//! module's docs describe its layout on the broker.
 //!
 //! ## Testing against brokers
 //!
-//! `tests/{redis,rabbitmq,nats,sqs}.rs` run the whole conformance suite against a real broker;
+//! `tests/{redis,rabbitmq,nats,kafka,sqs}.rs` run the whole conformance suite against a real broker;
 //! each needs its feature and `testing`, so a plain `cargo test` does not build them. They read
 //! `DEPLOYD_TEST_REDIS_URL`, `DEPLOYD_TEST_RABBITMQ_URL`, `DEPLOYD_TEST_NATS_URL`,
 //! `DEPLOYD_TEST_KAFKA_BROKERS` and `DEPLOYD_TEST_SQS_ENDPOINT` (defaults: the usual ports on
 //! 127.0.0.1) and fail when the broker does not answer. `cargo xtask e2e` starts what is not
 //! running. The fault cases (publish while the broker is down, reconnect after a restart)
 //! restart a private `redis-server` / `nats-server` that the test starts, and put a
-//! [`testing::TcpProxy`] in front of RabbitMQ and moto, which the test cannot restart (RabbitMQ
-//! is a slow system service; moto loses every queue when restarted).
+//! [`testing::TcpProxy`] in front of RabbitMQ, moto and a private tansu, which the test cannot
+//! restart (RabbitMQ is a slow system service; moto and tansu, whose only storage here is
+//! memory, lose every queue and topic when restarted).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -63,12 +65,21 @@ pub mod testing;
     feature = "redis",
     feature = "rabbitmq",
     feature = "nats",
+    feature = "kafka",
     feature = "sqs"
 ))]
 mod retry;
 
-#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "sqs"))]
+#[cfg(any(
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "kafka",
+    feature = "sqs"
+))]
 mod deadline;
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 #[cfg(feature = "nats")]
 pub mod nats;

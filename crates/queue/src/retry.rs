@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{ExponentialBuilder, Retryable};
 
 use crate::{Bounds, Error};
 
@@ -18,10 +18,23 @@ pub(crate) fn backoff(bounds: &Bounds) -> ExponentialBuilder {
 }
 
 /// An endless sequence of reconnect delays, for loops that retry by hand.
+#[cfg(any(
+    feature = "redis",
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "sqs"
+))]
 pub(crate) struct Delays(Box<dyn Iterator<Item = Duration> + Send>);
 
+#[cfg(any(
+    feature = "redis",
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "sqs"
+))]
 impl Delays {
     pub(crate) fn new(bounds: &Bounds) -> Self {
+        use backon::BackoffBuilder as _;
         Self(Box::new(backoff(bounds).build()))
     }
 

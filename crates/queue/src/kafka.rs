@@ -1,0 +1,795 @@
+//! The Kafka backend (feature `kafka`), through `rdkafka` with a bundled librdkafka.
+//!
+//! Layout, for topic `t`, group `g` and prefix `p` ([`KafkaOptions::topic_prefix`]):
+//! - topic `t` is the Kafka topic `p.t`, created on first use with
+//!   [`KafkaOptions::partitions`] partitions (1 by default);
+//! - group `g` on it is the Kafka consumer group `p.t.g`. When a group is first joined, its
+//!   committed offsets are set to the partitions' ends unless it has some already, so that it
+//!   starts with the messages published after its creation (and a restarted process resumes
+//!   where the group left off).
+//!
+//! Kafka has no per-message ack: a group only commits one offset per partition. So each
+//! process runs **one Kafka group member per group** (one `rdkafka` consumer, joined with
+//! `subscribe`), and every [`Consumer`] of that group in the process is a local member of it:
+//! the local members take the messages that Kafka member receives from one shared in-process
+//! queue (competing consumers), and the backend keeps track of what each of them holds:
+//! - per partition, the offsets received and not yet acked; the group's offset is stored (and
+//!   committed by librdkafka's auto-commit every [`COMMIT_INTERVAL`]) as the lowest offset
+//!   still in flight, or just past the last message received when nothing is. A message is
+//!   therefore never committed before its ack, and what a crashed process held (or had
+//!   received but not handed out) is received again by the member that takes the partition
+//!   over, after Kafka's session timeout.
+//! - a nack, an abandoned delivery, a passed ack deadline (a client timer per delivery) and a
+//!   dropped [`Consumer`] hand the message to the local members again, with `attempt + 1`,
+//!   keeping its offset in flight; a delayed nack waits in a timer first. A late ack or nack of
+//!   a delivery whose deadline passed is ignored.
+//!
+//! Several processes in one group share the topic's partitions through Kafka's group
+//! protocol, so a topic is read by at most as many processes as it has partitions. A message
+//! redelivered by Kafka after a crash (rather than by the process that held it) carries the
+//! attempt number it was published with, since Kafka stores no per-message state. A message
+//! nacked again and again, or held for long, holds back its partition's committed offset:
+//! after a crash, the messages behind it are delivered again too (at-least-once).
+//!
+//! `publish` waits for the broker's acknowledgement from all in-sync replicas (`acks=all`);
+//! librdkafka retries on a lost connection and the publish fails with
+//! [`Error::Unavailable`] after [`Bounds::publish_timeout`](crate::Bounds::publish_timeout)
+//! (librdkafka's `message.timeout.ms`). librdkafka reconnects by itself, in the background,
+//! with its exponential backoff set from the [`Bounds`](crate::Bounds) reconnect delays (the
+//! longest capped at a quarter of the publish timeout, so that a publish made just after the
+//! broker came back gets through); creating topics and setting a new group's start are
+//! retried with `backon` within the publish timeout.
+//!
+//! A process's group member receives nothing until Kafka assigned it partitions: tansu
+//! completes a join after half of [`KafkaOptions::session_timeout`] (3 s by default), Kafka
+//! after its `group.initial.rebalance.delay.ms` for a new group. `subscribe` returns before
+//! that; what is published meanwhile waits in the topic and is received once the join is done.
+//!
+//! Message ids, attempt numbers and headers travel as Kafka record headers (`deployd-id`,
+//! `deployd-attempt`, `header:{name}`); a record published by another client gets the id
+//! `{partition}@{offset}` and attempt 1. Payloads up to [`MAX_MESSAGE_BYTES`] are accepted;
+//! the topics are created with that `max.message.bytes`.
+//!
+//! Order: Kafka keeps publish order per partition. With one partition (the default) a single
+//! member receives a topic's messages in publish order; redeliveries go first.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use crate::config::KafkaOptions;
+use crate::deadline::{Deadlines, Key};
+use crate::retry;
+use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
+
+const ID_HEADER: &str = "deployd-id";
+const ATTEMPT_HEADER: &str = "deployd-attempt";
+const USER_HEADER_PREFIX: &str = "header:";
+
+/// The largest record the backend publishes (payload and headers).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How often librdkafka commits the offsets the backend stored.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How many received messages wait for the local members of a group, at most.
+const PREFETCH: usize = 256;
+
+/// A [`MessageQueue`] on Kafka. See the [module docs](self).
+///
+/// Cloning is cheap and yields another handle on the same producer and group members.
+#[derive(Clone)]
+pub struct KafkaQueue {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KafkaQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaQueue")
+            .field("brokers", &self.shared.options.brokers)
+            .field("topic_prefix", &self.shared.options.topic_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    options: KafkaOptions,
+    producer: FutureProducer<Logging>,
+    admin: AdminClient<DefaultClientContext>,
+    /// The Kafka topics known to exist.
+    topics: Mutex<HashSet<String>>,
+    /// The group members of this process, by Kafka topic and group id.
+    groups: tokio::sync::Mutex<HashMap<(String, String), Weak<Group>>>,
+}
+
+fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("kafka: {what}: {err}"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}
+
+impl KafkaQueue {
+    /// Connects to the cluster of `options.brokers`; fails with [`Error::Unavailable`] when no
+    /// broker answers within the connect timeout, and with [`Error::InvalidConfig`] for
+    /// unusable options.
+    pub async fn connect(options: KafkaOptions) -> Result<Self, Error> {
+        if options.brokers.trim().is_empty() {
+            return Err(Error::InvalidConfig(
+                "kafka brokers must not be empty".into(),
+            ));
+        }
+        if options.partitions < 1 {
+            return Err(Error::InvalidConfig(format!(
+                "kafka partitions must be at least 1, not {}",
+                options.partitions
+            )));
+        }
+        if options.topic_prefix.is_empty()
+            || crate::validate_name("topic", &options.topic_prefix).is_err()
+            || options.topic_prefix.len() > 40
+        {
+            return Err(Error::InvalidConfig(format!(
+                "kafka topic prefix `{}` must be 1 to 40 letters, digits, `.`, `_` and `-`",
+                options.topic_prefix
+            )));
+        }
+        let producer: FutureProducer<Logging> = client_config(&options)
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+            .set("message.timeout.ms", millis(options.bounds.publish_timeout))
+            .create_with_context(Logging)
+            .map_err(|err| Error::InvalidConfig(format!("kafka producer: {err}")))?;
+        let admin: AdminClient<DefaultClientContext> = client_config(&options)
+            .create()
+            .map_err(|err| Error::InvalidConfig(format!("kafka admin client: {err}")))?;
+        let connect_timeout = options.bounds.connect_timeout;
+        let probe = producer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            probe.client().fetch_metadata(None, connect_timeout)
+        })
+        .await
+        .map_err(|err| Error::Backend(format!("kafka: the metadata probe failed: {err}")))?;
+        if let Err(err) = metadata {
+            return Err(unavailable(
+                &format!("no broker of `{}` answered", options.brokers),
+                err,
+            ));
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                options,
+                producer,
+                admin,
+                topics: Mutex::new(HashSet::new()),
+                groups: tokio::sync::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// The settings every client of `options` shares; `options.extra` last.
+fn client_config(options: &KafkaOptions) -> ClientConfig {
+    let bounds = &options.bounds;
+    // librdkafka reconnects in the background, not when a publish asks: a longest delay of a
+    // quarter of the publish timeout leaves a publish made just after the broker came back the
+    // time to get through.
+    let max_delay = bounds
+        .reconnect_max_delay
+        .min(bounds.publish_timeout / 4)
+        .max(bounds.reconnect_min_delay);
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &options.brokers)
+        // librdkafka's least value is one second.
+        .set(
+            "socket.connection.setup.timeout.ms",
+            millis(bounds.connect_timeout.max(Duration::from_secs(1))),
+        )
+        .set("reconnect.backoff.ms", millis(bounds.reconnect_min_delay))
+        .set("reconnect.backoff.max.ms", millis(max_delay))
+        .set("retry.backoff.ms", millis(bounds.reconnect_min_delay))
+        .set("retry.backoff.max.ms", millis(max_delay))
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    for (key, value) in &options.extra {
+        config.set(key, value);
+    }
+    config
+}
+
+impl Shared {
+    fn kafka_topic(&self, topic: &str) -> String {
+        format!("{}.{topic}", self.options.topic_prefix)
+    }
+
+    /// Creates `kafka_topic` unless it is known to exist; retried within `limit`.
+    async fn ensure_topic(&self, kafka_topic: &str, limit: Duration) -> Result<(), Error> {
+        if lock(&self.topics).contains(kafka_topic) {
+            return Ok(());
+        }
+        let bounds = &self.options.bounds;
+        retry::bounded(bounds, limit, "creating a kafka topic", || {
+            self.create_topic(kafka_topic, limit)
+        })
+        .await?;
+        lock(&self.topics).insert(kafka_topic.to_owned());
+        Ok(())
+    }
+
+    async fn create_topic(&self, kafka_topic: &str, limit: Duration) -> Result<(), Error> {
+        let max_bytes = MAX_MESSAGE_BYTES.to_string();
+        let replication = match self.options.replication_factor {
+            Some(factor) => TopicReplication::Fixed(factor),
+            None => TopicReplication::Fixed(-1),
+        };
+        let new = NewTopic::new(kafka_topic, self.options.partitions, replication)
+            .set("max.message.bytes", &max_bytes);
+        let admin_options = AdminOptions::new().operation_timeout(Some(limit));
+        let results = self
+            .admin
+            .create_topics([&new], &admin_options)
+            .await
+            .map_err(|err| unavailable("creating a topic", err))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code @ RDKafkaErrorCode::InvalidTopic))
+                | Err((name, code @ RDKafkaErrorCode::InvalidConfig))
+                | Err((name, code @ RDKafkaErrorCode::InvalidPartitions))
+                | Err((name, code @ RDKafkaErrorCode::InvalidReplicationFactor))
+                | Err((name, code @ RDKafkaErrorCode::TopicAuthorizationFailed)) => {
+                    return Err(Error::Backend(format!(
+                        "kafka: cannot create topic `{name}`: {code}"
+                    )));
+                }
+                Err((name, code)) => {
+                    return Err(unavailable(&format!("creating topic `{name}`"), code));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group member of this process for `group_id` on `kafka_topic`, joining on first use.
+    async fn group(
+        self: &Arc<Self>,
+        kafka_topic: &str,
+        group_id: String,
+    ) -> Result<Arc<Group>, Error> {
+        let mut groups = self.groups.lock().await;
+        groups.retain(|_, group| group.strong_count() > 0);
+        let key = (kafka_topic.to_owned(), group_id);
+        if let Some(group) = groups.get(&key).and_then(Weak::upgrade) {
+            return Ok(group);
+        }
+        let group = Group::join(self, kafka_topic, &key.1).await?;
+        groups.insert(key, Arc::downgrade(&group));
+        Ok(group)
+    }
+}
+
+fn encode(message: &Message) -> OwnedHeaders {
+    let attempt = message.attempt.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(2 + message.headers.len())
+        .insert(Header {
+            key: ID_HEADER,
+            value: Some(message.id.as_str()),
+        })
+        .insert(Header {
+            key: ATTEMPT_HEADER,
+            value: Some(attempt.as_str()),
+        });
+    for (name, value) in &message.headers {
+        headers = headers.insert(Header {
+            key: &format!("{USER_HEADER_PREFIX}{name}"),
+            value: Some(value.as_str()),
+        });
+    }
+    headers
+}
+
+/// The message of a received record; never fails, whoever published it.
+fn decode(record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let mut id = None;
+    let mut attempt = 1;
+    let mut headers = BTreeMap::new();
+    if let Some(record_headers) = record.headers() {
+        for header in record_headers.iter() {
+            let value = String::from_utf8_lossy(header.value.unwrap_or_default());
+            if header.key == ID_HEADER {
+                id = Some(value.into_owned());
+            } else if header.key == ATTEMPT_HEADER {
+                attempt = value.parse::<u32>().unwrap_or(1).max(1);
+            } else if let Some(name) = header.key.strip_prefix(USER_HEADER_PREFIX) {
+                headers.insert(name.to_owned(), value.into_owned());
+            }
+        }
+    }
+    Message {
+        id: id.unwrap_or_else(|| format!("{}@{}", record.partition(), record.offset())),
+        attempt,
+        headers,
+        payload: Bytes::copy_from_slice(record.payload().unwrap_or_default()),
+    }
+}
+
+fn publish_error(err: &KafkaError, limit: Duration) -> Error {
+    match err.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => Error::Unavailable(format!(
+            "kafka: the broker did not confirm the message within {limit:?}"
+        )),
+        Some(
+            code @ (RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord),
+        ) => Error::Backend(format!("kafka: the broker refused the message: {code}")),
+        _ => unavailable("publishing", err),
+    }
+}
+
+#[async_trait]
+impl MessageQueue for KafkaQueue {
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        let shared = &self.shared;
+        let limit = shared.options.bounds.publish_timeout;
+        let started = Instant::now();
+        let kafka_topic = shared.kafka_topic(topic);
+        shared.ensure_topic(&kafka_topic, limit).await?;
+        let left = limit.saturating_sub(started.elapsed());
+        let record = FutureRecord::<(), [u8]>::to(&kafka_topic)
+            .payload(&message.payload[..])
+            .headers(encode(&message));
+        // librdkafka gives up after `message.timeout.ms` (the publish timeout); the outer
+        // timeout only guards against a missing delivery report.
+        let sent = tokio::time::timeout(
+            left + Duration::from_secs(1),
+            shared.producer.send(record, left),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((err, _))) => Err(publish_error(&err, limit)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "kafka: the broker did not confirm the message within {limit:?}"
+            ))),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Consumer>, Error> {
+        crate::validate_name("topic", topic)?;
+        crate::validate_name("group", group)?;
+        let shared = &self.shared;
+        let kafka_topic = shared.kafka_topic(topic);
+        shared
+            .ensure_topic(&kafka_topic, shared.options.bounds.publish_timeout)
+            .await?;
+        let group_id = format!("{kafka_topic}.{group}");
+        let group = shared.group(&kafka_topic, group_id).await?;
+        let deadlines = Arc::new(Deadlines::new());
+        let watcher = tokio::spawn(
+            Arc::clone(&deadlines).watch(|held: Arc<Held>| async move { held.deadline_reached() }),
+        );
+        Ok(Box::new(KafkaConsumer {
+            group,
+            ack_deadline: options.ack_deadline,
+            deadlines,
+            watcher,
+        }))
+    }
+}
+
+/// A received record, not acked yet.
+struct Pending {
+    message: Message,
+    partition: i32,
+    offset: i64,
+}
+
+/// The offsets of one partition received and not yet acked.
+#[derive(Default)]
+struct PartitionOffsets {
+    in_flight: BTreeSet<i64>,
+    /// Just past the last offset received.
+    next: i64,
+    /// The last offset stored for commit.
+    stored: i64,
+}
+
+impl PartitionOffsets {
+    /// The offset to commit: the lowest in flight, else just past the last received.
+    fn committable(&self) -> i64 {
+        self.in_flight.first().copied().unwrap_or(self.next)
+    }
+}
+
+/// The Kafka group member of this process for one group; shared by its local members.
+struct Group {
+    consumer: Arc<StreamConsumer<Logging>>,
+    kafka_topic: String,
+    /// Received records, in order, for the local members.
+    fresh: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
+    /// Messages to hand out again, before fresh ones.
+    redeliveries: Mutex<VecDeque<Pending>>,
+    redelivered: Notify,
+    offsets: Arc<Mutex<HashMap<i32, PartitionOffsets>>>,
+    receiver: JoinHandle<()>,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.receiver.abort();
+    }
+}
+
+impl Group {
+    async fn join(
+        shared: &Arc<Shared>,
+        kafka_topic: &str,
+        group_id: &str,
+    ) -> Result<Arc<Self>, Error> {
+        let options = &shared.options;
+        let bounds = &options.bounds;
+        let consumer: StreamConsumer<Logging> = client_config(options)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", millis(COMMIT_INTERVAL))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", millis(options.session_timeout))
+            .set(
+                "heartbeat.interval.ms",
+                millis((options.session_timeout / 6).max(Duration::from_millis(100))),
+            )
+            .set("fetch.wait.max.ms", "100")
+            .set("fetch.message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+            .create_with_context(Logging)
+            .map_err(|err| Error::InvalidConfig(format!("kafka consumer: {err}")))?;
+        let consumer = Arc::new(consumer);
+        let start = Arc::clone(&consumer);
+        let topic = kafka_topic.to_owned();
+        let limit = bounds.publish_timeout;
+        retry::bounded(bounds, limit, "joining a kafka group", || {
+            let start = Arc::clone(&start);
+            let topic = topic.clone();
+            async move {
+                tokio::task::spawn_blocking(move || start_at_end(&start, &topic, limit))
+                    .await
+                    .map_err(|err| Error::Backend(format!("kafka: joining a group: {err}")))?
+            }
+        })
+        .await?;
+        consumer
+            .subscribe(&[kafka_topic])
+            .map_err(|err| Error::Backend(format!("kafka: subscribing: {err}")))?;
+        let (sender, receiver) = mpsc::channel(PREFETCH);
+        let offsets = Arc::new(Mutex::new(HashMap::new()));
+        let receiving = tokio::spawn(receive(Arc::clone(&consumer), Arc::clone(&offsets), sender));
+        Ok(Arc::new(Self {
+            consumer,
+            kafka_topic: kafka_topic.to_owned(),
+            fresh: tokio::sync::Mutex::new(receiver),
+            redeliveries: Mutex::new(VecDeque::new()),
+            redelivered: Notify::new(),
+            offsets,
+            receiver: receiving,
+        }))
+    }
+
+    /// Hands `pending` to the local members again, with `attempt + 1`.
+    fn redeliver(&self, mut pending: Pending) {
+        pending.message.attempt = pending.message.attempt.saturating_add(1);
+        lock(&self.redeliveries).push_back(pending);
+        self.redelivered.notify_waiters();
+    }
+
+    /// The record at `partition`/`offset` is acked: its offset may be committed.
+    fn done(&self, partition: i32, offset: i64) {
+        let store = {
+            let mut offsets = lock(&self.offsets);
+            let Some(state) = offsets.get_mut(&partition) else {
+                return;
+            };
+            state.in_flight.remove(&offset);
+            let committable = state.committable();
+            (committable > state.stored).then(|| {
+                state.stored = committable;
+                committable
+            })
+        };
+        if let Some(committable) = store {
+            self.store(partition, committable);
+        }
+    }
+
+    fn store(&self, partition: i32, offset: i64) {
+        let mut list = TopicPartitionList::new();
+        if list
+            .add_partition_offset(&self.kafka_topic, partition, Offset::Offset(offset))
+            .is_err()
+        {
+            return;
+        }
+        // Fails for a partition no longer assigned to this process; its new owner reads
+        // from the last commit.
+        if let Err(err) = self.consumer.store_offsets(&list) {
+            tracing::debug!(partition, offset, error = %err, "cannot store a kafka offset");
+        }
+    }
+}
+
+/// Sets the committed offset of every partition of `topic` without one to the partition's
+/// end, so that a new group starts with what is published after it joined.
+fn start_at_end(
+    consumer: &StreamConsumer<Logging>,
+    topic: &str,
+    limit: Duration,
+) -> Result<(), Error> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), limit)
+        .map_err(|err| unavailable("reading the topic's partitions", err))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(Error::Unavailable(format!(
+            "kafka: the topic `{topic}` has no partitions yet"
+        )));
+    }
+    let mut list = TopicPartitionList::new();
+    for &partition in &partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer
+        .committed_offsets(list, limit)
+        .map_err(|err| unavailable("reading the group's offsets", err))?;
+    let mut start = TopicPartitionList::new();
+    for element in committed.elements() {
+        if matches!(element.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        let (_, high) = consumer
+            .fetch_watermarks(topic, element.partition(), limit)
+            .map_err(|err| unavailable("reading the topic's end", err))?;
+        start
+            .add_partition_offset(topic, element.partition(), Offset::Offset(high))
+            .map_err(|err| Error::Backend(format!("kafka: {err}")))?;
+    }
+    if start.count() > 0 {
+        consumer
+            .commit(&start, CommitMode::Sync)
+            .map_err(|err| unavailable("setting the group's start", err))?;
+    }
+    Ok(())
+}
+
+/// Receives the group's records into `sender` until the group is dropped. librdkafka
+/// reconnects by itself; the errors it reports meanwhile (queued while the broker is down) are
+/// only logged, at once, so that none of them delays the records behind them.
+async fn receive(
+    consumer: Arc<StreamConsumer<Logging>>,
+    offsets: Arc<Mutex<HashMap<i32, PartitionOffsets>>>,
+    sender: mpsc::Sender<Pending>,
+) {
+    loop {
+        let pending = match consumer.recv().await {
+            Ok(record) => {
+                let partition = record.partition();
+                let offset = record.offset();
+                let message = decode(&record);
+                let mut offsets = lock(&offsets);
+                let state = offsets
+                    .entry(partition)
+                    .or_insert_with(|| PartitionOffsets {
+                        stored: offset,
+                        ..PartitionOffsets::default()
+                    });
+                state.in_flight.insert(offset);
+                state.next = state.next.max(offset + 1);
+                Pending {
+                    message,
+                    partition,
+                    offset,
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "kafka consumer error; librdkafka retries");
+                continue;
+            }
+        };
+        if sender.send(pending).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A delivery handed out.
+struct Held {
+    group: Arc<Group>,
+    /// The message as delivered, kept for a redelivery.
+    pending: Mutex<Option<Pending>>,
+    key: Mutex<Option<(Weak<Deadlines<Held>>, Key)>>,
+    settled: AtomicBool,
+}
+
+impl Held {
+    /// The record, for the first of ack, nack, abandon, deadline and drop; `None` after.
+    fn claim(&self) -> Option<Pending> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        if let Some((deadlines, key)) = lock(&self.key).take()
+            && let Some(deadlines) = deadlines.upgrade()
+        {
+            deadlines.remove(key);
+        }
+        lock(&self.pending).take()
+    }
+
+    fn deadline_reached(&self) {
+        if let Some(pending) = self.claim() {
+            tracing::debug!("ack deadline passed; redelivering");
+            self.group.redeliver(pending);
+        }
+    }
+}
+
+/// Settles one delivery of a [`KafkaQueue`].
+struct KafkaAcker(Arc<Held>);
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        if let Some(pending) = self.0.claim() {
+            self.0.group.done(pending.partition, pending.offset);
+        }
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {
+        let Some(pending) = self.0.claim() else {
+            return Ok(());
+        };
+        match delay.filter(|d| !d.is_zero()) {
+            None => self.0.group.redeliver(pending),
+            Some(delay) => {
+                let group = Arc::downgrade(&self.0.group);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    // A group gone meanwhile left the offset uncommitted: whoever joins next
+                    // receives the message from Kafka.
+                    if let Some(group) = group.upgrade() {
+                        group.redeliver(pending);
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(self: Box<Self>) {
+        if let Some(pending) = self.0.claim() {
+            self.0.group.redeliver(pending);
+        }
+    }
+}
+
+/// Routes librdkafka's log lines and errors to `tracing`.
+struct Logging;
+
+impl rdkafka::client::ClientContext for Logging {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, line: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => tracing::warn!(facility, "librdkafka: {line}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(facility, "librdkafka: {line}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(facility, "librdkafka: {line}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Mostly a broker out of reach, which librdkafka retries by itself.
+        tracing::debug!(error = %error, "librdkafka: {reason}");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Logging {}
+
+/// A local member of a group of a [`KafkaQueue`].
+struct KafkaConsumer {
+    group: Arc<Group>,
+    ack_deadline: Duration,
+    /// What this member handed out and has not settled.
+    deadlines: Arc<Deadlines<Held>>,
+    watcher: JoinHandle<()>,
+}
+
+impl KafkaConsumer {
+    fn hand_out(&self, pending: Pending) -> Delivery {
+        let message = pending.message.clone();
+        let held = Arc::new(Held {
+            group: Arc::clone(&self.group),
+            pending: Mutex::new(Some(pending)),
+            key: Mutex::new(None),
+            settled: AtomicBool::new(false),
+        });
+        let key = self
+            .deadlines
+            .insert(Instant::now() + self.ack_deadline, Arc::clone(&held));
+        *lock(&held.key) = Some((Arc::downgrade(&self.deadlines), key));
+        Delivery::new(message, Box::new(KafkaAcker(held)))
+    }
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn next(&mut self) -> Result<Delivery, Error> {
+        loop {
+            let group = Arc::clone(&self.group);
+            let redelivered = group.redelivered.notified();
+            let mut redelivered = std::pin::pin!(redelivered);
+            redelivered.as_mut().enable();
+            if let Some(pending) = lock(&group.redeliveries).pop_front() {
+                return Ok(self.hand_out(pending));
+            }
+            let fresh = async {
+                let mut fresh = group.fresh.lock().await;
+                fresh.recv().await
+            };
+            tokio::select! {
+                biased;
+                () = &mut redelivered => {}
+                received = fresh => match received {
+                    Some(pending) => return Ok(self.hand_out(pending)),
+                    None => return Err(Error::Closed),
+                },
+            }
+        }
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        for held in self.deadlines.drain() {
+            if let Some(pending) = held.claim() {
+                self.group.redeliver(pending);
+            }
+        }
+    }
+}
