@@ -157,6 +157,20 @@ fn skeleton_runs_on_rabbitmq() {
     );
 }
 
+/// The same on NATS JetStream (a deployd extension of llama_deploy's file format).
+#[test]
+fn skeleton_runs_on_nats() {
+    let url = env_or("DEPLOYD_TEST_NATS_URL", "nats://127.0.0.1:4222");
+    let tap = TcpTap::start(&url_address(&url));
+    let tapped = format!("nats://127.0.0.1:{}", tap.port);
+    skeleton_on(
+        "nats",
+        &format!("  type: nats\n  url: {tapped}"),
+        &tap,
+        &format!("NATS at {tapped}"),
+    );
+}
+
 /// deployd restarted while its deployment's broker is down: the deployment comes back once the
 /// broker answers, without another deploy.
 #[test]
