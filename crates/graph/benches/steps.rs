@@ -207,6 +207,28 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `GRAPH_BENCH_PROFILE=memory` runs only 1,000-step runs on the latest-only memory store,
+    // for instruction counts (`valgrind --tool=callgrind`); `GRAPH_BENCH_PROFILE=sqlite` only
+    // concurrent runs on SQLite with group commit.
+    match std::env::var("GRAPH_BENCH_PROFILE").as_deref() {
+        Ok("memory") => {
+            for _ in 0..20 {
+                runtime.block_on(one_long_run(Arc::new(MemoryStore::latest_only())));
+            }
+            return;
+        }
+        Ok("sqlite") => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            for _ in 0..3 {
+                let rate = runtime.block_on(async {
+                    concurrent_runs(open("sqlite", Durability::group(), dir.path()).await).await
+                });
+                println!("{rate:.0} steps/s");
+            }
+            return;
+        }
+        _ => {}
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let postgres = runtime.block_on(async {
         sqlx::PgPool::connect(&postgres_url())

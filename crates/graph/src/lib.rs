@@ -115,7 +115,7 @@ pub use node::{
 };
 pub use runner::{Finished, GraphRun, Interrupt, Outcome, Runner};
 pub use snapshot::{Json, Kind, Lease, RunId, Snapshot, SnapshotId, Status, Transition};
-pub use store::{Durability, Store};
+pub use store::{Durability, Store, StoreFuture};
 
 /// What can go wrong, in a form a caller can match.
 #[derive(Debug, thiserror::Error)]

@@ -62,7 +62,7 @@ pub fn run<G: Graph>(history: &[Snapshot]) -> String {
     let start: Vec<&str> = history
         .first()
         .filter(|s| s.kind == Kind::Node)
-        .map(|s| s.node_id.as_str())
+        .map(|s| s.node_id.as_ref())
         .into_iter()
         .collect();
     let mut out = render(
@@ -85,7 +85,7 @@ pub fn run<G: Graph>(history: &[Snapshot]) -> String {
     }
     let mut visited: Vec<&str> = Vec::new();
     for s in history {
-        let id = s.node_id.as_str();
+        let id = s.node_id.as_ref();
         if s.kind == Kind::Node
             && s.status == Status::Success
             && !visited.contains(&id)

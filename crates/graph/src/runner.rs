@@ -27,7 +27,7 @@ pub struct Runner<G: Graph> {
     deps: Arc<G::Deps>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdSource>,
-    owner: String,
+    owner: Arc<str>,
     lease: Duration,
     max_attempts: u32,
     events: Option<UnboundedSender<Emitted<G::Event>>>,
@@ -110,7 +110,7 @@ impl<G: Graph> Runner<G> {
     /// A runner on a store shared with other runners.
     pub fn with_store(store: Arc<dyn Store>, deps: G::Deps) -> Self {
         let ids: Arc<dyn IdSource> = Arc::new(RandomIds::new());
-        let owner = format!("worker-{}", &ids.next_hex()[..12]);
+        let owner = Arc::from(format!("worker-{}", &ids.next_hex()[..12]));
         Runner {
             store,
             deps: Arc::new(deps),
@@ -137,7 +137,7 @@ impl<G: Graph> Runner<G> {
 
     /// Names this worker (the owner of its leases).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
-        self.owner = owner.into();
+        self.owner = Arc::from(owner.into());
         self
     }
 
@@ -170,28 +170,48 @@ impl<G: Graph> Runner<G> {
     }
 
     /// Runs `node` on `state` until the run ends or is interrupted.
+    ///
+    /// The run's first snapshot is recorded `running` under this worker's lease: nobody else
+    /// knows the run yet, so there is nothing to claim, and the whole run costs one commit per
+    /// step.
     pub async fn run<N: Node<G>>(&self, node: N, state: G::State) -> Result<Finished<G>, Error> {
-        self.start(node, state).await?.finish().await
+        self.begin(node, state, Status::Running)
+            .await?
+            .finish()
+            .await
     }
 
-    /// Records a new run starting at `node`, claimed by this worker, for running step by step.
+    /// Records a new run starting at `node`, leased by this worker (`pending`), for running
+    /// step by step.
     pub async fn start<N: Node<G>>(&self, node: N, state: G::State) -> Result<GraphRun<G>, Error> {
+        self.begin(node, state, Status::Pending).await
+    }
+
+    async fn begin<N: Node<G>>(
+        &self,
+        node: N,
+        state: G::State,
+        status: Status,
+    ) -> Result<GraphRun<G>, Error> {
         let now = self.clock.now();
-        let run_id = self.submit(&node, &state).await?;
-        let claimed = self
-            .store
-            .claim(Some(&run_id), self.lease_from(now))
-            .await?
-            .ok_or_else(|| Error::Conflict {
-                id: run_id.to_string(),
-                reason: "another worker claimed the new run".to_owned(),
-            })?;
+        let mut first = self.first_snapshot(&node, &state, now)?;
+        first.status = status;
+        first.lease = Some(self.lease_from(now));
+        if status == Status::Running {
+            first.start_ts = Some(now);
+        }
+        if !self.store.insert(&first).await? {
+            return Err(Error::Conflict {
+                id: first.id.to_string(),
+                reason: "a snapshot with this id exists".to_owned(),
+            });
+        }
         Ok(GraphRun::new(
             self.clone(),
-            run_id,
+            first.run_id.clone(),
             state,
             Position::Ready {
-                snapshot: claimed,
+                current: Current::of(&first),
                 node: Box::new(node),
             },
         ))
@@ -200,21 +220,29 @@ impl<G: Graph> Runner<G> {
     /// Records a new run starting at `node`, runnable (`created`) but not claimed: any worker
     /// sharing the store picks it up with [`run_next`](Self::run_next).
     pub async fn submit<N: Node<G>>(&self, node: &N, state: &G::State) -> Result<RunId, Error> {
-        let run_id = RunId::from(self.ids.next_hex());
-        let first = Snapshot::node(
-            run_id.clone(),
+        let first = self.first_snapshot(node, state, self.clock.now())?;
+        self.store.insert(&first).await?;
+        Ok(first.run_id)
+    }
+
+    fn first_snapshot<N: Node<G>>(
+        &self,
+        node: &N,
+        state: &G::State,
+        now: Timestamp,
+    ) -> Result<Snapshot, Error> {
+        Ok(Snapshot::fresh(
+            RunId::from_hex(self.ids.next_id()),
             0,
             N::ID,
-            &self.ids.next_hex(),
+            self.ids.next_id(),
             node.to_json().map_err(|source| Error::Codec {
                 what: "a node",
                 source,
             })?,
             snapshot::encode("a state", state)?,
-            self.clock.now(),
-        );
-        self.store.insert(&first).await?;
-        Ok(run_id)
+            now,
+        ))
     }
 
     /// Continues a persisted run until it ends or is interrupted.
@@ -251,7 +279,7 @@ impl<G: Graph> Runner<G> {
                     })?;
                 let node = decode_node::<G>(&claimed)?;
                 Position::Ready {
-                    snapshot: claimed,
+                    current: Current::of(&claimed),
                     node,
                 }
             }
@@ -260,7 +288,7 @@ impl<G: Graph> Runner<G> {
             {
                 let node = decode_node::<G>(&latest)?;
                 Position::Ready {
-                    snapshot: latest.clone(),
+                    current: Current::of(&latest),
                     node,
                 }
             }
@@ -268,7 +296,7 @@ impl<G: Graph> Runner<G> {
                 let (owner, until) = latest
                     .lease
                     .as_ref()
-                    .map(|l| (l.owner.as_str(), l.until.to_string()))
+                    .map(|l| (&*l.owner, l.until.to_string()))
                     .unwrap_or(("nobody", String::new()));
                 return Err(Error::Conflict {
                     id: run_id.to_string(),
@@ -334,12 +362,12 @@ impl<G: Graph> Runner<G> {
             None => {
                 return Err(Error::UnknownNode {
                     graph: G::NAME,
-                    node_id: latest.node_id,
+                    node_id: latest.node_id.into_owned(),
                 });
             }
             Some(Err(err)) => {
                 return Err(Error::InvalidAnswer {
-                    node_id: latest.node_id,
+                    node_id: latest.node_id.into_owned(),
                     message: err.to_string(),
                 });
             }
@@ -395,7 +423,7 @@ impl<G: Graph> Runner<G> {
             claimed.run_id.clone(),
             state,
             Position::Ready {
-                snapshot: claimed,
+                current: Current::of(&claimed),
                 node,
             },
         );
@@ -425,6 +453,7 @@ impl<G: Graph> Runner<G> {
             failed.state.clone(),
             now,
         );
+        again.node_id = failed.node_id.clone();
         again.attempt = failed.attempt + 1;
         again.status = Status::Pending;
         again.lease = Some(self.lease_from(now));
@@ -433,9 +462,9 @@ impl<G: Graph> Runner<G> {
 }
 
 enum Position<G: Graph> {
-    /// The next node, its snapshot `pending` under this worker's lease.
+    /// The next node, its snapshot `pending` (or `running`) under this worker's lease.
     Ready {
-        snapshot: Snapshot,
+        current: Current,
         node: BoxNode<G>,
     },
     Ended(G::Output),
@@ -443,6 +472,29 @@ enum Position<G: Graph> {
     Failed(Error),
     /// A step is under way (or was abandoned by an error).
     Busy,
+}
+
+/// What a runner keeps of the snapshot of the node that runs next: what the step needs, not
+/// the node's and state's JSON (read back from the store on the rare paths that need them).
+#[derive(Debug)]
+struct Current {
+    id: SnapshotId,
+    seq: u64,
+    attempt: u32,
+    status: Status,
+    answer: Option<Json>,
+}
+
+impl Current {
+    fn of(snapshot: &Snapshot) -> Self {
+        Current {
+            id: snapshot.id.clone(),
+            seq: snapshot.seq,
+            attempt: snapshot.attempt,
+            status: snapshot.status,
+            answer: snapshot.answer.clone(),
+        }
+    }
 }
 
 /// A run driven step by step: see what runs next, replace it, run it.
@@ -515,10 +567,11 @@ impl<G: Graph> GraphRun<G> {
         }
     }
 
-    /// The snapshot of the node that runs next.
-    pub fn next_snapshot(&self) -> Option<&Snapshot> {
+    /// The id of the snapshot of the node that runs next (read it with
+    /// [`Store::get`](crate::Store::get)).
+    pub fn next_snapshot_id(&self) -> Option<&SnapshotId> {
         match &self.position {
-            Position::Ready { snapshot, .. } => Some(snapshot),
+            Position::Ready { current, .. } => Some(&current.id),
             _ => None,
         }
     }
@@ -542,39 +595,41 @@ impl<G: Graph> GraphRun<G> {
     /// Replaces the node that runs next with `node`: the pending snapshot becomes `skipped` and
     /// a snapshot of `node` (same state) takes its place, in one commit.
     pub async fn replace_next<N: Node<G>>(&mut self, node: N) -> Result<(), Error> {
-        let Position::Ready { snapshot, .. } = &self.position else {
+        let Position::Ready { current, .. } = &self.position else {
             return Err(Error::Conflict {
                 id: self.run_id.to_string(),
                 reason: "the run has no next node to replace".to_owned(),
             });
         };
+        let replaced = self.runner.store.get(&current.id).await?;
         let now = self.runner.clock.now();
-        let mut next = Snapshot::node(
+        let mut next = Snapshot::fresh(
             self.run_id.clone(),
-            snapshot.seq + 1,
+            current.seq + 1,
             N::ID,
-            &self.runner.ids.next_hex(),
+            self.runner.ids.next_id(),
             node.to_json().map_err(|source| Error::Codec {
                 what: "a node",
                 source,
             })?,
-            snapshot.state.clone(),
+            replaced.state,
             now,
         );
         next.status = Status::Pending;
         next.lease = Some(self.runner.lease_from(now));
+        let position = Position::Ready {
+            current: Current::of(&next),
+            node: Box::new(node),
+        };
         let transition = Transition::Replace {
             owner: self.runner.owner.clone(),
-            next: Box::new(next.clone()),
+            next: Box::new(next),
         };
         self.runner
             .store
-            .transition(&snapshot.id, transition)
+            .transition(&replaced.id, transition)
             .await?;
-        self.position = Position::Ready {
-            snapshot: next,
-            node: Box::new(node),
-        };
+        self.position = position;
         Ok(())
     }
 
@@ -584,22 +639,29 @@ impl<G: Graph> GraphRun<G> {
     /// A node that fails is retried while attempts remain (the call returns `true`); after
     /// the last attempt the call returns [`Error::NodeFailed`].
     pub async fn next(&mut self) -> Result<bool, Error> {
-        let span = self.span.clone();
-        self.step(false).instrument(span).await?;
+        if self.span.is_disabled() {
+            self.step(false).await?;
+        } else {
+            let span = self.span.clone();
+            self.step(false).instrument(span).await?;
+        }
         Ok(matches!(self.position, Position::Ready { .. }))
     }
 
     /// Runs the rest of the run.
     pub async fn finish(mut self) -> Result<Finished<G>, Error> {
         let span = self.span.clone();
-        async {
+        let steps = async {
             while matches!(self.position, Position::Ready { .. }) {
                 self.step(true).await?;
             }
             Ok::<_, Error>(())
+        };
+        if span.is_disabled() {
+            steps.await?;
+        } else {
+            steps.instrument(span).await?;
         }
-        .instrument(span)
-        .await?;
         let outcome = match self.position {
             Position::Ended(output) => Outcome::End(output),
             Position::Waiting(interrupt) => Outcome::Interrupted(interrupt),
@@ -623,8 +685,8 @@ impl<G: Graph> GraphRun<G> {
     /// commit per step; otherwise the successor is inserted `pending`, for the caller to
     /// inspect or replace.
     async fn step(&mut self, eager: bool) -> Result<(), Error> {
-        let (snapshot, node) = match std::mem::replace(&mut self.position, Position::Busy) {
-            Position::Ready { snapshot, node } => (snapshot, node),
+        let (current, node) = match std::mem::replace(&mut self.position, Position::Busy) {
+            Position::Ready { current, node } => (current, node),
             Position::Failed(err) => {
                 self.position = Position::Failed(clone_failure(&err));
                 return Err(err);
@@ -637,13 +699,13 @@ impl<G: Graph> GraphRun<G> {
         let runner = &self.runner;
         let owner = &runner.owner;
         let started = runner.clock.now();
-        if snapshot.status != Status::Running {
+        if current.status != Status::Running {
             let start = Transition::Start {
                 owner: owner.clone(),
                 at: started,
                 until: started.plus(runner.lease),
             };
-            runner.store.transition(&snapshot.id, start).await?;
+            runner.store.transition(&current.id, start).await?;
         }
 
         let node_id = node.node_id();
@@ -653,32 +715,52 @@ impl<G: Graph> GraphRun<G> {
             deps: &*runner.deps,
             run_id: &self.run_id,
             node_id,
-            attempt: snapshot.attempt,
-            answer: snapshot.answer.as_deref(),
+            attempt: current.attempt,
+            answer: current.answer.as_deref(),
             events: runner.events.as_ref(),
         };
-        let span = tracing::info_span!(
-            "graph_node",
-            node_id,
-            attempt = snapshot.attempt,
-            snapshot_id = %snapshot.id
-        );
-        let result = run_node(runner, &snapshot.id, node.run_dyn(ctx))
-            .instrument(span)
-            .await;
+        let future = run_node(runner, &current.id, node.run_dyn(ctx));
+        // Spans cost a few allocations per step: only when someone listens.
+        let result = if self.span.is_disabled() {
+            future.await
+        } else {
+            let span = tracing::info_span!(
+                parent: &self.span,
+                "graph_node",
+                node_id,
+                attempt = current.attempt,
+                snapshot_id = %current.id
+            );
+            future.instrument(span).await
+        };
         let ended = runner.clock.now();
         let duration = ended.since(started).as_secs_f64();
         fault::point(fault::AFTER_NODE);
 
-        let outcome = result.and_then(|step| self.follow(&snapshot, step, &state, ended, eager));
+        let outcome = match result {
+            Ok(step) => {
+                follow(
+                    &self.runner,
+                    &self.run_id,
+                    &current,
+                    step,
+                    &state,
+                    ended,
+                    eager,
+                )
+                .await?
+            }
+            Err(message) => Err(message),
+        };
+        let runner = &self.runner;
         match outcome {
             Ok((next, position)) => {
                 let transition = Transition::Succeed {
-                    owner: owner.clone(),
+                    owner: runner.owner.clone(),
                     duration,
                     next: Box::new(next),
                 };
-                runner.store.transition(&snapshot.id, transition).await?;
+                runner.store.transition(&current.id, transition).await?;
                 if !matches!(position, Position::Waiting(_)) {
                     self.state = state;
                 }
@@ -689,24 +771,28 @@ impl<G: Graph> GraphRun<G> {
                 warn!(
                     run_id = %self.run_id,
                     node_id,
-                    attempt = snapshot.attempt,
+                    attempt = current.attempt,
                     error = %message,
                     "node failed"
                 );
-                let retry = (snapshot.attempt < runner.max_attempts)
-                    .then(|| runner.again(&snapshot, ended));
+                let retry = if current.attempt < runner.max_attempts {
+                    let failed = runner.store.get(&current.id).await?;
+                    Some(runner.again(&failed, ended))
+                } else {
+                    None
+                };
                 let transition = Transition::Fail {
-                    owner: owner.clone(),
+                    owner: runner.owner.clone(),
                     duration,
                     error: message.clone(),
                     retry: retry.clone().map(Box::new),
                 };
-                runner.store.transition(&snapshot.id, transition).await?;
+                runner.store.transition(&current.id, transition).await?;
                 match retry {
                     Some(retry) => {
                         let node = decode_node::<G>(&retry)?;
                         self.position = Position::Ready {
-                            snapshot: retry,
+                            current: Current::of(&retry),
                             node,
                         };
                         Ok(())
@@ -715,7 +801,7 @@ impl<G: Graph> GraphRun<G> {
                         let err = Error::NodeFailed {
                             run_id: self.run_id.clone(),
                             node_id: node_id.to_owned(),
-                            snapshot_id: snapshot.id.clone(),
+                            snapshot_id: current.id.clone(),
                             message,
                         };
                         self.position = Position::Failed(clone_failure(&err));
@@ -725,35 +811,37 @@ impl<G: Graph> GraphRun<G> {
             }
         }
     }
+}
 
-    /// The snapshot that follows `current` after its node returned `step`, and the position
-    /// the run is then in.
-    fn follow(
-        &self,
-        current: &Snapshot,
-        step: Step<G>,
-        state: &G::State,
-        now: Timestamp,
-        eager: bool,
-    ) -> Result<(Snapshot, Position<G>), String> {
-        let runner = &self.runner;
-        let hex = runner.ids.next_hex();
+/// The snapshot that follows `current` after its node returned `step`, and the position the
+/// run is then in; `Ok(Err(message))` if what the node returned cannot be recorded.
+async fn follow<G: Graph>(
+    runner: &Runner<G>,
+    run_id: &RunId,
+    current: &Current,
+    step: Step<G>,
+    state: &G::State,
+    now: Timestamp,
+    eager: bool,
+) -> Result<Result<(Snapshot, Position<G>), String>, Error> {
+    {
+        let hex = runner.ids.next_id();
         let seq = current.seq + 1;
         let encode_state = || snapshot::encode("a state", state).map_err(|e| e.to_string());
-        Ok(match step {
+        Ok(Ok(match step {
             Step::Next(node) => {
-                let json = node
-                    .to_json()
-                    .map_err(|e| format!("cannot encode node {}: {e}", node.node_id()))?;
-                let mut next = Snapshot::node(
-                    self.run_id.clone(),
-                    seq,
-                    node.node_id(),
-                    &hex,
-                    json,
-                    encode_state()?,
-                    now,
-                );
+                let json = match node.to_json() {
+                    Ok(json) => json,
+                    Err(e) => {
+                        return Ok(Err(format!("cannot encode node {}: {e}", node.node_id())));
+                    }
+                };
+                let state = match encode_state() {
+                    Ok(state) => state,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let mut next =
+                    Snapshot::fresh(run_id.clone(), seq, node.node_id(), hex, json, state, now);
                 next.lease = Some(runner.lease_from(now));
                 if eager {
                     next.status = Status::Running;
@@ -762,33 +850,37 @@ impl<G: Graph> GraphRun<G> {
                     next.status = Status::Pending;
                 }
                 let position = Position::Ready {
-                    snapshot: next.clone(),
+                    current: Current::of(&next),
                     node,
                 };
                 (next, position)
             }
             Step::End(output) => {
-                let json = snapshot::encode("an output", &output).map_err(|e| e.to_string())?;
-                let end = Snapshot::end(self.run_id.clone(), seq, &hex, json, encode_state()?, now);
+                let json = match snapshot::encode("an output", &output) {
+                    Ok(json) => json,
+                    Err(e) => return Ok(Err(e.to_string())),
+                };
+                let state = match encode_state() {
+                    Ok(state) => state,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let end = Snapshot::fresh_end(run_id.clone(), seq, hex, json, state, now);
                 (end, Position::Ended(output))
             }
             Step::Interrupt(request) => {
-                // The node runs again from the same state once answered.
-                let mut waiting = Snapshot::node(
-                    self.run_id.clone(),
-                    seq,
-                    &current.node_id,
-                    &hex,
-                    current.node.clone(),
-                    current.state.clone(),
-                    now,
-                );
+                // The node runs again from the same state once answered: its snapshot's node
+                // and state are those of the waiting one.
+                let asked = runner.store.get(&current.id).await?;
+                let mut waiting =
+                    Snapshot::fresh(run_id.clone(), seq, "", hex, asked.node, asked.state, now);
+                waiting.id = SnapshotId::from_parts(&asked.node_id, hex);
+                waiting.node_id = asked.node_id;
                 waiting.status = Status::Waiting;
                 waiting.request = Some(request);
                 let interrupt = interrupt_of(&waiting);
                 (waiting, Position::Waiting(interrupt))
             }
-        })
+        }))
     }
 }
 
@@ -831,7 +923,7 @@ async fn run_node<G: Graph>(
 fn interrupt_of(waiting: &Snapshot) -> Interrupt {
     Interrupt {
         id: waiting.id.clone(),
-        node_id: waiting.node_id.clone(),
+        node_id: waiting.node_id.to_string(),
         request: waiting
             .request
             .clone()
@@ -842,7 +934,7 @@ fn interrupt_of(waiting: &Snapshot) -> Interrupt {
 fn failure(snapshot: &Snapshot) -> Error {
     Error::NodeFailed {
         run_id: snapshot.run_id.clone(),
-        node_id: snapshot.node_id.clone(),
+        node_id: snapshot.node_id.to_string(),
         snapshot_id: snapshot.id.clone(),
         message: snapshot.error.clone().unwrap_or_default(),
     }
@@ -884,7 +976,7 @@ fn decode_node<G: Graph>(snapshot: &Snapshot) -> Result<BoxNode<G>, Error> {
     match G::decode(&snapshot.node_id, &snapshot.node) {
         None => Err(Error::UnknownNode {
             graph: G::NAME,
-            node_id: snapshot.node_id.clone(),
+            node_id: snapshot.node_id.to_string(),
         }),
         Some(result) => result.map_err(|source| Error::Codec {
             what: "a node",

@@ -14,8 +14,10 @@
 //! and every other move is an [`Error::IllegalTransition`]. Snapshots are never deleted: a retry
 //! or a replacement is a new snapshot.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
@@ -27,17 +29,42 @@ use crate::clock::Timestamp;
 /// Serialized JSON, kept as text: nodes, states, outputs, requests and answers.
 pub type Json = Box<RawValue>;
 
-/// The id of a run.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct RunId(String);
+/// The id of a run. Cheap to clone (shared text).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RunId(Arc<str>);
 
 /// The id of a snapshot: `{node_id}:{32 hex digits}`, or `end:{hex}` for the end of a run.
+/// Cheap to clone (shared text).
 ///
 /// The id of a `waiting` snapshot is the id of its interrupt.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SnapshotId(String);
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapshotId(Arc<str>);
+
+impl RunId {
+    /// The id whose text is `hex` as 32 lowercase hex digits.
+    pub(crate) fn from_hex(hex: u128) -> Self {
+        let digits = crate::clock::hex_digits(hex);
+        RunId(Arc::from(std::str::from_utf8(&digits).unwrap_or_default()))
+    }
+}
+
+impl SnapshotId {
+    /// `{node_id}:{hex as 32 lowercase hex digits}`, formatted without a temporary string.
+    pub(crate) fn from_parts(node_id: &str, hex: u128) -> Self {
+        const MAX: usize = 96;
+        let len = node_id.len() + 33;
+        if len <= MAX {
+            let mut buffer = [0u8; MAX];
+            buffer[..node_id.len()].copy_from_slice(node_id.as_bytes());
+            buffer[node_id.len()] = b':';
+            buffer[node_id.len() + 1..len].copy_from_slice(&crate::clock::hex_digits(hex));
+            if let Ok(text) = std::str::from_utf8(&buffer[..len]) {
+                return SnapshotId(Arc::from(text));
+            }
+        }
+        SnapshotId(Arc::from(format!("{node_id}:{hex:032x}")))
+    }
+}
 
 macro_rules! string_id {
     ($name:ident) => {
@@ -54,17 +81,38 @@ macro_rules! string_id {
         }
         impl From<String> for $name {
             fn from(id: String) -> Self {
-                Self(id)
+                Self(Arc::from(id))
             }
         }
         impl From<&str> for $name {
             fn from(id: &str) -> Self {
-                Self(id.to_owned())
+                Self(Arc::from(id))
             }
         }
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0
+            }
+        }
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                &*self.0 == other
+            }
+        }
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                &*self.0 == *other
+            }
+        }
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <Cow<'de, str>>::deserialize(deserializer)?;
+                Ok(Self(Arc::from(text.as_ref())))
             }
         }
     };
@@ -168,8 +216,8 @@ impl FromStr for Kind {
 /// Who holds a snapshot, and until when. Past `until`, anyone may take it back.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Lease {
-    /// The worker holding it.
-    pub owner: String,
+    /// The worker holding it (shared text: cheap to clone).
+    pub owner: Arc<str>,
     /// When the lease expires unless renewed.
     pub until: Timestamp,
 }
@@ -185,8 +233,9 @@ pub struct Snapshot {
     pub seq: u64,
     /// A node to run or the end.
     pub kind: Kind,
-    /// The node's id (`end` for the end).
-    pub node_id: String,
+    /// The node's id (`end` for the end): borrowed from the graph when the runner wrote it,
+    /// owned when it was read back.
+    pub node_id: Cow<'static, str>,
     /// The node's fields and `node_id`, or for the end, the run's output.
     pub node: Json,
     /// The graph's state before the node runs (for the end: the final state).
@@ -226,12 +275,70 @@ impl Snapshot {
         id.push_str(node_id);
         id.push(':');
         id.push_str(hex);
+        Snapshot::with_id(
+            SnapshotId::from(id),
+            run_id,
+            seq,
+            Cow::Owned(node_id.to_owned()),
+            node,
+            state,
+            now,
+        )
+    }
+
+    /// A `created` snapshot of node `node_id` whose id ends in `hex` (the runner's path: no
+    /// temporary strings).
+    pub(crate) fn fresh(
+        run_id: RunId,
+        seq: u64,
+        node_id: &'static str,
+        hex: u128,
+        node: Json,
+        state: Json,
+        now: Timestamp,
+    ) -> Self {
+        Snapshot::with_id(
+            SnapshotId::from_parts(node_id, hex),
+            run_id,
+            seq,
+            Cow::Borrowed(node_id),
+            node,
+            state,
+            now,
+        )
+    }
+
+    /// The end of a run whose id ends in `hex` (the runner's path).
+    pub(crate) fn fresh_end(
+        run_id: RunId,
+        seq: u64,
+        hex: u128,
+        output: Json,
+        state: Json,
+        now: Timestamp,
+    ) -> Self {
         Snapshot {
-            id: SnapshotId(id),
+            kind: Kind::End,
+            status: Status::Success,
+            ..Snapshot::fresh(run_id, seq, "end", hex, output, state, now)
+        }
+    }
+
+    fn with_id(
+        id: SnapshotId,
+        run_id: RunId,
+        seq: u64,
+        node_id: Cow<'static, str>,
+        node: Json,
+        state: Json,
+        now: Timestamp,
+    ) -> Self {
+        Snapshot {
+            id,
             run_id,
             seq,
             kind: Kind::Node,
-            node_id: node_id.to_owned(),
+            node_id,
             node,
             state,
             status: Status::Created,
@@ -285,7 +392,7 @@ pub enum Transition {
     /// `pending → running`.
     Start {
         /// The lease holder.
-        owner: String,
+        owner: Arc<str>,
         /// The start time, recorded as `start_ts`.
         at: Timestamp,
         /// The lease's new expiry.
@@ -294,7 +401,7 @@ pub enum Transition {
     /// `pending | running` stays, with the lease extended.
     Renew {
         /// The lease holder.
-        owner: String,
+        owner: Arc<str>,
         /// The lease's new expiry.
         until: Timestamp,
     },
@@ -302,7 +409,7 @@ pub enum Transition {
     /// inserted in the same commit.
     Succeed {
         /// The lease holder.
-        owner: String,
+        owner: Arc<str>,
         /// How long the node ran, in seconds.
         duration: f64,
         /// The snapshot that follows.
@@ -311,7 +418,7 @@ pub enum Transition {
     /// `running → error`, and `retry`, if any, is inserted in the same commit.
     Fail {
         /// The lease holder.
-        owner: String,
+        owner: Arc<str>,
         /// How long the node ran, in seconds.
         duration: f64,
         /// Why it failed.
@@ -322,7 +429,7 @@ pub enum Transition {
     /// `pending → skipped`, and `next` is inserted in the same commit.
     Replace {
         /// The lease holder.
-        owner: String,
+        owner: Arc<str>,
         /// The replacement.
         next: Box<Snapshot>,
     },
@@ -389,7 +496,7 @@ impl Transition {
         }
         check_owner(
             &current.id,
-            current.lease.as_ref().map(|l| l.owner.as_str()),
+            current.lease.as_ref().map(|l| &*l.owner),
             self.owner(),
         )
     }
@@ -517,7 +624,7 @@ impl Serialize for Snapshot {
         if self.kind == Kind::Node {
             map.serialize_entry("created_ts", &self.created_ts)?;
         }
-        map.serialize_entry("lease_owner", &self.lease.as_ref().map(|l| &l.owner))?;
+        map.serialize_entry("lease_owner", &self.lease.as_ref().map(|l| &*l.owner))?;
         map.serialize_entry("lease_until", &self.lease.as_ref().map(|l| l.until))?;
         map.serialize_entry("error", &self.error)?;
         map.serialize_entry("request", &self.request)?;
@@ -594,26 +701,33 @@ impl Wire {
                         what: "a node's node_id",
                         source,
                     })?;
-                (node_id, node, self.status.unwrap_or(Status::Created))
+                (
+                    Cow::Owned(node_id),
+                    node,
+                    self.status.unwrap_or(Status::Created),
+                )
             }
             Kind::End => {
                 let result = self
                     .result
                     .ok_or_else(|| invalid("an end snapshot needs `result`"))?;
                 (
-                    "end".to_owned(),
+                    Cow::Borrowed("end"),
                     result.data,
                     self.status.unwrap_or(Status::Success),
                 )
             }
         };
         let lease = match (self.lease_owner, self.lease_until) {
-            (Some(owner), Some(until)) => Some(Lease { owner, until }),
+            (Some(owner), Some(until)) => Some(Lease {
+                owner: Arc::from(owner),
+                until,
+            }),
             _ => None,
         };
         Ok(Snapshot {
             id: self.id,
-            run_id: self.run_id.unwrap_or_else(|| RunId(String::new())),
+            run_id: self.run_id.unwrap_or_else(|| RunId::from("")),
             seq: self.seq.unwrap_or(position),
             kind: self.kind,
             node_id,

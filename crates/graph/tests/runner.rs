@@ -190,7 +190,7 @@ async fn interrupt_then_answer_finishes_and_rejects_wrong_or_second_answers() {
         .await
         .unwrap()
         .into_iter()
-        .map(|s| (s.node_id, s.status))
+        .map(|s| (s.node_id.into_owned(), s.status))
         .collect();
     let expected = [
         ("Write", Status::Success),
@@ -346,7 +346,7 @@ async fn an_expired_lease_is_taken_over_with_the_next_attempt() {
     assert!(matches!(done.outcome, Outcome::Interrupted(_)));
     let first = &live.history(&run_id).await.unwrap()[0];
     assert_eq!((first.attempt, first.status), (2, Status::Success));
-    assert_eq!(first.lease.as_ref().unwrap().owner, "live");
+    assert_eq!(&*first.lease.as_ref().unwrap().owner, "live");
 }
 
 #[tokio::test]

@@ -16,11 +16,10 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::table::Table;
-use super::{Durability, MAX_BATCH, Store};
+use super::{Durability, MAX_BATCH, Store, StoreFuture};
 use crate::clock::Timestamp;
 use crate::snapshot::{self, Lease, RunId, Snapshot, SnapshotId, Transition};
 use crate::{Error, fault};
@@ -403,10 +402,9 @@ fn compact(path: &Path, content: &[u8]) -> std::io::Result<File> {
     OpenOptions::new().append(true).open(path)
 }
 
-#[async_trait]
 impl Store for FileStore {
-    async fn insert(&self, snapshot: &Snapshot) -> Result<bool, Error> {
-        self.commit(|table| {
+    fn insert<'a>(&'a self, snapshot: &'a Snapshot) -> StoreFuture<'a, bool> {
+        StoreFuture::new(self.commit(|table| {
             let new = table.insert(snapshot)?;
             Ok((
                 new,
@@ -416,44 +414,44 @@ impl Store for FileStore {
                     vec![]
                 },
             ))
-        })
-        .await
+        }))
     }
 
-    async fn transition(&self, id: &SnapshotId, transition: Transition) -> Result<(), Error> {
-        self.commit(|table| {
+    fn transition<'a>(&'a self, id: &'a SnapshotId, transition: Transition) -> StoreFuture<'a, ()> {
+        StoreFuture::new(self.commit(move |table| {
             let inserted = table.transition(id, transition)?;
             Ok(((), std::iter::once(id.clone()).chain(inserted).collect()))
-        })
-        .await
+        }))
     }
 
-    async fn claim(&self, run: Option<&RunId>, lease: Lease) -> Result<Option<Snapshot>, Error> {
-        self.commit(|table| {
+    fn claim<'a>(
+        &'a self,
+        run: Option<&'a RunId>,
+        lease: Lease,
+    ) -> StoreFuture<'a, Option<Snapshot>> {
+        StoreFuture::new(self.commit(move |table| {
             let claimed = table.claim(run, &lease);
             let changed = claimed.iter().map(|s| s.id.clone()).collect();
             Ok((claimed, changed))
-        })
-        .await
+        }))
     }
 
-    async fn expire_leases(&self, now: Timestamp) -> Result<Vec<SnapshotId>, Error> {
-        self.commit(|table| {
+    fn expire_leases(&self, now: Timestamp) -> StoreFuture<'_, Vec<SnapshotId>> {
+        StoreFuture::new(self.commit(move |table| {
             let expired = table.expire(now);
             Ok((expired.clone(), expired))
-        })
-        .await
+        }))
     }
 
-    async fn get(&self, id: &SnapshotId) -> Result<Snapshot, Error> {
-        self.lock()?.table.get(id).cloned()
+    fn get<'a>(&'a self, id: &'a SnapshotId) -> StoreFuture<'a, Snapshot> {
+        StoreFuture::ready(self.lock().and_then(|state| state.table.get(id).cloned()))
     }
 
-    async fn latest(&self, run: &RunId) -> Result<Option<Snapshot>, Error> {
-        Ok(self.lock()?.table.latest(run).cloned())
+    fn latest<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Option<Snapshot>> {
+        StoreFuture::ready(self.lock().map(|state| state.table.latest(run).cloned()))
     }
 
-    async fn history(&self, run: &RunId) -> Result<Vec<Snapshot>, Error> {
-        Ok(self.lock()?.table.history(run))
+    fn history<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Vec<Snapshot>> {
+        StoreFuture::ready(self.lock().map(|state| state.table.history(run)))
     }
 }

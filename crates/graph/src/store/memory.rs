@@ -2,10 +2,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use async_trait::async_trait;
-
-use super::Store;
 use super::table::Table;
+use super::{Store, StoreFuture};
 use crate::Error;
 use crate::clock::Timestamp;
 use crate::snapshot::{self, Lease, RunId, Snapshot, SnapshotId, Transition};
@@ -64,33 +62,36 @@ impl Default for MemoryStore {
     }
 }
 
-#[async_trait]
 impl Store for MemoryStore {
-    async fn insert(&self, snapshot: &Snapshot) -> Result<bool, Error> {
-        self.lock().insert(snapshot)
+    fn insert<'a>(&'a self, snapshot: &'a Snapshot) -> StoreFuture<'a, bool> {
+        StoreFuture::ready(self.lock().insert(snapshot))
     }
 
-    async fn transition(&self, id: &SnapshotId, transition: Transition) -> Result<(), Error> {
-        self.lock().transition(id, transition).map(|_| ())
+    fn transition<'a>(&'a self, id: &'a SnapshotId, transition: Transition) -> StoreFuture<'a, ()> {
+        StoreFuture::ready(self.lock().transition(id, transition).map(|_| ()))
     }
 
-    async fn claim(&self, run: Option<&RunId>, lease: Lease) -> Result<Option<Snapshot>, Error> {
-        Ok(self.lock().claim(run, &lease))
+    fn claim<'a>(
+        &'a self,
+        run: Option<&'a RunId>,
+        lease: Lease,
+    ) -> StoreFuture<'a, Option<Snapshot>> {
+        StoreFuture::ready(Ok(self.lock().claim(run, &lease)))
     }
 
-    async fn expire_leases(&self, now: Timestamp) -> Result<Vec<SnapshotId>, Error> {
-        Ok(self.lock().expire(now))
+    fn expire_leases(&self, now: Timestamp) -> StoreFuture<'_, Vec<SnapshotId>> {
+        StoreFuture::ready(Ok(self.lock().expire(now)))
     }
 
-    async fn get(&self, id: &SnapshotId) -> Result<Snapshot, Error> {
-        self.lock().get(id).cloned()
+    fn get<'a>(&'a self, id: &'a SnapshotId) -> StoreFuture<'a, Snapshot> {
+        StoreFuture::ready(self.lock().get(id).cloned())
     }
 
-    async fn latest(&self, run: &RunId) -> Result<Option<Snapshot>, Error> {
-        Ok(self.lock().latest(run).cloned())
+    fn latest<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Option<Snapshot>> {
+        StoreFuture::ready(Ok(self.lock().latest(run).cloned()))
     }
 
-    async fn history(&self, run: &RunId) -> Result<Vec<Snapshot>, Error> {
-        Ok(self.lock().history(run))
+    fn history<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Vec<Snapshot>> {
+        StoreFuture::ready(Ok(self.lock().history(run)))
     }
 }

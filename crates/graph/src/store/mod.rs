@@ -9,9 +9,10 @@
 //!
 //! Every backend passes the same conformance suite (`tests/conformance.rs`).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
-
-use async_trait::async_trait;
 
 use crate::Error;
 use crate::clock::Timestamp;
@@ -43,32 +44,87 @@ pub use sqlite::SqliteStore;
 ///
 /// Reads of an unknown run return nothing; writes to an unknown snapshot are
 /// [`Error::NotFound`].
-#[async_trait]
+///
+/// The methods return a [`StoreFuture`]: a store that answers without waiting (the in-memory
+/// one) returns [`StoreFuture::ready`], which costs no allocation; the others wrap their async
+/// code in [`StoreFuture::new`].
 pub trait Store: Send + Sync + 'static {
     /// Inserts `snapshot` unless a snapshot with its id exists; returns whether it did.
     /// Another snapshot at the same `(run_id, seq)` is an [`Error::Conflict`].
-    async fn insert(&self, snapshot: &Snapshot) -> Result<bool, Error>;
+    fn insert<'a>(&'a self, snapshot: &'a Snapshot) -> StoreFuture<'a, bool>;
 
     /// Applies `transition` to snapshot `id` (and inserts the snapshot it carries), or fails
     /// with [`Error::IllegalTransition`] or [`Error::Conflict`] and changes nothing.
-    async fn transition(&self, id: &SnapshotId, transition: Transition) -> Result<(), Error>;
+    fn transition<'a>(&'a self, id: &'a SnapshotId, transition: Transition) -> StoreFuture<'a, ()>;
 
     /// Claims a `created` snapshot (of `run`, or of any run, oldest first): it becomes `pending`
     /// under `lease`. Of concurrent claimers, exactly one gets each snapshot.
-    async fn claim(&self, run: Option<&RunId>, lease: Lease) -> Result<Option<Snapshot>, Error>;
+    fn claim<'a>(
+        &'a self,
+        run: Option<&'a RunId>,
+        lease: Lease,
+    ) -> StoreFuture<'a, Option<Snapshot>>;
 
     /// Takes back every `pending` or `running` snapshot whose lease expired before `now`: it
     /// becomes `created` with `attempt + 1`. Returns their ids.
-    async fn expire_leases(&self, now: Timestamp) -> Result<Vec<SnapshotId>, Error>;
+    fn expire_leases(&self, now: Timestamp) -> StoreFuture<'_, Vec<SnapshotId>>;
 
     /// The snapshot `id`.
-    async fn get(&self, id: &SnapshotId) -> Result<Snapshot, Error>;
+    fn get<'a>(&'a self, id: &'a SnapshotId) -> StoreFuture<'a, Snapshot>;
 
     /// The run's last snapshot (highest `seq`).
-    async fn latest(&self, run: &RunId) -> Result<Option<Snapshot>, Error>;
+    fn latest<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Option<Snapshot>>;
 
     /// The run's snapshots in `seq` order.
-    async fn history(&self, run: &RunId) -> Result<Vec<Snapshot>, Error>;
+    fn history<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Vec<Snapshot>>;
+}
+
+/// What a [`Store`] method returns: a future of its result, which may be ready at once.
+#[must_use = "a store call does nothing unless awaited"]
+pub struct StoreFuture<'a, T>(Answer<'a, T>);
+
+enum Answer<'a, T> {
+    Ready(Option<Result<T, Error>>),
+    Pending(Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>),
+}
+
+impl<'a, T> StoreFuture<'a, T> {
+    /// A result known at once (no allocation).
+    pub fn ready(result: Result<T, Error>) -> Self {
+        StoreFuture(Answer::Ready(Some(result)))
+    }
+
+    /// The result of `future`.
+    pub fn new(future: impl Future<Output = Result<T, Error>> + Send + 'a) -> Self {
+        StoreFuture(Answer::Pending(Box::pin(future)))
+    }
+}
+
+// Nothing in it is pinned structurally: the pending future is boxed, the result is moved out.
+impl<T> Unpin for StoreFuture<'_, T> {}
+
+impl<T> Future for StoreFuture<'_, T> {
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Answer::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(Error::Closed("polled after completion".to_owned()))),
+            ),
+            Answer::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for StoreFuture<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Answer::Ready(_) => "StoreFuture(ready)",
+            Answer::Pending(_) => "StoreFuture(pending)",
+        })
+    }
 }
 
 /// When a durable store's commit is acknowledged.
@@ -105,4 +161,4 @@ impl Durability {
 
 /// The most commits written in one batch.
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) const MAX_BATCH: usize = 512;
+pub(crate) const MAX_BATCH: usize = 1024;

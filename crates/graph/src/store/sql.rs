@@ -13,7 +13,21 @@ macro_rules! columns {
     };
 }
 
+/// The first 14 of [`columns!`]: a snapshot without an error, a request or an answer (almost
+/// every one) is inserted with these.
+macro_rules! slim_columns {
+    () => {
+        "id, run_id, seq, kind, node_id, node, state, status, created_ts, start_ts, duration, \
+         attempt, lease_owner, lease_until"
+    };
+}
+
 /// The table and its indexes; times are microseconds since the Unix epoch.
+///
+/// Claims of any run (`status = 'created' ORDER BY created_ts, id`) and lease expiry
+/// (`status IN ('pending', 'running') AND lease_until < $1`) use the two partial indexes,
+/// whose conditions their queries repeat word for word (SQLite uses a partial index only
+/// then).
 pub(crate) const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS graph_snapshots (
         id TEXT PRIMARY KEY,
@@ -35,10 +49,12 @@ pub(crate) const SCHEMA: &[&str] = &[
         answer TEXT,
         UNIQUE (run_id, seq)
     )",
-    "CREATE INDEX IF NOT EXISTS graph_snapshots_by_status
-        ON graph_snapshots (status, created_ts)",
-    "CREATE INDEX IF NOT EXISTS graph_snapshots_by_lease
-        ON graph_snapshots (lease_until)",
+    // Partial indexes: a run that goes on without pausing inserts its snapshots `running`
+    // and never touches the first; each step adds one entry to the second and drops one.
+    "CREATE INDEX IF NOT EXISTS graph_snapshots_created
+        ON graph_snapshots (created_ts, id) WHERE status = 'created'",
+    "CREATE INDEX IF NOT EXISTS graph_snapshots_leased
+        ON graph_snapshots (lease_until) WHERE status IN ('pending', 'running')",
 ];
 
 pub(crate) const INSERT: &str = concat!(
@@ -87,7 +103,7 @@ pub(crate) const ANSWER: &str = "UPDATE graph_snapshots SET status = 'created', 
 
 /// The row counts of the multi-row statements ([`MultiRow`]): a batch is cut into chunks of
 /// these sizes, so that a few statements, each prepared once, cover every batch.
-pub(crate) const CHUNKS: [usize; 5] = [128, 32, 8, 2, 1];
+pub(crate) const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
 
 /// `items` cut into chunks of the sizes in [`CHUNKS`], largest first, each with the index of
 /// its size.
@@ -105,7 +121,9 @@ pub(crate) fn chunks<T>(mut items: &[T]) -> Vec<(usize, &[T])> {
 
 /// SQLite statements that write many rows at once (`?` parameters, `UPDATE … FROM (VALUES …)`),
 /// one per size in [`CHUNKS`]: a batch of commits costs a few statements instead of one or two
-/// per commit. The updates return the ids they changed.
+/// per commit. Whether each row applied is told by the count of rows changed: when a
+/// statement changes fewer rows than it was given, the batch is rolled back and its ops run
+/// one by one, so that each refused op gets its own error.
 pub(crate) struct MultiRow {
     /// `pending → running`; rows `(id, start_ts, lease_until, owner)`.
     pub(crate) start: Vec<String>,
@@ -113,8 +131,12 @@ pub(crate) struct MultiRow {
     pub(crate) succeed: Vec<String>,
     /// Snapshots inserted by transitions; a duplicate fails the statement.
     pub(crate) insert: Vec<String>,
-    /// Snapshots inserted unless their id exists; returns the ids inserted.
+    /// The same, for snapshots without error, request or answer ([`slim_columns!`]).
+    pub(crate) insert_slim: Vec<String>,
+    /// Snapshots inserted unless their id exists.
     pub(crate) insert_if_new: Vec<String>,
+    /// The same, for snapshots without error, request or answer.
+    pub(crate) insert_if_new_slim: Vec<String>,
 }
 
 pub(crate) static MULTI_ROW: std::sync::LazyLock<MultiRow> = std::sync::LazyLock::new(|| {
@@ -129,7 +151,7 @@ pub(crate) static MULTI_ROW: std::sync::LazyLock<MultiRow> = std::sync::LazyLock
                 "UPDATE graph_snapshots SET status = 'running', start_ts = v.column2, \
                  lease_until = v.column3 FROM (VALUES {}) AS v \
                  WHERE graph_snapshots.id = v.column1 AND graph_snapshots.status = 'pending' \
-                 AND graph_snapshots.lease_owner = v.column4 RETURNING id",
+                 AND graph_snapshots.lease_owner = v.column4",
                 values(rows, 4)
             )
         }),
@@ -138,7 +160,7 @@ pub(crate) static MULTI_ROW: std::sync::LazyLock<MultiRow> = std::sync::LazyLock
                 "UPDATE graph_snapshots SET status = 'success', duration = v.column2 \
                  FROM (VALUES {}) AS v \
                  WHERE graph_snapshots.id = v.column1 AND graph_snapshots.status = 'running' \
-                 AND graph_snapshots.lease_owner = v.column3 RETURNING id",
+                 AND graph_snapshots.lease_owner = v.column3",
                 values(rows, 3)
             )
         }),
@@ -149,12 +171,25 @@ pub(crate) static MULTI_ROW: std::sync::LazyLock<MultiRow> = std::sync::LazyLock
                 values(rows, 17)
             )
         }),
+        insert_slim: each(&|rows| {
+            format!(
+                "INSERT INTO graph_snapshots ({}) VALUES {}",
+                slim_columns!(),
+                values(rows, 14)
+            )
+        }),
         insert_if_new: each(&|rows| {
             format!(
-                "INSERT INTO graph_snapshots ({}) VALUES {} ON CONFLICT (id) DO NOTHING \
-                 RETURNING id",
+                "INSERT INTO graph_snapshots ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
                 columns!(),
                 values(rows, 17)
+            )
+        }),
+        insert_if_new_slim: each(&|rows| {
+            format!(
+                "INSERT INTO graph_snapshots ({}) VALUES {} ON CONFLICT (id) DO NOTHING",
+                slim_columns!(),
+                values(rows, 14)
             )
         }),
     }
@@ -244,26 +279,32 @@ macro_rules! sql_backend {
         impl Batch for SqlBatch {
             async fn run(&self, ops: &[Op]) -> Result<Vec<Result<Done, Error>>, Error> {
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
-                let results = if $multi_row && ops.len() > 1 {
-                    run_grouped(&mut tx, ops).await?
-                } else {
-                    let mut results = Vec::with_capacity(ops.len());
-                    for op in ops {
-                        results.push(run_op(&mut tx, op).await?);
+                if $multi_row && ops.len() > 1 {
+                    if let Some(results) = run_grouped(&mut tx, ops).await? {
+                        tx.commit().await.map_err(db_error)?;
+                        return Ok(results);
                     }
-                    results
-                };
+                    // An op was refused: start again, one op at a time.
+                    tx.rollback().await.map_err(db_error)?;
+                    tx = self.pool.begin().await.map_err(db_error)?;
+                }
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    results.push(run_op(&mut tx, op).await?);
+                }
                 tx.commit().await.map_err(db_error)?;
                 Ok(results)
             }
         }
 
         /// Runs `ops` in order, each run of consecutive inserts, starts and successes that
-        /// touch distinct snapshots as a few multi-row statements.
+        /// touch distinct snapshots as a few multi-row statements; `None` if one of those was
+        /// refused (what was written must then be rolled back).
+        #[cfg_attr(not($multi_row), allow(dead_code))]
         async fn run_grouped(
             conn: &mut Conn,
             ops: &[Op],
-        ) -> Result<Vec<Result<Done, Error>>, Error> {
+        ) -> Result<Option<Vec<Result<Done, Error>>>, Error> {
             let mut results = Vec::with_capacity(ops.len());
             let mut rest = ops;
             while let Some(first) = rest.first() {
@@ -278,7 +319,15 @@ macro_rules! sql_backend {
                     .unwrap_or(rest.len());
                 let (segment, after) = rest.split_at(len);
                 if segment.len() > 1 && independent(segment) {
-                    run_segment(conn, segment, &mut results).await?;
+                    if !run_segment(conn, segment).await? {
+                        return Ok(None);
+                    }
+                    results.extend(segment.iter().map(|op| {
+                        Ok(match op {
+                            Op::Insert(_) => Done::Inserted(true),
+                            _ => Done::Transitioned,
+                        })
+                    }));
                 } else {
                     for op in segment {
                         results.push(run_op(conn, op).await?);
@@ -286,7 +335,7 @@ macro_rules! sql_backend {
                 }
                 rest = after;
             }
-            Ok(results)
+            Ok(Some(results))
         }
 
         fn groupable(op: &Op) -> bool {
@@ -314,32 +363,34 @@ macro_rules! sql_backend {
         }
 
         /// Runs a segment of [`groupable`], [`independent`] ops: the starts, the successes,
-        /// then the snapshots inserted (by the transitions that applied, and by inserts).
-        async fn run_segment(
-            conn: &mut Conn,
-            segment: &[Op],
-            results: &mut Vec<Result<Done, Error>>,
-        ) -> Result<(), Error> {
+        /// then the snapshots inserted (by the transitions, and by inserts). Returns whether
+        /// every op applied (if not, the caller rolls back).
+        #[cfg_attr(not($multi_row), allow(dead_code))]
+        async fn run_segment(conn: &mut Conn, segment: &[Op]) -> Result<bool, Error> {
             let statements = &*sql::MULTI_ROW;
             let mut starts = Vec::new();
             let mut succeeds = Vec::new();
+            let mut fresh = Vec::new();
+            let mut carried = Vec::new();
             for op in segment {
                 match op {
-                    Op::Transition(id, Transition::Start { owner, at, until }) => {
-                        starts.push((id.as_str(), owner.as_str(), *at, *until));
+                    Op::Transition(id, t @ Transition::Start { owner, at, until }) => {
+                        starts.push((id.as_str(), &**owner, *at, *until));
+                        carried.extend(t.inserted());
                     }
                     Op::Transition(
                         id,
-                        Transition::Succeed {
+                        t @ Transition::Succeed {
                             owner, duration, ..
                         },
                     ) => {
-                        succeeds.push((id.as_str(), owner.as_str(), *duration));
+                        succeeds.push((id.as_str(), &**owner, *duration));
+                        carried.extend(t.inserted());
                     }
+                    Op::Insert(snapshot) => fresh.push(snapshot),
                     _ => {}
                 }
             }
-            let mut changed = std::collections::HashSet::with_capacity(segment.len());
             for (k, chunk) in sql::chunks(&starts) {
                 let mut query = sqlx::query(statements.start[k].as_str());
                 for &(id, owner, at, until) in chunk {
@@ -349,8 +400,9 @@ macro_rules! sql_backend {
                         .bind(until.as_micros())
                         .bind(owner);
                 }
-                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
-                    changed.insert(row.try_get::<String, _>(0).map_err(db_error)?);
+                let done = query.execute(&mut *conn).await.map_err(db_error)?;
+                if done.rows_affected() != chunk.len() as u64 {
+                    return Ok(false);
                 }
             }
             for (k, chunk) in sql::chunks(&succeeds) {
@@ -358,51 +410,37 @@ macro_rules! sql_backend {
                 for &(id, owner, duration) in chunk {
                     query = query.bind(id).bind(duration).bind(owner);
                 }
-                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
-                    changed.insert(row.try_get::<String, _>(0).map_err(db_error)?);
+                let done = query.execute(&mut *conn).await.map_err(db_error)?;
+                if done.rows_affected() != chunk.len() as u64 {
+                    return Ok(false);
                 }
             }
-            let mut fresh = Vec::new();
-            let mut carried = Vec::new();
-            for op in segment {
-                match op {
-                    Op::Insert(snapshot) => fresh.push(snapshot),
-                    Op::Transition(id, t) if changed.contains(id.as_str()) => {
-                        carried.extend(t.inserted());
+            for (rows, if_new) in [(&carried, false), (&fresh, true)] {
+                for (k, chunk) in sql::chunks(rows) {
+                    let slim = chunk
+                        .iter()
+                        .all(|s| s.error.is_none() && s.request.is_none() && s.answer.is_none());
+                    let statement = match (if_new, slim) {
+                        (false, false) => &statements.insert[k],
+                        (false, true) => &statements.insert_slim[k],
+                        (true, false) => &statements.insert_if_new[k],
+                        (true, true) => &statements.insert_if_new_slim[k],
+                    };
+                    let mut query = sqlx::query(statement.as_str());
+                    for snapshot in chunk {
+                        query = if slim {
+                            bind_slim(query, snapshot)
+                        } else {
+                            bind_snapshot(query, snapshot)
+                        };
                     }
-                    _ => {}
-                }
-            }
-            for (k, chunk) in sql::chunks(&carried) {
-                let mut query = sqlx::query(statements.insert[k].as_str());
-                for snapshot in chunk {
-                    query = bind_snapshot(query, snapshot);
-                }
-                query.execute(&mut *conn).await.map_err(db_error)?;
-            }
-            let mut inserted = std::collections::HashSet::with_capacity(fresh.len());
-            for (k, chunk) in sql::chunks(&fresh) {
-                let mut query = sqlx::query(statements.insert_if_new[k].as_str());
-                for snapshot in chunk {
-                    query = bind_snapshot(query, snapshot);
-                }
-                for row in query.fetch_all(&mut *conn).await.map_err(db_error)? {
-                    inserted.insert(row.try_get::<String, _>(0).map_err(db_error)?);
-                }
-            }
-            for op in segment {
-                results.push(match op {
-                    Op::Insert(snapshot) => {
-                        Ok(Done::Inserted(inserted.contains(snapshot.id.as_str())))
+                    let done = query.execute(&mut *conn).await.map_err(db_error)?;
+                    if done.rows_affected() != chunk.len() as u64 {
+                        return Ok(false);
                     }
-                    Op::Transition(id, _) if changed.contains(id.as_str()) => {
-                        Ok(Done::Transitioned)
-                    }
-                    Op::Transition(id, t) => Err(refusal(conn, id, t).await?),
-                    other => Err(Error::Storage(format!("cannot group {other:?}"))),
-                });
+                }
             }
-            Ok(())
+            Ok(true)
         }
 
         /// Why the update of `id` by `transition` changed no row.
@@ -449,11 +487,11 @@ macro_rules! sql_backend {
                 Op::Claim(run, lease) => {
                     let query = match run {
                         Some(run) => sqlx::query(CLAIM_RUN)
-                            .bind(lease.owner.as_str())
+                            .bind(&*lease.owner)
                             .bind(lease.until.as_micros())
                             .bind(run.as_str()),
                         None => sqlx::query(CLAIM_ANY)
-                            .bind(lease.owner.as_str())
+                            .bind(&*lease.owner)
                             .bind(lease.until.as_micros()),
                     };
                     let row = query.fetch_optional(&mut *conn).await.map_err(db_error)?;
@@ -495,12 +533,20 @@ macro_rules! sql_backend {
 
         /// Binds the 17 columns of `s`, in [`columns!`]'s order.
         fn bind_snapshot<'q>(query: Query<'q>, s: &Snapshot) -> Query<'q> {
+            bind_slim(query, s)
+                .bind(s.error.as_deref())
+                .bind(s.request.as_ref().map(|r| r.get()))
+                .bind(s.answer.as_ref().map(|a| a.get()))
+        }
+
+        /// Binds the first 14 columns of `s` ([`slim_columns!`]).
+        fn bind_slim<'q>(query: Query<'q>, s: &Snapshot) -> Query<'q> {
             query
                 .bind(s.id.as_str())
                 .bind(s.run_id.as_str())
                 .bind(to_i64(s.seq))
                 .bind(s.kind.as_str())
-                .bind(s.node_id.as_str())
+                .bind(s.node_id.as_ref())
                 .bind(s.node.get())
                 .bind(s.state.get())
                 .bind(s.status.as_str())
@@ -508,11 +554,8 @@ macro_rules! sql_backend {
                 .bind(s.start_ts.map(Timestamp::as_micros))
                 .bind(s.duration)
                 .bind(i64::from(s.attempt))
-                .bind(s.lease.as_ref().map(|l| l.owner.as_str()))
+                .bind(s.lease.as_ref().map(|l| &*l.owner))
                 .bind(s.lease.as_ref().map(|l| l.until.as_micros()))
-                .bind(s.error.as_deref())
-                .bind(s.request.as_ref().map(|r| r.get()))
-                .bind(s.answer.as_ref().map(|a| a.get()))
         }
 
         async fn update(conn: &mut Conn, id: &SnapshotId, t: &Transition) -> Result<bool, Error> {
@@ -520,23 +563,23 @@ macro_rules! sql_backend {
             let query = match t {
                 Transition::Claim { lease } => sqlx::query(sql::CLAIM)
                     .bind(id)
-                    .bind(lease.owner.as_str())
+                    .bind(&*lease.owner)
                     .bind(lease.until.as_micros()),
                 Transition::Start { owner, at, until } => sqlx::query(sql::START)
                     .bind(id)
                     .bind(at.as_micros())
                     .bind(until.as_micros())
-                    .bind(owner.as_str()),
+                    .bind(&**owner),
                 Transition::Renew { owner, until } => sqlx::query(sql::RENEW)
                     .bind(id)
                     .bind(until.as_micros())
-                    .bind(owner.as_str()),
+                    .bind(&**owner),
                 Transition::Succeed {
                     owner, duration, ..
                 } => sqlx::query(sql::SUCCEED)
                     .bind(id)
                     .bind(*duration)
-                    .bind(owner.as_str()),
+                    .bind(&**owner),
                 Transition::Fail {
                     owner,
                     duration,
@@ -546,9 +589,9 @@ macro_rules! sql_backend {
                     .bind(id)
                     .bind(*duration)
                     .bind(error.as_str())
-                    .bind(owner.as_str()),
+                    .bind(&**owner),
                 Transition::Replace { owner, .. } => {
-                    sqlx::query(sql::REPLACE).bind(id).bind(owner.as_str())
+                    sqlx::query(sql::REPLACE).bind(id).bind(&**owner)
                 }
                 Transition::Answer { answer } => {
                     sqlx::query(sql::ANSWER).bind(id).bind(answer.get())
@@ -572,7 +615,7 @@ macro_rules! sql_backend {
             let opt_int = |i: usize| row.try_get::<Option<i64>, _>(i).map_err(db_error);
             let lease = match (opt_text(12)?, opt_int(13)?) {
                 (Some(owner), Some(until)) => Some(Lease {
-                    owner,
+                    owner: Arc::from(owner),
                     until: Timestamp::from_micros(until),
                 }),
                 _ => None,
@@ -582,7 +625,7 @@ macro_rules! sql_backend {
                 run_id: RunId::from(text(1)?),
                 seq: u64::try_from(int(2)?).unwrap_or(0),
                 kind: text(3)?.parse()?,
-                node_id: text(4)?,
+                node_id: std::borrow::Cow::Owned(text(4)?),
                 node: json(text(5)?)?,
                 state: json(text(6)?)?,
                 status: text(7)?.parse()?,
@@ -630,61 +673,76 @@ macro_rules! sql_backend {
         /// The [`Store`](super::Store) methods on a pool and a writer.
         macro_rules! impl_store {
             ($store:ty) => {
-                #[async_trait]
                 impl super::Store for $store {
-                    async fn insert(&self, snapshot: &Snapshot) -> Result<bool, Error> {
-                        match self.writer.submit(Op::Insert(snapshot.clone())).await? {
-                            Done::Inserted(new) => Ok(new),
-                            other => Err(unexpected(other)),
-                        }
+                    fn insert<'a>(
+                        &'a self,
+                        snapshot: &'a Snapshot,
+                    ) -> super::StoreFuture<'a, bool> {
+                        let op = Op::Insert(snapshot.clone());
+                        super::StoreFuture::new(async move {
+                            match self.writer.submit(op).await? {
+                                Done::Inserted(new) => Ok(new),
+                                other => Err(unexpected(other)),
+                            }
+                        })
                     }
 
-                    async fn transition(
-                        &self,
-                        id: &SnapshotId,
+                    fn transition<'a>(
+                        &'a self,
+                        id: &'a SnapshotId,
                         transition: Transition,
-                    ) -> Result<(), Error> {
-                        match self
-                            .writer
-                            .submit(Op::Transition(id.clone(), transition))
-                            .await?
-                        {
-                            Done::Transitioned => Ok(()),
-                            other => Err(unexpected(other)),
-                        }
+                    ) -> super::StoreFuture<'a, ()> {
+                        let op = Op::Transition(id.clone(), transition);
+                        super::StoreFuture::new(async move {
+                            match self.writer.submit(op).await? {
+                                Done::Transitioned => Ok(()),
+                                other => Err(unexpected(other)),
+                            }
+                        })
                     }
 
-                    async fn claim(
-                        &self,
-                        run: Option<&RunId>,
+                    fn claim<'a>(
+                        &'a self,
+                        run: Option<&'a RunId>,
                         lease: Lease,
-                    ) -> Result<Option<Snapshot>, Error> {
-                        match self.writer.submit(Op::Claim(run.cloned(), lease)).await? {
-                            Done::Claimed(claimed) => Ok(claimed.map(|s| *s)),
-                            other => Err(unexpected(other)),
-                        }
+                    ) -> super::StoreFuture<'a, Option<Snapshot>> {
+                        let op = Op::Claim(run.cloned(), lease);
+                        super::StoreFuture::new(async move {
+                            match self.writer.submit(op).await? {
+                                Done::Claimed(claimed) => Ok(claimed.map(|s| *s)),
+                                other => Err(unexpected(other)),
+                            }
+                        })
                     }
 
-                    async fn expire_leases(
+                    fn expire_leases(
                         &self,
                         now: Timestamp,
-                    ) -> Result<Vec<SnapshotId>, Error> {
-                        match self.writer.submit(Op::Expire(now)).await? {
-                            Done::Expired(ids) => Ok(ids),
-                            other => Err(unexpected(other)),
-                        }
+                    ) -> super::StoreFuture<'_, Vec<SnapshotId>> {
+                        super::StoreFuture::new(async move {
+                            match self.writer.submit(Op::Expire(now)).await? {
+                                Done::Expired(ids) => Ok(ids),
+                                other => Err(unexpected(other)),
+                            }
+                        })
                     }
 
-                    async fn get(&self, id: &SnapshotId) -> Result<Snapshot, Error> {
-                        get(&self.pool, id).await
+                    fn get<'a>(&'a self, id: &'a SnapshotId) -> super::StoreFuture<'a, Snapshot> {
+                        super::StoreFuture::new(get(&self.pool, id))
                     }
 
-                    async fn latest(&self, run: &RunId) -> Result<Option<Snapshot>, Error> {
-                        latest(&self.pool, run).await
+                    fn latest<'a>(
+                        &'a self,
+                        run: &'a RunId,
+                    ) -> super::StoreFuture<'a, Option<Snapshot>> {
+                        super::StoreFuture::new(latest(&self.pool, run))
                     }
 
-                    async fn history(&self, run: &RunId) -> Result<Vec<Snapshot>, Error> {
-                        history(&self.pool, run).await
+                    fn history<'a>(
+                        &'a self,
+                        run: &'a RunId,
+                    ) -> super::StoreFuture<'a, Vec<Snapshot>> {
+                        super::StoreFuture::new(history(&self.pool, run))
                     }
                 }
             };

@@ -27,7 +27,9 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(StdDuration::from_secs(10));
+            .busy_timeout(StdDuration::from_secs(10))
+            // 64 MiB of page cache instead of 2: the indexes of a busy store stay in memory.
+            .pragma("cache_size", "-65536");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -76,7 +78,7 @@ mod tests {
         s.status = status;
         if status != Status::Created {
             s.lease = Some(Lease {
-                owner: "w".to_owned(),
+                owner: "w".into(),
                 until: Timestamp::from_micros(1_000_000),
             });
         }
@@ -101,12 +103,12 @@ mod tests {
             assert!(store.insert(&s).await.unwrap());
         }
         let start = |owner: &str| Transition::Start {
-            owner: owner.to_owned(),
+            owner: owner.into(),
             at: Timestamp::from_micros(5),
             until: Timestamp::from_micros(2_000_000),
         };
         let succeed = |owner: &str, next: Snapshot| Transition::Succeed {
-            owner: owner.to_owned(),
+            owner: owner.into(),
             duration: 0.5,
             next: Box::new(next),
         };

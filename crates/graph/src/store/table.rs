@@ -48,15 +48,50 @@ type Fx = BuildHasherDefault<FxHasher>;
 
 #[derive(Debug, Default)]
 pub(crate) struct Table {
-    snapshots: HashMap<SnapshotId, Snapshot, Fx>,
-    /// Each run's snapshot ids in `seq` order.
-    runs: HashMap<RunId, Vec<SnapshotId>, Fx>,
+    /// Where each snapshot is: its run and its seq.
+    ids: HashMap<SnapshotId, (RunId, u64), Fx>,
+    /// Each run's snapshots in `seq` order (only the latest unless `keep_history`).
+    runs: HashMap<RunId, Vec<Snapshot>, Fx>,
+    /// The indexes of snapshots by status.
+    index: Index,
+    /// Whether to keep every snapshot, or only each run's latest.
+    keep_history: bool,
+}
+
+#[derive(Debug, Default)]
+struct Index {
     /// `created` snapshots, oldest first.
     created: BTreeSet<(Timestamp, SnapshotId)>,
     /// `pending` and `running` snapshots.
     leased: HashSet<SnapshotId, Fx>,
-    /// Whether to keep every snapshot, or only each run's latest.
-    keep_history: bool,
+}
+
+impl Index {
+    fn add(&mut self, snapshot: &Snapshot) {
+        match snapshot.status {
+            Status::Created => {
+                self.created
+                    .insert((snapshot.created_ts, snapshot.id.clone()));
+            }
+            Status::Pending | Status::Running => {
+                self.leased.insert(snapshot.id.clone());
+            }
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, snapshot: &Snapshot) {
+        match snapshot.status {
+            Status::Created => {
+                self.created
+                    .remove(&(snapshot.created_ts, snapshot.id.clone()));
+            }
+            Status::Pending | Status::Running => {
+                self.leased.remove(&snapshot.id);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Table {
@@ -70,13 +105,13 @@ impl Table {
     /// Whether `snapshot` is new (`Ok(false)`: its id exists), or `Conflict` if its place in
     /// the run is taken.
     fn check_insert(&self, snapshot: &Snapshot) -> Result<bool, Error> {
-        if self.snapshots.contains_key(&snapshot.id) {
+        if self.ids.contains_key(&snapshot.id) {
             return Ok(false);
         }
-        let taken = self.runs.get(&snapshot.run_id).is_some_and(|ids| {
-            ids.binary_search_by_key(&snapshot.seq, |id| self.seq_of(id))
-                .is_ok()
-        });
+        let taken = self
+            .runs
+            .get(&snapshot.run_id)
+            .is_some_and(|run| run.binary_search_by_key(&snapshot.seq, |s| s.seq).is_ok());
         if taken {
             return Err(Error::Conflict {
                 id: snapshot.id.to_string(),
@@ -92,79 +127,78 @@ impl Table {
     pub(crate) fn insert(&mut self, snapshot: &Snapshot) -> Result<bool, Error> {
         let new = self.check_insert(snapshot)?;
         if new {
-            self.put(snapshot.clone());
+            self.add(snapshot.clone());
         }
         Ok(new)
     }
 
     /// Stores `snapshot`, replacing any version with its id, and keeps the indexes right.
     pub(crate) fn put(&mut self, snapshot: Snapshot) {
-        let known = self.snapshots.contains_key(&snapshot.id);
-        self.unindex(&snapshot.id);
-        self.index(&snapshot);
-        if !known {
-            match self.runs.get_mut(&snapshot.run_id) {
-                Some(ids) => {
-                    // Ids are in seq order; a new snapshot almost always goes last.
-                    let position = ids
-                        .iter()
-                        .rposition(|id| {
-                            self.snapshots.get(id).is_some_and(|s| s.seq < snapshot.seq)
-                        })
-                        .map_or(0, |p| p + 1);
-                    ids.insert(position, snapshot.id.clone());
-                }
-                None => {
-                    self.runs
-                        .insert(snapshot.run_id.clone(), vec![snapshot.id.clone()]);
-                }
+        if let Some((run, seq)) = self.ids.remove(&snapshot.id)
+            && let Some(snapshots) = self.runs.get_mut(&run)
+            && let Ok(position) = snapshots.binary_search_by_key(&seq, |s| s.seq)
+        {
+            let old = snapshots.remove(position);
+            self.index.remove(&old);
+            if snapshots.is_empty() {
+                self.runs.remove(&run);
             }
         }
-        if self.keep_history {
-            self.snapshots.insert(snapshot.id.clone(), snapshot);
-        } else {
-            let run = snapshot.run_id.clone();
-            self.snapshots.insert(snapshot.id.clone(), snapshot);
-            self.keep_latest(&run);
+        // A version at the same place with another id is replaced too.
+        if let Some(snapshots) = self.runs.get_mut(&snapshot.run_id)
+            && let Ok(position) = snapshots.binary_search_by_key(&snapshot.seq, |s| s.seq)
+        {
+            let old = snapshots.remove(position);
+            self.index.remove(&old);
+            self.ids.remove(&old.id);
         }
+        self.add(snapshot);
     }
 
-    fn seq_of(&self, id: &SnapshotId) -> u64 {
-        self.snapshots.get(id).map_or(0, |s| s.seq)
-    }
-
-    fn index(&mut self, snapshot: &Snapshot) {
-        self.index_entry(snapshot.status, snapshot.created_ts, &snapshot.id);
-    }
-
-    fn index_entry(&mut self, status: Status, created_ts: Timestamp, id: &SnapshotId) {
-        if status == Status::Created {
-            self.created.insert((created_ts, id.clone()));
-        }
-        if matches!(status, Status::Pending | Status::Running) {
-            self.leased.insert(id.clone());
-        }
-    }
-
-    fn unindex(&mut self, id: &SnapshotId) {
-        if let Some(old) = self.snapshots.get(id) {
-            if old.status == Status::Created {
-                self.created.remove(&(old.created_ts, id.clone()));
+    /// Adds a snapshot whose id and place are free (in memory-only mode, dropping every older
+    /// snapshot of its run).
+    fn add(&mut self, snapshot: Snapshot) {
+        self.index.add(&snapshot);
+        self.ids
+            .insert(snapshot.id.clone(), (snapshot.run_id.clone(), snapshot.seq));
+        let snapshots = match self.runs.get_mut(&snapshot.run_id) {
+            Some(snapshots) => snapshots,
+            None => {
+                let run = snapshot.run_id.clone();
+                self.runs.insert(run.clone(), vec![snapshot]);
+                return;
             }
-            self.leased.remove(id);
+        };
+        if !self.keep_history
+            && let [latest] = snapshots.as_mut_slice()
+            && latest.seq < snapshot.seq
+        {
+            // The usual step of a latest-only store: the new snapshot takes the old one's slot.
+            let old = std::mem::replace(latest, snapshot);
+            self.index.remove(&old);
+            self.ids.remove(&old.id);
+            return;
+        }
+        // A new snapshot almost always goes last.
+        let position = snapshots.partition_point(|s| s.seq < snapshot.seq);
+        snapshots.insert(position, snapshot);
+        if !self.keep_history && snapshots.len() > 1 {
+            let last = snapshots.len() - 1;
+            for old in snapshots.drain(..last) {
+                self.index.remove(&old);
+                self.ids.remove(&old.id);
+            }
         }
     }
 
-    /// Drops every snapshot of `run` but the one with the highest seq.
-    fn keep_latest(&mut self, run: &RunId) {
-        loop {
-            let oldest = match self.runs.get_mut(run) {
-                Some(ids) if ids.len() > 1 => ids.remove(0),
-                _ => return,
-            };
-            self.unindex(&oldest);
-            self.snapshots.remove(&oldest);
-        }
+    fn locate(&self, id: &SnapshotId) -> Option<(&RunId, usize)> {
+        let (run, seq) = self.ids.get(id)?;
+        let position = self
+            .runs
+            .get(run)?
+            .binary_search_by_key(seq, |s| s.seq)
+            .ok()?;
+        Some((run, position))
     }
 
     /// Applies `transition` to `id` and inserts the snapshot it carries (returning its id), or
@@ -174,7 +208,11 @@ impl Table {
         id: &SnapshotId,
         transition: Transition,
     ) -> Result<Option<SnapshotId>, Error> {
-        let current = self.snapshots.get(id).ok_or_else(|| not_found(id))?;
+        let (run, position) = self.locate(id).ok_or_else(|| not_found(id))?;
+        let run = run.clone();
+        let Some(current) = self.runs.get(&run).and_then(|s| s.get(position)) else {
+            return Err(not_found(id));
+        };
         transition.check(current)?;
         if let Some(next) = transition.inserted()
             && !self.check_insert(next)?
@@ -184,24 +222,18 @@ impl Table {
                 reason: "a snapshot with this id exists".to_owned(),
             });
         }
-        // Most transitions keep the snapshot in the index it is in (`pending → running`) or
-        // take it out of every index (`running → success`): touch the indexes only as needed.
+        let Some(current) = self.runs.get_mut(&run).and_then(|s| s.get_mut(position)) else {
+            return Err(not_found(id));
+        };
+        // Touch the indexes only when the snapshot moves between them.
         let before = index_of(current.status);
         let after = index_of(transition.target());
         if before == after && before != Some(Status::Created) {
-            if let Some(current) = self.snapshots.get_mut(id) {
-                transition.apply(current);
-            }
+            transition.apply(current);
         } else {
-            self.unindex(id);
-            if let Some(current) = self.snapshots.get_mut(id) {
-                transition.apply(current);
-            }
-            if let Some((status, created_ts)) =
-                self.snapshots.get(id).map(|s| (s.status, s.created_ts))
-            {
-                self.index_entry(status, created_ts, id);
-            }
+            self.index.remove(current);
+            transition.apply(current);
+            self.index.add(current);
         }
         let inserted = match transition {
             Transition::Succeed { next, .. } | Transition::Replace { next, .. } => Some(next),
@@ -210,67 +242,71 @@ impl Table {
         };
         Ok(inserted.map(|next| {
             let id = next.id.clone();
-            self.put(*next);
+            self.add(*next);
             id
         }))
     }
 
     pub(crate) fn claim(&mut self, run: Option<&RunId>, lease: &Lease) -> Option<Snapshot> {
-        let id = match run {
-            Some(run) => {
-                let id = self.runs.get(run)?.last()?;
-                (self.snapshots.get(id)?.status == Status::Created).then(|| id.clone())?
+        let (run, position) = match run {
+            Some(run) => (run.clone(), self.runs.get(run)?.len().checked_sub(1)?),
+            None => {
+                let id = self.index.created.first()?.1.clone();
+                let (run, position) = self.locate(&id)?;
+                (run.clone(), position)
             }
-            None => self.created.first()?.1.clone(),
         };
-        let mut snapshot = self.snapshots.get(&id)?.clone();
-        let claim = Transition::Claim {
+        let snapshot = self.runs.get_mut(&run)?.get_mut(position)?;
+        if snapshot.status != Status::Created {
+            return None;
+        }
+        self.index.remove(snapshot);
+        Transition::Claim {
             lease: lease.clone(),
-        };
-        claim.apply(&mut snapshot);
-        self.put(snapshot.clone());
-        Some(snapshot)
+        }
+        .apply(snapshot);
+        self.index.add(snapshot);
+        Some(snapshot.clone())
     }
 
     pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<SnapshotId> {
         let expired: Vec<SnapshotId> = self
+            .index
             .leased
             .iter()
             .filter(|id| {
-                self.snapshots
-                    .get(*id)
+                self.get(id)
+                    .ok()
                     .and_then(|s| s.lease.as_ref())
                     .is_some_and(|l| l.until < now)
             })
             .cloned()
             .collect();
         for id in &expired {
-            if let Some(mut snapshot) = self.snapshots.get(id).cloned()
-                && snapshot.expire(now)
-            {
-                self.put(snapshot);
+            let Some((run, position)) = self.locate(id).map(|(r, p)| (r.clone(), p)) else {
+                continue;
+            };
+            if let Some(snapshot) = self.runs.get_mut(&run).and_then(|s| s.get_mut(position)) {
+                self.index.remove(snapshot);
+                snapshot.expire(now);
+                self.index.add(snapshot);
             }
         }
         expired
     }
 
     pub(crate) fn get(&self, id: &SnapshotId) -> Result<&Snapshot, Error> {
-        self.snapshots.get(id).ok_or_else(|| not_found(id))
+        self.locate(id)
+            .and_then(|(run, position)| self.runs.get(run)?.get(position))
+            .ok_or_else(|| not_found(id))
     }
 
     pub(crate) fn latest(&self, run: &RunId) -> Option<&Snapshot> {
-        self.snapshots.get(self.runs.get(run)?.last()?)
+        self.runs.get(run)?.last()
     }
 
     pub(crate) fn history(&self, run: &RunId) -> Vec<Snapshot> {
-        self.runs
-            .get(run)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| self.snapshots.get(id).cloned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.runs.get(run).cloned().unwrap_or_default()
     }
 
     /// Every snapshot, run by run, each run in `seq` order.
