@@ -1,9 +1,10 @@
 //! Client-side ack deadlines: one watcher task per consumer for all the deliveries it handed
-//! out, instead of a timer task per delivery.
+//! out, instead of a timer task per delivery, and the settle-once state of each of those
+//! deliveries ([`Settlement`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -11,6 +12,29 @@ use tokio::time::Instant;
 
 /// Where an entry sits in a [`Deadlines`]; removes it with [`Deadlines::remove`].
 pub(crate) type Key = (Instant, u64);
+
+/// Whether a delivery handed out was settled, and where it waits in its consumer's
+/// [`Deadlines`]. Whichever of its acker, its deadline and the consumer's drop (or the loss of
+/// its channel) comes first settles it, through [`Deadlines::claim`]; the others find it
+/// settled and leave it alone, so that a late ack or nack changes nothing.
+#[derive(Default)]
+pub(crate) struct Settlement {
+    settled: AtomicBool,
+    key: Mutex<Option<Key>>,
+}
+
+impl Settlement {
+    /// Whether it was settled already.
+    #[cfg(feature = "nats")]
+    pub(crate) fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::SeqCst)
+    }
+}
+
+/// A delivery watched in a [`Deadlines`].
+pub(crate) trait Settles {
+    fn settlement(&self) -> &Settlement;
+}
 
 /// The deliveries of one consumer by deadline.
 pub(crate) struct Deadlines<T> {
@@ -43,7 +67,7 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
     }
 
     /// Watches `value` until `at`.
-    pub(crate) fn insert(&self, at: Instant, value: Arc<T>) -> Key {
+    fn insert(&self, at: Instant, value: Arc<T>) -> Key {
         let key = (at, self.next.fetch_add(1, Ordering::Relaxed));
         let wake = {
             let mut state = self.lock();
@@ -63,14 +87,59 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
     }
 
     /// Stops watching the entry at `key`; `None` if it fired or was removed already.
-    pub(crate) fn remove(&self, key: Key) -> Option<Arc<T>> {
+    fn remove(&self, key: Key) -> Option<Arc<T>> {
         self.lock().entries.remove(&key)
     }
 
     /// Removes and returns every entry.
-    pub(crate) fn drain(&self) -> Vec<Arc<T>> {
+    fn drain(&self) -> Vec<Arc<T>> {
         std::mem::take(&mut self.lock().entries)
             .into_values()
+            .collect()
+    }
+
+    /// Watches `held` until `at`, remembering where, so that [`Deadlines::claim`] can stop
+    /// watching it; called again, it moves `held` to a later time.
+    pub(crate) fn watch_until(&self, at: Instant, held: &Arc<T>)
+    where
+        T: Settles,
+    {
+        let key = self.insert(at, Arc::clone(held));
+        *held
+            .settlement()
+            .key
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+
+    /// Settles `held`: true for the first caller only, which also stops watching it.
+    pub(crate) fn claim(&self, held: &T) -> bool
+    where
+        T: Settles,
+    {
+        let settlement = held.settlement();
+        let first = !settlement.settled.swap(true, Ordering::SeqCst);
+        if first
+            && let Some(key) = settlement
+                .key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        {
+            self.remove(key);
+        }
+        first
+    }
+
+    /// Stops watching every entry and settles them; returns those that were not settled yet,
+    /// for the caller to hand back.
+    pub(crate) fn drain_unsettled(&self) -> Vec<Arc<T>>
+    where
+        T: Settles,
+    {
+        self.drain()
+            .into_iter()
+            .filter(|held| !held.settlement().settled.swap(true, Ordering::SeqCst))
             .collect()
     }
 

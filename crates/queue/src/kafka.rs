@@ -54,7 +54,6 @@
 //! member receives a topic's messages in publish order; redeliveries go first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -73,7 +72,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use crate::config::KafkaOptions;
-use crate::deadline::{Deadlines, Key};
+use crate::deadline::{Deadlines, Settlement, Settles};
 use crate::retry;
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -638,20 +637,24 @@ struct Held {
     group: Arc<Group>,
     /// The message as delivered, kept for a redelivery.
     pending: Mutex<Option<Pending>>,
-    key: Mutex<Option<(Weak<Deadlines<Held>>, Key)>>,
-    settled: AtomicBool,
+    /// The deadlines of the member that handed it out; gone once the member was dropped,
+    /// which settled it.
+    deadlines: Weak<Deadlines<Held>>,
+    settlement: Settlement,
+}
+
+impl Settles for Held {
+    fn settlement(&self) -> &Settlement {
+        &self.settlement
+    }
 }
 
 impl Held {
     /// The record, for the first of ack, nack, abandon, deadline and drop; `None` after.
     fn claim(&self) -> Option<Pending> {
-        if self.settled.swap(true, Ordering::SeqCst) {
+        let deadlines = self.deadlines.upgrade()?;
+        if !deadlines.claim(self) {
             return None;
-        }
-        if let Some((deadlines, key)) = lock(&self.key).take()
-            && let Some(deadlines) = deadlines.upgrade()
-        {
-            deadlines.remove(key);
         }
         lock(&self.pending).take()
     }
@@ -745,13 +748,11 @@ impl KafkaConsumer {
         let held = Arc::new(Held {
             group: Arc::clone(&self.group),
             pending: Mutex::new(Some(pending)),
-            key: Mutex::new(None),
-            settled: AtomicBool::new(false),
+            deadlines: Arc::downgrade(&self.deadlines),
+            settlement: Settlement::default(),
         });
-        let key = self
-            .deadlines
-            .insert(Instant::now() + self.ack_deadline, Arc::clone(&held));
-        *lock(&held.key) = Some((Arc::downgrade(&self.deadlines), key));
+        self.deadlines
+            .watch_until(Instant::now() + self.ack_deadline, &held);
         Delivery::new(message, Box::new(KafkaAcker(held)))
     }
 }
@@ -786,8 +787,8 @@ impl Consumer for KafkaConsumer {
 impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         self.watcher.abort();
-        for held in self.deadlines.drain() {
-            if let Some(pending) = held.claim() {
+        for held in self.deadlines.drain_unsettled() {
+            if let Some(pending) = lock(&held.pending).take() {
                 self.group.redeliver(pending);
             }
         }

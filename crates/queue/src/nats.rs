@@ -33,8 +33,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -50,8 +49,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use crate::config::NatsOptions;
-use crate::deadline::{Deadlines, Key};
-use crate::retry::{self, Delays};
+use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
 const ID_HEADER: &str = "Deployd-Id";
@@ -415,8 +414,7 @@ impl Member {
         let deadline = now + self.ack_deadline;
         let held = Arc::new(Held {
             member: Arc::clone(self),
-            key: Mutex::new(None),
-            settled: AtomicBool::new(false),
+            settlement: Settlement::default(),
             deadline,
             acker,
         });
@@ -473,12 +471,16 @@ impl Member {
 /// A delivery handed out.
 struct Held {
     member: Arc<Member>,
-    /// Its entry in the member's deadlines.
-    key: Mutex<Option<Key>>,
-    settled: AtomicBool,
+    settlement: Settlement,
     /// The member's ack deadline for it.
     deadline: Instant,
     acker: NatsAcker,
+}
+
+impl Settles for Held {
+    fn settlement(&self) -> &Settlement {
+        &self.settlement
+    }
 }
 
 impl Held {
@@ -487,23 +489,18 @@ impl Held {
     fn schedule(self: &Arc<Self>, now: Instant) {
         let beat = (self.member.ack_wait / 2).max(Duration::from_millis(100));
         let at = self.deadline.min(now + beat);
-        let key = self.member.deadlines.insert(at, Arc::clone(self));
-        *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.member.deadlines.watch_until(at, self);
     }
 
     /// True for the first of the acker, the deadline and the consumer's drop.
     fn claim(&self) -> bool {
-        let first = !self.settled.swap(true, Ordering::SeqCst);
-        if first && let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            self.member.deadlines.remove(key);
-        }
-        first
+        self.member.deadlines.claim(self)
     }
 
     async fn deadline_reached(self: Arc<Self>) {
         let now = Instant::now();
         if now < self.deadline {
-            if !self.settled.load(Ordering::SeqCst) {
+            if !self.settlement.is_settled() {
                 let _ = self.acker.ack_with(AckKind::Progress).await;
                 self.schedule(now);
             }
@@ -570,8 +567,7 @@ struct NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
-        let bounds = self.member.shared.options.bounds.clone();
-        let mut delays: Option<Delays> = None;
+        let mut reconnect = Reconnect::new(&self.member.shared.options.bounds);
         loop {
             let fetch = self
                 .fetch
@@ -584,14 +580,8 @@ impl Consumer for NatsConsumer {
             };
             match result {
                 Ok(Some(delivery)) => return Ok(delivery),
-                Ok(None) => delays = None,
-                Err(Error::Unavailable(message)) => {
-                    let delay = delays
-                        .get_or_insert_with(|| Delays::new(&bounds))
-                        .next_delay(&bounds);
-                    tracing::warn!(error = %message, ?delay, "nats pull failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
+                Ok(None) => reconnect.succeeded(),
+                Err(Error::Unavailable(message)) => reconnect.pause("nats pull", &message).await,
                 Err(err) => return Err(err),
             }
         }
@@ -607,10 +597,8 @@ impl Drop for NatsConsumer {
             return;
         };
         runtime.spawn(async move {
-            for held in member.deadlines.drain() {
-                if !held.settled.swap(true, Ordering::SeqCst) {
-                    let _ = held.acker.ack_with(AckKind::Nak(None)).await;
-                }
+            for held in member.deadlines.drain_unsettled() {
+                let _ = held.acker.ack_with(AckKind::Nak(None)).await;
             }
             // A pull in progress may still bring a message in this member's name.
             if let Some(fetch) = fetch

@@ -25,7 +25,6 @@
 //! messages in order; redeliveries go to the back of the queue.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,8 +43,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use crate::config::RabbitMqOptions;
-use crate::deadline::{Deadlines, Key};
-use crate::retry::{self, Delays};
+use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
 const ATTEMPT_HEADER: &str = "x-deployd-attempt";
@@ -532,19 +531,14 @@ impl MemberState {
             // The broker requeues everything the channel held.
             self.forget_channel();
         }
-        let bounds = &self.shared.options.bounds;
-        let mut delays = Delays::new(bounds);
+        let mut reconnect = Reconnect::new(&self.shared.options.bounds);
         loop {
             match self.open().await {
                 Ok(new_stream) => {
                     *stream = Some(new_stream);
                     return;
                 }
-                Err(err) => {
-                    let delay = delays.next_delay(bounds);
-                    tracing::debug!(queue = %self.queue, error = %err, ?delay, "rabbitmq reconnect failed");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(err) => reconnect.pause("rabbitmq reconnect", &err).await,
             }
         }
     }
@@ -594,9 +588,7 @@ impl MemberState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        for held in self.deadlines.drain() {
-            held.settled.store(true, Ordering::SeqCst);
-        }
+        self.deadlines.drain_unsettled();
     }
 
     /// Hands back, unchanged, deliveries that waited in the buffer past the ack deadline.
@@ -631,14 +623,12 @@ impl MemberState {
         let message = decode(&pushed.delivery);
         let held = Arc::new(Held {
             state: Arc::clone(self),
-            key: Mutex::new(None),
-            settled: AtomicBool::new(false),
+            settlement: Settlement::default(),
             acker: pushed.delivery.acker,
             message: message.clone(),
         });
-        let at = Instant::now() + self.ack_deadline;
-        let key = self.deadlines.insert(at, Arc::clone(&held));
-        *held.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.deadlines
+            .watch_until(Instant::now() + self.ack_deadline, &held);
         Some(Delivery::new(message, Box::new(RabbitMqAcker(held))))
     }
 }
@@ -646,22 +636,22 @@ impl MemberState {
 /// A delivery handed out.
 struct Held {
     state: Arc<MemberState>,
-    /// Its entry in the member's deadlines.
-    key: Mutex<Option<Key>>,
-    /// Whether its acker, its ack deadline or the loss of its channel settled it already.
-    settled: AtomicBool,
+    /// Settled by its acker, its ack deadline or the loss of its channel, whichever comes first.
+    settlement: Settlement,
     acker: lapin::Acker,
     message: Message,
+}
+
+impl Settles for Held {
+    fn settlement(&self) -> &Settlement {
+        &self.settlement
+    }
 }
 
 impl Held {
     /// True for the first of the acker, the deadline and the loss of the channel.
     fn claim(&self) -> bool {
-        let first = !self.settled.swap(true, Ordering::SeqCst);
-        if first && let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            self.state.deadlines.remove(key);
-        }
-        first
+        self.state.deadlines.claim(self)
     }
 
     /// Publishes a copy with `attempt + 1`, then acks the original.
@@ -766,9 +756,7 @@ impl Drop for RabbitMqConsumer {
         runtime.spawn(async move {
             // What was handed out and not settled comes back from the broker, flagged
             // redelivered, once the channel closes; disarm its deadlines first.
-            for held in state.deadlines.drain() {
-                held.settled.store(true, Ordering::SeqCst);
-            }
+            state.deadlines.drain_unsettled();
             // What was pushed and never handed out goes back unchanged.
             let buffered: Vec<Pushed> = state
                 .buffer

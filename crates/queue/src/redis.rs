@@ -37,7 +37,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use tokio::time::Instant;
 
 pub use crate::config::RedisOptions;
-use crate::retry::{self, Delays};
+use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
 /// Copies held entry ARGV[2] of stream KEYS[1] (group ARGV[1]) with `attempt + 1` to the retry
@@ -536,8 +536,7 @@ struct RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
-        let bounds = self.reader.shared.options.bounds.clone();
-        let mut delays: Option<Delays> = None;
+        let mut reconnect = Reconnect::new(&self.reader.shared.options.bounds);
         loop {
             if let Some(entry) = self.buffer.pop_front() {
                 let acker = RedisAcker {
@@ -556,16 +555,10 @@ impl Consumer for RedisConsumer {
             self.read = None;
             match result {
                 Ok(entries) => {
-                    delays = None;
+                    reconnect.succeeded();
                     self.buffer.extend(entries);
                 }
-                Err(Error::Unavailable(message)) => {
-                    let delay = delays
-                        .get_or_insert_with(|| Delays::new(&bounds))
-                        .next_delay(&bounds);
-                    tracing::warn!(error = %message, ?delay, "redis read failed; reconnecting");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(Error::Unavailable(message)) => reconnect.pause("redis read", &message).await,
                 Err(err) => return Err(err),
             }
         }

@@ -17,14 +17,19 @@ pub(crate) fn backoff(bounds: &Bounds) -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// An endless sequence of reconnect delays, for loops that retry by hand.
+/// The pauses of a loop that retries a broker call by hand, such as a consumer's receive
+/// loop: none before the first failure, then the reconnect backoff, started over after a
+/// success.
 #[cfg(any(
     feature = "redis",
     feature = "rabbitmq",
     feature = "nats",
     feature = "sqs"
 ))]
-pub(crate) struct Delays(Box<dyn Iterator<Item = Duration> + Send>);
+pub(crate) struct Reconnect {
+    bounds: Bounds,
+    delays: Option<Box<dyn Iterator<Item = Duration> + Send>>,
+}
 
 #[cfg(any(
     feature = "redis",
@@ -32,15 +37,30 @@ pub(crate) struct Delays(Box<dyn Iterator<Item = Duration> + Send>);
     feature = "nats",
     feature = "sqs"
 ))]
-impl Delays {
+impl Reconnect {
     pub(crate) fn new(bounds: &Bounds) -> Self {
-        use backon::BackoffBuilder as _;
-        Self(Box::new(backoff(bounds).build()))
+        Self {
+            bounds: bounds.clone(),
+            delays: None,
+        }
     }
 
-    /// The next delay, or the longest one if the backoff ran out.
-    pub(crate) fn next_delay(&mut self, bounds: &Bounds) -> Duration {
-        self.0.next().unwrap_or(bounds.reconnect_max_delay)
+    /// The call succeeded: the next failure waits the shortest delay again.
+    pub(crate) fn succeeded(&mut self) {
+        self.delays = None;
+    }
+
+    /// The call (`what`) failed with `error`: logs it and waits the next delay.
+    pub(crate) async fn pause(&mut self, what: &str, error: &(dyn std::fmt::Display + Sync)) {
+        use backon::BackoffBuilder as _;
+        let bounds = &self.bounds;
+        let delay = self
+            .delays
+            .get_or_insert_with(|| Box::new(backoff(bounds).build()))
+            .next()
+            .unwrap_or(bounds.reconnect_max_delay);
+        tracing::warn!(%error, ?delay, "{what} failed; retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -13,7 +13,9 @@
 //! receive is the member's ack deadline rounded up to whole seconds, plus one; the exact
 //! deadline is kept by the client, which makes the message visible again at the deadline
 //! (`ChangeMessageVisibility` to 0) and does not send a late ack or nack of it. The server's
-//! longer timeout only catches members whose process died. An ack is `DeleteMessage`; a nack
+//! longer timeout only catches members whose process died. An ack is `DeleteMessage` (a
+//! receipt handle SQS no longer knows, after a retried delete or past the visibility timeout,
+//! ends the ack without an error: the message is gone or comes back by itself); a nack
 //! is `ChangeMessageVisibility` to the delay (rounded up to whole seconds; 0 for none). The
 //! attempt number is SQS's `ApproximateReceiveCount`. A consumer that is dropped makes what it
 //! held visible again.
@@ -29,7 +31,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,8 +43,8 @@ use bytes::Bytes;
 use tokio::task::JoinHandle;
 
 pub use crate::config::SqsOptions;
-use crate::deadline::{Deadlines, Key};
-use crate::retry::{self, Delays};
+use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
 /// How long `publish` trusts its list of a topic's groups.
@@ -491,13 +492,11 @@ impl Member {
         let decoded = decode(&message);
         let held = Arc::new(Held {
             member: Arc::clone(self),
-            key: Mutex::new(None),
+            settlement: Settlement::default(),
             receipt,
-            settled: AtomicBool::new(false),
         });
         let at = tokio::time::Instant::now() + self.ack_deadline;
-        let key = self.deadlines.insert(at, Arc::clone(&held));
-        *held.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.deadlines.watch_until(at, &held);
         Some(Delivery::new(decoded, Box::new(SqsAcker(held))))
     }
 }
@@ -505,20 +504,20 @@ impl Member {
 /// A delivery handed out.
 struct Held {
     member: Arc<Member>,
-    /// Its entry in the member's deadlines.
-    key: Mutex<Option<Key>>,
+    settlement: Settlement,
     receipt: String,
-    settled: AtomicBool,
+}
+
+impl Settles for Held {
+    fn settlement(&self) -> &Settlement {
+        &self.settlement
+    }
 }
 
 impl Held {
     /// True for the first of the acker, the deadline and the consumer's drop.
     fn claim(&self) -> bool {
-        let first = !self.settled.swap(true, Ordering::SeqCst);
-        if first && let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            self.member.deadlines.remove(key);
-        }
-        first
+        self.member.deadlines.claim(self)
     }
 
     async fn make_visible(&self, seconds: i32) -> Result<(), Error> {
@@ -544,16 +543,28 @@ impl Acker for SqsAcker {
         let member = &self.0.member;
         let bounds = &member.shared.options.bounds;
         retry::bounded(bounds, bounds.publish_timeout, "acking on sqs", || async {
-            member
+            let deleted = member
                 .shared
                 .client
                 .delete_message()
                 .queue_url(&member.url)
                 .receipt_handle(&self.0.receipt)
                 .send()
-                .await
-                .map_err(|err| unavailable("deleting a message", err))?;
-            Ok(())
+                .await;
+            match deleted {
+                Ok(_) => Ok(()),
+                // A retry after a delete whose answer was lost, or an ack after the visibility
+                // timeout (the message comes back anyway): retrying cannot help.
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .is_some_and(|e| e.is_receipt_handle_is_invalid()) =>
+                {
+                    tracing::debug!("sqs: the receipt handle is no longer valid; ack skipped");
+                    Ok(())
+                }
+                Err(err) => Err(unavailable("deleting a message", err)),
+            }
         })
         .await
     }
@@ -592,8 +603,7 @@ struct SqsConsumer {
 #[async_trait]
 impl Consumer for SqsConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
-        let bounds = self.member.shared.options.bounds.clone();
-        let mut delays: Option<Delays> = None;
+        let mut reconnect = Reconnect::new(&self.member.shared.options.bounds);
         loop {
             let receive = self
                 .receive
@@ -606,13 +616,9 @@ impl Consumer for SqsConsumer {
                         return Ok(delivery);
                     }
                 }
-                Ok(None) => delays = None,
+                Ok(None) => reconnect.succeeded(),
                 Err(Error::Unavailable(message)) => {
-                    let delay = delays
-                        .get_or_insert_with(|| Delays::new(&bounds))
-                        .next_delay(&bounds);
-                    tracing::warn!(error = %message, ?delay, "sqs receive failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    reconnect.pause("sqs receive", &message).await;
                 }
                 Err(err) => return Err(err),
             }
@@ -629,10 +635,8 @@ impl Drop for SqsConsumer {
             return;
         };
         runtime.spawn(async move {
-            for held in member.deadlines.drain() {
-                if !held.settled.swap(true, Ordering::SeqCst) {
-                    let _ = held.make_visible(0).await;
-                }
+            for held in member.deadlines.drain_unsettled() {
+                let _ = held.make_visible(0).await;
             }
             // A receive in progress may still take a message in this member's name.
             if let Some(receive) = receive
