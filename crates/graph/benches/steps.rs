@@ -56,17 +56,37 @@ impl Node<Chain> for Tick {
 const LONG: u32 = 1_000;
 const RUNS: u32 = 1_000;
 const SHORT: u32 = 10;
+const MEMORY_REPEATS: usize = 15;
 
 struct Measured {
     name: String,
     durable: bool,
+    /// A 1,000-step run with `Runner::run`.
     long: f64,
-    /// Seconds per step of the last 100 steps over the first 100.
+    /// The same run driven with `GraphRun::next`.
+    stepped: f64,
+    /// Seconds per step of the last 100 steps over the first 100 (of the stepped run).
     growth: f64,
     concurrent: f64,
 }
 
-async fn one_long_run(store: Arc<dyn Store>) -> (f64, f64) {
+/// One 1,000-step run with [`Runner::run`]: one commit per step.
+async fn one_long_run(store: Arc<dyn Store>) -> f64 {
+    let runner = Runner::<Chain>::with_store(store, ());
+    let started = Instant::now();
+    let done = runner
+        .run(Tick { i: 0, n: LONG }, Count::default())
+        .await
+        .expect("run");
+    let rate = f64::from(LONG) / started.elapsed().as_secs_f64();
+    assert!(matches!(done.outcome, Outcome::End(n) if n == u64::from(LONG)));
+    rate
+}
+
+/// One 1,000-step run driven step by step with [`GraphRun::next`] (each successor is committed
+/// `pending` for the caller to inspect, then started: two commits per step), timing its first
+/// and last 100 steps.
+async fn one_stepped_run(store: Arc<dyn Store>) -> (f64, f64) {
     let runner = Runner::<Chain>::with_store(store, ());
     let mut run = runner
         .start(Tick { i: 0, n: LONG }, Count::default())
@@ -250,9 +270,10 @@ fn main() {
         cases.push((kind, Some(Durability::group())));
     }
 
+    println!("steps per second (in-memory: median of {MEMORY_REPEATS} repetitions):");
     println!(
-        "{:<28} {:>16} {:>14} {:>22}",
-        "store", "1 run x 1,000", "last/first", "1,000 runs x 10"
+        "{:<24} {:>17} {:>17} {:>11} {:>17}",
+        "store", "1 run x 1,000", "same, stepped", "last/first", "1,000 runs x 10"
     );
     let mut results = Vec::new();
     // `GRAPH_BENCH_ONLY=sqlite` measures only the stores whose name contains `sqlite`, without
@@ -272,29 +293,40 @@ fn main() {
         }
         let d = durability.unwrap_or_default();
         // In-memory runs take a millisecond: repeat them and keep the median.
-        let repeats = if durability.is_none() { 15 } else { 1 };
+        let repeats = if durability.is_none() {
+            MEMORY_REPEATS
+        } else {
+            1
+        };
         let mut longs = Vec::new();
+        let mut stepped = Vec::new();
         let mut concurrents = Vec::new();
         for _ in 0..repeats {
             longs.push(
                 runtime.block_on(async { one_long_run(open(kind, d, dir.path()).await).await }),
             );
+            stepped.push(
+                runtime.block_on(async { one_stepped_run(open(kind, d, dir.path()).await).await }),
+            );
             concurrents.push(
                 runtime.block_on(async { concurrent_runs(open(kind, d, dir.path()).await).await }),
             );
         }
-        longs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        longs.sort_by(f64::total_cmp);
+        stepped.sort_by(|a, b| a.0.total_cmp(&b.0));
         concurrents.sort_by(f64::total_cmp);
-        let (long, growth) = longs[longs.len() / 2];
+        let long = longs[longs.len() / 2];
+        let (stepped, growth) = stepped[stepped.len() / 2];
         let concurrent = concurrents[concurrents.len() / 2];
         println!(
-            "{name:<28} {:>10.0} steps/s {:>13.2}x {:>16.0} steps/s",
-            long, growth, concurrent
+            "{name:<24} {long:>10.0} steps/s {stepped:>10.0} steps/s {growth:>10.2}x \
+             {concurrent:>10.0} steps/s"
         );
         results.push(Measured {
             name,
             durable: durability.is_some(),
             long,
+            stepped,
             growth,
             concurrent,
         });
@@ -309,11 +341,11 @@ fn main() {
     println!("\npydantic_graph v1, FileStatePersistence (no fsync), same graph:");
     let baseline = pydantic_graph(LONG);
     match baseline {
-        Some(rate) => println!("{:<28} {rate:>10.1} steps/s", "1 run x 1,000"),
+        Some(rate) => println!("{:<24} {rate:>10.1} steps/s", "1 run x 1,000"),
         None => println!("  could not run python3 {LONG} steps"),
     }
 
-    println!("\ntargets:");
+    println!("\ntargets (measured, then target):");
     let mut missed = 0;
     let mut check = |ok: bool, what: String| {
         println!("  {} {what}", if ok { "ok  " } else { "MISS" });
@@ -326,7 +358,8 @@ fn main() {
         check(
             m.growth < 3.0,
             format!(
-                "{}: per-step cost flat over the history ({:.2}x)",
+                "{}: last 100 steps / first 100 steps of a stepped 1,000-step run {:.2}x, \
+                 target < 3x (flat)",
                 m.name, m.growth
             ),
         );
@@ -334,14 +367,18 @@ fn main() {
     if let Some(m) = results.iter().find(|m| m.name == "memory (latest)") {
         check(
             m.long >= 1_000_000.0,
-            format!("in-memory >= 1,000,000 steps/s ({:.0})", m.long),
+            format!(
+                "in-memory (latest), 1 run x 1,000: {:.0} steps/s, target >= 1,000,000",
+                m.long
+            ),
         );
     }
     if let Some(m) = results.iter().find(|m| m.name == "sqlite, group commit") {
         check(
             m.concurrent >= 20_000.0,
             format!(
-                "SQLite with group commit >= 20,000 steps/s across concurrent runs ({:.0})",
+                "sqlite, group commit, 1,000 concurrent runs x 10: {:.0} steps/s, \
+                 target >= 20,000",
                 m.concurrent
             ),
         );
@@ -349,12 +386,16 @@ fn main() {
     match baseline {
         Some(rate) => {
             for m in results.iter().filter(|m| m.durable) {
+                let slowest = m.long.min(m.stepped);
                 check(
-                    m.long > rate,
+                    slowest > rate,
                     format!(
-                        "{} faster than pydantic_graph's file persistence at 1,000 steps: {:.1}x",
+                        "{}, 1 run x 1,000: {:.0} steps/s ({:.0} stepped) = {:.1}x \
+                         pydantic_graph's {rate:.1}, target > 1x",
                         m.name,
-                        m.long / rate
+                        m.long,
+                        m.stepped,
+                        slowest / rate
                     ),
                 );
             }
@@ -362,6 +403,8 @@ fn main() {
         None => check(false, "pydantic_graph baseline measured".to_owned()),
     }
     if missed > 0 {
+        println!("\n{missed} target(s) missed");
         std::process::exit(1);
     }
+    println!("\nevery target met");
 }

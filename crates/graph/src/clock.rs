@@ -308,8 +308,10 @@ fn hex32(n: u128) -> String {
 pub(crate) fn hex_digits(n: u128) -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, digit) in out.iter_mut().enumerate() {
-        *digit = DIGITS[((n >> ((31 - i) * 4)) & 0xf) as usize];
+    for (half, value) in [(0, (n >> 64) as u64), (16, n as u64)] {
+        for i in 0..16 {
+            out[half + i] = DIGITS[((value >> ((15 - i) * 4)) & 0xf) as usize];
+        }
     }
     out
 }

@@ -100,7 +100,7 @@ macro_rules! graph {
 
             fn decode(
                 node_id: &str,
-                node: &$crate::__private::RawValue,
+                node: &str,
             ) -> ::std::option::Option<
                 ::std::result::Result<$crate::BoxNode<Self>, $crate::__private::JsonError>,
             > {
@@ -117,7 +117,7 @@ macro_rules! graph {
 
             fn check_answer(
                 node_id: &str,
-                answer: &$crate::__private::RawValue,
+                answer: &str,
             ) -> ::std::option::Option<::std::result::Result<(), $crate::__private::JsonError>> {
                 $(
                     if node_id == <$node as $crate::NodeDef<$graph>>::ID {

@@ -31,11 +31,11 @@ pub trait Graph: Sized + Send + Sync + 'static {
 
     /// Rebuilds the node `node_id` from its JSON; `None` if the graph has no such node.
     #[doc(hidden)]
-    fn decode(node_id: &str, node: &RawValue) -> Option<Result<BoxNode<Self>, serde_json::Error>>;
+    fn decode(node_id: &str, node: &str) -> Option<Result<BoxNode<Self>, serde_json::Error>>;
 
     /// Checks that `answer` fits the answer type of node `node_id`.
     #[doc(hidden)]
-    fn check_answer(node_id: &str, answer: &RawValue) -> Option<Result<(), serde_json::Error>>;
+    fn check_answer(node_id: &str, answer: &str) -> Option<Result<(), serde_json::Error>>;
 }
 
 /// A node's place in a graph: its id, its successors, the answer it may wait for.
@@ -138,7 +138,7 @@ impl<G: Graph> fmt::Debug for dyn DynNode<G> {
 /// `#[serde(flatten)]` would write it, without flatten's buffering or a second parse. A unit
 /// struct becomes `{"node_id": id}`; a node that is not a struct or a map is an error.
 fn tagged_json<N: Serialize>(node: &N, id: &'static str) -> Result<Json, serde_json::Error> {
-    serde_json::value::to_raw_value(&Tagged { node, id })
+    Json::encode(&Tagged { node, id })
 }
 
 struct Tagged<'a, N> {
@@ -373,7 +373,7 @@ pub struct Ctx<'a, G: Graph> {
     pub(crate) run_id: &'a RunId,
     pub(crate) node_id: &'static str,
     pub(crate) attempt: u32,
-    pub(crate) answer: Option<&'a RawValue>,
+    pub(crate) answer: Option<&'a str>,
     pub(crate) events: Option<&'a UnboundedSender<Emitted<G::Event>>>,
 }
 
@@ -404,7 +404,7 @@ impl<G: Graph> Ctx<'_, G> {
     pub fn answer<N: NodeDef<G>>(&self) -> Result<Option<N::Answer>, NodeError> {
         match self.answer {
             None => Ok(None),
-            Some(json) => serde_json::from_str(json.get())
+            Some(json) => serde_json::from_str(json)
                 .map(Some)
                 .map_err(|e| NodeError::msg(format!("answer does not fit {}: {e}", N::ID))),
         }
@@ -496,10 +496,9 @@ pub mod __private {
     use super::*;
 
     pub use serde_json::Error as JsonError;
-    pub use serde_json::value::RawValue;
 
-    pub fn decode<G: Graph, N: Node<G>>(node: &RawValue) -> Result<BoxNode<G>, serde_json::Error> {
-        match serde_json::from_str::<N>(node.get()) {
+    pub fn decode<G: Graph, N: Node<G>>(node: &str) -> Result<BoxNode<G>, serde_json::Error> {
+        match serde_json::from_str::<N>(node) {
             Ok(n) => Ok(Box::new(n)),
             // A unit struct serializes as its `node_id` alone and deserializes from `null`.
             Err(err) => match serde_json::from_str::<N>("null") {
@@ -509,19 +508,17 @@ pub mod __private {
         }
     }
 
-    fn is_only_node_id(node: &RawValue) -> bool {
-        serde_json::from_str::<std::collections::HashMap<String, &RawValue>>(node.get())
+    fn is_only_node_id(node: &str) -> bool {
+        serde_json::from_str::<std::collections::HashMap<String, &RawValue>>(node)
             .is_ok_and(|map| map.len() == 1 && map.contains_key("node_id"))
     }
 
-    pub fn check_answer<G: Graph, N: NodeDef<G>>(
-        answer: &RawValue,
-    ) -> Result<(), serde_json::Error> {
-        serde_json::from_str::<N::Answer>(answer.get()).map(|_| ())
+    pub fn check_answer<G: Graph, N: NodeDef<G>>(answer: &str) -> Result<(), serde_json::Error> {
+        serde_json::from_str::<N::Answer>(answer).map(|_| ())
     }
 
     pub fn interrupt<G: Graph, R: Serialize>(request: &R) -> Result<Step<G>, NodeError> {
-        Ok(Step::Interrupt(serde_json::value::to_raw_value(request)?))
+        Ok(Step::Interrupt(Json::encode(request)?))
     }
 
     pub fn doc(lines: &'static str) -> &'static str {

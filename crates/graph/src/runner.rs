@@ -206,7 +206,7 @@ impl<G: Graph> Runner<G> {
                 reason: "a snapshot with this id exists".to_owned(),
             });
         }
-        Ok(GraphRun::new(
+        let mut run = GraphRun::new(
             self.clone(),
             first.run_id.clone(),
             state,
@@ -214,7 +214,9 @@ impl<G: Graph> Runner<G> {
                 current: Current::of(&first),
                 node: Box::new(node),
             },
-        ))
+        );
+        run.next_start = first.start_ts;
+        Ok(run)
     }
 
     /// Records a new run starting at `node`, runnable (`created`) but not claimed: any worker
@@ -358,7 +360,7 @@ impl<G: Graph> Runner<G> {
             });
         }
         let answer = snapshot::encode("an answer", &answer)?;
-        match G::check_answer(&latest.node_id, &answer) {
+        match G::check_answer(&latest.node_id, answer.get()) {
             None => {
                 return Err(Error::UnknownNode {
                     graph: G::NAME,
@@ -524,6 +526,8 @@ pub struct GraphRun<G: Graph> {
     run_id: RunId,
     state: G::State,
     position: Position<G>,
+    /// The `start_ts` the next snapshot was recorded `running` with, if it was.
+    next_start: Option<Timestamp>,
     span: tracing::Span,
 }
 
@@ -544,6 +548,7 @@ impl<G: Graph> GraphRun<G> {
             run_id,
             state,
             position,
+            next_start: None,
             span,
         }
     }
@@ -698,7 +703,11 @@ impl<G: Graph> GraphRun<G> {
         };
         let runner = &self.runner;
         let owner = &runner.owner;
-        let started = runner.clock.now();
+        // A successor recorded `running` started when it was recorded.
+        let started = match self.next_start.take() {
+            Some(at) if current.status == Status::Running => at,
+            _ => runner.clock.now(),
+        };
         if current.status != Status::Running {
             let start = Transition::Start {
                 owner: owner.clone(),
@@ -716,7 +725,7 @@ impl<G: Graph> GraphRun<G> {
             run_id: &self.run_id,
             node_id,
             attempt: current.attempt,
-            answer: current.answer.as_deref(),
+            answer: current.answer.as_ref().map(Json::get),
             events: runner.events.as_ref(),
         };
         let future = run_node(runner, &current.id, node.run_dyn(ctx));
@@ -758,11 +767,14 @@ impl<G: Graph> GraphRun<G> {
                 let transition = Transition::Succeed {
                     owner: runner.owner.clone(),
                     duration,
-                    next: Box::new(next),
+                    next,
                 };
                 runner.store.transition(&current.id, transition).await?;
                 if !matches!(position, Position::Waiting(_)) {
                     self.state = state;
+                }
+                if eager && matches!(position, Position::Ready { .. }) {
+                    self.next_start = Some(ended);
                 }
                 self.position = position;
                 Ok(())
@@ -823,7 +835,7 @@ async fn follow<G: Graph>(
     state: &G::State,
     now: Timestamp,
     eager: bool,
-) -> Result<Result<(Snapshot, Position<G>), String>, Error> {
+) -> Result<Result<(Box<Snapshot>, Position<G>), String>, Error> {
     {
         let hex = runner.ids.next_id();
         let seq = current.seq + 1;
@@ -840,8 +852,15 @@ async fn follow<G: Graph>(
                     Ok(state) => state,
                     Err(e) => return Ok(Err(e)),
                 };
-                let mut next =
-                    Snapshot::fresh(run_id.clone(), seq, node.node_id(), hex, json, state, now);
+                let mut next = Box::new(Snapshot::fresh(
+                    run_id.clone(),
+                    seq,
+                    node.node_id(),
+                    hex,
+                    json,
+                    state,
+                    now,
+                ));
                 next.lease = Some(runner.lease_from(now));
                 if eager {
                     next.status = Status::Running;
@@ -864,15 +883,29 @@ async fn follow<G: Graph>(
                     Ok(state) => state,
                     Err(e) => return Ok(Err(e)),
                 };
-                let end = Snapshot::fresh_end(run_id.clone(), seq, hex, json, state, now);
+                let end = Box::new(Snapshot::fresh_end(
+                    run_id.clone(),
+                    seq,
+                    hex,
+                    json,
+                    state,
+                    now,
+                ));
                 (end, Position::Ended(output))
             }
             Step::Interrupt(request) => {
                 // The node runs again from the same state once answered: its snapshot's node
                 // and state are those of the waiting one.
                 let asked = runner.store.get(&current.id).await?;
-                let mut waiting =
-                    Snapshot::fresh(run_id.clone(), seq, "", hex, asked.node, asked.state, now);
+                let mut waiting = Box::new(Snapshot::fresh(
+                    run_id.clone(),
+                    seq,
+                    "",
+                    hex,
+                    asked.node,
+                    asked.state,
+                    now,
+                ));
                 waiting.id = SnapshotId::from_parts(&asked.node_id, hex);
                 waiting.node_id = asked.node_id;
                 waiting.status = Status::Waiting;
@@ -924,10 +957,7 @@ fn interrupt_of(waiting: &Snapshot) -> Interrupt {
     Interrupt {
         id: waiting.id.clone(),
         node_id: waiting.node_id.to_string(),
-        request: waiting
-            .request
-            .clone()
-            .unwrap_or_else(|| Json::from(serde_json::value::RawValue::NULL.to_owned())),
+        request: waiting.request.clone().unwrap_or_else(Json::null),
     }
 }
 
@@ -973,7 +1003,7 @@ fn decode_json<T: DeserializeOwned>(what: &'static str, json: &Json) -> Result<T
 }
 
 fn decode_node<G: Graph>(snapshot: &Snapshot) -> Result<BoxNode<G>, Error> {
-    match G::decode(&snapshot.node_id, &snapshot.node) {
+    match G::decode(&snapshot.node_id, snapshot.node.get()) {
         None => Err(Error::UnknownNode {
             graph: G::NAME,
             node_id: snapshot.node_id.to_string(),

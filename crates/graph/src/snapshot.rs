@@ -27,7 +27,85 @@ use crate::Error;
 use crate::clock::Timestamp;
 
 /// Serialized JSON, kept as text: nodes, states, outputs, requests and answers.
-pub type Json = Box<RawValue>;
+///
+/// Written into a snapshot's JSON as it is (not as a string). Made by [`Json::encode`] (an
+/// allocation of the exact size, no second parse) or [`Json::from_string`] (checked).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Json(Box<str>);
+
+impl Json {
+    /// `value` as JSON.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Json, serde_json::Error> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let write = |buffer: &mut Vec<u8>| -> Result<Json, serde_json::Error> {
+            buffer.clear();
+            serde_json::to_writer(&mut *buffer, value)?;
+            let text = std::str::from_utf8(buffer).map_err(serde::ser::Error::custom)?;
+            Ok(Json(Box::from(text)))
+        };
+        // The scratch buffer spares the grow-then-shrink of a fresh one on every call; a
+        // `Serialize` that encodes JSON itself gets a buffer of its own.
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buffer) => write(&mut buffer),
+            Err(_) => write(&mut Vec::new()),
+        })
+    }
+
+    /// `text`, checked to be one JSON value.
+    pub fn from_string(text: String) -> Result<Json, serde_json::Error> {
+        RawValue::from_string(text).map(Json::from)
+    }
+
+    /// `null`.
+    pub fn null() -> Json {
+        Json(Box::from("null"))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+
+    /// Decodes it as `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+}
+
+impl From<Box<RawValue>> for Json {
+    fn from(raw: Box<RawValue>) -> Self {
+        Json(Box::<str>::from(raw))
+    }
+}
+
+impl fmt::Debug for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for Json {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Checked again here (serialization is for dumps and logs, not the step's path), so
+        // that only JSON is ever written as it is.
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Json::from)
+    }
+}
 
 /// The id of a run. Cheap to clone (shared text).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -591,7 +669,7 @@ pub fn from_json(json: &str) -> Result<Vec<Snapshot>, Error> {
 impl Serialize for Snapshot {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         struct Result_<'a> {
-            data: &'a RawValue,
+            data: &'a Json,
         }
         impl Serialize for Result_<'_> {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -751,7 +829,7 @@ impl Wire {
 
 /// Serializes `value` as [`Json`].
 pub(crate) fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Json, Error> {
-    serde_json::value::to_raw_value(value).map_err(|source| Error::Codec { what, source })
+    Json::encode(value).map_err(|source| Error::Codec { what, source })
 }
 
 #[cfg(test)]
@@ -759,7 +837,7 @@ mod tests {
     use super::*;
 
     fn raw(text: &str) -> Json {
-        RawValue::from_string(text.to_owned()).unwrap()
+        Json::from_string(text.to_owned()).unwrap()
     }
 
     #[test]

@@ -242,14 +242,13 @@ macro_rules! sql_backend {
         use std::sync::Arc;
 
         use async_trait::async_trait;
-        use serde_json::value::RawValue;
         use sqlx::Row as _;
 
         use super::sql::{self, db_error, to_i64};
         use super::writer::{Batch, Done, Op};
         use crate::Error;
         use crate::clock::Timestamp;
-        use crate::snapshot::{Lease, RunId, Snapshot, SnapshotId, Transition};
+        use crate::snapshot::{Json, Lease, RunId, Snapshot, SnapshotId, Transition};
 
         type Pool = sqlx::Pool<$db>;
         type Conn = <$db as sqlx::Database>::Connection;
@@ -601,8 +600,8 @@ macro_rules! sql_backend {
             Ok(done.rows_affected() == 1)
         }
 
-        fn json(text: String) -> Result<Box<RawValue>, Error> {
-            RawValue::from_string(text).map_err(|source| Error::Codec {
+        fn json(text: String) -> Result<Json, Error> {
+            Json::from_string(text).map_err(|source| Error::Codec {
                 what: "a stored snapshot",
                 source,
             })

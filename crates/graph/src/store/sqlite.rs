@@ -65,7 +65,7 @@ mod tests {
     use crate::store::Store;
 
     fn snapshot(id: &str, run: &str, seq: u64, status: Status) -> Snapshot {
-        let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        let raw = |text: &str| Json::from_string(text.to_owned()).unwrap();
         let mut s = Snapshot::node(
             RunId::from(run),
             seq,

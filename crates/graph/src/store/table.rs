@@ -1,7 +1,7 @@
 //! The in-memory index of snapshots shared by [`MemoryStore`](super::MemoryStore) and
 //! [`FileStore`](super::FileStore): the lifecycle rules applied to a map.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::Error;
@@ -62,8 +62,13 @@ pub(crate) struct Table {
 struct Index {
     /// `created` snapshots, oldest first.
     created: BTreeSet<(Timestamp, SnapshotId)>,
-    /// `pending` and `running` snapshots.
-    leased: HashSet<SnapshotId, Fx>,
+    /// How many `pending` or `running` snapshots each run has. Counted by run, so that a step
+    /// (its snapshot leaves, its successor in the same run enters) leaves it untouched.
+    leased: HashMap<RunId, usize, Fx>,
+}
+
+fn is_leased(status: Status) -> bool {
+    matches!(status, Status::Pending | Status::Running)
 }
 
 impl Index {
@@ -73,9 +78,7 @@ impl Index {
                 self.created
                     .insert((snapshot.created_ts, snapshot.id.clone()));
             }
-            Status::Pending | Status::Running => {
-                self.leased.insert(snapshot.id.clone());
-            }
+            Status::Pending | Status::Running => self.count(&snapshot.run_id, 1),
             _ => {}
         }
     }
@@ -86,10 +89,23 @@ impl Index {
                 self.created
                     .remove(&(snapshot.created_ts, snapshot.id.clone()));
             }
-            Status::Pending | Status::Running => {
-                self.leased.remove(&snapshot.id);
-            }
+            Status::Pending | Status::Running => self.count(&snapshot.run_id, -1),
             _ => {}
+        }
+    }
+
+    /// Adds `delta` to the count of leased snapshots of `run`.
+    fn count(&mut self, run: &RunId, delta: isize) {
+        if delta == 0 {
+            return;
+        }
+        let n = match self.leased.get_mut(run) {
+            Some(n) => n,
+            None => self.leased.entry(run.clone()).or_default(),
+        };
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.leased.remove(run);
         }
     }
 }
@@ -113,13 +129,7 @@ impl Table {
             .get(&snapshot.run_id)
             .is_some_and(|run| run.binary_search_by_key(&snapshot.seq, |s| s.seq).is_ok());
         if taken {
-            return Err(Error::Conflict {
-                id: snapshot.id.to_string(),
-                reason: format!(
-                    "run {} already has a snapshot at seq {}",
-                    snapshot.run_id, snapshot.seq
-                ),
-            });
+            return Err(place_taken(snapshot));
         }
         Ok(true)
     }
@@ -155,39 +165,27 @@ impl Table {
         self.add(snapshot);
     }
 
-    /// Adds a snapshot whose id and place are free (in memory-only mode, dropping every older
-    /// snapshot of its run).
+    /// Adds a snapshot whose id and place are free.
     fn add(&mut self, snapshot: Snapshot) {
         self.index.add(&snapshot);
         self.ids
             .insert(snapshot.id.clone(), (snapshot.run_id.clone(), snapshot.seq));
-        let snapshots = match self.runs.get_mut(&snapshot.run_id) {
-            Some(snapshots) => snapshots,
-            None => {
-                let run = snapshot.run_id.clone();
-                self.runs.insert(run.clone(), vec![snapshot]);
-                return;
+        match self.runs.get_mut(&snapshot.run_id) {
+            Some(snapshots) => {
+                let dropped = place(snapshots, snapshot, self.keep_history);
+                self.forget(dropped);
             }
-        };
-        if !self.keep_history
-            && let [latest] = snapshots.as_mut_slice()
-            && latest.seq < snapshot.seq
-        {
-            // The usual step of a latest-only store: the new snapshot takes the old one's slot.
-            let old = std::mem::replace(latest, snapshot);
+            None => {
+                self.runs.insert(snapshot.run_id.clone(), vec![snapshot]);
+            }
+        }
+    }
+
+    /// Takes snapshots dropped by a latest-only store out of the id map and the indexes.
+    fn forget(&mut self, dropped: Dropped) {
+        for old in dropped {
             self.index.remove(&old);
             self.ids.remove(&old.id);
-            return;
-        }
-        // A new snapshot almost always goes last.
-        let position = snapshots.partition_point(|s| s.seq < snapshot.seq);
-        snapshots.insert(position, snapshot);
-        if !self.keep_history && snapshots.len() > 1 {
-            let last = snapshots.len() - 1;
-            for old in snapshots.drain(..last) {
-                self.index.remove(&old);
-                self.ids.remove(&old.id);
-            }
         }
     }
 
@@ -208,43 +206,92 @@ impl Table {
         id: &SnapshotId,
         transition: Transition,
     ) -> Result<Option<SnapshotId>, Error> {
-        let (run, position) = self.locate(id).ok_or_else(|| not_found(id))?;
-        let run = run.clone();
-        let Some(current) = self.runs.get(&run).and_then(|s| s.get(position)) else {
+        let (run, seq) = match self.ids.get(id) {
+            Some((run, seq)) => (run.clone(), *seq),
+            None => return Err(not_found(id)),
+        };
+        // The place of a successor in another run (rare) is checked before the run of `id`
+        // is borrowed.
+        let elsewhere_taken = transition.inserted().is_some_and(|next| {
+            next.run_id != run
+                && self.runs.get(&next.run_id).is_some_and(|snapshots| {
+                    snapshots.binary_search_by_key(&next.seq, |s| s.seq).is_ok()
+                })
+        });
+        let Some(snapshots) = self.runs.get_mut(&run) else {
             return Err(not_found(id));
         };
-        transition.check(current)?;
-        if let Some(next) = transition.inserted()
-            && !self.check_insert(next)?
-        {
-            return Err(Error::Conflict {
-                id: next.id.to_string(),
-                reason: "a snapshot with this id exists".to_owned(),
-            });
-        }
-        let Some(current) = self.runs.get_mut(&run).and_then(|s| s.get_mut(position)) else {
+        let Ok(position) = snapshots.binary_search_by_key(&seq, |s| s.seq) else {
             return Err(not_found(id));
         };
-        // Touch the indexes only when the snapshot moves between them.
-        let before = index_of(current.status);
-        let after = index_of(transition.target());
-        if before == after && before != Some(Status::Created) {
-            transition.apply(current);
-        } else {
-            self.index.remove(current);
-            transition.apply(current);
-            self.index.add(current);
+        transition.check(&snapshots[position])?;
+        if let Some(next) = transition.inserted() {
+            if self.ids.contains_key(&next.id) {
+                return Err(Error::Conflict {
+                    id: next.id.to_string(),
+                    reason: "a snapshot with this id exists".to_owned(),
+                });
+            }
+            let taken = elsewhere_taken
+                || (next.run_id == run
+                    && snapshots.binary_search_by_key(&next.seq, |s| s.seq).is_ok());
+            if taken {
+                return Err(place_taken(next));
+            }
         }
+        let current = &mut snapshots[position];
+        let before = current.status;
+        if before == Status::Created {
+            self.index
+                .created
+                .remove(&(current.created_ts, current.id.clone()));
+        }
+        transition.apply(current);
+        let after = current.status;
+        if after == Status::Created {
+            self.index
+                .created
+                .insert((current.created_ts, current.id.clone()));
+        }
+        let mut leased_delta = isize::from(is_leased(after)) - isize::from(is_leased(before));
         let inserted = match transition {
             Transition::Succeed { next, .. } | Transition::Replace { next, .. } => Some(next),
             Transition::Fail { retry, .. } => retry,
             _ => None,
         };
-        Ok(inserted.map(|next| {
-            let id = next.id.clone();
+        let Some(next) = inserted else {
+            self.index.count(&run, leased_delta);
+            return Ok(None);
+        };
+        let next_id = next.id.clone();
+        if next.run_id != run {
+            self.index.count(&run, leased_delta);
             self.add(*next);
-            id
-        }))
+            return Ok(Some(next_id));
+        }
+        // The usual step: the successor joins the same run, with no more hash lookups than
+        // its id needs.
+        leased_delta += isize::from(is_leased(next.status));
+        if next.status == Status::Created {
+            self.index
+                .created
+                .insert((next.created_ts, next.id.clone()));
+        }
+        self.ids.insert(next_id.clone(), (run.clone(), next.seq));
+        let dropped = place(snapshots, *next, self.keep_history);
+        for old in dropped.iter() {
+            if is_leased(old.status) {
+                leased_delta -= 1;
+            }
+        }
+        self.index.count(&run, leased_delta);
+        for old in dropped {
+            if old.status == Status::Created {
+                self.index.created.remove(&(old.created_ts, old.id.clone()));
+            }
+            self.ids.remove(&old.id);
+        }
+        Ok(Some(next_id))
     }
 
     pub(crate) fn claim(&mut self, run: Option<&RunId>, lease: &Lease) -> Option<Snapshot> {
@@ -270,18 +317,27 @@ impl Table {
     }
 
     pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<SnapshotId> {
-        let expired: Vec<SnapshotId> = self
-            .index
-            .leased
-            .iter()
-            .filter(|id| {
-                self.get(id)
-                    .ok()
-                    .and_then(|s| s.lease.as_ref())
-                    .is_some_and(|l| l.until < now)
-            })
-            .cloned()
-            .collect();
+        let mut expired = Vec::new();
+        for (run, &count) in &self.index.leased {
+            let Some(snapshots) = self.runs.get(run) else {
+                continue;
+            };
+            // Leased snapshots are almost always the last: look from the end, and stop once
+            // all of them are found.
+            let mut found = 0;
+            for snapshot in snapshots.iter().rev() {
+                if found == count {
+                    break;
+                }
+                if is_leased(snapshot.status) {
+                    found += 1;
+                    if snapshot.lease.as_ref().is_some_and(|l| l.until < now) {
+                        expired.push(snapshot.id.clone());
+                    }
+                }
+            }
+        }
+        expired.sort();
         for id in &expired {
             let Some((run, position)) = self.locate(id).map(|(r, p)| (r.clone(), p)) else {
                 continue;
@@ -317,12 +373,52 @@ impl Table {
     }
 }
 
-/// The index a snapshot in `status` belongs to: `created`, leased (as `pending`), or none.
-fn index_of(status: Status) -> Option<Status> {
-    match status {
-        Status::Created => Some(Status::Created),
-        Status::Pending | Status::Running => Some(Status::Pending),
-        _ => None,
+/// Snapshots a latest-only store dropped from a run: the one a step replaces (no allocation),
+/// or several.
+struct Dropped(Option<Snapshot>, Vec<Snapshot>);
+
+impl Dropped {
+    fn iter(&self) -> impl Iterator<Item = &Snapshot> {
+        self.0.iter().chain(&self.1)
+    }
+}
+
+impl IntoIterator for Dropped {
+    type Item = Snapshot;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Snapshot>, std::vec::IntoIter<Snapshot>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter().chain(self.1)
+    }
+}
+
+/// Puts `snapshot` in its run's `snapshots` (in `seq` order); without `keep_history`, only the
+/// latest stays, and the others are returned.
+fn place(snapshots: &mut Vec<Snapshot>, snapshot: Snapshot, keep_history: bool) -> Dropped {
+    if !keep_history
+        && let [latest] = snapshots.as_mut_slice()
+        && latest.seq < snapshot.seq
+    {
+        // The usual step of a latest-only store: the successor takes the old one's slot.
+        return Dropped(Some(std::mem::replace(latest, snapshot)), Vec::new());
+    }
+    // A new snapshot almost always goes last.
+    let position = snapshots.partition_point(|s| s.seq < snapshot.seq);
+    snapshots.insert(position, snapshot);
+    if keep_history || snapshots.len() == 1 {
+        return Dropped(None, Vec::new());
+    }
+    let last = snapshots.len() - 1;
+    Dropped(None, snapshots.drain(..last).collect())
+}
+
+fn place_taken(snapshot: &Snapshot) -> Error {
+    Error::Conflict {
+        id: snapshot.id.to_string(),
+        reason: format!(
+            "run {} already has a snapshot at seq {}",
+            snapshot.run_id, snapshot.seq
+        ),
     }
 }
 

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use deployd_graph::store::{FileStore, MemoryStore, PostgresStore, SqliteStore};
 use deployd_graph::{Durability, Json, RunId, Store};
-use serde_json::value::RawValue;
 
 /// A fresh store, with other handles onto the same data (other connections or pools, as other
 /// workers would have) for the concurrency tests.
@@ -20,7 +19,7 @@ pub struct Fixture {
 }
 
 pub fn raw(text: &str) -> Json {
-    RawValue::from_string(text.to_owned()).unwrap()
+    Json::from_string(text.to_owned()).unwrap()
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
