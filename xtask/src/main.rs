@@ -129,6 +129,13 @@ fn ensure_postgres() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vars` as [`test`] takes them.
+fn env_refs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a std::ffi::OsStr)> {
+    vars.iter()
+        .map(|(key, value)| (*key, std::ffi::OsStr::new(value.as_str())))
+        .collect()
+}
+
 fn ci() -> anyhow::Result<()> {
     run(
         "cargo fmt --check",
@@ -146,11 +153,33 @@ fn ci() -> anyhow::Result<()> {
         ]),
     )?;
     ensure_postgres()?;
-    test(
-        "unit and integration tests",
-        &["--workspace", "--exclude", "deployd-e2e"],
-        &[],
-    )?;
+    // The workspace builds deployd-queue with every broker feature (the deployd binary has them
+    // on by default), so its broker suites are built here too; they run in `e2e`, once their
+    // brokers are started.
+    if has_nextest() {
+        test(
+            "unit and integration tests",
+            &[
+                "--workspace",
+                "--exclude",
+                "deployd-e2e",
+                "-E",
+                "not (package(deployd-queue) and kind(test) and not binary(memory))",
+            ],
+            &[],
+        )?;
+    } else {
+        // `cargo test` cannot leave test targets out by name: start their brokers.
+        brokers::with_brokers(|env| {
+            let vars = env.vars();
+            let envs = env_refs(&vars);
+            test(
+                "unit and integration tests",
+                &["--workspace", "--exclude", "deployd-e2e"],
+                &envs,
+            )
+        })?;
+    }
     run(
         "doc tests",
         cargo().args(["test", "--workspace", "--exclude", "deployd-e2e", "--doc"]),
@@ -178,10 +207,7 @@ fn e2e() -> anyhow::Result<()> {
             &mut suite,
         )?;
         let vars = env.vars();
-        let mut envs: Vec<(&str, &std::ffi::OsStr)> = vars
-            .iter()
-            .map(|(key, value)| (*key, std::ffi::OsStr::new(value.as_str())))
-            .collect();
+        let mut envs = env_refs(&vars);
         envs.push(("DEPLOYD_BIN", binary.as_os_str()));
         test("end-to-end scenarios", &["-p", "deployd-e2e"], &envs)
     })
