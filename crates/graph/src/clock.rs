@@ -308,10 +308,9 @@ fn hex32(n: u128) -> String {
 pub(crate) fn hex_digits(n: u128) -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (half, value) in [(0, (n >> 64) as u64), (16, n as u64)] {
-        for i in 0..16 {
-            out[half + i] = DIGITS[((value >> ((15 - i) * 4)) & 0xf) as usize];
-        }
+    for (pair, byte) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     out
 }

@@ -91,7 +91,12 @@
 //!   store takes it with [`Runner::run_next`] (on Postgres, from any machine).
 //! - Tests: inject a [`ManualClock`] and [`SequentialIds`] for reproducible ids and times.
 //! - Stores: [`store::MemoryStore`], [`store::FileStore`], [`store::SqliteStore`],
-//!   [`store::PostgresStore`], each with a [`store::Durability`].
+//!   [`store::PostgresStore`], each with a [`store::Durability`]. A store of your own implements
+//!   [`Store`]: each method answers at once with [`StoreFuture::ready`] or wraps its async code
+//!   in [`StoreFuture::new`].
+//! - Cost: [`Runner::run`] commits once per step (the successor is recorded `running` in the
+//!   commit that completes its predecessor); [`GraphRun::next`] twice (the successor waits
+//!   `pending` for the caller). Ids, leases and owners are shared text, cheap to clone.
 //! - Diagrams: [`mermaid::graph`] and [`mermaid::run`].
 
 #![cfg_attr(docsrs, feature(doc_cfg))]

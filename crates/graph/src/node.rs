@@ -135,206 +135,31 @@ impl<G: Graph> fmt::Debug for dyn DynNode<G> {
 }
 
 /// `node`'s JSON with `"node_id": id` added: its fields then `node_id`, as
-/// `#[serde(flatten)]` would write it, without flatten's buffering or a second parse. A unit
-/// struct becomes `{"node_id": id}`; a node that is not a struct or a map is an error.
+/// `#[serde(flatten)]` would write it, without flatten's buffering. A unit struct (`null`)
+/// becomes `{"node_id": id}`; a node that is not a struct or a map is an error.
 fn tagged_json<N: Serialize>(node: &N, id: &'static str) -> Result<Json, serde_json::Error> {
-    Json::encode(&Tagged { node, id })
-}
-
-struct Tagged<'a, N> {
-    node: &'a N,
-    id: &'static str,
-}
-
-impl<N: Serialize> Serialize for Tagged<'_, N> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.node.serialize(TagAdder {
-            inner: serializer,
-            id: self.id,
-        })
-    }
-}
-
-/// A serializer that passes a struct or map through to `inner` with a `node_id` entry added.
-struct TagAdder<S> {
-    inner: S,
-    id: &'static str,
-}
-
-/// The end of a struct or map that `TagAdder` passes through.
-struct Tail<T> {
-    inner: T,
-    id: &'static str,
-}
-
-impl<T: serde::ser::SerializeStruct> serde::ser::SerializeStruct for Tail<T> {
-    type Ok = T::Ok;
-    type Error = T::Error;
-
-    fn serialize_field<V: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &V,
-    ) -> Result<(), T::Error> {
-        self.inner.serialize_field(key, value)
-    }
-
-    fn skip_field(&mut self, key: &'static str) -> Result<(), T::Error> {
-        self.inner.skip_field(key)
-    }
-
-    fn end(mut self) -> Result<T::Ok, T::Error> {
-        self.inner.serialize_field("node_id", self.id)?;
-        self.inner.end()
-    }
-}
-
-impl<T: serde::ser::SerializeMap> serde::ser::SerializeMap for Tail<T> {
-    type Ok = T::Ok;
-    type Error = T::Error;
-
-    fn serialize_key<K: Serialize + ?Sized>(&mut self, key: &K) -> Result<(), T::Error> {
-        self.inner.serialize_key(key)
-    }
-
-    fn serialize_value<V: Serialize + ?Sized>(&mut self, value: &V) -> Result<(), T::Error> {
-        self.inner.serialize_value(value)
-    }
-
-    fn end(mut self) -> Result<T::Ok, T::Error> {
-        self.inner.serialize_entry("node_id", self.id)?;
-        self.inner.end()
-    }
-}
-
-macro_rules! not_a_struct {
-    ($($method:ident($($arg:ty),*);)*) => {
-        $(
-            fn $method(self, $(_: $arg),*) -> Result<S::Ok, S::Error> {
-                Err(self.refuse())
+    Json::encode_with(|buffer| {
+        serde_json::to_writer(&mut *buffer, node)?;
+        match buffer.as_slice() {
+            b"null" => buffer.truncate(1),
+            [b'{', .., b'}'] => {
+                buffer.pop();
+                if buffer.len() > 1 {
+                    buffer.push(b',');
+                }
             }
-        )*
-    };
-}
-
-impl<S: serde::Serializer> TagAdder<S> {
-    fn refuse(&self) -> S::Error {
-        serde::ser::Error::custom(format!("node {} must serialize as a struct", self.id))
-    }
-}
-
-impl<S: serde::Serializer> serde::Serializer for TagAdder<S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
-    type SerializeSeq = serde::ser::Impossible<S::Ok, S::Error>;
-    type SerializeTuple = serde::ser::Impossible<S::Ok, S::Error>;
-    type SerializeTupleStruct = serde::ser::Impossible<S::Ok, S::Error>;
-    type SerializeTupleVariant = serde::ser::Impossible<S::Ok, S::Error>;
-    type SerializeMap = Tail<S::SerializeMap>;
-    type SerializeStruct = Tail<S::SerializeStruct>;
-    type SerializeStructVariant = serde::ser::Impossible<S::Ok, S::Error>;
-
-    not_a_struct! {
-        serialize_bool(bool);
-        serialize_i8(i8);
-        serialize_i16(i16);
-        serialize_i32(i32);
-        serialize_i64(i64);
-        serialize_u8(u8);
-        serialize_u16(u16);
-        serialize_u32(u32);
-        serialize_u64(u64);
-        serialize_f32(f32);
-        serialize_f64(f64);
-        serialize_char(char);
-        serialize_str(&str);
-        serialize_bytes(&[u8]);
-        serialize_none();
-        serialize_unit();
-        serialize_unit_variant(&'static str, u32, &'static str);
-    }
-
-    fn serialize_some<V: Serialize + ?Sized>(self, value: &V) -> Result<S::Ok, S::Error> {
-        value.serialize(self)
-    }
-
-    fn serialize_unit_struct(self, name: &'static str) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        self.inner
-            .serialize_struct(name, 1)
-            .map(|inner| Tail { inner, id: self.id })?
-            .end()
-    }
-
-    fn serialize_newtype_struct<V: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        value: &V,
-    ) -> Result<S::Ok, S::Error> {
-        value.serialize(self)
-    }
-
-    fn serialize_newtype_variant<V: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &V,
-    ) -> Result<S::Ok, S::Error> {
-        Err(self.refuse())
-    }
-
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, S::Error> {
-        Err(self.refuse())
-    }
-
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, S::Error> {
-        Err(self.refuse())
-    }
-
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, S::Error> {
-        Err(self.refuse())
-    }
-
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, S::Error> {
-        Err(self.refuse())
-    }
-
-    fn serialize_map(self, len: Option<usize>) -> Result<Self::SerializeMap, S::Error> {
-        let id = self.id;
-        let inner = self.inner.serialize_map(len.map(|n| n + 1))?;
-        Ok(Tail { inner, id })
-    }
-
-    fn serialize_struct(
-        self,
-        name: &'static str,
-        len: usize,
-    ) -> Result<Self::SerializeStruct, S::Error> {
-        let id = self.id;
-        let inner = self.inner.serialize_struct(name, len + 1)?;
-        Ok(Tail { inner, id })
-    }
-
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, S::Error> {
-        Err(self.refuse())
-    }
+            _ => {
+                return Err(serde::ser::Error::custom(format!(
+                    "node {id} must serialize as a struct"
+                )));
+            }
+        }
+        buffer[0] = b'{';
+        buffer.extend_from_slice(b"\"node_id\":");
+        serde_json::to_writer(&mut *buffer, id)?;
+        buffer.push(b'}');
+        Ok(())
+    })
 }
 
 impl<G: Graph, N: Node<G>> DynNode<G> for N {

@@ -110,7 +110,8 @@ impl<G: Graph> Runner<G> {
     /// A runner on a store shared with other runners.
     pub fn with_store(store: Arc<dyn Store>, deps: G::Deps) -> Self {
         let ids: Arc<dyn IdSource> = Arc::new(RandomIds::new());
-        let owner = Arc::from(format!("worker-{}", &ids.next_hex()[..12]));
+        // The random half of an id: its first digits are the source's start time.
+        let owner = Arc::from(format!("worker-{}", &ids.next_hex()[16..28]));
         Runner {
             store,
             deps: Arc::new(deps),
@@ -728,11 +729,19 @@ impl<G: Graph> GraphRun<G> {
             answer: current.answer.as_ref().map(Json::get),
             events: runner.events.as_ref(),
         };
-        let future = run_node(runner, &current.id, node.run_dyn(ctx));
-        // Spans cost a few allocations per step: only when someone listens.
+        let mut future = AssertUnwindSafe(node.run_dyn(ctx)).catch_unwind();
+        // Spans cost a few allocations per step: only when someone listens. Without one, a
+        // node that finishes at its first poll (most do) needs no timer and no other future.
         let result = if self.span.is_disabled() {
-            future.await
+            match (&mut future).now_or_never() {
+                Some(caught) => {
+                    drop(future);
+                    outcome(caught)
+                }
+                None => run_node(runner, &current.id, future).await,
+            }
         } else {
+            let future = run_node(runner, &current.id, future);
             let span = tracing::info_span!(
                 parent: &self.span,
                 "graph_node",
@@ -746,19 +755,22 @@ impl<G: Graph> GraphRun<G> {
         let duration = ended.since(started).as_secs_f64();
         fault::point(fault::AFTER_NODE);
 
+        // An interrupt's snapshot repeats the node and state of the one that asked.
+        let asked = match &result {
+            Ok(Step::Interrupt(_)) => Some(runner.store.get(&current.id).await?),
+            _ => None,
+        };
         let outcome = match result {
-            Ok(step) => {
-                follow(
-                    &self.runner,
-                    &self.run_id,
-                    &current,
-                    step,
-                    &state,
-                    ended,
-                    eager,
-                )
-                .await?
-            }
+            Ok(step) => follow(
+                runner,
+                &self.run_id,
+                &current,
+                step,
+                &state,
+                ended,
+                eager,
+                asked,
+            ),
             Err(message) => Err(message),
         };
         let runner = &self.runner;
@@ -826,8 +838,10 @@ impl<G: Graph> GraphRun<G> {
 }
 
 /// The snapshot that follows `current` after its node returned `step`, and the position the
-/// run is then in; `Ok(Err(message))` if what the node returned cannot be recorded.
-async fn follow<G: Graph>(
+/// run is then in; `Err(message)` if what the node returned cannot be recorded. `asked` is
+/// `current`'s snapshot, read back for an interrupt.
+#[allow(clippy::too_many_arguments)]
+fn follow<G: Graph>(
     runner: &Runner<G>,
     run_id: &RunId,
     current: &Current,
@@ -835,95 +849,115 @@ async fn follow<G: Graph>(
     state: &G::State,
     now: Timestamp,
     eager: bool,
-) -> Result<Result<(Box<Snapshot>, Position<G>), String>, Error> {
-    {
-        let hex = runner.ids.next_id();
-        let seq = current.seq + 1;
-        let encode_state = || snapshot::encode("a state", state).map_err(|e| e.to_string());
-        Ok(Ok(match step {
-            Step::Next(node) => {
-                let json = match node.to_json() {
-                    Ok(json) => json,
-                    Err(e) => {
-                        return Ok(Err(format!("cannot encode node {}: {e}", node.node_id())));
-                    }
-                };
-                let state = match encode_state() {
-                    Ok(state) => state,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let mut next = Box::new(Snapshot::fresh(
-                    run_id.clone(),
-                    seq,
-                    node.node_id(),
-                    hex,
-                    json,
-                    state,
-                    now,
-                ));
-                next.lease = Some(runner.lease_from(now));
-                if eager {
-                    next.status = Status::Running;
-                    next.start_ts = Some(now);
-                } else {
-                    next.status = Status::Pending;
+    asked: Option<Snapshot>,
+) -> Result<(Box<Snapshot>, Position<G>), String> {
+    let hex = runner.ids.next_id();
+    let seq = current.seq + 1;
+    let encode_state = || {
+        if runner.store.keeps_values() {
+            Ok(Json::deferred(state.clone()))
+        } else {
+            snapshot::encode("a state", state).map_err(|e| e.to_string())
+        }
+    };
+    Ok(match step {
+        Step::Next(node) => {
+            let json = match node.to_json() {
+                Ok(json) => json,
+                Err(e) => {
+                    return Err(format!("cannot encode node {}: {e}", node.node_id()));
                 }
-                let position = Position::Ready {
-                    current: Current::of(&next),
-                    node,
-                };
-                (next, position)
+            };
+            let state = match encode_state() {
+                Ok(state) => state,
+                Err(e) => return Err(e),
+            };
+            let mut next = Box::new(Snapshot::fresh(
+                run_id.clone(),
+                seq,
+                node.node_id(),
+                hex,
+                json,
+                state,
+                now,
+            ));
+            next.lease = Some(runner.lease_from(now));
+            if eager {
+                next.status = Status::Running;
+                next.start_ts = Some(now);
+            } else {
+                next.status = Status::Pending;
             }
-            Step::End(output) => {
-                let json = match snapshot::encode("an output", &output) {
-                    Ok(json) => json,
-                    Err(e) => return Ok(Err(e.to_string())),
-                };
-                let state = match encode_state() {
-                    Ok(state) => state,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let end = Box::new(Snapshot::fresh_end(
-                    run_id.clone(),
-                    seq,
-                    hex,
-                    json,
-                    state,
-                    now,
-                ));
-                (end, Position::Ended(output))
-            }
-            Step::Interrupt(request) => {
-                // The node runs again from the same state once answered: its snapshot's node
-                // and state are those of the waiting one.
-                let asked = runner.store.get(&current.id).await?;
-                let mut waiting = Box::new(Snapshot::fresh(
-                    run_id.clone(),
-                    seq,
-                    "",
-                    hex,
-                    asked.node,
-                    asked.state,
-                    now,
-                ));
-                waiting.id = SnapshotId::from_parts(&asked.node_id, hex);
-                waiting.node_id = asked.node_id;
-                waiting.status = Status::Waiting;
-                waiting.request = Some(request);
-                let interrupt = interrupt_of(&waiting);
-                (waiting, Position::Waiting(interrupt))
-            }
-        }))
+            let position = Position::Ready {
+                current: Current::of(&next),
+                node,
+            };
+            (next, position)
+        }
+        Step::End(output) => {
+            let json = match snapshot::encode("an output", &output) {
+                Ok(json) => json,
+                Err(e) => return Err(e.to_string()),
+            };
+            let state = match encode_state() {
+                Ok(state) => state,
+                Err(e) => return Err(e),
+            };
+            let end = Box::new(Snapshot::fresh_end(
+                run_id.clone(),
+                seq,
+                hex,
+                json,
+                state,
+                now,
+            ));
+            (end, Position::Ended(output))
+        }
+        Step::Interrupt(request) => {
+            // The node runs again from the same state once answered: its snapshot's node
+            // and state are those of the waiting one.
+            let Some(asked) = asked else {
+                return Err("the snapshot that asked was not read back".to_owned());
+            };
+            let mut waiting = Box::new(Snapshot::fresh(
+                run_id.clone(),
+                seq,
+                "",
+                hex,
+                asked.node,
+                asked.state,
+                now,
+            ));
+            waiting.id = SnapshotId::from_parts(&asked.node_id, hex);
+            waiting.node_id = asked.node_id;
+            waiting.status = Status::Waiting;
+            waiting.request = Some(request);
+            let interrupt = interrupt_of(&waiting);
+            (waiting, Position::Waiting(interrupt))
+        }
+    })
+}
+
+/// A node's future, catching a panic.
+type Caught<'a, G> = futures::future::CatchUnwind<AssertUnwindSafe<crate::node::NodeFuture<'a, G>>>;
+
+/// What a node's run returned, or why it failed.
+fn outcome<G: Graph>(
+    caught: Result<Result<Step<G>, crate::NodeError>, Box<dyn std::any::Any + Send>>,
+) -> Result<Step<G>, String> {
+    match caught {
+        Ok(Ok(step)) => Ok(step),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(panic) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
     }
 }
 
-/// Runs a node's future, catching a panic, renewing the lease while it runs.
+/// Runs a node's future to its end, renewing the lease while it runs.
 async fn run_node<G: Graph>(
     runner: &Runner<G>,
     id: &SnapshotId,
-    future: crate::node::NodeFuture<'_, G>,
+    mut future: Caught<'_, G>,
 ) -> Result<Step<G>, String> {
-    let mut future = std::pin::pin!(AssertUnwindSafe(future).catch_unwind());
     // Most nodes finish at their first poll: no timer for them. (A future left pending here
     // is polled again below with the task's waker, as the `Future` contract allows.)
     let mut first = (&mut future).now_or_never();
@@ -946,11 +980,7 @@ async fn run_node<G: Graph>(
             }
         }
     };
-    match caught {
-        Ok(Ok(step)) => Ok(step),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(panic) => Err(format!("panicked: {}", panic_message(panic.as_ref()))),
-    }
+    outcome(caught)
 }
 
 fn interrupt_of(waiting: &Snapshot) -> Interrupt {

@@ -29,27 +29,66 @@ use crate::clock::Timestamp;
 /// Serialized JSON, kept as text: nodes, states, outputs, requests and answers.
 ///
 /// Written into a snapshot's JSON as it is (not as a string). Made by [`Json::encode`] (an
-/// allocation of the exact size, no second parse) or [`Json::from_string`] (checked).
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Json(Box<str>);
+/// allocation of the exact size, no second parse) or [`Json::from_string`] (checked). A store
+/// that keeps snapshots in memory may get states as values instead, encoded when first read.
+#[derive(Clone)]
+pub struct Json(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Text(Box<str>),
+    Value(Arc<dyn Deferred>),
+}
+
+/// A value whose JSON is made when first asked for.
+trait Deferred: Send + Sync {
+    fn text(&self) -> &str;
+}
+
+struct Lazy<T> {
+    value: T,
+    text: std::sync::OnceLock<Box<str>>,
+}
+
+impl<T: Serialize + Send + Sync> Deferred for Lazy<T> {
+    fn text(&self) -> &str {
+        self.text.get_or_init(|| match Json::encode(&self.value) {
+            Ok(Json(Repr::Text(text))) => text,
+            Ok(json) => Box::from(json.get()),
+            Err(err) => {
+                // The state encoded when its run started; a value of it that cannot is read
+                // as `null`, which does not decode into the state type.
+                tracing::warn!(error = %err, "cannot encode a state kept in memory");
+                Box::from("null")
+            }
+        })
+    }
+}
 
 impl Json {
     /// `value` as JSON.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Json, serde_json::Error> {
+        Json::encode_with(|buffer| serde_json::to_writer(buffer, value))
+    }
+
+    /// The JSON `write` puts in an empty buffer (which must be one JSON value).
+    pub(crate) fn encode_with(
+        write: impl Fn(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+    ) -> Result<Json, serde_json::Error> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let write = |buffer: &mut Vec<u8>| -> Result<Json, serde_json::Error> {
+        let encode = |buffer: &mut Vec<u8>| -> Result<Json, serde_json::Error> {
             buffer.clear();
-            serde_json::to_writer(&mut *buffer, value)?;
+            write(buffer)?;
             let text = std::str::from_utf8(buffer).map_err(serde::ser::Error::custom)?;
-            Ok(Json(Box::from(text)))
+            Ok(Json(Repr::Text(Box::from(text))))
         };
         // The scratch buffer spares the grow-then-shrink of a fresh one on every call; a
         // `Serialize` that encodes JSON itself gets a buffer of its own.
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut buffer) => write(&mut buffer),
-            Err(_) => write(&mut Vec::new()),
+            Ok(mut buffer) => encode(&mut buffer),
+            Err(_) => encode(&mut Vec::new()),
         })
     }
 
@@ -58,37 +97,62 @@ impl Json {
         RawValue::from_string(text).map(Json::from)
     }
 
+    /// `value`, encoded when first read (for stores that keep snapshots in memory).
+    pub(crate) fn deferred<T: Serialize + Send + Sync + 'static>(value: T) -> Json {
+        Json(Repr::Value(Arc::new(Lazy {
+            value,
+            text: std::sync::OnceLock::new(),
+        })))
+    }
+
     /// `null`.
     pub fn null() -> Json {
-        Json(Box::from("null"))
+        Json(Repr::Text(Box::from("null")))
     }
 
     /// The JSON text.
     pub fn get(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Repr::Text(text) => text,
+            Repr::Value(value) => value.text(),
+        }
     }
 
     /// Decodes it as `T`.
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(&self.0)
+        serde_json::from_str(self.get())
     }
 }
 
 impl From<Box<RawValue>> for Json {
     fn from(raw: Box<RawValue>) -> Self {
-        Json(Box::<str>::from(raw))
+        Json(Repr::Text(Box::<str>::from(raw)))
+    }
+}
+
+impl PartialEq for Json {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Json {}
+
+impl std::hash::Hash for Json {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.get().hash(state);
     }
 }
 
 impl fmt::Debug for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.get())
     }
 }
 
 impl fmt::Display for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.get())
     }
 }
 
@@ -96,7 +160,7 @@ impl Serialize for Json {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // Checked again here (serialization is for dumps and logs, not the step's path), so
         // that only JSON is ever written as it is.
-        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        let raw: &RawValue = serde_json::from_str(self.get()).map_err(serde::ser::Error::custom)?;
         raw.serialize(serializer)
     }
 }

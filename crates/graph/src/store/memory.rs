@@ -94,4 +94,8 @@ impl Store for MemoryStore {
     fn history<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Vec<Snapshot>> {
         StoreFuture::ready(Ok(self.lock().history(run)))
     }
+
+    fn keeps_values(&self) -> bool {
+        true
+    }
 }

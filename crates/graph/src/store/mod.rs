@@ -77,6 +77,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The run's snapshots in `seq` order.
     fn history<'a>(&'a self, run: &'a RunId) -> StoreFuture<'a, Vec<Snapshot>>;
+
+    /// Whether the store keeps snapshots in this process only (and never writes them out
+    /// unless asked): a runner then gives it states as values, encoded to JSON when first
+    /// read, instead of encoding each one.
+    fn keeps_values(&self) -> bool {
+        false
+    }
 }
 
 /// What a [`Store`] method returns: a future of its result, which may be ready at once.
