@@ -868,10 +868,7 @@ fn follow<G: Graph>(
                     return Err(format!("cannot encode node {}: {e}", node.node_id()));
                 }
             };
-            let state = match encode_state() {
-                Ok(state) => state,
-                Err(e) => return Err(e),
-            };
+            let state = encode_state()?;
             let mut next = Box::new(Snapshot::fresh(
                 run_id.clone(),
                 seq,
@@ -899,10 +896,7 @@ fn follow<G: Graph>(
                 Ok(json) => json,
                 Err(e) => return Err(e.to_string()),
             };
-            let state = match encode_state() {
-                Ok(state) => state,
-                Err(e) => return Err(e),
-            };
+            let state = encode_state()?;
             let end = Box::new(Snapshot::fresh_end(
                 run_id.clone(),
                 seq,
