@@ -251,8 +251,8 @@ macro_rules! string_id {
         impl std::hash::Hash for $name {
             fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
                 let bytes = self.0.as_bytes();
-                state.write_usize(bytes.len());
                 state.write(&bytes[bytes.len().saturating_sub(16)..]);
+                state.write_usize(bytes.len());
             }
         }
         impl Serialize for $name {

@@ -40,7 +40,15 @@ impl Hasher for FxHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        // Fx's multiply moves differences only upward: ids that differ in their last
+        // characters differ in the high bits alone. A final avalanche (MurmurHash3's fmix64)
+        // spreads them over the low bits, which pick the bucket.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
 }
 
