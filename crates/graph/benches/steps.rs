@@ -4,7 +4,7 @@
 //! For each store: one 1,000-step run with `Runner::run` (one commit per step), the same run
 //! driven step by step with `GraphRun::next` (two commits per step; its last 100 steps are
 //! timed against its first 100, which must not grow with the history), then 1,000 concurrent
-//! 10-step runs. In-memory stores repeat everything 15 times and print the median, and for the
+//! 10-step runs. In-memory stores repeat everything 31 times and print the median, and for the
 //! 1,000-step run also the best (the in-memory target is checked on the best: other processes
 //! on a shared machine only ever slow a run down). Targets are checked at the end: each prints
 //! `ok` or `MISS` with the measured number and the target, and a miss exits non-zero.
@@ -59,7 +59,7 @@ impl Node<Chain> for Tick {
 const LONG: u32 = 1_000;
 const RUNS: u32 = 1_000;
 const SHORT: u32 = 10;
-const MEMORY_REPEATS: usize = 15;
+const MEMORY_REPEATS: usize = 31;
 
 struct Measured {
     name: String,

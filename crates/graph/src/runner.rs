@@ -24,6 +24,8 @@ use crate::{Error, fault};
 /// expires.
 pub struct Runner<G: Graph> {
     store: Arc<dyn Store>,
+    /// The store's [`keeps_values`](Store::keeps_values), asked once.
+    keeps_values: bool,
     deps: Arc<G::Deps>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn IdSource>,
@@ -37,6 +39,7 @@ impl<G: Graph> Clone for Runner<G> {
     fn clone(&self) -> Self {
         Runner {
             store: self.store.clone(),
+            keeps_values: self.keeps_values,
             deps: self.deps.clone(),
             clock: self.clock.clone(),
             ids: self.ids.clone(),
@@ -113,6 +116,7 @@ impl<G: Graph> Runner<G> {
         // The random half of an id: its first digits are the source's start time.
         let owner = Arc::from(format!("worker-{}", &ids.next_hex()[16..28]));
         Runner {
+            keeps_values: store.keeps_values(),
             store,
             deps: Arc::new(deps),
             clock: Arc::new(SystemClock),
@@ -854,7 +858,7 @@ fn follow<G: Graph>(
     let hex = runner.ids.next_id();
     let seq = current.seq + 1;
     let encode_state = || {
-        if runner.store.keeps_values() {
+        if runner.keeps_values {
             Ok(Json::deferred(state.clone()))
         } else {
             snapshot::encode("a state", state).map_err(|e| e.to_string())

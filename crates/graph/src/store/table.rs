@@ -54,12 +54,16 @@ impl Hasher for FxHasher {
 
 type Fx = BuildHasherDefault<FxHasher>;
 
+// Snapshots are boxed in their runs' vectors on purpose: a transition's successor arrives
+// boxed, and a step then moves a pointer instead of a snapshot.
+#[allow(clippy::vec_box)]
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     /// Where each snapshot is: its run and its seq.
     ids: HashMap<SnapshotId, (RunId, u64), Fx>,
-    /// Each run's snapshots in `seq` order (only the latest unless `keep_history`).
-    runs: HashMap<RunId, Vec<Snapshot>, Fx>,
+    /// Each run's snapshots in `seq` order (only the latest unless `keep_history`), boxed: a
+    /// transition's successor comes boxed and stays in its box.
+    runs: HashMap<RunId, Vec<Box<Snapshot>>, Fx>,
     /// The indexes of snapshots by status.
     index: Index,
     /// Whether to keep every snapshot, or only each run's latest.
@@ -145,13 +149,14 @@ impl Table {
     pub(crate) fn insert(&mut self, snapshot: &Snapshot) -> Result<bool, Error> {
         let new = self.check_insert(snapshot)?;
         if new {
-            self.add(snapshot.clone());
+            self.add(Box::new(snapshot.clone()));
         }
         Ok(new)
     }
 
     /// Stores `snapshot`, replacing any version with its id, and keeps the indexes right.
     pub(crate) fn put(&mut self, snapshot: Snapshot) {
+        let snapshot = Box::new(snapshot);
         if let Some((run, seq)) = self.ids.remove(&snapshot.id)
             && let Some(snapshots) = self.runs.get_mut(&run)
             && let Ok(position) = snapshots.binary_search_by_key(&seq, |s| s.seq)
@@ -174,7 +179,7 @@ impl Table {
     }
 
     /// Adds a snapshot whose id and place are free.
-    fn add(&mut self, snapshot: Snapshot) {
+    fn add(&mut self, snapshot: Box<Snapshot>) {
         self.index.add(&snapshot);
         self.ids
             .insert(snapshot.id.clone(), (snapshot.run_id.clone(), snapshot.seq));
@@ -274,7 +279,7 @@ impl Table {
         let next_id = next.id.clone();
         if next.run_id != run {
             self.index.count(&run, leased_delta);
-            self.add(*next);
+            self.add(next);
             return Ok(Some(next_id));
         }
         // The usual step: the successor joins the same run, with no more hash lookups than
@@ -286,7 +291,7 @@ impl Table {
                 .insert((next.created_ts, next.id.clone()));
         }
         self.ids.insert(next_id.clone(), (run.clone(), next.seq));
-        let dropped = place(snapshots, *next, self.keep_history);
+        let dropped = place(snapshots, next, self.keep_history);
         for old in dropped.iter() {
             if is_leased(old.status) {
                 leased_delta -= 1;
@@ -321,7 +326,7 @@ impl Table {
         }
         .apply(snapshot);
         self.index.add(snapshot);
-        Some(snapshot.clone())
+        Some((**snapshot).clone())
     }
 
     pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<SnapshotId> {
@@ -361,16 +366,19 @@ impl Table {
 
     pub(crate) fn get(&self, id: &SnapshotId) -> Result<&Snapshot, Error> {
         self.locate(id)
-            .and_then(|(run, position)| self.runs.get(run)?.get(position))
+            .and_then(|(run, position)| self.runs.get(run)?.get(position).map(|s| &**s))
             .ok_or_else(|| not_found(id))
     }
 
     pub(crate) fn latest(&self, run: &RunId) -> Option<&Snapshot> {
-        self.runs.get(run)?.last()
+        self.runs.get(run)?.last().map(|s| &**s)
     }
 
     pub(crate) fn history(&self, run: &RunId) -> Vec<Snapshot> {
-        self.runs.get(run).cloned().unwrap_or_default()
+        self.runs
+            .get(run)
+            .map(|snapshots| snapshots.iter().map(|s| (**s).clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Every snapshot, run by run, each run in `seq` order.
@@ -383,17 +391,19 @@ impl Table {
 
 /// Snapshots a latest-only store dropped from a run: the one a step replaces (no allocation),
 /// or several.
-struct Dropped(Option<Snapshot>, Vec<Snapshot>);
+#[allow(clippy::vec_box)]
+struct Dropped(Option<Box<Snapshot>>, Vec<Box<Snapshot>>);
 
 impl Dropped {
     fn iter(&self) -> impl Iterator<Item = &Snapshot> {
-        self.0.iter().chain(&self.1)
+        self.0.iter().chain(&self.1).map(|s| &**s)
     }
 }
 
 impl IntoIterator for Dropped {
-    type Item = Snapshot;
-    type IntoIter = std::iter::Chain<std::option::IntoIter<Snapshot>, std::vec::IntoIter<Snapshot>>;
+    type Item = Box<Snapshot>;
+    type IntoIter =
+        std::iter::Chain<std::option::IntoIter<Box<Snapshot>>, std::vec::IntoIter<Box<Snapshot>>>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter().chain(self.1)
@@ -402,7 +412,12 @@ impl IntoIterator for Dropped {
 
 /// Puts `snapshot` in its run's `snapshots` (in `seq` order); without `keep_history`, only the
 /// latest stays, and the others are returned.
-fn place(snapshots: &mut Vec<Snapshot>, snapshot: Snapshot, keep_history: bool) -> Dropped {
+#[allow(clippy::vec_box)]
+fn place(
+    snapshots: &mut Vec<Box<Snapshot>>,
+    snapshot: Box<Snapshot>,
+    keep_history: bool,
+) -> Dropped {
     if !keep_history
         && let [latest] = snapshots.as_mut_slice()
         && latest.seq < snapshot.seq
