@@ -9,7 +9,9 @@
 //! [`IN_FLIGHT`] confirmed publishes in flight, one consumer receiving one message at a time and
 //! acking it. The adapter must keep at least [`MIN_RATIO`] of the raw client's rate. Each side
 //! is measured [`ROUNDS`] times, alternating, and its best round counts. The brokers are read
-//! from the `DEPLOYD_TEST_*` variables (see `xtask/src/brokers.rs`). Exits non-zero on a miss.
+//! from the `DEPLOYD_TEST_*` variables (see `xtask/src/brokers.rs`); `DEPLOYD_BENCH_ONLY`
+//! (`kafka,redis`, or `memory`...) measures only the backends it lists. Exits non-zero on a
+//! miss.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -699,7 +701,7 @@ mod kafka_bench {
             .set("enable.auto.offset.store", "false")
             .set("auto.commit.interval.ms", "500")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "100")
             .create()
@@ -759,9 +761,18 @@ mod kafka_bench {
     }
 }
 
+/// Whether `backend` is measured: all unless `DEPLOYD_BENCH_ONLY` lists some (`kafka,redis`).
+fn selected(backend: &str) -> bool {
+    std::env::var("DEPLOYD_BENCH_ONLY")
+        .map(|only| only.split(',').any(|b| b.trim() == backend))
+        .unwrap_or(true)
+}
+
 fn main() -> ExitCode {
     let mut verdicts = Verdicts { misses: Vec::new() };
-    memory(&mut verdicts);
+    if selected("memory") {
+        memory(&mut verdicts);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -769,15 +780,25 @@ fn main() -> ExitCode {
         .expect("a runtime");
     runtime.block_on(async {
         #[cfg(feature = "redis")]
-        redis_bench::run(&mut verdicts).await;
+        if selected("redis") {
+            redis_bench::run(&mut verdicts).await;
+        }
         #[cfg(feature = "rabbitmq")]
-        rabbitmq_bench::run(&mut verdicts).await;
+        if selected("rabbitmq") {
+            rabbitmq_bench::run(&mut verdicts).await;
+        }
         #[cfg(feature = "nats")]
-        nats_bench::run(&mut verdicts).await;
+        if selected("nats") {
+            nats_bench::run(&mut verdicts).await;
+        }
         #[cfg(feature = "sqs")]
-        sqs_bench::run(&mut verdicts).await;
+        if selected("sqs") {
+            sqs_bench::run(&mut verdicts).await;
+        }
         #[cfg(feature = "kafka")]
-        kafka_bench::run(&mut verdicts).await;
+        if selected("kafka") {
+            kafka_bench::run(&mut verdicts).await;
+        }
         let _ = &mut verdicts;
     });
     if verdicts.misses.is_empty() {

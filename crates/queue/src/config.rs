@@ -236,7 +236,7 @@ impl Default for NatsOptions {
 }
 
 /// Options of the Kafka backend ([`crate::kafka::KafkaQueue`], feature `kafka`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KafkaOptions {
     /// Bootstrap servers, `host:port[,host:port...]`.
@@ -280,6 +280,32 @@ impl KafkaOptions {
     pub fn bounds(mut self, bounds: Bounds) -> Self {
         self.bounds = bounds;
         self
+    }
+}
+
+impl std::fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `extra` may hold `sasl.password` and the like: values of secret-looking keys are
+        // replaced.
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(key, value)| {
+                let secret = ["password", "secret", "token", "key"]
+                    .iter()
+                    .any(|word| key.to_ascii_lowercase().contains(word));
+                (key.as_str(), if secret { "***" } else { value.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaOptions")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("session_timeout", &self.session_timeout)
+            .field("extra", &extra)
+            .field("bounds", &self.bounds)
+            .finish()
     }
 }
 
@@ -559,6 +585,15 @@ mod tests {
         assert!(format!("{rabbit:?}").contains("amqp://guest:***@h:5672/%2f"));
         let nats = NatsOptions::new("nats://a:very-secret@h1:4222,nats://b:x@h2:4222");
         assert!(!format!("{nats:?}").contains("very-secret"));
+        let mut kafka = KafkaOptions::new("h:9092");
+        kafka.extra = vec![
+            ("sasl.password".into(), "very-secret".into()),
+            ("ssl.key.password".into(), "very-secret".into()),
+            ("security.protocol".into(), "SASL_SSL".into()),
+        ];
+        let printed = format!("{kafka:?}");
+        assert!(!printed.contains("very-secret"), "{printed}");
+        assert!(printed.contains("SASL_SSL"), "{printed}");
     }
 
     #[tokio::test]

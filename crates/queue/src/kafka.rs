@@ -413,7 +413,6 @@ struct Pending {
 }
 
 /// The offsets of one partition received and not yet acked.
-#[derive(Default)]
 struct PartitionOffsets {
     in_flight: BTreeSet<i64>,
     /// Just past the last offset received.
@@ -423,9 +422,29 @@ struct PartitionOffsets {
 }
 
 impl PartitionOffsets {
-    /// The offset to commit: the lowest in flight, else just past the last received.
-    fn committable(&self) -> i64 {
-        self.in_flight.first().copied().unwrap_or(self.next)
+    /// The bookkeeping of a partition whose first record received is at `offset`.
+    fn starting_at(offset: i64) -> Self {
+        Self {
+            in_flight: BTreeSet::new(),
+            next: offset,
+            stored: offset,
+        }
+    }
+
+    fn received(&mut self, offset: i64) {
+        self.in_flight.insert(offset);
+        self.next = self.next.max(offset + 1);
+    }
+
+    /// The record at `offset` is acked; returns the offset to store for commit when it moved:
+    /// the lowest still in flight, else just past the last received.
+    fn acked(&mut self, offset: i64) -> Option<i64> {
+        self.in_flight.remove(&offset);
+        let committable = self.in_flight.first().copied().unwrap_or(self.next);
+        (committable > self.stored).then(|| {
+            self.stored = committable;
+            committable
+        })
     }
 }
 
@@ -511,18 +530,9 @@ impl Group {
 
     /// The record at `partition`/`offset` is acked: its offset may be committed.
     fn done(&self, partition: i32, offset: i64) {
-        let store = {
-            let mut offsets = lock(&self.offsets);
-            let Some(state) = offsets.get_mut(&partition) else {
-                return;
-            };
-            state.in_flight.remove(&offset);
-            let committable = state.committable();
-            (committable > state.stored).then(|| {
-                state.stored = committable;
-                committable
-            })
-        };
+        let store = lock(&self.offsets)
+            .get_mut(&partition)
+            .and_then(|state| state.acked(offset));
         if let Some(committable) = store {
             self.store(partition, committable);
         }
@@ -607,14 +617,10 @@ async fn receive(
                 let offset = record.offset();
                 let message = decode(&record);
                 let mut offsets = lock(&offsets);
-                let state = offsets
+                offsets
                     .entry(partition)
-                    .or_insert_with(|| PartitionOffsets {
-                        stored: offset,
-                        ..PartitionOffsets::default()
-                    });
-                state.in_flight.insert(offset);
-                state.next = state.next.max(offset + 1);
+                    .or_insert_with(|| PartitionOffsets::starting_at(offset))
+                    .received(offset);
                 Pending {
                     message,
                     partition,
@@ -792,5 +798,38 @@ impl Drop for KafkaConsumer {
                 self.group.redeliver(pending);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionOffsets;
+
+    /// Receives `received` from `first` on, then acks `acked` in turn; `expected` is what each
+    /// ack stores for commit.
+    fn check(first: i64, received: &[i64], acked: &[i64], expected: &[Option<i64>]) {
+        let mut offsets = PartitionOffsets::starting_at(first);
+        for &offset in received {
+            offsets.received(offset);
+        }
+        let stored: Vec<Option<i64>> = acked.iter().map(|&o| offsets.acked(o)).collect();
+        assert_eq!(stored, expected, "received {received:?}, acked {acked:?}");
+    }
+
+    #[test]
+    fn only_the_contiguous_acked_prefix_is_committed() {
+        check(5, &[5, 6, 7], &[5, 6, 7], &[Some(6), Some(7), Some(8)]);
+        // An ack behind an unacked record stores nothing, until that one is acked.
+        check(5, &[5, 6, 7], &[7, 6, 5], &[None, None, Some(8)]);
+        check(
+            0,
+            &[0, 1, 2, 3],
+            &[1, 0, 3, 2],
+            &[None, Some(2), None, Some(4)],
+        );
+        // A repeated or unknown ack changes nothing.
+        check(0, &[0, 1], &[0, 0, 9], &[Some(1), None, None]);
+        // A record received twice (after a rebalance) is done with its first ack.
+        check(3, &[3, 3, 4], &[3, 4], &[Some(4), Some(5)]);
     }
 }
