@@ -662,11 +662,20 @@ impl Held {
             .shared
             .hand_back(&self.state.queue, &copy, delay)
             .await?;
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|err| unavailable("acking a redelivered message", err))?;
-        Ok(())
+        self.settle_ack("acking a redelivered message").await
+    }
+
+    /// Acks the delivery on its channel. lapin can wait forever for a channel whose
+    /// connection died unnoticed, so the ack is bounded by the publish timeout; the broker
+    /// redelivers what a lost channel held.
+    async fn settle_ack(&self, what: &str) -> Result<(), Error> {
+        let limit = self.state.shared.options.bounds.publish_timeout;
+        match tokio::time::timeout(limit, self.acker.ack(BasicAckOptions::default())).await {
+            Ok(acked) => acked.map(|_| ()).map_err(|err| unavailable(what, err)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "rabbitmq: {what} did not complete within {limit:?}"
+            ))),
+        }
     }
 }
 
@@ -680,11 +689,8 @@ impl Acker for RabbitMqAcker {
             return Ok(());
         }
         self.0
-            .acker
-            .ack(BasicAckOptions::default())
+            .settle_ack("acking (the message will be redelivered)")
             .await
-            .map_err(|err| unavailable("acking (the message will be redelivered)", err))?;
-        Ok(())
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {

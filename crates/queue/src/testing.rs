@@ -776,7 +776,13 @@ pub async fn reconnects_after_restart(
             match timeout(left, consumer.next()).await {
                 Ok(Ok(delivery)) => {
                     let id = delivery.message.id.clone();
-                    if let Err(err) = bounded("ack", delivery.ack()).await {
+                    // An ack across the restart may retry up to the backend's own publish
+                    // bound (10 s by default) before failing: wait past it, not for as long.
+                    let acked = match timeout(2 * RECEIVE_TIMEOUT, delivery.ack()).await {
+                        Ok(acked) => acked,
+                        Err(_) => panic!("an ack across the restart did not return within 20 s"),
+                    };
+                    if let Err(err) = acked {
                         tracing::info!(error = %err, "ack across the restart failed");
                         continue;
                     }
