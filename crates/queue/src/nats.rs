@@ -53,7 +53,8 @@ use crate::deadline::{Deadlines, Settlement, Settles};
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
-const ID_HEADER: &str = "Deployd-Id";
+/// JetStream's de-duplication id, which carries the message id.
+const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 const HEADERS_HEADER: &str = "Deployd-Headers";
 const PAYLOAD_REF_HEADER: &str = "Deployd-Payload-Ref";
 /// Room left for headers and protocol overhead below the server's `max_payload`.
@@ -217,8 +218,8 @@ fn consumer_name(topic: &str, group: &str) -> String {
 
 fn encode_headers(message: &Message, payload_ref: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", message.id.as_str());
-    headers.insert(ID_HEADER, message.id.as_str());
+    // The message id travels once, as JetStream's de-duplication id.
+    headers.insert(MSG_ID_HEADER, message.id.as_str());
     if !message.headers.is_empty() {
         let encoded: Vec<String> = message
             .headers
@@ -425,7 +426,7 @@ impl Member {
     async fn decode(&self, message: async_nats::Message, attempt: u32) -> Result<Message, Error> {
         let headers = message.headers.unwrap_or_default();
         let id = headers
-            .get(ID_HEADER)
+            .get(MSG_ID_HEADER)
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
         let mut user_headers = BTreeMap::new();
