@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, TcpTap, success, url_address, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use deployd_e2e::{Project, Server, TcpTap, sigkill, success, url_address, wait_for};
 use serde_json::{Value, json};
 
 fn env_or(var: &str, default: &str) -> String {
@@ -17,28 +15,6 @@ fn env_or(var: &str, default: &str) -> String {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| default.to_owned())
-}
-
-fn create_task(server: &Server, deployment: &str, message: &str) -> String {
-    let input = json!({ "message": message }).to_string();
-    let (status, body) = server.post(
-        &format!("/deployments/{deployment}/tasks/create"),
-        &json!({ "input": input }),
-    );
-    assert_eq!(status, 200, "{body}");
-    body["task_id"].as_str().unwrap().to_owned()
-}
-
-fn wait_result(server: &Server, deployment: &str, task_id: &str) -> Value {
-    wait_for("the task's result", Duration::from_secs(60), || {
-        let (status, body) = server
-            .get(&format!(
-                "/deployments/{deployment}/tasks/{task_id}/results"
-            ))
-            .ok()?;
-        assert_eq!(status, 200, "{body}");
-        (!body.is_null()).then_some(body)
-    })
 }
 
 /// Deploys the skeleton with `queue` (the `message-queue:` block, indented) pointing at the
@@ -71,7 +47,7 @@ fn skeleton_on(kind: &str, queue: &str, tap: &TcpTap, described: &str) {
     // A task through the CLI, then one whose events are streamed.
     let out = success(&server.cli(&["run", "-d", &name, "-a", "message", "hi"]));
     assert_eq!(out, "svc: hi\n");
-    let task = create_task(&server, &name, "streamed");
+    let task = server.create_task(&name, "streamed");
     let (status, text) = server.get_text(&format!("/deployments/{name}/tasks/{task}/events"));
     assert_eq!(status, 200);
     let lines: Vec<Value> = text
@@ -94,12 +70,12 @@ fn skeleton_on(kind: &str, queue: &str, tap: &TcpTap, described: &str) {
     // killed meanwhile: the next deployd on the same data directory runs it, once.
     std::fs::write(&hold, "").unwrap();
     let (_, pid, _) = server.service(&name, 0);
-    kill(Pid::from_raw(pid.unwrap() as i32), Signal::SIGKILL).unwrap();
+    sigkill(pid.unwrap());
     wait_for("the service to be down", Duration::from_secs(10), || {
         let (phase, _, restarts) = server.service(&name, 0);
         (phase != "ready" && restarts >= 1).then_some(())
     });
-    let waiting = create_task(&server, &name, "patience");
+    let waiting = server.create_task(&name, "patience");
     assert!(
         tap.saw(&waiting),
         "task {waiting} was not published to the broker"
@@ -109,7 +85,7 @@ fn skeleton_on(kind: &str, queue: &str, tap: &TcpTap, described: &str) {
 
     let second = Server::start(&data_dir, &[]);
     std::fs::remove_file(&hold).unwrap();
-    let result = wait_result(&second, &name, &waiting);
+    let result = second.wait_result(&name, &waiting, Duration::from_secs(60));
     assert_eq!(result["result"], "svc: patience");
     let out = success(&second.cli(&["run", "-d", &name, "-a", "message", "after"]));
     assert_eq!(out, "svc: after\n");

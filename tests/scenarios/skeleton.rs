@@ -2,43 +2,9 @@
 
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, alive, service_processes, success, wait_for};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use deployd_e2e::{Project, Server, alive, service_processes, sigkill, success, wait_for};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-
-fn sigkill(pid: u32) {
-    kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
-}
-
-/// Creates a task and returns its id.
-fn create_task(server: &Server, deployment: &str, message: &str) -> String {
-    let input = json!({ "message": message }).to_string();
-    let (status, body) = server.post(
-        &format!("/deployments/{deployment}/tasks/create"),
-        &json!({ "input": input }),
-    );
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body["input"], input,
-        "the definition comes back with its input"
-    );
-    assert!(body["session_id"].is_string(), "{body}");
-    body["task_id"].as_str().unwrap().to_owned()
-}
-
-/// Waits for a task's result and returns it.
-fn wait_result(server: &Server, deployment: &str, task_id: &str, limit: Duration) -> Value {
-    wait_for("the task's result", limit, || {
-        let (status, body) = server
-            .get(&format!(
-                "/deployments/{deployment}/tasks/{task_id}/results"
-            ))
-            .ok()?;
-        assert_eq!(status, 200, "{body}");
-        (!body.is_null()).then_some(body)
-    })
-}
 
 /// Done when 1: the quickstart deploys, runs, and streams its events then its result.
 #[test]
@@ -55,7 +21,7 @@ fn quickstart_deploys_runs_and_streams_events_in_order() {
     let out = success(&server.cli(&["run", "-d", "quickstart", "-a", "message", "yo"]));
     assert_eq!(out, "Message received: yo\n");
 
-    let task = create_task(&server, "quickstart", "streamed");
+    let task = server.create_task("quickstart", "streamed");
     let (status, text) = server.get_text(&format!("/deployments/quickstart/tasks/{task}/events"));
     assert_eq!(status, 200);
     let lines: Vec<Value> = text
@@ -77,7 +43,7 @@ fn quickstart_deploys_runs_and_streams_events_in_order() {
     assert_eq!(rest.lines().count(), 1, "{rest}");
     assert!(rest.contains("\"type\":\"result\""), "{rest}");
 
-    let result = wait_result(&server, "quickstart", &task, Duration::from_secs(30));
+    let result = server.wait_result("quickstart", &task, Duration::from_secs(30));
     assert_eq!(result["result"], "Message received: streamed");
     assert_eq!(result["task_id"], task.as_str());
 
@@ -132,8 +98,8 @@ fn deployd_killed_comes_back_with_its_state() {
     let data_dir = data.path().join("data");
     let mut first = Server::start(&data_dir, &[]);
     success(&first.cli(&["deploy", file.to_str().unwrap()]));
-    let task = create_task(&first, "durable", "before the crash");
-    let result = wait_result(&first, "durable", &task, Duration::from_secs(30));
+    let task = first.create_task("durable", "before the crash");
+    let result = first.wait_result("durable", &task, Duration::from_secs(30));
     let old_processes = service_processes(&first.data_dir);
     assert!(
         old_processes.len() >= 2,
@@ -151,7 +117,7 @@ fn deployd_killed_comes_back_with_its_state() {
     assert_eq!(status, 200);
     assert_eq!(body, json!([{ "name": "durable" }]));
     assert_eq!(
-        wait_result(&second, "durable", &task, Duration::from_secs(5)),
+        second.wait_result("durable", &task, Duration::from_secs(5)),
         result,
         "the earlier result is still there"
     );
@@ -193,7 +159,7 @@ fn task_created_while_service_is_down_is_delivered_later() {
         (phase != "ready" && restarts >= 1).then_some(())
     });
 
-    let task = create_task(&server, "later", "patience");
+    let task = server.create_task("later", "patience");
     std::thread::sleep(Duration::from_millis(700));
     let (_, result) = server
         .get(&format!("/deployments/later/tasks/{task}/results"))
@@ -209,7 +175,7 @@ fn task_created_while_service_is_down_is_delivered_later() {
     );
 
     std::fs::remove_file(&hold).unwrap();
-    let result = wait_result(&server, "later", &task, Duration::from_secs(60));
+    let result = server.wait_result("later", &task, Duration::from_secs(60));
     assert_eq!(result["result"], "svc: patience");
     let handled = std::fs::read_to_string(&task_log).unwrap();
     assert_eq!(
@@ -395,8 +361,8 @@ fn sessions_carry_state_between_tasks() {
         json!({ "session_id": id, "task_ids": tasks, "state": { "count": 2 } })
     );
     // A task without a session gets a fresh one.
-    let other = create_task(&server, "sessions", "alone");
-    wait_result(&server, "sessions", &other, Duration::from_secs(30));
+    let other = server.create_task("sessions", "alone");
+    server.wait_result("sessions", &other, Duration::from_secs(30));
     let (_, sessions) = server.get("/deployments/sessions/sessions").unwrap();
     assert_eq!(sessions.as_array().map(Vec::len), Some(2), "{sessions}");
 
@@ -439,7 +405,7 @@ fn a_running_task_takes_an_event() {
     let event = json!({ "service_id": "svc", "event_obj_str": "\"approved\"" });
     let (status, body) = server.post(&format!("/deployments/hitl/tasks/{task}/events"), &event);
     assert_eq!((status, body), (200, event));
-    let result = wait_result(&server, "hitl", &task, Duration::from_secs(30));
+    let result = server.wait_result("hitl", &task, Duration::from_secs(30));
     assert_eq!(result["result"], "svc: approved");
 
     // Once the task has ended, an event is a conflict, not a server error.

@@ -369,6 +369,44 @@ impl Default for Project {
     }
 }
 
+/// SIGKILLs process `pid`.
+pub fn sigkill(pid: u32) {
+    let pid = i32::try_from(pid).expect("a pid fits in i32");
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("cannot SIGKILL");
+}
+
+impl Server {
+    /// Creates a task with input `{"message": message}` (checking that its definition comes
+    /// back with its input and a session) and returns its id.
+    pub fn create_task(&self, deployment: &str, message: &str) -> String {
+        let input = serde_json::json!({ "message": message }).to_string();
+        let (status, body) = self.post(
+            &format!("/deployments/{deployment}/tasks/create"),
+            &serde_json::json!({ "input": input }),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["input"], input,
+            "the definition comes back with its input"
+        );
+        assert!(body["session_id"].is_string(), "{body}");
+        body["task_id"].as_str().expect("a task id").to_owned()
+    }
+
+    /// Waits up to `limit` for a task's result and returns it.
+    pub fn wait_result(&self, deployment: &str, task_id: &str, limit: Duration) -> Value {
+        wait_for("the task's result", limit, || {
+            let (status, body) = self
+                .get(&format!(
+                    "/deployments/{deployment}/tasks/{task_id}/results"
+                ))
+                .ok()?;
+            assert_eq!(status, 200, "{body}");
+            (!body.is_null()).then_some(body)
+        })
+    }
+}
+
 /// The stdout of a CLI run that must have succeeded.
 pub fn success(output: &Output) -> String {
     assert!(
