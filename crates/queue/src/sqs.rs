@@ -26,9 +26,14 @@
 //! retention of 14 days. AWS counts attributes in that limit, so a payload of about 1 MiB does
 //! not fit on AWS (no S3 claim check is implemented); moto does not count them.
 //!
+//! Duplicates: standard queues may deliver a message twice, and keep both copies of a publish
+//! retried after its answer was lost. Within one process a copy of a message that a member of
+//! the same group holds is put back for two seconds, and a copy of one acked lately (the last
+//! 65,536 per process) is deleted; across processes the copy is delivered (at-least-once).
+//!
 //! Order: standard queues do not keep order (SQS delivers in about publish order).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -81,6 +86,69 @@ struct Shared {
     options: SqsOptions,
     /// Queue URLs of each topic's groups, with when they were listed.
     groups: Mutex<HashMap<String, (Instant, Vec<String>)>>,
+    /// The messages this process holds or acked lately, by group queue and message id.
+    recent: Mutex<Recent>,
+}
+
+/// How long a copy of a held message stays invisible before it is looked at again.
+const COPY_RETRY_SECONDS: i32 = 2;
+
+/// How many acked messages [`Recent`] remembers.
+const RECENT_ACKED: usize = 65_536;
+
+/// A group queue's URL and a message id.
+type CopyKey = (String, String);
+
+/// Standard queues may deliver one message twice, and keep both copies of a publish that was
+/// retried after its answer was lost. Within a process, a copy of a message that a member of
+/// the same group acked lately is deleted instead of handed out, and a copy of one a member
+/// holds is put back for [`COPY_RETRY_SECONDS`] (it is deleted then if the holder acked, handed
+/// out if it let go). Across processes such a copy is delivered (at-least-once).
+#[derive(Default)]
+struct Recent {
+    held: HashSet<CopyKey>,
+    acked: HashSet<CopyKey>,
+    order: VecDeque<CopyKey>,
+}
+
+/// What to do with a message received.
+enum Copy {
+    /// Hand it out (it is held from now on).
+    First,
+    /// A member holds another copy: put this one back for a while.
+    Held,
+    /// A member acked another copy: delete this one.
+    Acked,
+}
+
+impl Recent {
+    fn take(&mut self, key: &CopyKey) -> Copy {
+        if self.acked.contains(key) {
+            Copy::Acked
+        } else if self.held.contains(key) {
+            Copy::Held
+        } else {
+            self.held.insert(key.clone());
+            Copy::First
+        }
+    }
+
+    /// The holder let the message go without deleting it: a redelivery is handed out.
+    fn release(&mut self, key: &CopyKey) {
+        self.held.remove(key);
+    }
+
+    fn acked(&mut self, key: &CopyKey) {
+        self.held.remove(key);
+        if self.acked.insert(key.clone()) {
+            self.order.push_back(key.clone());
+            if self.order.len() > RECENT_ACKED
+                && let Some(oldest) = self.order.pop_front()
+            {
+                self.acked.remove(&oldest);
+            }
+        }
+    }
 }
 
 fn unavailable(what: &str, err: impl std::error::Error) -> Error {
@@ -185,6 +253,7 @@ impl SqsQueue {
             client,
             options,
             groups: Mutex::new(HashMap::new()),
+            recent: Mutex::default(),
         });
         retry::bounded(&bounds, bounds.connect_timeout, "reaching sqs", || async {
             shared
@@ -212,6 +281,10 @@ impl Shared {
         let room = 80usize.saturating_sub(name.len());
         name.extend(readable(&format!("{topic}-{group}")).chars().take(room));
         name
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The queue URLs of `topic`'s groups.
@@ -490,10 +563,36 @@ impl Member {
     fn hand_out(self: &Arc<Self>, message: aws_sdk_sqs::types::Message) -> Option<Delivery> {
         let receipt = message.receipt_handle()?.to_owned();
         let decoded = decode(&message);
+        let key = (!decoded.id.is_empty()).then(|| (self.url.clone(), decoded.id.clone()));
+        let copy = key
+            .as_ref()
+            .map_or(Copy::First, |key| self.shared.recent().take(key));
+        if !matches!(copy, Copy::First) {
+            tracing::debug!(id = %decoded.id, "sqs: another copy of a message held or acked here");
+            let member = Arc::clone(self);
+            tokio::spawn(async move {
+                let shared = &member.shared;
+                if matches!(copy, Copy::Acked) {
+                    let _ = shared
+                        .client
+                        .delete_message()
+                        .queue_url(&member.url)
+                        .receipt_handle(receipt)
+                        .send()
+                        .await;
+                } else {
+                    let _ = shared
+                        .set_visibility(&member.url, &receipt, COPY_RETRY_SECONDS)
+                        .await;
+                }
+            });
+            return None;
+        }
         let held = Arc::new(Held {
             member: Arc::clone(self),
             settlement: Settlement::default(),
             receipt,
+            key,
         });
         let at = tokio::time::Instant::now() + self.ack_deadline;
         self.deadlines.watch_until(at, &held);
@@ -506,6 +605,8 @@ struct Held {
     member: Arc<Member>,
     settlement: Settlement,
     receipt: String,
+    /// Its entry in [`Shared::recent`], for a message with an id.
+    key: Option<CopyKey>,
 }
 
 impl Settles for Held {
@@ -520,7 +621,20 @@ impl Held {
         self.member.deadlines.claim(self)
     }
 
+    /// Records how the delivery ended: deleted (`acked`), or let go to come back.
+    fn settled(&self, acked: bool) {
+        if let Some(key) = &self.key {
+            let mut recent = self.member.shared.recent();
+            if acked {
+                recent.acked(key);
+            } else {
+                recent.release(key);
+            }
+        }
+    }
+
     async fn make_visible(&self, seconds: i32) -> Result<(), Error> {
+        self.settled(false);
         let bounds = &self.member.shared.options.bounds;
         retry::bounded(bounds, bounds.publish_timeout, "nacking on sqs", || {
             self.member
@@ -542,7 +656,7 @@ impl Acker for SqsAcker {
         }
         let member = &self.0.member;
         let bounds = &member.shared.options.bounds;
-        retry::bounded(bounds, bounds.publish_timeout, "acking on sqs", || async {
+        let acked = retry::bounded(bounds, bounds.publish_timeout, "acking on sqs", || async {
             let deleted = member
                 .shared
                 .client
@@ -566,7 +680,9 @@ impl Acker for SqsAcker {
                 Err(err) => Err(unavailable("deleting a message", err)),
             }
         })
-        .await
+        .await;
+        self.0.settled(acked.is_ok());
+        acked
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {
@@ -646,5 +762,41 @@ impl Drop for SqsConsumer {
                 let _ = member.shared.set_visibility(&member.url, receipt, 0).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> CopyKey {
+        ("https://sqs/queue".to_owned(), id.to_owned())
+    }
+
+    #[test]
+    fn a_second_copy_waits_while_the_first_is_held_and_is_deleted_once_it_is_acked() {
+        let mut recent = Recent::default();
+        assert!(matches!(recent.take(&key("a")), Copy::First));
+        assert!(matches!(recent.take(&key("a")), Copy::Held));
+        assert!(matches!(recent.take(&key("b")), Copy::First), "per message");
+        recent.acked(&key("a"));
+        assert!(matches!(recent.take(&key("a")), Copy::Acked));
+        // A message let go (nack, deadline, drop) is handed out again when it comes back.
+        recent.release(&key("b"));
+        assert!(matches!(recent.take(&key("b")), Copy::First));
+    }
+
+    #[test]
+    fn acked_ids_are_forgotten_oldest_first_past_the_bound() {
+        let mut recent = Recent::default();
+        for i in 0..=RECENT_ACKED {
+            recent.acked(&key(&i.to_string()));
+        }
+        assert!(
+            matches!(recent.take(&key("0")), Copy::First),
+            "the oldest is forgotten"
+        );
+        assert!(matches!(recent.take(&key("1")), Copy::Acked));
+        assert_eq!(recent.acked.len(), RECENT_ACKED);
     }
 }
