@@ -26,9 +26,6 @@
 //! })
 //! ```
 
-// Each task uses the part it needs (`e2e` the tests, `bench` the bench).
-#![allow(dead_code)]
-
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -287,6 +284,38 @@ impl Broker {
             }
         }
     }
+}
+
+/// Makes sure PostgreSQL listens on 127.0.0.1:5432 (the graph crate's Postgres store is tested
+/// against it), starting the machine's cluster (`pg_ctlcluster`) when it does not. A cluster
+/// started here is a system service and is left running.
+pub(crate) fn ensure_postgres() -> anyhow::Result<()> {
+    if listening(5432) {
+        return Ok(());
+    }
+    let version = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL is not running on 127.0.0.1:5432 and not installed (/etc/postgresql)")?
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .max()
+        .context("PostgreSQL is not running and /etc/postgresql holds no cluster")?;
+    run_ok(
+        "start PostgreSQL",
+        Command::new("pg_ctlcluster").args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "start",
+        ]),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !listening(5432) {
+        if Instant::now() > deadline {
+            bail!("PostgreSQL started but does not accept connections on 127.0.0.1:5432");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 fn listening(port: u16) -> bool {

@@ -90,45 +90,6 @@ fn test(what: &str, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> anyhow:
     run(what, &mut command)
 }
 
-/// Makes sure PostgreSQL listens on 127.0.0.1:5432 (the graph crate's Postgres store is tested
-/// against it), starting the machine's cluster (`pg_ctlcluster`) when it does not. A cluster
-/// started here is a system service and is left running.
-fn ensure_postgres() -> anyhow::Result<()> {
-    let listening = || {
-        std::net::TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], 5432)),
-            std::time::Duration::from_millis(500),
-        )
-        .is_ok()
-    };
-    if listening() {
-        return Ok(());
-    }
-    let version = std::fs::read_dir("/etc/postgresql")
-        .context("PostgreSQL is not running on 127.0.0.1:5432 and not installed (/etc/postgresql)")?
-        .flatten()
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .max()
-        .context("PostgreSQL is not running and /etc/postgresql holds no cluster")?;
-    run(
-        "start PostgreSQL",
-        Command::new("pg_ctlcluster").args([
-            "--skip-systemctl-redirect",
-            &version,
-            "main",
-            "start",
-        ]),
-    )?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !listening() {
-        if std::time::Instant::now() > deadline {
-            bail!("PostgreSQL started but does not accept connections on 127.0.0.1:5432");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    Ok(())
-}
-
 /// `vars` as [`test`] takes them.
 fn env_refs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a std::ffi::OsStr)> {
     vars.iter()
@@ -152,7 +113,7 @@ fn ci() -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
-    ensure_postgres()?;
+    brokers::ensure_postgres()?;
     // The workspace builds deployd-queue with every broker feature (the deployd binary has them
     // on by default), so its broker suites are built here too; they run in `e2e`, once their
     // brokers are started.
@@ -224,7 +185,7 @@ const BENCHED: &[&str] = &[
 ];
 
 fn bench() -> anyhow::Result<()> {
-    ensure_postgres()?;
+    brokers::ensure_postgres()?;
     let mut missed = Vec::new();
     for package in BENCHED {
         let what = format!("benchmarks of {package}");
