@@ -9,7 +9,6 @@
 //! refuses new ones, which is what a client sees of a broker going down; its start is the
 //! broker coming back (with its queues, which a real durable broker keeps too).
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use deployd_queue::Bounds;
@@ -62,12 +61,7 @@ fn split_url(url: &str) -> (String, String, String) {
 
 async fn proxied() -> (TcpProxy, RabbitMqQueue) {
     let (head, host_port, path) = split_url(&url());
-    let target: SocketAddr = host_port
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .expect("the broker's address resolves");
-    let proxy = TcpProxy::start(target).await;
+    let proxy = TcpProxy::in_front_of(&host_port).await;
     let options = options(format!("{head}127.0.0.1:{}{path}", proxy.port()))
         .bounds(Bounds::default().publish_timeout(BOUND));
     let queue = connect(options).await;

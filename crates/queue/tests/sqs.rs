@@ -65,12 +65,7 @@ async fn proxied() -> (TcpProxy, SqsQueue) {
         .strip_prefix("http://")
         .expect("the fault cases need a plain-HTTP endpoint such as moto's")
         .trim_end_matches('/');
-    let target = tokio::net::lookup_host(authority)
-        .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .expect("the endpoint's address resolves");
-    let proxy = TcpProxy::start(target).await;
+    let proxy = TcpProxy::in_front_of(authority).await;
     let options = options(format!("http://127.0.0.1:{}", proxy.port()))
         .bounds(Bounds::default().publish_timeout(BOUND));
     let queue = connect(options).await;

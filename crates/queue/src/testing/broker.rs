@@ -148,6 +148,17 @@ impl TcpProxy {
         proxy
     }
 
+    /// A running proxy in front of `authority` (`host:port`); panics naming it when it does not
+    /// resolve.
+    pub async fn in_front_of(authority: &str) -> Self {
+        let target = tokio::net::lookup_host(authority)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .unwrap_or_else(|| panic!("the broker's address `{authority}` does not resolve"));
+        Self::start(target).await
+    }
+
     /// The port clients connect to.
     pub fn port(&self) -> u16 {
         self.port
