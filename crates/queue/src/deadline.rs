@@ -41,6 +41,9 @@ pub(crate) struct Deadlines<T> {
     state: Mutex<State<T>>,
     notify: Notify,
     next: AtomicU64,
+    /// How many times the watcher looked at the entries.
+    #[cfg(test)]
+    looks: AtomicU64,
 }
 
 struct State<T> {
@@ -59,6 +62,8 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
             }),
             notify: Notify::new(),
             next: AtomicU64::new(0),
+            #[cfg(test)]
+            looks: AtomicU64::new(0),
         }
     }
 
@@ -154,13 +159,24 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
             let notified = self.notify.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
+            #[cfg(test)]
+            self.looks.fetch_add(1, Ordering::Relaxed);
             let now = Instant::now();
             let due = {
                 let mut state = self.lock();
                 let later = state.entries.split_off(&(now, u64::MAX));
                 let due = std::mem::replace(&mut state.entries, later);
                 state.wake_at = if due.is_empty() {
-                    state.entries.keys().next().map(|(at, _)| *at)
+                    let earliest = state.entries.keys().next().map(|(at, _)| *at);
+                    // A wake-up still ahead is kept even when what it was for was settled: it
+                    // costs one look at that time, while dropping it would make the next
+                    // insertion wake the watcher, a task switch per delivery of a consumer
+                    // that settles each delivery before taking the next.
+                    let ahead = state.wake_at.filter(|at| *at > now);
+                    match (earliest, ahead) {
+                        (Some(earliest), Some(ahead)) => Some(earliest.min(ahead)),
+                        (earliest, ahead) => earliest.or(ahead),
+                    }
                 } else {
                     // Fire, then look again at once.
                     Some(now)
@@ -184,5 +200,114 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
                 None => notified.await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    struct Held {
+        id: u32,
+        settlement: Settlement,
+    }
+
+    impl Settles for Held {
+        fn settlement(&self) -> &Settlement {
+            &self.settlement
+        }
+    }
+
+    fn held(id: u32) -> Arc<Held> {
+        Arc::new(Held {
+            id,
+            settlement: Settlement::default(),
+        })
+    }
+
+    /// A watcher that reports what fires, with the time it fired at.
+    fn watched() -> (Arc<Deadlines<Held>>, mpsc::UnboundedReceiver<(u32, Instant)>) {
+        let deadlines = Arc::new(Deadlines::new());
+        let (fired, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(Arc::clone(&deadlines).watch(move |held: Arc<Held>| {
+            let fired = fired.clone();
+            async move {
+                if held.settlement.settled.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let _ = fired.send((held.id, Instant::now()));
+            }
+        }));
+        (deadlines, receiver)
+    }
+
+    async fn settle_a_little() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsettled_entry_fires_at_its_deadline_and_a_settled_one_never() {
+        let (deadlines, mut fired) = watched();
+        let start = Instant::now();
+        let settled = held(1);
+        deadlines.watch_until(start + Duration::from_secs(5), &settled);
+        let kept = held(2);
+        deadlines.watch_until(start + Duration::from_secs(7), &kept);
+        settle_a_little().await;
+        assert!(deadlines.claim(&settled));
+        assert!(!deadlines.claim(&settled), "a delivery settles once");
+        let (id, at) = fired.recv().await.expect("a deadline fires");
+        assert_eq!(id, 2);
+        assert_eq!(at - start, Duration::from_secs(7));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), fired.recv())
+                .await
+                .is_err(),
+            "nothing else fires"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_watched_after_the_watcher_kept_an_earlier_wake_up_still_fires_on_time() {
+        let (deadlines, mut fired) = watched();
+        let start = Instant::now();
+        let first = held(1);
+        deadlines.watch_until(start + Duration::from_secs(10), &first);
+        settle_a_little().await;
+        assert!(deadlines.claim(&first));
+        // The watcher still wakes at 10 s for the settled entry; this one is due later.
+        let later = held(2);
+        deadlines.watch_until(start + Duration::from_secs(25), &later);
+        // And this one earlier than that wake-up.
+        let earlier = held(3);
+        deadlines.watch_until(start + Duration::from_secs(3), &earlier);
+        let (id, at) = fired.recv().await.expect("a deadline fires");
+        assert_eq!((id, at - start), (3, Duration::from_secs(3)));
+        let (id, at) = fired.recv().await.expect("a deadline fires");
+        assert_eq!((id, at - start), (2, Duration::from_secs(25)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_each_delivery_before_the_next_does_not_wake_the_watcher_for_each() {
+        let (deadlines, _fired) = watched();
+        for id in 0..1000 {
+            let delivery = held(id);
+            deadlines.watch_until(Instant::now() + Duration::from_secs(30), &delivery);
+            // Settled before the watcher gets to look, as a quick consumer on another thread
+            // does.
+            assert!(deadlines.claim(&delivery));
+            settle_a_little().await;
+        }
+        let looks = deadlines.looks.load(Ordering::Relaxed);
+        assert!(
+            looks <= 3,
+            "the watcher looked {looks} times for 1000 deliveries settled one after another"
+        );
     }
 }

@@ -196,7 +196,7 @@ impl Shared {
 
     /// The largest payload sent inline.
     fn inline_limit(&self) -> usize {
-        let max_payload = self.client.server_info().max_payload;
+        let max_payload = self.client.max_payload();
         max_payload.saturating_sub(HEADROOM).max(HEADROOM)
     }
 }
