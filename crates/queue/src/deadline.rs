@@ -230,7 +230,10 @@ mod tests {
     }
 
     /// A watcher that reports what fires, with the time it fired at.
-    fn watched() -> (Arc<Deadlines<Held>>, mpsc::UnboundedReceiver<(u32, Instant)>) {
+    fn watched() -> (
+        Arc<Deadlines<Held>>,
+        mpsc::UnboundedReceiver<(u32, Instant)>,
+    ) {
         let deadlines = Arc::new(Deadlines::new());
         let (fired, receiver) = mpsc::unbounded_channel();
         tokio::spawn(Arc::clone(&deadlines).watch(move |held: Arc<Held>| {
