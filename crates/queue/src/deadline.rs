@@ -173,10 +173,7 @@ impl<T: Send + Sync + 'static> Deadlines<T> {
                     // insertion wake the watcher, a task switch per delivery of a consumer
                     // that settles each delivery before taking the next.
                     let ahead = state.wake_at.filter(|at| *at > now);
-                    match (earliest, ahead) {
-                        (Some(earliest), Some(ahead)) => Some(earliest.min(ahead)),
-                        (earliest, ahead) => earliest.or(ahead),
-                    }
+                    earliest.into_iter().chain(ahead).min()
                 } else {
                     // Fire, then look again at once.
                     Some(now)
