@@ -28,6 +28,8 @@ pub(crate) struct Control {
     store: Store,
     bus: broadcast::Sender<Arc<TaskEvent>>,
     closed: watch::Sender<bool>,
+    /// Names of deployments as they are deleted: their followers end.
+    deleted: broadcast::Sender<Arc<str>>,
     writes: Feeder<Pending>,
     /// Transactions the writer committed; for tests of the batching.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -48,10 +50,36 @@ impl Drop for Claim<'_> {
     }
 }
 
-/// A write waiting for its commit.
+/// A write waiting for its commit; answered with whether it was applied (a conditional
+/// finish is not applied to a task that has started or ended).
 struct Pending {
     write: Write,
-    done: oneshot::Sender<Result<(), Error>>,
+    done: oneshot::Sender<Result<bool, Error>>,
+}
+
+/// Commits `writes`, retrying with backoff while the store fails (a full disk, an I/O error),
+/// until it succeeds or the control plane closes: an outcome a service returned is never
+/// thrown away because one commit failed.
+async fn commit_until_closed(
+    store: &Store,
+    writes: &[Write],
+    mut closed: watch::Receiver<bool>,
+) -> Result<Vec<Option<TaskEvent>>, Error> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match store.write(writes).await {
+            Ok(events) => return Ok(events),
+            Err(err) if *closed.borrow() => return Err(err),
+            Err(err) => {
+                tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = closed.wait_for(|closed| *closed) => return Err(err),
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 impl Control {
@@ -81,6 +109,7 @@ impl Control {
             let store = store.clone();
             let bus = bus.clone();
             let commits = Arc::clone(&commits);
+            let closed = closed.subscribe();
             writer.batched_stage(
                 "store",
                 BatchConfig::new(1, MAX_BATCH, Duration::from_millis(5)),
@@ -88,15 +117,19 @@ impl Control {
                     let store = store.clone();
                     let bus = bus.clone();
                     let commits = Arc::clone(&commits);
+                    let closed = closed.clone();
                     async move {
                         let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
-                        let written = store.write(&writes).await;
+                        let written = commit_until_closed(&store, &writes, closed).await;
                         commits.fetch_add(1, Ordering::Relaxed);
                         match written {
                             Ok(events) => {
                                 for (pending, event) in batch.into_iter().zip(events) {
-                                    let _ = bus.send(Arc::new(event));
-                                    let _ = pending.done.send(Ok(()));
+                                    let applied = event.is_some();
+                                    if let Some(event) = event {
+                                        let _ = bus.send(Arc::new(event));
+                                    }
+                                    let _ = pending.done.send(Ok(applied));
                                 }
                             }
                             Err(err) => {
@@ -116,10 +149,12 @@ impl Control {
                 tracing::error!(error = %err, "the task log writer stopped");
             }
         });
+        let (deleted, _) = broadcast::channel(64);
         Self {
             store,
             bus,
             closed,
+            deleted,
             writes,
             commits,
             running: std::sync::Mutex::default(),
@@ -134,8 +169,9 @@ impl Control {
         self.bus.subscribe()
     }
 
-    /// Queues a write for the batched writer and waits until it is committed and broadcast.
-    async fn commit(&self, write: Write, urgent: bool) -> Result<(), Error> {
+    /// Queues a write for the batched writer and waits until it is committed and broadcast;
+    /// returns whether it was applied.
+    async fn commit(&self, write: Write, urgent: bool) -> Result<bool, Error> {
         let (done, committed) = oneshot::channel();
         let pending = Pending { write, done };
         let queued = if urgent {
@@ -149,16 +185,23 @@ impl Control {
             .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
     }
 
-    /// Appends a streamed event to the task's log.
-    pub(crate) async fn event(&self, task_id: &str, data: Value) -> Result<(), Error> {
+    /// Appends a streamed event of attempt `attempt` to the task's log.
+    pub(crate) async fn event(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        data: Value,
+    ) -> Result<(), Error> {
         self.commit(
             Write::Event {
                 task_id: task_id.to_owned(),
+                attempt,
                 data,
             },
             false,
         )
         .await
+        .map(drop)
     }
 
     /// Commits the task's outcome (its final entry, its status, its session's state).
@@ -172,8 +215,32 @@ impl Control {
             Write::Finish {
                 task_id: task.id.clone(),
                 session_id: task.session_id.clone(),
+                attempt: task.attempt,
                 outcome,
                 state,
+                only_if_queued: false,
+            },
+            true,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Fails a task that no worker has started, with `message`; returns whether it did (a task
+    /// that started or ended meanwhile is left alone).
+    pub(crate) async fn fail_queued(
+        &self,
+        task: &TaskInfo,
+        message: String,
+    ) -> Result<bool, Error> {
+        self.commit(
+            Write::Finish {
+                task_id: task.id.clone(),
+                session_id: task.session_id.clone(),
+                attempt: task.attempt,
+                outcome: Err(message),
+                state: None,
+                only_if_queued: true,
             },
             true,
         )
@@ -185,11 +252,22 @@ impl Control {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Follows a task's log from the entry after `after` until its terminal entry, the
-    /// receiver being dropped, or shutdown.
-    pub(crate) fn follow(&self, task_id: String, after: u64) -> mpsc::Receiver<TaskEvent> {
+    /// Ends the followers of the tasks of `deployment`, which is being deleted.
+    pub(crate) fn deleted(&self, deployment: &str) {
+        let _ = self.deleted.send(Arc::from(deployment));
+    }
+
+    /// Follows a task of `deployment` from the log entry after `after` until its terminal
+    /// entry, the receiver being dropped, the deployment being deleted, or shutdown.
+    pub(crate) fn follow(
+        &self,
+        deployment: String,
+        task_id: String,
+        after: u64,
+    ) -> mpsc::Receiver<TaskEvent> {
         let (tx, rx) = mpsc::channel(64);
         let mut live = self.bus.subscribe();
+        let mut deleted = self.deleted.subscribe();
         let store = self.store.clone();
         let mut closed = self.closed.subscribe();
         tokio::spawn(async move {
@@ -203,6 +281,10 @@ impl Control {
                         return;
                     }
                 };
+                // A task deleted before this follower subscribed has no more entries coming.
+                if stored.is_empty() && !matches!(store.task(&task_id).await, Ok(Some(_))) {
+                    return;
+                }
                 for event in stored {
                     last = event.seq;
                     let terminal = event.kind.is_terminal();
@@ -216,6 +298,12 @@ impl Control {
                         received = live.recv() => received,
                         _ = closed.wait_for(|closed| *closed) => return,
                         () = tx.closed() => return,
+                        gone = deleted.recv() => match gone {
+                            Ok(name) if *name == *deployment => return,
+                            Ok(_) => continue,
+                            // Missed some deletions: check in the store.
+                            Err(_) => break,
+                        },
                     };
                     match received {
                         Ok(event) if event.task_id != task_id || event.seq <= last => {}
@@ -291,9 +379,9 @@ mod tests {
     #[tokio::test]
     async fn a_follower_sees_stored_then_live_entries_in_order() {
         let (_dir, control, task) = control().await;
-        control.event("t", json!(1)).await.unwrap();
-        let follower = tokio::spawn(collect(control.follow("t".into(), 0)));
-        control.event("t", json!(2)).await.unwrap();
+        control.event("t", 1, json!(1)).await.unwrap();
+        let follower = tokio::spawn(collect(control.follow("d".into(), "t".into(), 0)));
+        control.event("t", 1, json!(2)).await.unwrap();
         control
             .finish(&task, Ok(json!("done")), Some(json!({"n": 1})))
             .await
@@ -317,13 +405,13 @@ mod tests {
     async fn a_follower_resumes_after_the_last_entry_it_saw() {
         let (_dir, control, task) = control().await;
         for n in 1..=3 {
-            control.event("t", json!(n)).await.unwrap();
+            control.event("t", 1, json!(n)).await.unwrap();
         }
         control
             .finish(&task, Err("failed".into()), None)
             .await
             .unwrap();
-        let seen = collect(control.follow("t".into(), 2)).await;
+        let seen = collect(control.follow("d".into(), "t".into(), 2)).await;
         assert_eq!(
             seen,
             [
@@ -339,10 +427,10 @@ mod tests {
     #[tokio::test]
     async fn a_lagging_follower_catches_up_from_the_store() {
         let (_dir, control, task) = control().await;
-        let rx = control.follow("t".into(), 0);
+        let rx = control.follow("d".into(), "t".into(), 0);
         // More entries than the bus holds, before the follower reads any.
         for n in 0..(BUS_CAPACITY + 10) {
-            control.event("t", json!(n)).await.unwrap();
+            control.event("t", 1, json!(n)).await.unwrap();
         }
         control.finish(&task, Ok(json!("end")), None).await.unwrap();
         let seen = collect(rx).await;
@@ -357,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn closing_ends_followers() {
         let (_dir, control, _task) = control().await;
-        let rx = control.follow("t".into(), 0);
+        let rx = control.follow("d".into(), "t".into(), 0);
         control.close().await;
         assert!(collect(rx).await.is_empty());
     }
@@ -382,7 +470,7 @@ mod batching {
             writers.push(tokio::spawn(async move {
                 let id = format!("t{t}");
                 for n in 0..EVENTS {
-                    control.event(&id, json!(n)).await.unwrap();
+                    control.event(&id, 1, json!(n)).await.unwrap();
                 }
             }));
         }

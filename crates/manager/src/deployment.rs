@@ -28,8 +28,9 @@ use crate::supervisor::{self, Policy, ProcessSpec, Supervisor};
 use crate::worker::{self, WorkerContext};
 use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus};
 
-/// Tasks a service is handed at once when its `max-concurrency` is not set.
-const UNLIMITED_CONCURRENCY: usize = 4096;
+/// Tasks one instance of a service is handed at once when its `max-concurrency` is not set:
+/// enough for an asyncio or threaded service, few enough not to flood a small one.
+pub(crate) const DEFAULT_CONCURRENCY: usize = 32;
 
 /// How many services each stage works on at once. Every stage passes services on in the order
 /// they finish, so a slow build holds back no other service.
@@ -56,21 +57,35 @@ pub(crate) struct Context {
     pub(crate) queue_config: QueueConfig,
     pub(crate) queue: Arc<dyn MessageQueue>,
     pub(crate) stop_timeout: Duration,
+    /// How long a service may take to start answering a task.
+    pub(crate) head_timeout: Duration,
+    /// How long tasks in flight may take to finish when an instance stops.
+    pub(crate) drain_timeout: Duration,
 }
 
 /// A service's instance that takes tasks: its process and its worker.
 struct Instance {
     supervisor: Supervisor,
     worker_stop: watch::Sender<bool>,
-    worker: tokio::task::JoinHandle<()>,
+    worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Instance {
-    /// Stops taking tasks, then stops the process.
+    /// Stops taking tasks, lets the tasks in flight finish (the worker bounds that by its
+    /// drain deadline), then stops the process.
     async fn stop(&self) {
         let _ = self.worker_stop.send(true);
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(worker) = worker
+            && let Err(err) = worker.await
+        {
+            tracing::error!(error = %err, "worker task failed");
+        }
         self.supervisor.stop().await;
-        self.worker.abort();
     }
 }
 
@@ -100,6 +115,10 @@ pub(crate) struct Deployment {
     name: String,
     dir: PathBuf,
     state: Mutex<State>,
+    /// The state of each service's instance launched by the deploy under way, until it is
+    /// switched in: a service that crash-loops before its first switch shows its restarts
+    /// and exit reason, not `pending`.
+    launching: Mutex<std::collections::HashMap<String, watch::Receiver<ServiceStatus>>>,
 }
 
 /// One service going through the pipeline.
@@ -131,7 +150,17 @@ impl Deployment {
                 queue_config: context.queue_config.clone(),
                 queue: Arc::clone(&context.queue),
             }),
+            launching: Mutex::default(),
         })
+    }
+
+    fn launching(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, watch::Receiver<ServiceStatus>>>
+    {
+        self.launching
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -195,11 +224,22 @@ impl Deployment {
                     Concurrency::unordered(PREPARE_CONCURRENCY),
                     move |item| prepare_stage(Arc::clone(&prepare_context), item),
                 )
-                .and_then(
-                    "launch",
-                    Concurrency::unordered(LAUNCH_CONCURRENCY),
-                    move |item| launch_stage(Arc::clone(&launch_context), item),
-                )
+                .and_then("launch", Concurrency::unordered(LAUNCH_CONCURRENCY), {
+                    let deployment = Arc::clone(self);
+                    move |item| {
+                        let deployment = Arc::clone(&deployment);
+                        let context = Arc::clone(&launch_context);
+                        async move {
+                            let item = launch_stage(context, item).await?;
+                            if let Some(supervisor) = &item.supervisor {
+                                deployment
+                                    .launching()
+                                    .insert(item.service.id.clone(), supervisor.watch());
+                            }
+                            Ok::<_, Error>(item)
+                        }
+                    }
+                })
                 .and_then(
                     "ready",
                     Concurrency::unordered(READY_CONCURRENCY),
@@ -279,8 +319,10 @@ impl Deployment {
                     .service
                     .max_concurrency
                     .and_then(|n| usize::try_from(n).ok())
-                    .unwrap_or(UNLIMITED_CONCURRENCY),
+                    .unwrap_or(DEFAULT_CONCURRENCY),
                 timeout: item.service.timeout,
+                head_timeout: context.head_timeout,
+                drain_timeout: context.drain_timeout,
             },
             consumer,
             stop_rx,
@@ -288,7 +330,7 @@ impl Deployment {
         let instance = Arc::new(Instance {
             supervisor,
             worker_stop,
-            worker,
+            worker: Mutex::new(Some(worker)),
         });
         // `Err(instance)`: the deployment was stopped meanwhile; the new instance goes too.
         let switched = {
@@ -302,6 +344,7 @@ impl Deployment {
                     .position(|(id, _)| *id == item.service.id)
                     .map(|index| state.instances.remove(index).1);
                 state.instances.push((item.service.id.clone(), instance));
+                self.launching().remove(&item.service.id);
                 Ok(previous)
             }
         };
@@ -398,9 +441,14 @@ impl Deployment {
                         },
                     });
                 let instance = state.instances.iter().find(|(id, _)| *id == service.id);
-                let mut status = match instance {
-                    Some((_, instance)) => instance.supervisor.status(),
-                    None => ServiceStatus {
+                let launching = self
+                    .launching()
+                    .get(&service.id)
+                    .map(|w| w.borrow().clone());
+                let mut status = match (instance, launching) {
+                    (Some((_, instance)), _) => instance.supervisor.status(),
+                    (None, Some(launching)) => launching,
+                    (None, None) => ServiceStatus {
                         id: service.id.clone(),
                         phase: Phase::Pending,
                         pid: None,

@@ -129,16 +129,47 @@ pub struct Options {
     pub max_deployments: usize,
     /// How long a service may take to exit after SIGTERM before it gets SIGKILL.
     pub stop_timeout: Duration,
+    /// How long the tasks in flight on an instance may take to finish when it stops (on
+    /// shutdown, reload or delete) before they are cut off and queued again.
+    pub drain_timeout: Duration,
+    /// How long a service may take to start answering a task (its response head).
+    pub head_timeout: Duration,
+    /// How long a task may wait for a service that is not ready (starting, restarting, never
+    /// healthy) before it fails; a task of a service that has failed fails at once.
+    pub unready_timeout: Duration,
 }
 
 impl Options {
-    /// Defaults for a data directory: 10 deployments, 5 s for a service to stop.
+    /// Defaults for a data directory: 10 deployments, 5 s for a service to stop, 30 s to
+    /// drain, 60 s for a service to start answering, 120 s for a task to wait for a service
+    /// that is not ready.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
             max_deployments: 10,
             stop_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+            head_timeout: Duration::from_secs(60),
+            unready_timeout: Duration::from_secs(120),
         }
+    }
+
+    /// Sets how long tasks in flight may take to finish when an instance stops.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a service may take to start answering a task.
+    pub fn head_timeout(mut self, timeout: Duration) -> Self {
+        self.head_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a task may wait for a service that is not ready.
+    pub fn unready_timeout(mut self, timeout: Duration) -> Self {
+        self.unready_timeout = timeout;
+        self
     }
 
     /// Sets the maximum number of deployments.
@@ -172,6 +203,18 @@ pub enum Phase {
     Stopped,
     /// Not started yet: its deploy is under way.
     Pending,
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Starting => "starting",
+        Phase::Ready => "ready",
+        Phase::Restarting => "restarting",
+        Phase::Failed => "failed",
+        Phase::Exited => "exited",
+        Phase::Stopped => "stopped",
+        Phase::Pending => "pending",
+    }
 }
 
 /// The state of one service of a deployment.
@@ -351,6 +394,11 @@ pub struct TaskEvent {
     pub seq: u64,
     /// Event, result or error.
     pub kind: EventKind,
+    /// The attempt that wrote it (from 1; 0 for an entry written without running the task,
+    /// such as the error of a task that never started). Events of an attempt that broke off
+    /// stay in the log, marked with their attempt.
+    #[serde(default)]
+    pub attempt: u32,
     /// The payload: the event's data, the result, or the error message.
     pub data: Value,
 }
@@ -424,6 +472,8 @@ struct Inner {
     deployments: RwLock<BTreeMap<String, Arc<Deployment>>>,
     /// Serializes deploy, delete and shutdown.
     ops: tokio::sync::Mutex<bool>,
+    /// Set when shutdown starts: no new task is taken from then on.
+    closing: std::sync::atomic::AtomicBool,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -454,11 +504,120 @@ impl Manager {
                 node_id,
                 deployments: RwLock::new(BTreeMap::new()),
                 ops: tokio::sync::Mutex::new(false),
+                closing: std::sync::atomic::AtomicBool::new(false),
                 _lock: lock,
             }),
         };
         manager.restore().await?;
+        manager.watch_unready();
         Ok(manager)
+    }
+
+    /// Fails the tasks that wait for a service that cannot take them: at once when the
+    /// service has failed, after [`Options::unready_timeout`] when it has not been ready for
+    /// that long (starting, restarting, never healthy). Runs every second until the Manager
+    /// shuts down or is dropped.
+    fn watch_unready(&self) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            // Since when each (deployment, service) has not been ready.
+            let mut unready: std::collections::HashMap<(String, String), std::time::Instant> =
+                std::collections::HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = inner.upgrade() else { return };
+                let manager = Manager { inner };
+                if manager
+                    .inner
+                    .closing
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return;
+                }
+                manager.fail_unready(&mut unready).await;
+            }
+        });
+    }
+
+    async fn fail_unready(
+        &self,
+        unready: &mut std::collections::HashMap<(String, String), std::time::Instant>,
+    ) {
+        let now = std::time::Instant::now();
+        let bound = self.inner.options.unready_timeout;
+        let deployments: Vec<Arc<Deployment>> = self.read_deployments().values().cloned().collect();
+        let mut seen = std::collections::HashSet::new();
+        for deployment in deployments {
+            for service in deployment.status().services {
+                let key = (deployment.name().to_owned(), service.id.clone());
+                seen.insert(key.clone());
+                if service.phase == Phase::Ready {
+                    unready.remove(&key);
+                    continue;
+                }
+                let since = *unready.entry(key).or_insert(now);
+                let reason = service.last_exit.as_deref().unwrap_or("no exit reason yet");
+                let (wait, message) = match service.phase {
+                    Phase::Failed | Phase::Exited | Phase::Stopped => (
+                        Duration::ZERO,
+                        format!(
+                            "service `{}` cannot run tasks: it is {} ({reason}); the task was                              not run",
+                            service.id,
+                            phase_name(service.phase)
+                        ),
+                    ),
+                    _ => (
+                        bound,
+                        format!(
+                            "service `{}` was not ready within {bound:?} (it is {}; last exit:                              {reason}); the task was not run",
+                            service.id,
+                            phase_name(service.phase)
+                        ),
+                    ),
+                };
+                if now.duration_since(since) < wait {
+                    continue;
+                }
+                let waited_since =
+                    store::now_ms() - i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                self.fail_waiting(deployment.name(), &service.id, waited_since, &message)
+                    .await;
+            }
+        }
+        unready.retain(|key, _| seen.contains(key));
+    }
+
+    /// Fails the tasks of a service that have been `queued` since before `before`.
+    async fn fail_waiting(&self, deployment: &str, service: &str, before: i64, message: &str) {
+        let control = &self.inner.control;
+        let waiting = match control
+            .store()
+            .waiting_tasks(deployment, service, before, 1000)
+            .await
+        {
+            Ok(waiting) => waiting,
+            Err(err) => {
+                tracing::warn!(deployment, service, error = %err, "cannot read waiting tasks");
+                return;
+            }
+        };
+        for task in waiting {
+            // A worker that holds the task decides its fate.
+            let Some(_claim) = control.claim(&task.id) else {
+                continue;
+            };
+            match control.fail_queued(&task, message.to_owned()).await {
+                Ok(true) => {
+                    tracing::warn!(deployment, service, task = %task.id, "{message}");
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(task = %task.id, error = %err, "cannot fail a waiting task");
+                }
+            }
+        }
     }
 
     async fn restore(&self) -> Result<(), Error> {
@@ -689,6 +848,8 @@ impl Manager {
             queue_config,
             queue,
             stop_timeout: self.inner.options.stop_timeout,
+            head_timeout: self.inner.options.head_timeout,
+            drain_timeout: self.inner.options.drain_timeout,
         }
     }
 
@@ -701,6 +862,9 @@ impl Manager {
             .ok_or_else(|| Error::not_found("deployment", name))?;
         deployment.stop().await;
         self.inner.control.store().delete_deployment(name).await?;
+        // Whoever waits for a task of it (a `tasks/run` caller, an event stream) is answered
+        // now: the task is gone.
+        self.inner.control.deleted(name);
         let dir = deployment.dir().to_owned();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
@@ -729,6 +893,18 @@ impl Manager {
 
     /// Records a task and queues it for its service.
     pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::ShuttingDown);
+        }
+        if !task.input.is_object() {
+            return Err(Error::BadRequest(
+                "`input` must be a JSON object of keyword arguments".to_owned(),
+            ));
+        }
         let running = self.deployment(deployment)?;
         let service = task
             .service
@@ -865,6 +1041,24 @@ impl Manager {
         self.inner.control.store().tasks(deployment).await
     }
 
+    /// A page of a deployment's tasks, oldest first: at most `limit`, starting after the task
+    /// `after` (a cursor: the last id of the previous page). An `after` that names no task of
+    /// the deployment is an [`Error::NotFound`].
+    pub async fn tasks_page(
+        &self,
+        deployment: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskInfo>, Error> {
+        self.deployment(deployment)?;
+        self.inner
+            .control
+            .store()
+            .tasks_page(deployment, after, limit)
+            .await?
+            .ok_or_else(|| Error::not_found("task", after.unwrap_or_default()))
+    }
+
     /// Waits until a task has ended and returns it.
     pub async fn wait_task(&self, deployment: &str, task_id: &str) -> Result<TaskInfo, Error> {
         let mut events = self.task_events(deployment, task_id, 0).await?;
@@ -885,7 +1079,10 @@ impl Manager {
         after: u64,
     ) -> Result<mpsc::Receiver<TaskEvent>, Error> {
         self.task(deployment, task_id).await?;
-        Ok(self.inner.control.follow(task_id.to_owned(), after))
+        Ok(self
+            .inner
+            .control
+            .follow(deployment.to_owned(), task_id.to_owned(), after))
     }
 
     /// Subscribes to every entry appended to any task's log; for live views.
@@ -896,6 +1093,9 @@ impl Manager {
     /// Stops every deployment (in reverse order of creation) and closes the store. Requests
     /// made afterwards fail with [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut ops = self.inner.ops.lock().await;
         if *ops {
             return;

@@ -24,6 +24,8 @@ pub(crate) fn env_files(base: &Path, files: &[String]) -> Result<Vec<(String, St
         .canonicalize()
         .map_err(|err| Error::io("cannot open", base, err))?;
     let mut vars: Vec<(String, String)> = Vec::new();
+    // Where each key is in `vars`: later values replace earlier ones in linear time.
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for file in files {
         let path = root.join(file);
         let resolved = path
@@ -40,8 +42,13 @@ pub(crate) fn env_files(base: &Path, files: &[String]) -> Result<Vec<(String, St
         for (key, value) in parse_dotenv(&text).map_err(|(line, reason)| {
             Error::BadRequest(format!("env file `{file}`, line {line}: {reason}"))
         })? {
-            vars.retain(|(k, _)| *k != key);
-            vars.push((key, value));
+            match index.get(&key) {
+                Some(&at) => vars[at].1 = value,
+                None => {
+                    index.insert(key.clone(), vars.len());
+                    vars.push((key, value));
+                }
+            }
         }
     }
     Ok(vars)
@@ -59,7 +66,8 @@ pub(crate) fn parse_dotenv(text: &str) -> Result<Vec<(String, String)>, (usize, 
         }
         let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
         let Some((key, value)) = line.split_once('=') else {
-            return Err((number, format!("expected `KEY=value`, found `{line}`")));
+            // The line itself is not quoted back: the file may not be an env file at all.
+            return Err((number, "expected `KEY=value`".to_owned()));
         };
         let key = key.trim();
         if key.is_empty()
@@ -67,7 +75,10 @@ pub(crate) fn parse_dotenv(text: &str) -> Result<Vec<(String, String)>, (usize, 
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         {
-            return Err((number, format!("invalid variable name `{key}`")));
+            return Err((
+                number,
+                "invalid variable name (letters, digits, `_` and `.` only)".to_owned(),
+            ));
         }
         let value = value.trim();
         let value = if let Some(rest) = value.strip_prefix('"') {
@@ -321,5 +332,34 @@ mod tests {
             err.to_string().contains("outside the deployment's folder"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_parse_error_quotes_no_content_of_the_file() {
+        let base = tempfile::tempdir().unwrap();
+        // A file that is not an env file: a line with no `=`, and a key that is a secret.
+        std::fs::write(base.path().join("a.env"), "OK=1\nroot:s3cr3t-line\n").unwrap();
+        std::fs::write(base.path().join("b.env"), "s3cr3t key=1\n").unwrap();
+        for file in ["a.env", "b.env"] {
+            let err = env_files(base.path(), &[file.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(file), "{err}");
+            assert!(err.contains("line"), "{err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+    }
+
+    #[test]
+    fn many_duplicate_keys_keep_the_last_value_in_first_position() {
+        let base = tempfile::tempdir().unwrap();
+        let text: String = (0..200_000)
+            .map(|i| format!("K{}={i}\n", i % 1000))
+            .collect();
+        std::fs::write(base.path().join("big.env"), text).unwrap();
+        let vars = env_files(base.path(), &["big.env".into()]).unwrap();
+        assert_eq!(vars.len(), 1000);
+        assert_eq!(vars[0], ("K0".to_owned(), "199000".to_owned()));
+        assert_eq!(vars[999], ("K999".to_owned(), "199999".to_owned()));
     }
 }

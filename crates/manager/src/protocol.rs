@@ -61,9 +61,13 @@ pub(crate) enum CallError {
 }
 
 /// Sends a task to the service on `port` and hands every event to `on_event` as it comes.
+///
+/// The service must start its answer (send the response head) within `head_timeout`; a service
+/// that takes the connection and never answers is then given up on (and the task retried).
 pub(crate) async fn call<F, Fut>(
     client: &reqwest::Client,
     port: u16,
+    head_timeout: Duration,
     request: &TaskRequest<'_>,
     mut on_event: F,
 ) -> Result<Outcome, CallError>
@@ -71,11 +75,17 @@ where
     F: FnMut(Value) -> Fut,
     Fut: Future<Output = Result<(), crate::Error>>,
 {
-    let response = client
+    let send = client
         .post(format!("http://127.0.0.1:{port}/tasks"))
         .json(request)
-        .send()
+        .send();
+    let response = tokio::time::timeout(head_timeout, send)
         .await
+        .map_err(|_| {
+            CallError::Transient(format!(
+                "the service did not start its answer within {head_timeout:?}"
+            ))
+        })?
         .map_err(|err| CallError::Transient(format!("cannot reach the service: {err}")))?;
     let status = response.status();
     if !status.is_success() {
@@ -144,7 +154,7 @@ where
 
 /// Delivers an event to a running task: `POST /tasks/{task_id}/events` with `{"data": ...}`.
 pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<(), crate::Error> {
-    let response = client()
+    let response = shared_client()
         .post(format!("http://127.0.0.1:{port}/tasks/{task_id}/events"))
         .timeout(Duration::from_secs(30))
         .json(&serde_json::json!({ "data": data }))
@@ -171,13 +181,22 @@ pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<
     })
 }
 
-/// The HTTP client used to talk to services.
+/// The HTTP client used to talk to services. It keeps connections alive between calls (a
+/// service that speaks HTTP/1.1 is not reconnected for every task).
 pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
         .no_proxy()
         .build()
         .unwrap_or_default()
+}
+
+/// One [`client`] for the calls that are not a worker's.
+fn shared_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(client)
 }
 
 #[cfg(test)]
@@ -217,10 +236,16 @@ mod tests {
             state: None,
         };
         let sink = Arc::clone(&events);
-        let outcome = call(&client(), port, &request, move |data| {
-            sink.lock().unwrap().push(data);
-            async { Ok(()) }
-        })
+        let outcome = call(
+            &client(),
+            port,
+            Duration::from_secs(5),
+            &request,
+            move |data| {
+                sink.lock().unwrap().push(data);
+                async { Ok(()) }
+            },
+        )
         .await;
         let events = events.lock().unwrap().clone();
         (outcome, events)
@@ -319,7 +344,14 @@ mod tests {
             input: &json!({}),
             state: None,
         };
-        let outcome = call(&client(), port, &request, |_| async { Ok(()) }).await;
+        let outcome = call(
+            &client(),
+            port,
+            Duration::from_secs(5),
+            &request,
+            |_| async { Ok(()) },
+        )
+        .await;
         assert!(
             matches!(outcome, Err(CallError::Transient(_))),
             "{outcome:?}"

@@ -47,11 +47,17 @@ const SCHEMA: &[&str] = &[
         seq INTEGER NOT NULL,
         kind TEXT NOT NULL,
         data TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (task_id, seq)
     ) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (deployment, service, status, updated_at)",
 ];
 
-fn now_ms() -> i64 {
+/// Columns added after a table was first created: `(table, column, definition)`, added to a
+/// store made by an older deployd.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("events", "attempt", "INTEGER NOT NULL DEFAULT 0")];
+
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -59,6 +65,16 @@ fn now_ms() -> i64 {
 
 fn store_error(err: sqlx::Error) -> Error {
     Error::Store(err.to_string())
+}
+
+/// Makes `path` readable and writable by its owner only, if it exists.
+pub(crate) fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists()
+        && let Err(err) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    {
+        tracing::warn!(path = %path.display(), error = %err, "cannot restrict permissions");
+    }
 }
 
 fn to_json(text: Option<String>) -> Option<Value> {
@@ -75,9 +91,16 @@ pub(crate) struct StoredDeployment {
 }
 
 /// The SQLite control-plane store.
+///
+/// Every write goes through one connection (`write`, a pool of one), and every transaction on
+/// it starts with `BEGIN IMMEDIATE`: deployd never has two writers racing for SQLite's lock, so
+/// no write fails with `SQLITE_BUSY` (a deferred transaction that reads, then writes after
+/// another connection committed, fails with `SQLITE_BUSY_SNAPSHOT`, which no busy timeout
+/// retries). Reads use their own small pool and never block the writer (WAL).
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
-    pool: SqlitePool,
+    read: SqlitePool,
+    write: SqlitePool,
 }
 
 impl Store {
@@ -88,23 +111,66 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let opened =
+            |err: sqlx::Error| Error::Store(format!("cannot open {}: {err}", path.display()));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(600))
+            .connect_with(options.clone())
             .await
-            .map_err(|err| Error::Store(format!("cannot open {}: {err}", path.display())))?;
+            .map_err(opened)?;
+        // The database holds literal secrets of deployment files: only its owner reads it.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            restrict(Path::new(&file));
+        }
         for statement in SCHEMA {
             sqlx::query(*statement)
-                .execute(&pool)
+                .execute(&write)
                 .await
                 .map_err(store_error)?;
         }
-        Ok(Self { pool })
+        for (table, column, definition) in ADDED_COLUMNS {
+            let present = sqlx::query(sqlx::AssertSqlSafe(format!(
+                // The names are this file's constants.
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?"
+            )))
+            .bind(column)
+            .fetch_optional(&write)
+            .await
+            .map_err(store_error)?
+            .is_some();
+            if !present {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                )))
+                .execute(&write)
+                .await
+                .map_err(store_error)?;
+            }
+        }
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(opened)?;
+        Ok(Self { read, write })
+    }
+
+    /// A transaction on the write connection that holds the write lock from its start.
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, Error> {
+        self.write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store_error)
     }
 
     pub(crate) async fn close(&self) {
-        self.pool.close().await;
+        self.read.close().await;
+        self.write.close().await;
     }
 
     pub(crate) async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
@@ -119,7 +185,7 @@ impl Store {
         .bind(&d.origin)
         .bind(&d.base_path)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map_err(store_error)?;
         Ok(())
@@ -129,7 +195,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT name, spec, origin, base_path FROM deployments ORDER BY created_at, name",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
         rows.into_iter()
@@ -146,7 +212,7 @@ impl Store {
 
     /// Removes a deployment with its tasks, events and sessions, in one transaction.
     pub(crate) async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
-        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE deployment = ?)",
         )
@@ -175,7 +241,7 @@ impl Store {
         .bind(id)
         .bind(deployment)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map_err(store_error)?;
         Ok(())
@@ -185,7 +251,7 @@ impl Store {
     pub(crate) async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error> {
         let row = sqlx::query("SELECT deployment, state FROM sessions WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await
             .map_err(store_error)?;
         row.map(|row| {
@@ -205,7 +271,7 @@ impl Store {
              ORDER BY s.created_at, s.id, t.created_at, t.id",
         )
         .bind(deployment)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
         let mut sessions: Vec<SessionInfo> = Vec::new();
@@ -232,7 +298,7 @@ impl Store {
         let done = sqlx::query("DELETE FROM sessions WHERE id = ? AND deployment = ?")
             .bind(id)
             .bind(deployment)
-            .execute(&self.pool)
+            .execute(&self.write)
             .await
             .map_err(store_error)?;
         Ok(done.rows_affected() > 0)
@@ -252,7 +318,7 @@ impl Store {
         .bind(TaskStatus::Queued.as_str())
         .bind(now)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&self.write)
         .await
         .map_err(store_error)?;
         Ok(())
@@ -264,7 +330,7 @@ impl Store {
              FROM tasks WHERE id = ?",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await
         .map_err(store_error)?;
         row.map(task_from_row).transpose()
@@ -276,10 +342,62 @@ impl Store {
              FROM tasks WHERE deployment = ? ORDER BY created_at, id",
         )
         .bind(deployment)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
         rows.into_iter().map(task_from_row).collect()
+    }
+
+    /// At most `limit` tasks of a deployment, oldest first, starting after the task `after`
+    /// (in the same order); `None` when `after` names no task of the deployment.
+    pub(crate) async fn tasks_page(
+        &self,
+        deployment: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<TaskInfo>>, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            None => sqlx::query(
+                "SELECT id, deployment, service, session_id, input, status, attempt, result, error
+                 FROM tasks WHERE deployment = ? ORDER BY created_at, id LIMIT ?",
+            )
+            .bind(deployment)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await
+            .map_err(store_error)?,
+            Some(after) => {
+                let cursor =
+                    sqlx::query("SELECT created_at FROM tasks WHERE id = ? AND deployment = ?")
+                        .bind(after)
+                        .bind(deployment)
+                        .fetch_optional(&self.read)
+                        .await
+                        .map_err(store_error)?;
+                let Some(cursor) = cursor else {
+                    return Ok(None);
+                };
+                let created_at: i64 = cursor.try_get("created_at").map_err(store_error)?;
+                sqlx::query(
+                    "SELECT id, deployment, service, session_id, input, status, attempt, result,
+                       error
+                     FROM tasks WHERE deployment = ? AND (created_at, id) > (?, ?)
+                     ORDER BY created_at, id LIMIT ?",
+                )
+                .bind(deployment)
+                .bind(created_at)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.read)
+                .await
+                .map_err(store_error)?
+            }
+        };
+        rows.into_iter()
+            .map(task_from_row)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// Tasks that had not finished, oldest first: to be queued again after a restart.
@@ -290,7 +408,7 @@ impl Store {
              ORDER BY created_at, id",
         )
         .bind(deployment)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
         rows.into_iter().map(task_from_row).collect()
@@ -301,37 +419,97 @@ impl Store {
         id: &str,
         status: TaskStatus,
         attempt: u32,
-    ) -> Result<(), Error> {
-        sqlx::query("UPDATE tasks SET status = ?, attempt = ?, updated_at = ? WHERE id = ?")
-            .bind(status.as_str())
-            .bind(i64::from(attempt))
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
+    ) -> Result<bool, Error> {
+        // A task that has ended stays as it ended.
+        let updated = sqlx::query(
+            "UPDATE tasks SET status = ?, attempt = ?, updated_at = ?
+             WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(status.as_str())
+        .bind(i64::from(attempt))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    /// Puts a task that was cut off while running back to `queued`, keeping its attempt.
+    pub(crate) async fn requeue(&self, id: &str) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE tasks SET status = 'queued', updated_at = ? WHERE id = ? AND status = 'running'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.write)
+        .await
+        .map_err(store_error)?;
         Ok(())
     }
 
-    /// Commits `writes` in one transaction, in order; returns the log entry each appended.
-    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<TaskEvent>, Error> {
-        let mut tx = self.pool.begin().await.map_err(store_error)?;
+    /// Commits `writes` in one transaction, in order; returns the log entry each appended
+    /// (`None` for a conditional finish that did not apply).
+    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<Option<TaskEvent>>, Error> {
+        let mut tx = self.begin().await?;
         let mut events = Vec::with_capacity(writes.len());
         for write in writes {
             events.push(match write {
-                Write::Event { task_id, data } => {
-                    append_in(&mut tx, task_id, EventKind::Event, data.clone()).await?
-                }
+                Write::Event {
+                    task_id,
+                    attempt,
+                    data,
+                } => Some(
+                    append_in(&mut tx, task_id, *attempt, EventKind::Event, data.clone()).await?,
+                ),
                 Write::Finish {
                     task_id,
                     session_id,
+                    attempt,
                     outcome,
                     state,
-                } => finish_in(&mut tx, task_id, session_id, outcome, state.as_ref()).await?,
+                    only_if_queued,
+                } => {
+                    finish_in(
+                        &mut tx,
+                        task_id,
+                        session_id,
+                        *attempt,
+                        outcome,
+                        state.as_ref(),
+                        *only_if_queued,
+                    )
+                    .await?
+                }
             });
         }
         tx.commit().await.map_err(store_error)?;
         Ok(events)
+    }
+
+    /// Tasks of a service that have waited in `queued` since before `before` (ms since the
+    /// epoch), oldest first, at most `limit`.
+    pub(crate) async fn waiting_tasks(
+        &self,
+        deployment: &str,
+        service: &str,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, deployment, service, session_id, input, status, attempt, result, error
+             FROM tasks WHERE deployment = ? AND service = ? AND status = 'queued'
+               AND updated_at < ?
+             ORDER BY updated_at, id LIMIT ?",
+        )
+        .bind(deployment)
+        .bind(service)
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter().map(task_from_row).collect()
     }
 
     /// The task's events with a sequence number above `after`, in order.
@@ -341,11 +519,11 @@ impl Store {
         after: u64,
     ) -> Result<Vec<TaskEvent>, Error> {
         let rows = sqlx::query(
-            "SELECT seq, kind, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, kind, data, attempt FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
         )
         .bind(task_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
         rows.into_iter()
@@ -353,10 +531,12 @@ impl Store {
                 let seq: i64 = row.try_get("seq").map_err(store_error)?;
                 let kind: String = row.try_get("kind").map_err(store_error)?;
                 let data: String = row.try_get("data").map_err(store_error)?;
+                let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
                 Ok(TaskEvent {
                     task_id: task_id.to_owned(),
                     seq: u64::try_from(seq).unwrap_or(0),
                     kind: EventKind::parse(&kind),
+                    attempt: u32::try_from(attempt).unwrap_or(0),
                     data: to_json(Some(data)).unwrap_or(Value::Null),
                 })
             })
@@ -367,14 +547,21 @@ impl Store {
 /// One write to a task's log.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
-    /// An event the service streamed.
-    Event { task_id: String, data: Value },
-    /// The task's end: its final entry, its outcome and its session's new state.
+    /// An event the service streamed during attempt `attempt`.
+    Event {
+        task_id: String,
+        attempt: u32,
+        data: Value,
+    },
+    /// The task's end: its final entry, its outcome and its session's new state. With
+    /// `only_if_queued`, nothing is written unless the task is still `queued`.
     Finish {
         task_id: String,
         session_id: String,
+        attempt: u32,
         outcome: Result<Value, String>,
         state: Option<Value>,
+        only_if_queued: bool,
     },
 }
 
@@ -382,9 +569,11 @@ async fn finish_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     task_id: &str,
     session_id: &str,
+    attempt: u32,
     outcome: &Result<Value, String>,
     state: Option<&Value>,
-) -> Result<TaskEvent, Error> {
+    only_if_queued: bool,
+) -> Result<Option<TaskEvent>, Error> {
     let (kind, data, status, result, error) = match outcome {
         Ok(result) => (
             EventKind::Result,
@@ -401,16 +590,24 @@ async fn finish_in(
             Some(message.clone()),
         ),
     };
-    let event = append_in(tx, task_id, kind, data).await?;
-    sqlx::query("UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ? WHERE id = ?")
-        .bind(status.as_str())
-        .bind(result)
-        .bind(error)
-        .bind(now_ms())
-        .bind(task_id)
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
+    // A finished task stays as it ended: its first outcome is the one kept.
+    let updated = sqlx::query(
+        "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ?
+         WHERE id = ? AND status IN (?, 'queued')",
+    )
+    .bind(status.as_str())
+    .bind(result)
+    .bind(error)
+    .bind(now_ms())
+    .bind(task_id)
+    .bind(if only_if_queued { "queued" } else { "running" })
+    .execute(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    if updated.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let event = append_in(tx, task_id, attempt, kind, data).await?;
     if let Some(state) = state {
         sqlx::query("UPDATE sessions SET state = ? WHERE id = ?")
             .bind(state.to_string())
@@ -419,12 +616,13 @@ async fn finish_in(
             .await
             .map_err(store_error)?;
     }
-    Ok(event)
+    Ok(Some(event))
 }
 
 async fn append_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     task_id: &str,
+    attempt: u32,
     kind: EventKind,
     data: Value,
 ) -> Result<TaskEvent, Error> {
@@ -435,11 +633,12 @@ async fn append_in(
             .await
             .and_then(|row| row.try_get("next"))
             .map_err(store_error)?;
-    sqlx::query("INSERT INTO events (task_id, seq, kind, data) VALUES (?, ?, ?, ?)")
+    sqlx::query("INSERT INTO events (task_id, seq, kind, data, attempt) VALUES (?, ?, ?, ?, ?)")
         .bind(task_id)
         .bind(seq)
         .bind(kind.as_str())
         .bind(data.to_string())
+        .bind(i64::from(attempt))
         .execute(&mut **tx)
         .await
         .map_err(store_error)?;
@@ -447,6 +646,7 @@ async fn append_in(
         task_id: task_id.to_owned(),
         seq: u64::try_from(seq).unwrap_or(0),
         kind,
+        attempt,
         data,
     })
 }

@@ -4,7 +4,7 @@
 //! goes to the whole group, so nothing a service started outlives it.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ const INHERITED: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
 ];
 const INHERITED_PREFIXES: &[&str] = &["LC_", "PYENV_"];
+
+/// util-linux's `setpriv`, which starts a service with a parent-death signal.
+const SETPRIV: &str = "/usr/bin/setpriv";
 
 /// What to run and how.
 #[derive(Debug, Clone)]
@@ -90,15 +93,21 @@ impl Policy {
 pub(crate) fn process_env(
     extra: impl IntoIterator<Item = (String, String)>,
 ) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(key, _)| {
-            INHERITED.contains(&key.as_str())
-                || INHERITED_PREFIXES.iter().any(|p| key.starts_with(p))
-        })
-        .collect();
-    for (key, value) in extra {
-        env.retain(|(k, _)| *k != key);
-        env.push((key, value));
+    let inherited = std::env::vars().filter(|(key, _)| {
+        INHERITED.contains(&key.as_str()) || INHERITED_PREFIXES.iter().any(|p| key.starts_with(p))
+    });
+    // Later entries win; linear in the number of entries. Each key keeps the position of its
+    // first appearance.
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (key, value) in inherited.chain(extra) {
+        match index.get(&key) {
+            Some(&at) => env[at].1 = value,
+            None => {
+                index.insert(key.clone(), env.len());
+                env.push((key, value));
+            }
+        }
     }
     env
 }
@@ -407,19 +416,32 @@ fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
     use std::fs::OpenOptions;
     use std::io::Write;
 
+    use std::os::unix::fs::OpenOptionsExt;
+
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&spec.log)?;
-    let mut command = match &spec.command {
-        Command::Shell(line) => {
-            let mut command = tokio::process::Command::new("/bin/sh");
-            command.arg("-c").arg(line);
+    let argv: Vec<&str> = match &spec.command {
+        Command::Shell(line) => vec!["/bin/sh", "-c", line],
+        Command::Argv(argv) => argv.iter().map(String::as_str).collect(),
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return Err(std::io::Error::other("the command is empty"));
+    };
+    let mut command = match Path::new(SETPRIV).is_file() {
+        // The process gets SIGKILL when deployd dies, even by `kill -9`, where no stop of
+        // deployd's can run (`setpriv` sets PR_SET_PDEATHSIG, then execs the service). What
+        // it left in its group is killed when the next deployd starts on the data directory.
+        true => {
+            let mut command = tokio::process::Command::new(SETPRIV);
+            command.args(["--pdeathsig", "KILL", "--"]).args(&argv);
             command
         }
-        Command::Argv(argv) => {
-            let mut command = tokio::process::Command::new(&argv[0]);
-            command.args(&argv[1..]);
+        false => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args);
             command
         }
     };

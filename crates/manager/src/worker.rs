@@ -2,8 +2,16 @@
 //!
 //! Invariant: a task's message is acknowledged only after the task's outcome is committed;
 //! whatever happens before that (the service dies, deployd dies) leads to a redelivery.
+//!
+//! Invariant: an outcome the service returned is never thrown away because a commit failed:
+//! the commit is retried (see `Control`), and the service is not called again.
+//!
+//! Invariant: a worker told to stop drains: it takes no new delivery, lets the tasks in flight
+//! finish until the drain deadline, and only then cuts off what is left, which goes back to
+//! `queued` (and to the queue) without counting as a failed attempt.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deployd_queue::{Consumer, Delivery};
@@ -16,7 +24,7 @@ use crate::supervisor::stopped;
 use crate::{Phase, ServiceStatus, TaskStatus};
 
 /// After this many attempts that broke off, a task fails for good.
-const MAX_ATTEMPTS: u32 = 10;
+pub(crate) const MAX_ATTEMPTS: u32 = 10;
 
 pub(crate) struct WorkerContext {
     pub(crate) service: String,
@@ -25,9 +33,13 @@ pub(crate) struct WorkerContext {
     pub(crate) max_concurrency: usize,
     /// How long one task may run.
     pub(crate) timeout: Option<Duration>,
+    /// How long a service may take to start answering a task (its response head).
+    pub(crate) head_timeout: Duration,
+    /// How long the tasks in flight may take to finish once the worker is told to stop.
+    pub(crate) drain_timeout: Duration,
 }
 
-/// Runs until `stop` turns true; then drops what it holds, which the queue redelivers.
+/// Runs until `stop` turns true; then drains (see the module's invariant) and returns.
 pub(crate) async fn run(
     context: WorkerContext,
     mut consumer: Box<dyn Consumer>,
@@ -36,6 +48,7 @@ pub(crate) async fn run(
     let context = Arc::new(context);
     let client = protocol::client();
     let permits = Arc::new(Semaphore::new(context.max_concurrency.max(1)));
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut running = JoinSet::new();
     loop {
         let permit = tokio::select! {
@@ -66,17 +79,59 @@ pub(crate) async fn run(
         };
         let context = Arc::clone(&context);
         let client = client.clone();
+        let in_flight = Arc::clone(&in_flight);
         running.spawn(async move {
-            handle(&context, &client, port, delivery).await;
+            handle(&context, &client, port, delivery, &in_flight).await;
             drop(permit);
         });
         // Reap finished handlers so the set does not grow.
         while running.try_join_next().is_some() {}
     }
-    running.shutdown().await;
+    // Drain: no new delivery; the tasks in flight finish until the deadline.
+    drop(consumer);
+    let drained = tokio::time::timeout(context.drain_timeout, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        running.shutdown().await;
+        let cut: Vec<String> = lock(&in_flight).drain().collect();
+        tracing::warn!(
+            service = %context.service,
+            tasks = cut.len(),
+            "tasks still running at the drain deadline were cut off; they run again later"
+        );
+        for task in cut {
+            if let Err(err) = context.control.store().requeue(&task).await {
+                tracing::warn!(task = %task, error = %err, "cannot mark a cut-off task queued");
+            }
+        }
+    }
 }
 
-async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, delivery: Delivery) {
+fn lock(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Removes a task from the in-flight set when its handler ends (or is cut off before).
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    task: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.task);
+    }
+}
+
+async fn handle(
+    context: &WorkerContext,
+    client: &reqwest::Client,
+    port: u16,
+    delivery: Delivery,
+    in_flight: &Mutex<HashSet<String>>,
+) {
     let control = &context.control;
     let store = control.store();
     let task_id = String::from_utf8_lossy(&delivery.message.payload).into_owned();
@@ -88,7 +143,7 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
         return;
     };
     // Read after the claim: a delivery that ran meanwhile has committed its outcome.
-    let task = match store.task(&task_id).await {
+    let mut task = match store.task(&task_id).await {
         Ok(Some(task)) if !task.status.is_finished() => task,
         Ok(_) => {
             // Deleted, or finished by an earlier delivery: nothing to do.
@@ -109,14 +164,28 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
             return;
         }
     };
-    if let Err(err) = store
+    match store
         .set_task_status(&task.id, TaskStatus::Running, attempt)
         .await
     {
-        tracing::warn!(task = %task_id, error = %err, "cannot mark task running");
-        let _ = delivery.nack(Some(Duration::from_secs(1))).await;
-        return;
+        Ok(true) => {}
+        Ok(false) => {
+            // It ended meanwhile (it could not run, or it was failed while it waited).
+            let _ = delivery.ack().await;
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(task = %task_id, error = %err, "cannot mark task running");
+            let _ = delivery.nack(Some(Duration::from_secs(1))).await;
+            return;
+        }
     }
+    task.attempt = attempt;
+    lock(in_flight).insert(task.id.clone());
+    let _in_flight = InFlight {
+        set: in_flight,
+        task: task.id.clone(),
+    };
     let request = TaskRequest {
         task_id: &task.id,
         session_id: &task.session_id,
@@ -124,7 +193,9 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
         input: &task.input,
         state: state.as_ref(),
     };
-    let call = protocol::call(client, port, &request, |data| control.event(&task.id, data));
+    let call = protocol::call(client, port, context.head_timeout, &request, |data| {
+        control.event(&task.id, attempt, data)
+    });
     let called = match context.timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(called) => called,
@@ -141,6 +212,13 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
             Err(format!("the service broke the protocol: {message}")),
             None,
         ),
+        Err(CallError::Sink(err)) => {
+            // The task log's writer stopped: deployd is shutting down. The task runs again
+            // after the restart.
+            tracing::warn!(task = %task.id, error = %err, "cannot record the task's events");
+            let _ = delivery.nack(None).await;
+            return;
+        }
         Err(err) if attempt >= MAX_ATTEMPTS => (
             Err(format!("gave up after {attempt} attempts: {err}")),
             None,
@@ -155,6 +233,8 @@ async fn handle(context: &WorkerContext, client: &reqwest::Client, port: u16, de
             return;
         }
     };
+    // `finish` retries a failing commit until it succeeds; it fails only when deployd shuts
+    // down, and then the message is not acknowledged: the task runs again after the restart.
     match control.finish(&task, outcome, state).await {
         Ok(()) => {
             if let Err(err) = delivery.ack().await {
