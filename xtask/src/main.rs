@@ -182,6 +182,7 @@ const BENCHED: &[&str] = &[
     "deployd-sources",
     "deployd-pipeline",
     "deployd-graph",
+    "deployd-manager",
 ];
 
 fn bench() -> anyhow::Result<()> {

@@ -487,6 +487,13 @@ impl Manager {
         let data_dir = data_dir
             .canonicalize()
             .map_err(|err| Error::io("cannot open", data_dir, err))?;
+        // The store holds literal secrets of deployment files, the logs what services print:
+        // only deployd's user may look inside.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|err| Error::io("cannot restrict", &data_dir, err))?;
+        }
         let options = Options {
             data_dir: data_dir.clone(),
             ..options
@@ -749,7 +756,14 @@ impl Manager {
         base: &Path,
         reload: bool,
     ) -> Result<Deployed, Error> {
-        let loaded = load(text, origin).map_err(Error::Invalid)?;
+        // Parsing a large file takes CPU time: not on the async runtime's threads.
+        let loaded = {
+            let (text, origin) = (text.to_owned(), origin.to_owned());
+            tokio::task::spawn_blocking(move || load(&text, &origin))
+                .await
+                .map_err(|err| Error::BadRequest(format!("cannot parse the file: {err}")))?
+                .map_err(Error::Invalid)?
+        };
         let warnings = unsupported(&loaded)?;
         let spec = loaded.spec;
         let base = base

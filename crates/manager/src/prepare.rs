@@ -217,9 +217,11 @@ async fn run_build_command(build: &Build<'_>, command: &Command) -> Result<(), E
             process
         }
     };
+    use std::os::unix::fs::OpenOptionsExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(build.log)
         .map_err(|err| Error::io("cannot open", build.log, err))?;
     let failed = |detail: String| Error::Build {

@@ -50,27 +50,26 @@ pub(crate) fn config_of(spec: Option<&MessageQueueSpec>) -> QueueConfig {
         }
         Some(other) => {
             // `MessageQueueSpec` is non-exhaustive; a kind the config crate learns before this
-            // mapping does is refused by `connect`'s caller through `describe`.
-            tracing::warn!(queue = ?other, "unknown message queue kind; the embedded queue is used");
+            // mapping does is refused by `connect`'s caller through `describe`. Only the
+            // variant's name is logged: its fields may hold a URL with a password.
+            let debug = format!("{other:?}");
+            let kind = debug
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or_default();
+            tracing::warn!(
+                kind,
+                "unknown message queue kind; the embedded queue is used"
+            );
             QueueConfig::Memory
         }
     }
 }
 
-/// Where `config` points, without credentials, for messages.
+/// Where `config` points, without credentials, for messages: the queue crate's redactor
+/// knows every form a broker address takes (server lists, tokens, secret query parameters).
 pub(crate) fn describe(config: &QueueConfig) -> String {
-    let redact = deployd_sources::redact_url;
-    match config {
-        QueueConfig::Redis(options) => format!("Redis at {}", redact(&options.url)),
-        QueueConfig::RabbitMq(options) => format!("RabbitMQ at {}", redact(&options.url)),
-        QueueConfig::Nats(options) => format!("NATS at {}", redact(&options.url)),
-        QueueConfig::Kafka(options) => format!("Kafka at {}", options.brokers),
-        QueueConfig::Sqs(options) => match &options.endpoint {
-            Some(endpoint) => format!("SQS at {endpoint} ({})", options.region),
-            None => format!("SQS in {}", options.region),
-        },
-        other => other.backend_name().to_owned(),
-    }
+    config.describe()
 }
 
 /// Connects to the queue `config` names. A backend this build lacks, or unusable options, are
@@ -120,6 +119,38 @@ mod tests {
             task_topic("aaaaaaaaaaaa0", "d", "s"),
             task_topic("bbbbbbbbbbbb0", "d", "s")
         );
+    }
+
+    fn nats(url: &str) -> QueueConfig {
+        QueueConfig::Nats(deployd_queue::config::NatsOptions::new(url))
+    }
+
+    #[test]
+    fn descriptions_hide_every_password_of_a_server_list() {
+        for (url, described) in [
+            (
+                "nats://a:very-secret-1@h1:4222,nats://b:very-secret-2@h2:4222",
+                "NATS at nats://a:***@h1:4222,nats://b:***@h2:4222",
+            ),
+            (
+                "nats://a:very-secret-1@h1:4222,b:very-secret-2@h2:4222",
+                "NATS at nats://a:***@h1:4222,b:***@h2:4222",
+            ),
+        ] {
+            assert_eq!(describe(&nats(url)), described);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_broker_url_is_a_bad_request() {
+        // Refused before any connection attempt, with or without the backend's feature.
+        let err = match connect(&nats("nats://a:very-secret@127.0.0.1:1,")).await {
+            Ok(_) => panic!("connected with a malformed server list"),
+            Err(err) => err,
+        };
+        assert!(matches!(err, Error::BadRequest(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(!message.contains("very-secret"), "{message}");
     }
 
     #[tokio::test]

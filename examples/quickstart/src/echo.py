@@ -48,6 +48,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main():
     port = int(os.environ.get("PORT", "8000"))
+    # A listen backlog for the tasks deployd sends at once (`max-concurrency`, 32 by default).
+    ThreadingHTTPServer.request_queue_size = 128
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(f"echo: listening on 127.0.0.1:{port}", flush=True)
