@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use deployd_manager::{Manager, Options};
 use deployd_server::client::Client;
+use deployd_server::{AllowedHost, ApiOptions};
 use serde_json::Value;
 
 #[derive(Debug, Parser)]
@@ -91,8 +92,51 @@ struct ServeArgs {
     /// The most deployments that may exist at once.
     #[arg(long, default_value_t = 10)]
     max_deployments: usize,
+    /// Another name requests may be addressed to (their `Host`), and whose web pages may
+    /// change things; without a port, on any port. The listen address (and, for a loopback
+    /// one, `localhost`, `127.0.0.1` and `[::1]`) with its port is always allowed. Repeatable.
+    #[arg(
+        long = "allow-host",
+        value_name = "NAME[:PORT]",
+        env = "DEPLOYD_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
+    allow_hosts: Vec<AllowedHost>,
+    /// A folder (with the folders below it) that clients on other machines may deploy from
+    /// (`base_path`); clients on this machine may deploy from any folder. Repeatable.
+    #[arg(long = "allow-base-path", value_name = "DIR")]
+    allow_base_paths: Vec<PathBuf>,
+    /// How long `POST .../tasks/run` waits for a task before answering 504 (the task goes on).
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "DEPLOYD_RUN_TIMEOUT",
+        default_value = "120",
+        value_parser = parse_seconds
+    )]
+    run_timeout: Duration,
     /// Deployment files to deploy at start.
     files: Vec<PathBuf>,
+}
+
+/// `deployd` with no command: `deployd serve` with its defaults and environment.
+#[derive(Debug, Parser)]
+#[command(name = "deployd")]
+struct DefaultServe {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// A positive number of seconds (`120`, `0.5`).
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if seconds.is_nan() || seconds <= 0.0 {
+        return Err(format!("`{text}`: the timeout must be more than 0 seconds"));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,15 +163,15 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let client = Client::new(&cli.server);
     match cli.command {
-        None => serve(ServeArgs {
-            listen: SocketAddr::from(([127, 0, 0, 1], 4501)),
-            data_dir: PathBuf::from(".deployd"),
-            max_deployments: 10,
-            files: Vec::new(),
-        })
-        .await
-        .map(|()| std::process::ExitCode::SUCCESS),
-        Some(Command::Serve(args)) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        None => {
+            let DefaultServe { args } = DefaultServe::try_parse_from(["deployd"])?;
+            Box::pin(serve(args))
+                .await
+                .map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Serve(args)) => Box::pin(serve(args))
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS),
         Some(Command::Deploy {
             file,
             reload,
@@ -351,28 +395,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::error!(file = %file.display(), error = %format!("{err:#}"), "cannot deploy");
         }
     }
+    let address = listener.local_addr().unwrap_or(args.listen);
+    let mut options = ApiOptions::new(address).run_timeout(args.run_timeout);
+    for host in args.allow_hosts {
+        options = options.allow_host(host);
+    }
+    for dir in args.allow_base_paths {
+        options = options.allow_base_path(dir);
+    }
     tracing::info!(
-        address = %args.listen,
+        address = %address,
         data_dir = %manager.options().data_dir.display(),
-        "deployd listening on http://{} (loopback only)",
-        args.listen
+        hosts = %options.allowed_hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "deployd listening on http://{address} (loopback only)",
     );
 
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(deployd_server::serve(
         listener,
         manager.clone(),
+        options,
         async move {
             let _ = server_stopped.await;
         },
     ));
     shutdown_signal().await;
     tracing::info!("shutting down");
-    // Stopping the Manager stops the services and ends open streams, so that the server can
-    // drain; the whole shutdown has a deadline.
+    // The server stops taking connections first, so that a wait the Manager's shutdown cuts
+    // answers "shutting down"; stopping the Manager stops the services and ends open streams,
+    // so that the server can drain. The whole shutdown has a deadline.
     let drained = tokio::time::timeout(Duration::from_secs(9), async {
-        manager.shutdown().await;
         let _ = stop_server.send(());
+        manager.shutdown().await;
         let _ = server.await;
     })
     .await;

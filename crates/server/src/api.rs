@@ -1,31 +1,79 @@
 //! The routes.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{
+    DefaultBodyLimit, FromRef, FromRequest, FromRequestParts, Multipart, OriginalUri, Path, Query,
+    Request, State,
+};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use deployd_manager::{EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
+use deployd_manager::{
+    Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus,
+};
 use futures::StreamExt;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ApiError;
+use crate::options::ApiOptions;
 use crate::wire::{EventLine, TaskDefinition, TaskResult, result_text};
 
 /// The largest request body accepted.
 const MAX_BODY: usize = deployd_config::MAX_FILE_SIZE + 64 * 1024;
 
+/// The most tasks one page of `GET …/tasks` holds.
+const MAX_PAGE: usize = 1000;
+
+/// The size of a page of `GET …/tasks` when only `after` is given.
+const DEFAULT_PAGE: usize = 100;
+
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The API's routes over `manager`.
-pub fn router(manager: Manager) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    manager: Manager,
+    options: Arc<ApiOptions>,
+    /// Set once the server has been told to stop: a wait that ends then is cut by shutdown.
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl FromRef<AppState> for Manager {
+    fn from_ref(state: &AppState) -> Self {
+        state.manager.clone()
+    }
+}
+
+/// The API's routes over `manager`, behind the request guard (see `ApiOptions`). Serve it
+/// with `into_make_service_with_connect_info::<SocketAddr>()` (as [`crate::serve`] does):
+/// without the client's address, every client is taken for one on another machine.
+pub fn router(manager: Manager, options: ApiOptions) -> Router {
+    routes(manager, options, Arc::default())
+}
+
+pub(crate) fn routes(
+    manager: Manager,
+    options: ApiOptions,
+    shutting_down: Arc<AtomicBool>,
+) -> Router {
+    let options = Arc::new(options);
+    let state = AppState {
+        manager,
+        options: Arc::clone(&options),
+        shutting_down,
+    };
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
@@ -58,15 +106,102 @@ pub fn router(manager: Manager) -> Router {
             get(get_session),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            options,
+            crate::guard::guard,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
-        .with_state(manager)
+        .with_state(state)
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+}
+
+/// `Path` with a JSON error.
+struct P<T>(T);
+
+impl<T, S> FromRequestParts<S> for P<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| P(value))
+            .map_err(|err| ApiError::new(err.status(), err.body_text()))
+    }
+}
+
+/// The IP address of the client, when the server was given it (see [`router`]).
+struct Peer(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+                .await
+                .ok()
+                .map(|ConnectInfo(address)| address.ip()),
+        ))
+    }
+}
+
+/// A JSON body that must be an object (serde would take an array for a struct, field by field).
+struct JsonObject<T>(T);
+
+impl<T, S> FromRequest<S> for JsonObject<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<Value>::from_request(request, state)
+            .await
+            .map_err(|err| ApiError::new(err.status(), err.body_text()))?;
+        if !value.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "the request body must be a JSON object, not {}",
+                kind_of(&value)
+            )));
+        }
+        serde_json::from_value(value)
+            .map(JsonObject)
+            .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
+    }
+}
+
+/// What a JSON value is, for a message.
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// `Query` with a JSON error.
@@ -88,11 +223,6 @@ where
             .map(|Query(value)| Q(value))
             .map_err(|err: QueryRejection| ApiError::bad_request(err.body_text()))
     }
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(value)| value)
-        .map_err(|err| ApiError::new(err.status(), err.body_text()))
 }
 
 async fn root() -> Json<Value> {
@@ -124,7 +254,7 @@ async fn list_deployments(State(manager): State<Manager>) -> Json<Value> {
 
 async fn get_deployment(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> ApiResult<Json<Value>> {
     let status = manager.status(&name)?;
     Ok(Json(json!(status)))
@@ -132,7 +262,7 @@ async fn get_deployment(
 
 async fn delete_deployment(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> ApiResult<Json<Value>> {
     manager.delete(&name).await?;
     Ok(Json(json!({ "name": name })))
@@ -149,15 +279,31 @@ struct CreateParams {
 }
 
 async fn create_deployment(
-    State(manager): State<Manager>,
+    State(state): State<AppState>,
+    Peer(peer): Peer,
     Q(params): Q<CreateParams>,
     request: Request,
 ) -> ApiResult<Response> {
+    let requested = params
+        .base_path
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from);
+    let base = crate::base_path::resolve(
+        peer,
+        requested.as_deref(),
+        &state.options.allowed_base_paths,
+        std::env::current_dir(),
+    )
+    .map_err(ApiError::bad_request)?;
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        });
     let (text, origin) = if is_multipart {
         read_multipart(request).await?
     } else {
@@ -166,12 +312,16 @@ async fn create_deployment(
             .map_err(|err| ApiError::new(err.status(), err.body_text()))?;
         (utf8(body.to_vec())?, "deployment.yaml".to_owned())
     };
-    let base = match params.base_path {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => std::env::current_dir()
-            .map_err(|err| ApiError::bad_request(format!("no base_path given: {err}")))?,
-    };
-    let deployed = manager.deploy(&text, &origin, &base, params.reload).await?;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "no deployment file: send it as the multipart field `config_file` (or as an \
+             `application/json` body)",
+        ));
+    }
+    let deployed = state
+        .manager
+        .deploy(&text, &origin, &base, params.reload)
+        .await?;
     Ok((
         StatusCode::OK,
         Json(json!({ "name": deployed.status.name, "warnings": deployed.warnings })),
@@ -182,11 +332,11 @@ async fn create_deployment(
 async fn read_multipart(request: Request) -> ApiResult<(String, String)> {
     let mut multipart = Multipart::from_request(request, &())
         .await
-        .map_err(|err| ApiError::bad_request(err.body_text()))?;
+        .map_err(|err| ApiError::new(err.status(), err.body_text()))?;
     while let Some(field) = multipart
         .next_field()
         .await
-        .map_err(|err| ApiError::bad_request(err.body_text()))?
+        .map_err(|err| ApiError::new(err.status(), err.body_text()))?
     {
         if field.name() == Some("config_file") {
             let origin = field
@@ -197,7 +347,7 @@ async fn read_multipart(request: Request) -> ApiResult<(String, String)> {
             let bytes = field
                 .bytes()
                 .await
-                .map_err(|err| ApiError::bad_request(err.body_text()))?;
+                .map_err(|err| ApiError::new(err.status(), err.body_text()))?;
             return Ok((utf8(bytes.to_vec())?, origin));
         }
     }
@@ -220,18 +370,28 @@ struct SessionParam {
     session_id: Option<String>,
 }
 
-/// Parses a `TaskDefinition`'s input: a JSON string of keyword arguments, or an object.
+/// Parses a `TaskDefinition`'s input: a JSON string of keyword arguments, or an object. The
+/// service runs the workflow as `run(**input)`, so anything but an object is refused here
+/// rather than failing in the service.
 fn task_input(input: Value) -> ApiResult<Value> {
-    match input {
-        Value::Null => Ok(json!({})),
-        Value::String(text) if text.trim().is_empty() => Ok(json!({})),
+    let value = match input {
+        Value::Null => return Ok(json!({})),
+        Value::String(text) if text.trim().is_empty() => return Ok(json!({})),
         Value::String(text) => serde_json::from_str(&text).map_err(|err| {
             ApiError::bad_request(format!(
                 "`input` must be a JSON string of keyword arguments: {err}"
             ))
-        }),
-        other => Ok(other),
+        })?,
+        other => other,
+    };
+    if !value.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "`input` must be a JSON object of keyword arguments (the workflow runs as \
+             `run(**input)`), not {}",
+            kind_of(&value)
+        )));
     }
+    Ok(value)
 }
 
 fn definition(task: &TaskInfo, input: Value) -> TaskDefinition {
@@ -247,9 +407,8 @@ async fn new_task(
     manager: &Manager,
     name: &str,
     session: SessionParam,
-    body: Result<Json<TaskDefinition>, JsonRejection>,
+    body: TaskDefinition,
 ) -> ApiResult<(TaskInfo, Value)> {
-    let body = json_body(body)?;
     let raw_input = body.input.clone();
     let task = manager
         .create_task(
@@ -270,36 +429,73 @@ async fn new_task(
 
 async fn create_task(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
     Q(session): Q<SessionParam>,
-    body: Result<Json<TaskDefinition>, JsonRejection>,
+    JsonObject(body): JsonObject<TaskDefinition>,
 ) -> ApiResult<Json<TaskDefinition>> {
     let (task, input) = new_task(&manager, &name, session, body).await?;
     Ok(Json(definition(&task, input)))
 }
 
+/// Runs a task and answers with its result, waiting at most the run timeout.
 async fn run_task(
-    State(manager): State<Manager>,
-    Path(name): Path<String>,
+    State(state): State<AppState>,
+    P(name): P<String>,
     Q(session): Q<SessionParam>,
-    body: Result<Json<TaskDefinition>, JsonRejection>,
+    JsonObject(body): JsonObject<TaskDefinition>,
 ) -> ApiResult<Json<Value>> {
-    let (task, _) = new_task(&manager, &name, session, body).await?;
-    let task = manager.wait_task(&name, &task.id).await?;
-    match task.status {
-        TaskStatus::Succeeded => Ok(Json(task.result.unwrap_or(Value::Null))),
-        TaskStatus::Failed => Err(ApiError::new(
+    let manager = &state.manager;
+    let (task, _) = new_task(manager, &name, session, body).await?;
+    let timeout = state.options.run_timeout;
+    let Ok(waited) = tokio::time::timeout(timeout, manager.wait_task(&name, &task.id)).await else {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "task {id} has not finished after {timeout:?}; it still runs, and its result \
+                 can be read at /deployments/{name}/tasks/{id}/results",
+                id = task.id
+            ),
+        ));
+    };
+    match waited {
+        Ok(done) if done.status == TaskStatus::Succeeded => {
+            Ok(Json(done.result.unwrap_or(Value::Null)))
+        }
+        Ok(done) if done.status == TaskStatus::Failed => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             format!(
                 "task {} failed: {}",
-                task.id,
-                task.error.as_deref().unwrap_or("unknown error")
+                done.id,
+                done.error.as_deref().unwrap_or("unknown error")
             ),
         )),
-        _ => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "deployd is shutting down; the task will run after it restarts",
-        )),
+        // The wait ended before the task did: deployd is stopping, or the deployment was
+        // deleted meanwhile.
+        ended => {
+            if state.shutting_down.load(Ordering::SeqCst) {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "deployd is shutting down; task {} will run after it restarts",
+                        task.id
+                    ),
+                ));
+            }
+            if let Err(gone @ Error::NotFound { .. }) = manager.status(&name) {
+                return Err(gone.into());
+            }
+            match ended {
+                Err(err) => Err(err.into()),
+                Ok(_) => Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the wait for task {id} ended before the task did; its result can be \
+                         read at /deployments/{name}/tasks/{id}/results",
+                        id = task.id
+                    ),
+                )),
+            }
+        }
     }
 }
 
@@ -308,17 +504,67 @@ fn task_definition_of(task: &TaskInfo) -> TaskDefinition {
     definition(task, input)
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct PageParams {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// The tasks of a deployment, oldest first: all of them (llama_deploy's clients read a plain
+/// list), or with `limit` and/or `after` one page, with a `Link` to the next one when it is
+/// full.
 async fn list_tasks(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Vec<TaskDefinition>>> {
-    let tasks = manager.tasks(&name).await?;
-    Ok(Json(tasks.iter().map(task_definition_of).collect()))
+    P(name): P<String>,
+    Q(page): Q<PageParams>,
+    OriginalUri(uri): OriginalUri,
+) -> ApiResult<Response> {
+    if page.limit.is_none() && page.after.is_none() {
+        let tasks = manager.tasks(&name).await?;
+        let all: Vec<TaskDefinition> = tasks.iter().map(task_definition_of).collect();
+        return Ok(Json(all).into_response());
+    }
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let after = page.after.filter(|after| !after.is_empty());
+    let tasks = manager.tasks_page(&name, after.as_deref(), limit).await?;
+    let definitions: Vec<TaskDefinition> = tasks.iter().map(task_definition_of).collect();
+    let mut response = Json(definitions).into_response();
+    if tasks.len() == limit
+        && let Some(last) = tasks.last()
+    {
+        let link = format!(
+            "<{}?after={}&limit={limit}>; rel=\"next\"",
+            uri.path(),
+            percent_encode(&last.id)
+        );
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// `text` with every byte but URL-safe ones written as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 async fn task_result(
     State(manager): State<Manager>,
-    Path((name, task_id)): Path<(String, String)>,
+    P((name, task_id)): P<(String, String)>,
 ) -> ApiResult<Json<Option<TaskResult>>> {
     manager.status(&name)?;
     let task = manager.task(&name, &task_id).await?;
@@ -358,7 +604,7 @@ struct EventParams {
 
 async fn task_events(
     State(manager): State<Manager>,
-    Path((name, task_id)): Path<(String, String)>,
+    P((name, task_id)): P<(String, String)>,
     Q(params): Q<EventParams>,
 ) -> ApiResult<Response> {
     manager.status(&name)?;
@@ -400,7 +646,7 @@ fn session_definition(session: SessionInfo) -> Value {
 
 async fn list_sessions(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> ApiResult<Json<Vec<Value>>> {
     let sessions = manager.sessions(&name).await?;
     Ok(Json(sessions.into_iter().map(session_definition).collect()))
@@ -408,7 +654,7 @@ async fn list_sessions(
 
 async fn get_session(
     State(manager): State<Manager>,
-    Path((name, session_id)): Path<(String, String)>,
+    P((name, session_id)): P<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(session_definition(
         manager.session(&name, &session_id).await?,
@@ -417,7 +663,7 @@ async fn get_session(
 
 async fn create_session(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(session_definition(
         manager.create_session(&name).await?,
@@ -426,7 +672,7 @@ async fn create_session(
 
 async fn delete_session(
     State(manager): State<Manager>,
-    Path(name): Path<String>,
+    P(name): P<String>,
     Q(session): Q<SessionParam>,
 ) -> ApiResult<Json<Value>> {
     let Some(id) = session.session_id else {
@@ -446,10 +692,9 @@ struct EventDefinition {
 
 async fn send_event(
     State(manager): State<Manager>,
-    Path((name, task_id)): Path<(String, String)>,
-    body: Result<Json<EventDefinition>, JsonRejection>,
+    P((name, task_id)): P<(String, String)>,
+    JsonObject(event): JsonObject<EventDefinition>,
 ) -> ApiResult<Json<EventDefinition>> {
-    let event = json_body(body)?;
     // A serialized event is usually JSON; anything else is passed on as a string.
     let data = serde_json::from_str(&event.event_obj_str)
         .unwrap_or_else(|_| Value::String(event.event_obj_str.clone()));

@@ -38,7 +38,7 @@ impl From<Error> for ApiError {
             Error::AlreadyExists(_) | Error::TooManyDeployments(_) | Error::Conflict(_) => {
                 StatusCode::CONFLICT
             }
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Invalid(_)
             | Error::BadRequest(_)
             | Error::Source { .. }

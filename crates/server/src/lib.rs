@@ -3,32 +3,59 @@
 //! [`router`] serves llama_deploy's routes (`/status/`, `/deployments/...`) over a
 //! [`deployd_manager::Manager`], with the same JSON payloads, so that llama_deploy's CLI and
 //! client keep working, plus deployd's own (`DELETE /deployments/{name}`, resumable event
-//! streams). Every error is a JSON `{"detail": ...}` with a 4xx status when the request was at
-//! fault. [`client::Client`] is the typed client the `deployd` CLI uses.
+//! streams, paged task lists). Every error is a JSON `{"detail": ...}` with a 4xx status when
+//! the request was at fault. [`client::Client`] is the typed client the `deployd` CLI uses.
 //!
-//! Only this crate knows HTTP and the wire JSON of the API.
+//! Every request passes a guard first (see [`ApiOptions`]): its `Host` must be a name the
+//! server answers to, and a change (`POST`, `PUT`, `PATCH`, `DELETE`) must not come from a web
+//! page of another origin nor carry a body a page could send unasked (only `application/json`
+//! and `multipart/form-data` bodies are read). Clients on other machines deploy only from the
+//! folders the operator allowed.
+//!
+//! Only this crate knows HTTP and the wire JSON of the API. It does not authenticate clients.
 
 mod api;
+mod base_path;
 pub mod client;
 mod error;
+mod guard;
+mod options;
 pub mod wire;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use deployd_manager::Manager;
 use tokio::net::TcpListener;
 
 pub use api::router;
 pub use error::ApiError;
+pub use options::{AllowedHost, ApiOptions, DEFAULT_RUN_TIMEOUT, InvalidHost};
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the requests in
-/// flight (streams end when the Manager shuts down).
+/// flight (they end when the Manager shuts down: resolve `shutdown` first, then shut the
+/// Manager down, so that cut waits answer 503 "shutting down").
 pub async fn serve(
     listener: TcpListener,
     manager: Manager,
+    options: ApiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(manager))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let app = api::routes(manager, options, Arc::clone(&shutting_down));
+    // Boxed: the server's future is deeply nested, and callers' futures hold this one.
+    Box::pin(
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            shutting_down.store(true, Ordering::SeqCst);
+        })
+        .into_future(),
+    )
+    .await
 }
