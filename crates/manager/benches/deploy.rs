@@ -71,7 +71,10 @@ async fn deploy(manager: &Manager, text: &str, base: &std::path::Path) -> Durati
         if past_launch {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the deploy did not get past launch");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy did not get past launch"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let used = cpu_time().saturating_sub(before);

@@ -34,6 +34,9 @@ pub(crate) struct Control {
     /// Transactions the writer committed; for tests of the batching.
     #[cfg_attr(not(test), allow(dead_code))]
     commits: Arc<AtomicU64>,
+    /// Commits that failed (and were retried); for tests of the single writer.
+    #[cfg_attr(not(test), allow(dead_code))]
+    failed_commits: Arc<AtomicU64>,
     /// Tasks a worker of this server is running now; see [`Control::claim`].
     running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -64,6 +67,7 @@ async fn commit_until_closed(
     store: &Store,
     writes: &[Write],
     mut closed: watch::Receiver<bool>,
+    failures: &AtomicU64,
 ) -> Result<Vec<Option<TaskEvent>>, Error> {
     let mut pause = Duration::from_millis(50);
     loop {
@@ -71,6 +75,7 @@ async fn commit_until_closed(
             Ok(events) => return Ok(events),
             Err(err) if *closed.borrow() => return Err(err),
             Err(err) => {
+                failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
@@ -105,10 +110,12 @@ impl Control {
         let (closed, _) = watch::channel(false);
         let (writes, writer) = Pipeline::<Pending>::channel();
         let commits = Arc::new(AtomicU64::new(0));
+        let failed_commits = Arc::new(AtomicU64::new(0));
         let writer = {
             let store = store.clone();
             let bus = bus.clone();
             let commits = Arc::clone(&commits);
+            let failed = Arc::clone(&failed_commits);
             let closed = closed.subscribe();
             writer.batched_stage(
                 "store",
@@ -117,10 +124,11 @@ impl Control {
                     let store = store.clone();
                     let bus = bus.clone();
                     let commits = Arc::clone(&commits);
+                    let failed = Arc::clone(&failed);
                     let closed = closed.clone();
                     async move {
                         let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
-                        let written = commit_until_closed(&store, &writes, closed).await;
+                        let written = commit_until_closed(&store, &writes, closed, &failed).await;
                         commits.fetch_add(1, Ordering::Relaxed);
                         match written {
                             Ok(events) => {
@@ -157,6 +165,7 @@ impl Control {
             deleted,
             writes,
             commits,
+            failed_commits,
             running: std::sync::Mutex::default(),
         }
     }
@@ -250,6 +259,11 @@ impl Control {
     #[cfg(test)]
     fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    #[cfg(test)]
+    fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
     }
 
     /// Ends the followers of the tasks of `deployment`, which is being deleted.
@@ -443,6 +457,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn entries_carry_the_attempt_that_wrote_them() {
+        let (_dir, control, mut task) = control().await;
+        control.event("t", 1, json!("first try")).await.unwrap();
+        control.event("t", 2, json!("second try")).await.unwrap();
+        task.attempt = 2;
+        control
+            .finish(&task, Ok(json!("done")), None)
+            .await
+            .unwrap();
+        let attempts: Vec<u32> = control
+            .store()
+            .events_after("t", 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.attempt)
+            .collect();
+        assert_eq!(attempts, [1, 2, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_finished_task_keeps_its_first_outcome() {
+        let (_dir, control, task) = control().await;
+        control
+            .finish(&task, Ok(json!("first")), None)
+            .await
+            .unwrap();
+        control
+            .finish(&task, Err("second".into()), None)
+            .await
+            .unwrap();
+        assert!(!control.fail_queued(&task, "late".into()).await.unwrap());
+        let stored = control.store().task("t").await.unwrap().unwrap();
+        assert_eq!(stored.status, TaskStatus::Succeeded);
+        assert_eq!(stored.result, Some(json!("first")));
+        assert_eq!(control.store().events_after("t", 0).await.unwrap().len(), 1);
+        assert!(
+            !control
+                .store()
+                .set_task_status("t", TaskStatus::Running, 3)
+                .await
+                .unwrap(),
+            "a finished task is not started again"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_queued_task_is_failed_while_it_waits() {
+        let (_dir, control, task) = control().await;
+        assert!(
+            control
+                .store()
+                .set_task_status("t", TaskStatus::Running, 1)
+                .await
+                .unwrap()
+        );
+        assert!(!control.fail_queued(&task, "waited".into()).await.unwrap());
+        control.store().requeue("t").await.unwrap();
+        assert!(control.fail_queued(&task, "waited".into()).await.unwrap());
+        let stored = control.store().task("t").await.unwrap().unwrap();
+        assert_eq!(stored.status, TaskStatus::Failed);
+        assert_eq!(stored.error.as_deref(), Some("waited"));
+    }
+
+    #[tokio::test]
     async fn closing_ends_followers() {
         let (_dir, control, _task) = control().await;
         let rx = control.follow("d".into(), "t".into(), 0);
@@ -456,6 +535,62 @@ mod batching {
     use serde_json::json;
 
     use super::*;
+    use crate::TaskStatus;
+
+    /// What 32 workers and 32 clients do to the store at once: create tasks, mark them running,
+    /// append events, finish them, read them. No write fails (the probe saw `database is
+    /// locked`, SQLITE_BUSY_SNAPSHOT, from deferred transactions on a pool of writers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_task_lifecycles_never_fail_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        store.create_session("s", "d").await.unwrap();
+        let control = Arc::new(Control::new(store));
+        let mut workers = Vec::new();
+        for w in 0..32 {
+            let control = Arc::clone(&control);
+            workers.push(tokio::spawn(async move {
+                for n in 0..40 {
+                    let task = TaskInfo {
+                        id: format!("t{w}-{n}"),
+                        deployment: "d".into(),
+                        service: "svc".into(),
+                        session_id: "s".into(),
+                        input: json!({}),
+                        status: TaskStatus::Queued,
+                        attempt: 1,
+                        result: None,
+                        error: None,
+                    };
+                    let store = control.store();
+                    store.insert_task(&task).await?;
+                    store
+                        .set_task_status(&task.id, TaskStatus::Running, 1)
+                        .await?;
+                    for e in 0..3 {
+                        control.event(&task.id, 1, json!(e)).await?;
+                    }
+                    control
+                        .finish(&task, Ok(json!(n)), Some(json!({"n": n})))
+                        .await?;
+                    store.task(&task.id).await?;
+                    store.tasks_page("d", None, 10).await?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap().unwrap();
+        }
+        let tasks = control.store().tasks("d").await.unwrap();
+        assert_eq!(tasks.len(), 32 * 40);
+        assert!(tasks.iter().all(|t| t.status == TaskStatus::Succeeded));
+        assert_eq!(
+            control.failed_commits(),
+            0,
+            "a commit of the task log failed"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_share_transactions_and_keep_each_log_in_order() {

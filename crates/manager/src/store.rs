@@ -667,3 +667,47 @@ fn task_from_row(row: sqlx::sqlite::SqliteRow) -> Result<TaskInfo, Error> {
         error: row.try_get("error").map_err(store_error)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store made before events carried their attempt opens, keeps its events and gains the
+    /// column.
+    #[tokio::test]
+    async fn an_older_store_gains_the_added_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let options = SqliteConnectOptions::from_str("sqlite://")
+                .unwrap()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .unwrap();
+            sqlx::query(
+                "CREATE TABLE events (task_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                   kind TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (task_id, seq))
+                 WITHOUT ROWID",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO events VALUES ('t', 1, 'event', '\"old\"')")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open(&path).await.unwrap();
+        let events = store.events_after("t", 0).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, Value::String("old".into()));
+        assert_eq!(events[0].attempt, 0);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
