@@ -45,7 +45,10 @@ fn twenty_thousand_tasks_from_32_clients_each_run_exactly_once() {
     const PER_CLIENT: usize = 625;
     let project = Project::new();
     let task_log = project.path().join("tasks.log");
-    let file = project.deployment("load", &[("svc", &[("TASK_LOG", task_log.to_str().unwrap())])]);
+    let file = project.deployment(
+        "load",
+        &[("svc", &[("TASK_LOG", task_log.to_str().unwrap())])],
+    );
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(&data.path().join("data"), &[]);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
@@ -99,7 +102,10 @@ fn twenty_thousand_tasks_from_32_clients_each_run_exactly_once() {
     );
     let log = server.log();
     assert!(!log.contains("database is locked"), "lock errors:\n{log}");
-    assert!(!log.contains("will retry"), "a task attempt was retried:\n{log}");
+    assert!(
+        !log.contains("will retry"),
+        "a task attempt was retried:\n{log}"
+    );
 }
 
 /// SIGTERM with 20 tasks in flight: deployd stops taking tasks, lets the 20 finish, then exits;
@@ -108,8 +114,10 @@ fn twenty_thousand_tasks_from_32_clients_each_run_exactly_once() {
 fn sigterm_finishes_the_tasks_in_flight_and_runs_none_twice() {
     let project = Project::new();
     let task_log = project.path().join("tasks.log");
-    let file =
-        project.deployment("drain", &[("svc", &[("TASK_LOG", task_log.to_str().unwrap())])]);
+    let file = project.deployment(
+        "drain",
+        &[("svc", &[("TASK_LOG", task_log.to_str().unwrap())])],
+    );
     let data = tempfile::tempdir().unwrap();
     let mut server = Server::start(&data.path().join("data"), &[]);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
@@ -152,7 +160,10 @@ fn a_reload_with_tasks_in_flight_runs_none_twice() {
     let project = Project::new();
     let task_log = project.path().join("tasks.log");
     let log = task_log.to_str().unwrap();
-    let file = project.deployment("swap", &[("svc", &[("TASK_LOG", log), ("GREETING", "old ")])]);
+    let file = project.deployment(
+        "swap",
+        &[("svc", &[("TASK_LOG", log), ("GREETING", "old ")])],
+    );
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(&data.path().join("data"), &[]);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
@@ -164,7 +175,10 @@ fn a_reload_with_tasks_in_flight_runs_none_twice() {
     wait_for("10 tasks in flight", Duration::from_secs(30), || {
         (executions(&task_log).len() == 10).then_some(())
     });
-    let file = project.deployment("swap", &[("svc", &[("TASK_LOG", log), ("GREETING", "new ")])]);
+    let file = project.deployment(
+        "swap",
+        &[("svc", &[("TASK_LOG", log), ("GREETING", "new ")])],
+    );
     success(&server.cli(&["deploy", "--reload", file.to_str().unwrap()]));
     for (n, task) in tasks.iter().enumerate() {
         let result = result_of(&server, "swap", task);
@@ -199,7 +213,7 @@ fn tasks_of_a_crash_looping_service_fail_within_the_bound() {
     );
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(&data.path().join("data"), &["--unready-timeout", "2"]);
-    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    success(&server.cli(&["deploy", "--no-wait", file.to_str().unwrap()]));
     wait_for("the restarts to show", Duration::from_secs(30), || {
         let (_, body) = server.get("/deployments/looping").ok()?;
         let service = &body["services"][0];
@@ -230,7 +244,10 @@ fn tasks_of_a_crash_looping_service_fail_within_the_bound() {
 fn a_delete_ends_waiting_callers_and_streams() {
     let project = Project::new();
     let hold = project.path().join("hold");
-    let file = project.deployment("doomed", &[("svc", &[("HOLD_FILE", hold.to_str().unwrap())])]);
+    let file = project.deployment(
+        "doomed",
+        &[("svc", &[("HOLD_FILE", hold.to_str().unwrap())])],
+    );
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(&data.path().join("data"), &[]);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
@@ -273,7 +290,11 @@ fn a_delete_ends_waiting_callers_and_streams() {
     std::thread::sleep(Duration::from_millis(500));
     success(&server.cli(&["delete", "doomed"]));
     assert_eq!(runner.join().unwrap(), 404);
-    assert_eq!(streamer.join().unwrap(), 200, "the stream was open, then ended");
+    assert_eq!(
+        streamer.join().unwrap(),
+        200,
+        "the stream was open, then ended"
+    );
 }
 
 /// `kill -9` of deployd: its service processes die with it (they get a parent-death signal);
@@ -305,7 +326,9 @@ fn services_die_with_deployd_and_the_data_directory_is_private() {
     let (_, pid, _) = server.service("orphans", 0);
     let pid = pid.expect("the service runs");
     server.kill();
-    wait_for("the service to die with deployd", Duration::from_secs(10), || {
-        (!alive(pid)).then_some(())
-    });
+    wait_for(
+        "the service to die with deployd",
+        Duration::from_secs(10),
+        || (!alive(pid)).then_some(()),
+    );
 }

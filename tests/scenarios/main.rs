@@ -1,6 +1,7 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
 mod brokers;
+mod faults;
 mod git;
 mod pipeline;
 mod settings;

@@ -196,6 +196,7 @@ fn bad_requests_get_clear_errors() {
 
     // A type error: 400 with line and column.
     let (status, body) = server.post_raw(
+        "application/yaml",
         &create,
         "name: typo\nservices:\n  svc:\n    command: python3 echo.py\n    port: eighty\n",
     );
@@ -220,6 +221,7 @@ fn bad_requests_get_clear_errors() {
 
     // A source escaping the deployment's folder.
     let (status, body) = server.post_raw(
+        "application/yaml",
         &create,
         "name: escape\nservices:\n  svc:\n    command: cat /etc/passwd\n    source:\n      type: local\n      location: ../../etc\n",
     );
@@ -283,7 +285,7 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(status["deployments"], json!(["dup"]));
 
     // Not JSON where JSON is expected: a 4xx with a JSON detail, never a 500.
-    let (status, body) = server.post_raw("/deployments/dup/tasks/create", "{");
+    let (status, body) = server.post_raw("application/json", "/deployments/dup/tasks/create", "{");
     assert!((400..500).contains(&status), "{status} {body}");
     assert!(body["detail"].is_string(), "{body}");
 }

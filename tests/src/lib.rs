@@ -180,11 +180,12 @@ impl Server {
         (status, response.json().unwrap_or(Value::Null))
     }
 
-    /// `POST path` with a raw body: (status, JSON body or Null).
-    pub fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+    /// `POST path` with a raw body of type `content_type`: (status, JSON body or Null).
+    pub fn post_raw(&self, content_type: &str, path: &str, body: &str) -> (u16, Value) {
         let response = self
             .http
             .post(format!("{}{path}", self.url))
+            .header("content-type", content_type)
             .body(body.to_owned())
             .send()
             .expect("POST failed");

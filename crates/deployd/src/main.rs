@@ -115,6 +115,36 @@ struct ServeArgs {
         value_parser = parse_seconds
     )]
     run_timeout: Duration,
+    /// On shutdown, reload or delete, how long the tasks in flight on a service may take to
+    /// finish before they are cut off (and queued again).
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "DEPLOYD_DRAIN_TIMEOUT",
+        default_value = "30",
+        value_parser = parse_seconds
+    )]
+    drain_timeout: Duration,
+    /// How long a task may wait for a service that is not ready (starting, restarting, never
+    /// healthy) before it fails; a task of a service that has failed fails at once.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "DEPLOYD_UNREADY_TIMEOUT",
+        default_value = "120",
+        value_parser = parse_seconds
+    )]
+    unready_timeout: Duration,
+    /// How long a service may take to start answering a task (its response head) before the
+    /// attempt counts as broken off.
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "DEPLOYD_HEAD_TIMEOUT",
+        default_value = "60",
+        value_parser = parse_seconds
+    )]
+    head_timeout: Duration,
     /// Deployment files to deploy at start.
     files: Vec<PathBuf>,
 }
@@ -377,12 +407,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
-    let manager =
-        Manager::start(Options::new(&args.data_dir).max_deployments(args.max_deployments))
-            .await
-            .with_context(|| {
-                format!("cannot start on data directory {}", args.data_dir.display())
-            })?;
+    let manager_options = Options::new(&args.data_dir)
+        .max_deployments(args.max_deployments)
+        .drain_timeout(args.drain_timeout)
+        .unready_timeout(args.unready_timeout)
+        .head_timeout(args.head_timeout);
+    // Draining, then stopping the services, then a margin: the whole shutdown's deadline.
+    let shutdown_deadline =
+        manager_options.drain_timeout + manager_options.stop_timeout + Duration::from_secs(5);
+    let manager = Manager::start(manager_options)
+        .await
+        .with_context(|| format!("cannot start on data directory {}", args.data_dir.display()))?;
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -424,7 +459,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The server stops taking connections first, so that a wait the Manager's shutdown cuts
     // answers "shutting down"; stopping the Manager stops the services and ends open streams,
     // so that the server can drain. The whole shutdown has a deadline.
-    let drained = tokio::time::timeout(Duration::from_secs(9), async {
+    let drained = tokio::time::timeout(shutdown_deadline, async {
         let _ = stop_server.send(());
         manager.shutdown().await;
         let _ = server.await;

@@ -10,7 +10,8 @@
 //!   page (it carries an `Origin`, or else `Sec-Fetch-Site: cross-site` or `same-site`) is
 //!   refused unless the page's origin is one of those names; clients that send no `Origin`
 //!   (curl, llamactl, llama_deploy's Python client, the deployd CLI) are not affected;
-//! - a body of such a request must be `application/json` or `multipart/form-data`: the content
+//! - a body of such a request must be `application/json`, `multipart/form-data` or YAML
+//!   (`application/yaml`, `application/x-yaml`, `text/yaml`): the content
 //!   types a page can send without asking first (`text/plain`,
 //!   `application/x-www-form-urlencoded`) are refused. A request without a body and without a
 //!   content type (llama_deploy's client creates sessions so) is let through.
@@ -184,12 +185,21 @@ fn check_content_type(headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
             .to_ascii_lowercase()
     });
     match essence.as_deref() {
-        Some("application/json" | "multipart/form-data") => Ok(()),
+        // A deployment file may also come as YAML: a page cannot send that type to another
+        // site without asking first either.
+        Some(
+            "application/json"
+            | "multipart/form-data"
+            | "application/yaml"
+            | "application/x-yaml"
+            | "text/yaml",
+        ) => Ok(()),
         _ => Err(forbidden(format!(
             "request refused: {what} has a body {}; deployd accepts bodies of type \
-             `application/json` or `multipart/form-data` only, as web pages cannot send those \
-             to another site without asking first. Send JSON with `Content-Type: \
-             application/json`, or a deployment file as the multipart field `config_file`",
+             `application/json`, `application/yaml` or `multipart/form-data` only: a web page \
+             cannot send JSON or YAML to another site without asking first, and its forms \
+             carry their `Origin`. Send JSON with `Content-Type: application/json`, a \
+             deployment file as `application/yaml` or as the multipart field `config_file`",
             match content_type {
                 Some(value) => format!("of type `{value}`"),
                 None => "and no Content-Type".to_owned(),
@@ -320,12 +330,17 @@ mod tests {
             "--x--",
             Ok(()),
         );
+        check_request(
+            "POST",
+            &[HOST, ("content-type", "application/yaml")],
+            "name: x",
+            Ok(()),
+        );
         check_request("POST", &[HOST], "name: x", refused);
         for content_type in [
             "text/plain",
             "text/plain; charset=utf-8",
             "application/x-www-form-urlencoded",
-            "application/yaml",
             "application/jsonx",
         ] {
             check_request(
