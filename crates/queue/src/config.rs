@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::address::{self, percent_encode};
+use crate::redact::{Secrets, is_secret_key, redact_url};
 use crate::{Error, MessageQueue};
 
 /// How long a backend waits for a broker, and how it retries a lost connection.
@@ -129,7 +131,8 @@ impl Default for RedisOptions {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RabbitMqOptions {
-    /// `amqp://user:password@host:port/vhost` (the default vhost `/` is `%2f`).
+    /// `amqp://user:password@host:port/vhost`. As in llama_deploy's client, no path or a lone
+    /// `/` is the default vhost `/`, as is `/%2f`; `/other` is vhost `other`.
     pub url: String,
     /// Prefix of the exchanges and queues the backend declares (llama_deploy's
     /// `exchange_name`): topic `t` is exchange `{prefix}.t`, group `g` on it is queue
@@ -194,7 +197,10 @@ impl Default for RabbitMqOptions {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NatsOptions {
-    /// `nats://[user:password@]host:port`; several servers separated by commas.
+    /// `nats://[user:password@]host:port`, or a user name alone as a token (`nats://token@h`);
+    /// several servers separated by commas, the scheme optional after the first
+    /// (`nats://u:pw@h1:4222,u:pw@h2:4222`). The client authenticates to every server with one
+    /// set of credentials, so entries that carry them must agree.
     pub url: String,
     /// Name of the JetStream stream that holds every topic, and first token of the subjects:
     /// topic `t` is subject `{prefix}.t` of stream `{prefix}`.
@@ -291,14 +297,12 @@ impl std::fmt::Debug for KafkaOptions {
             .extra
             .iter()
             .map(|(key, value)| {
-                let secret = ["password", "secret", "token", "key"]
-                    .iter()
-                    .any(|word| key.to_ascii_lowercase().contains(word));
-                (key.as_str(), if secret { "***" } else { value.as_str() })
+                let shown = if is_secret_key(key) { "***" } else { value };
+                (key.as_str(), shown)
             })
             .collect();
         f.debug_struct("KafkaOptions")
-            .field("brokers", &self.brokers)
+            .field("brokers", &redact_url(&self.brokers))
             .field("topic_prefix", &self.topic_prefix)
             .field("partitions", &self.partitions)
             .field("replication_factor", &self.replication_factor)
@@ -341,7 +345,7 @@ impl std::fmt::Debug for SqsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqsOptions")
             .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(redact_url))
             .field("access_key_id", &self.access_key_id)
             .field(
                 "secret_access_key",
@@ -426,13 +430,118 @@ impl QueueConfig {
             Self::Sqs(_) => "SQS",
         }
     }
+
+    /// Where the configuration points, without credentials, for messages: `Redis at
+    /// redis://u:***@h:6379/0`, `NATS at nats://a:***@h1:4222,b:***@h2:4222`, `Kafka at
+    /// h1:9092,h2:9092`, `SQS in us-east-1`. URLs go through [`redact_url`].
+    ///
+    /// ```
+    /// use deployd_queue::QueueConfig;
+    /// use deployd_queue::config::RedisOptions;
+    ///
+    /// let config = QueueConfig::Redis(RedisOptions::new("redis://u:pw@h:6379/0"));
+    /// assert_eq!(config.describe(), "Redis at redis://u:***@h:6379/0");
+    /// ```
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Memory => self.backend_name().to_owned(),
+            Self::Redis(options) => format!("Redis at {}", redact_url(&options.url)),
+            Self::RabbitMq(options) => format!("RabbitMQ at {}", redact_url(&options.url)),
+            Self::Nats(options) => format!("NATS at {}", redact_url(&options.url)),
+            Self::Kafka(options) => format!("Kafka at {}", redact_url(&options.brokers)),
+            Self::Sqs(options) => match &options.endpoint {
+                Some(endpoint) => {
+                    format!("SQS at {} ({})", redact_url(endpoint), options.region)
+                }
+                None => format!("SQS in {}", options.region),
+            },
+        }
+    }
+
+    /// Checks the broker address of the configuration without connecting: a malformed URL
+    /// (`redis://h:notaport`, `amqp://`, `amqp://h:99999`), an empty or malformed entry of a
+    /// NATS server list or of Kafka's bootstrap servers, an unknown scheme. Fails with
+    /// [`Error::InvalidConfig`], whose message names the problem and quotes the address
+    /// redacted. [`connect`] checks first; each backend's own `connect` does too.
+    ///
+    /// ```
+    /// use deployd_queue::{Error, QueueConfig};
+    /// use deployd_queue::config::RedisOptions;
+    ///
+    /// let config = QueueConfig::Redis(RedisOptions::new("redis://u:pw@h:notaport/0"));
+    /// let Err(Error::InvalidConfig(message)) = config.validate() else { panic!() };
+    /// assert_eq!(
+    ///     message,
+    ///     "Redis URL `redis://u:***@h:notaport/0`: the port is not a number from 1 to 65535"
+    /// );
+    /// ```
+    pub fn validate(&self) -> Result<(), Error> {
+        match self {
+            Self::Memory => Ok(()),
+            Self::Redis(options) => options.validate(),
+            Self::RabbitMq(options) => options.validate(),
+            Self::Nats(options) => options.validate(),
+            Self::Kafka(options) => options.validate(),
+            Self::Sqs(options) => options.validate(),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// See [`QueueConfig::validate`].
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        address::check_redis_url(&self.url)
+    }
+}
+
+impl RabbitMqOptions {
+    /// See [`QueueConfig::validate`].
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        address::check_amqp_url(&self.url)
+    }
+}
+
+impl NatsOptions {
+    /// See [`QueueConfig::validate`].
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        address::nats_servers(&self.url).map(|_| ())
+    }
+}
+
+impl KafkaOptions {
+    /// See [`QueueConfig::validate`].
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        address::check_kafka_brokers(&self.brokers)
+    }
+}
+
+impl SqsOptions {
+    /// See [`QueueConfig::validate`].
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let region_ok = !self.region.is_empty()
+            && self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !region_ok {
+            return Err(Error::InvalidConfig(format!(
+                "SQS region `{}` must be letters, digits and `-` (us-east-1)",
+                self.region
+            )));
+        }
+        match &self.endpoint {
+            Some(endpoint) => address::check_http_endpoint(endpoint),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Connects to the queue `config` names.
 ///
-/// Fails with [`Error::Unsupported`] when the backend's feature is off, with
-/// [`Error::InvalidConfig`] for unusable options, and with [`Error::Unavailable`] when the
-/// broker cannot be reached within [`Bounds::connect_timeout`].
+/// Fails with [`Error::InvalidConfig`] for unusable options (checked by
+/// [`QueueConfig::validate`] before anything else), with [`Error::Unsupported`] when the
+/// backend's feature is off, and with [`Error::Unavailable`] when the broker cannot be reached
+/// within [`Bounds::connect_timeout`]. No error message holds a credential of `config`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -443,6 +552,15 @@ impl QueueConfig {
 /// # }
 /// ```
 pub async fn connect(config: &QueueConfig) -> Result<Arc<dyn MessageQueue>, Error> {
+    config.validate()?;
+    // Each backend hides its secrets already; this covers what a client library adds.
+    let secrets = Secrets::of(config);
+    connect_checked(config)
+        .await
+        .map_err(|err| secrets.scrub_error(err))
+}
+
+async fn connect_checked(config: &QueueConfig) -> Result<Arc<dyn MessageQueue>, Error> {
     match config {
         QueueConfig::Memory => Ok(Arc::new(crate::memory::MemoryQueue::new())),
         #[cfg(feature = "redis")]
@@ -515,27 +633,6 @@ debug_redacting_url!(NatsOptions {
     bounds
 });
 
-/// `url` with the password of every `user:password@` replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|part| {
-            let Some((scheme, rest)) = part.split_once("://") else {
-                return part.to_owned();
-            };
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                    format!("{scheme}://{user}:***@{host}{path}")
-                }
-                None => part.to_owned(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// `user:password@`, percent-encoded, or nothing.
 fn credentials(username: Option<&str>, password: Option<&str>) -> String {
     match (username.filter(|u| !u.is_empty()), password) {
@@ -546,19 +643,6 @@ fn credentials(username: Option<&str>, password: Option<&str>) -> String {
             format!("{}:{}@", percent_encode(user), percent_encode(password))
         }
     }
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-pub(crate) fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -594,6 +678,292 @@ mod tests {
         let printed = format!("{kafka:?}");
         assert!(!printed.contains("very-secret"), "{printed}");
         assert!(printed.contains("SASL_SSL"), "{printed}");
+    }
+
+    const SECRET: &str = "very-secret";
+
+    /// Neither the Debug output nor the description of `config` shows a secret.
+    fn assert_hidden_in_config(config: &QueueConfig) {
+        let debug = format!("{config:?}");
+        assert!(!debug.contains(SECRET), "{debug}");
+        let described = config.describe();
+        assert!(!described.contains(SECRET), "{described}");
+    }
+
+    #[test]
+    fn every_form_of_credential_is_hidden_in_debug_and_describe() {
+        let redis = |url: &str| QueueConfig::Redis(RedisOptions::new(url));
+        let rabbitmq = |url: &str| QueueConfig::RabbitMq(RabbitMqOptions::new(url));
+        let nats = |url: &str| QueueConfig::Nats(NatsOptions::new(url));
+        let mut kafka = KafkaOptions::new("h1:9092,h2:9092");
+        kafka.extra = vec![
+            ("sasl.password".into(), "very-secret-1".into()),
+            ("ssl.key.password".into(), "very-secret-2".into()),
+            (
+                "sasl.oauthbearer.client.secret".into(),
+                "very-secret-3".into(),
+            ),
+            (
+                "sasl.oauthbearer.config".into(),
+                "secret=very-secret-4".into(),
+            ),
+            ("security.protocol".into(), "SASL_SSL".into()),
+        ];
+        let sqs = SqsOptions::new("us-east-1")
+            .endpoint("http://u:very-secret-1@127.0.0.1:5000")
+            .credentials("AKID", "very-secret-2");
+        let cases = [
+            (
+                redis("redis://u:very-secret@h:6379/0"),
+                "Redis at redis://u:***@h:6379/0",
+            ),
+            (
+                redis("redis://:very-secret@h:6379/0"),
+                "Redis at redis://:***@h:6379/0",
+            ),
+            (
+                redis("redis://h:6379/0?password=very-secret"),
+                "Redis at redis://h:6379/0?password=***",
+            ),
+            (
+                rabbitmq("amqp://guest:very-secret@h/"),
+                "RabbitMQ at amqp://guest:***@h/",
+            ),
+            (
+                rabbitmq("amqps://u:very%2Dsecret@h:5671/%2f?auth_token=very-secret"),
+                "RabbitMQ at amqps://u:***@h:5671/%2f?auth_token=***",
+            ),
+            (
+                nats("nats://a:very-secret-1@h1:4222,nats://b:very-secret-2@h2:4222"),
+                "NATS at nats://a:***@h1:4222,nats://b:***@h2:4222",
+            ),
+            (
+                nats("nats://a:very-secret-1@h1:4222,b:very-secret-2@h2:4222"),
+                "NATS at nats://a:***@h1:4222,b:***@h2:4222",
+            ),
+            (
+                nats("nats://very-secret@h1:4222"),
+                "NATS at nats://***@h1:4222",
+            ),
+            (
+                nats("nats://h1:4222?token=very-secret"),
+                "NATS at nats://h1:4222?token=***",
+            ),
+            (QueueConfig::Kafka(kafka), "Kafka at h1:9092,h2:9092"),
+            (
+                QueueConfig::Kafka(KafkaOptions::new("u:very-secret@h1:9092,h2:9092")),
+                "Kafka at u:***@h1:9092,h2:9092",
+            ),
+            (
+                QueueConfig::Sqs(sqs),
+                "SQS at http://u:***@127.0.0.1:5000 (us-east-1)",
+            ),
+            (
+                QueueConfig::Sqs(SqsOptions::new("us-east-1")),
+                "SQS in us-east-1",
+            ),
+            (QueueConfig::Memory, "in-memory"),
+        ];
+        for (config, described) in cases {
+            assert_hidden_in_config(&config);
+            assert_eq!(config.describe(), described);
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_addresses_are_invalid_before_any_connection() {
+        let cases = [
+            (
+                QueueConfig::Redis(RedisOptions::new("redis://u:very-secret@h:notaport")),
+                "Redis URL `redis://u:***@h:notaport`: the port is not a number from 1 to 65535",
+            ),
+            (
+                QueueConfig::Redis(RedisOptions::new("http://h:6379")),
+                "Redis URL `http://h:6379`: unknown scheme `http`: use redis:// or rediss://",
+            ),
+            (
+                QueueConfig::RabbitMq(RabbitMqOptions::new("amqp://")),
+                "RabbitMQ URL `amqp://`: the host is missing",
+            ),
+            (
+                QueueConfig::RabbitMq(RabbitMqOptions::new("amqp://guest:very-secret@h:99999")),
+                "RabbitMQ URL `amqp://guest:***@h:99999`: the port is not a number from 1 to \
+                 65535",
+            ),
+            (
+                QueueConfig::Nats(NatsOptions::new("nats://u:very-secret@h1:4222,")),
+                "NATS server list `nats://u:***@h1:4222,`: entry 2 is empty",
+            ),
+            (
+                QueueConfig::Nats(NatsOptions::new("nats://h1:4222,u:very-secret@h2:x")),
+                "NATS server list `nats://h1:4222,u:***@h2:x`: entry 2: the port is not a number \
+                 from 1 to 65535",
+            ),
+            (
+                QueueConfig::Kafka(KafkaOptions::new("h1:9092,h2:port")),
+                "Kafka bootstrap servers `h1:9092,h2:port`: entry 2: the port is not a number \
+                 from 1 to 65535",
+            ),
+            (
+                QueueConfig::Sqs(SqsOptions::new("us-east-1").endpoint("127.0.0.1:5000")),
+                "SQS endpoint `127.0.0.1:5000`: the scheme is missing: write http://host:port or \
+                 https://host",
+            ),
+        ];
+        for (config, expected) in cases {
+            let expected = format!("invalid message queue configuration: {expected}");
+            let Err(err) = config.validate() else {
+                panic!("{} is valid", config.describe());
+            };
+            assert_eq!(err.to_string(), expected);
+            // `connect` checks first, with or without the backend's feature.
+            let Err(err) = connect(&config).await else {
+                panic!("connected to {}", config.describe());
+            };
+            assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+            assert_eq!(err.to_string(), expected);
+        }
+        for config in [
+            QueueConfig::Memory,
+            QueueConfig::Redis(RedisOptions::default()),
+            QueueConfig::RabbitMq(RabbitMqOptions::default()),
+            QueueConfig::Nats(NatsOptions::default()),
+            QueueConfig::Kafka(KafkaOptions::default()),
+            QueueConfig::Sqs(SqsOptions::new("us-east-1")),
+        ] {
+            assert!(config.validate().is_ok(), "{}", config.describe());
+        }
+    }
+
+    /// Bounds that give up on a dead port quickly.
+    #[cfg(any(
+        feature = "redis",
+        feature = "rabbitmq",
+        feature = "nats",
+        feature = "kafka",
+        feature = "sqs"
+    ))]
+    fn short_bounds() -> Bounds {
+        Bounds::default()
+            .connect_timeout(Duration::from_millis(300))
+            .publish_timeout(Duration::from_millis(300))
+            .reconnect_delays(Duration::from_millis(10), Duration::from_millis(50))
+    }
+
+    /// Connects to `config`, which must fail: neither the error nor a line logged meanwhile
+    /// may show a secret.
+    #[cfg(any(
+        feature = "redis",
+        feature = "rabbitmq",
+        feature = "nats",
+        feature = "kafka",
+        feature = "sqs"
+    ))]
+    async fn failed_connect(config: QueueConfig) -> Error {
+        assert_hidden_in_config(&config);
+        let (logs, _guard) = crate::captured_logs::CapturedLogs::start();
+        let Err(err) = connect(&config).await else {
+            panic!("connected to {}", config.describe());
+        };
+        for shown in [err.to_string(), format!("{err:?}")]
+            .into_iter()
+            .chain(logs.lines())
+        {
+            assert!(!shown.contains(SECRET), "a secret shows in {shown:?}");
+        }
+        err
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_failed_redis_connect_shows_no_password() {
+        for url in [
+            "redis://u:very-secret@127.0.0.1:1/0",
+            "redis://:very-secret@127.0.0.1:1/0",
+        ] {
+            let options = RedisOptions::new(url).bounds(short_bounds());
+            let err = failed_connect(QueueConfig::Redis(options)).await;
+            assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        }
+    }
+
+    #[cfg(feature = "rabbitmq")]
+    #[tokio::test]
+    async fn a_failed_rabbitmq_connect_shows_no_password() {
+        let options =
+            RabbitMqOptions::new("amqp://guest:very-secret@127.0.0.1:1/").bounds(short_bounds());
+        let err = failed_connect(QueueConfig::RabbitMq(options)).await;
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test]
+    async fn a_failed_nats_connect_shows_no_password_of_its_list() {
+        for url in [
+            "nats://u:very-secret@127.0.0.1:1",
+            "nats://u:very-secret@127.0.0.1:1,u:very-secret@127.0.0.1:2",
+            "nats://127.0.0.1:1,nats://u:very-secret@127.0.0.1:2",
+            "nats://very-secret@127.0.0.1:1, 127.0.0.1:2",
+        ] {
+            let options = NatsOptions::new(url).bounds(short_bounds());
+            let err = failed_connect(QueueConfig::Nats(options)).await;
+            assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        }
+        // Two sets of credentials: refused before connecting, both hidden.
+        let options = NatsOptions::new(
+            "nats://a:very-secret-1@127.0.0.1:1,nats://b:very-secret-2@127.0.0.1:2",
+        )
+        .bounds(short_bounds());
+        let err = failed_connect(QueueConfig::Nats(options)).await;
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+    }
+
+    #[cfg(feature = "kafka")]
+    #[tokio::test]
+    async fn a_failed_kafka_connect_shows_no_secret() {
+        let sasl = |secret: &str| -> Vec<(String, String)> {
+            [
+                ("security.protocol", "SASL_PLAINTEXT"),
+                ("sasl.mechanisms", "PLAIN"),
+                ("sasl.username", "u"),
+                ("sasl.password", secret),
+            ]
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect()
+        };
+        let mut options = KafkaOptions::new("127.0.0.1:1").bounds(short_bounds());
+        options.extra = sasl("very-secret");
+        let err = failed_connect(QueueConfig::Kafka(options)).await;
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+
+        // librdkafka quotes the value of a setting it refuses.
+        let mut options = KafkaOptions::new("127.0.0.1:1").bounds(short_bounds());
+        options.extra = vec![("sasl.oauthbearer.method".into(), "very-secret".into())];
+        let err = failed_connect(QueueConfig::Kafka(options)).await;
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+
+        let options = KafkaOptions::new("u:very-secret@127.0.0.1:1").bounds(short_bounds());
+        let err = failed_connect(QueueConfig::Kafka(options)).await;
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+    }
+
+    #[cfg(feature = "sqs")]
+    #[tokio::test]
+    async fn a_failed_sqs_connect_shows_no_secret() {
+        let options = SqsOptions::new("us-east-1")
+            .endpoint("http://127.0.0.1:1")
+            .credentials("AKID", "very-secret")
+            .bounds(short_bounds());
+        let err = failed_connect(QueueConfig::Sqs(options)).await;
+        assert!(matches!(err, Error::Unavailable(_)), "{err:?}");
+        // The SDK would log an endpoint's user info.
+        let options = SqsOptions::new("us-east-1")
+            .endpoint("http://u:very-secret@127.0.0.1:1")
+            .credentials("AKID", "very-secret-2")
+            .bounds(short_bounds());
+        let err = failed_connect(QueueConfig::Sqs(options)).await;
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
     }
 
     #[tokio::test]

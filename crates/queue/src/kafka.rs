@@ -60,7 +60,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -73,6 +72,7 @@ use tokio::time::Instant;
 
 pub use crate::config::KafkaOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::redact::{Secrets, redact_url};
 use crate::retry;
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -100,7 +100,7 @@ pub struct KafkaQueue {
 impl std::fmt::Debug for KafkaQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaQueue")
-            .field("brokers", &self.shared.options.brokers)
+            .field("brokers", &redact_url(&self.shared.options.brokers))
             .field("topic_prefix", &self.shared.options.topic_prefix)
             .finish_non_exhaustive()
     }
@@ -108,8 +108,10 @@ impl std::fmt::Debug for KafkaQueue {
 
 struct Shared {
     options: KafkaOptions,
+    /// The secret settings of `options`, hidden in errors and in librdkafka's log lines.
+    secrets: Arc<Secrets>,
     producer: FutureProducer<Logging>,
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<Logging>,
     /// The Kafka topics known to exist.
     topics: Mutex<HashSet<String>>,
     /// The group members of this process, by Kafka topic and group id.
@@ -131,13 +133,16 @@ fn millis(duration: Duration) -> String {
 impl KafkaQueue {
     /// Connects to the cluster of `options.brokers`; fails with [`Error::Unavailable`] when no
     /// broker answers within the connect timeout, and with [`Error::InvalidConfig`] for
-    /// unusable options.
+    /// unusable options (malformed bootstrap servers among them) before connecting.
     pub async fn connect(options: KafkaOptions) -> Result<Self, Error> {
-        if options.brokers.trim().is_empty() {
-            return Err(Error::InvalidConfig(
-                "kafka brokers must not be empty".into(),
-            ));
-        }
+        let secrets = Arc::new(Secrets::of_kafka(&options));
+        Self::connect_checked(options, Arc::clone(&secrets))
+            .await
+            .map_err(|err| secrets.scrub_error(err))
+    }
+
+    async fn connect_checked(options: KafkaOptions, secrets: Arc<Secrets>) -> Result<Self, Error> {
+        options.validate()?;
         if options.partitions < 1 {
             return Err(Error::InvalidConfig(format!(
                 "kafka partitions must be at least 1, not {}",
@@ -158,10 +163,10 @@ impl KafkaQueue {
             .set("linger.ms", "2")
             .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
             .set("message.timeout.ms", millis(options.bounds.publish_timeout))
-            .create_with_context(Logging)
+            .create_with_context(Logging::new(&secrets))
             .map_err(|err| Error::InvalidConfig(format!("kafka producer: {err}")))?;
-        let admin: AdminClient<DefaultClientContext> = client_config(&options)
-            .create()
+        let admin: AdminClient<Logging> = client_config(&options)
+            .create_with_context(Logging::new(&secrets))
             .map_err(|err| Error::InvalidConfig(format!("kafka admin client: {err}")))?;
         let connect_timeout = options.bounds.connect_timeout;
         let probe = producer.clone();
@@ -172,13 +177,14 @@ impl KafkaQueue {
         .map_err(|err| Error::Backend(format!("kafka: the metadata probe failed: {err}")))?;
         if let Err(err) = metadata {
             return Err(unavailable(
-                &format!("no broker of `{}` answered", options.brokers),
+                &format!("no broker of `{}` answered", redact_url(&options.brokers)),
                 err,
             ));
         }
         Ok(Self {
             shared: Arc::new(Shared {
                 options,
+                secrets,
                 producer,
                 admin,
                 topics: Mutex::new(HashSet::new()),
@@ -488,8 +494,11 @@ impl Group {
             )
             .set("fetch.wait.max.ms", "100")
             .set("fetch.message.max.bytes", MAX_MESSAGE_BYTES.to_string())
-            .create_with_context(Logging)
-            .map_err(|err| Error::InvalidConfig(format!("kafka consumer: {err}")))?;
+            .create_with_context(Logging::new(&shared.secrets))
+            .map_err(|err| {
+                let err = Error::InvalidConfig(format!("kafka consumer: {err}"));
+                shared.secrets.scrub_error(err)
+            })?;
         let consumer = Arc::new(consumer);
         let start = Arc::clone(&consumer);
         let topic = kafka_topic.to_owned();
@@ -713,11 +722,23 @@ impl Acker for KafkaAcker {
     }
 }
 
-/// Routes librdkafka's log lines and errors to `tracing`.
-struct Logging;
+/// Routes librdkafka's log lines and errors to `tracing`, with the secrets of the options
+/// hidden.
+struct Logging {
+    secrets: Arc<Secrets>,
+}
+
+impl Logging {
+    fn new(secrets: &Arc<Secrets>) -> Self {
+        Self {
+            secrets: Arc::clone(secrets),
+        }
+    }
+}
 
 impl rdkafka::client::ClientContext for Logging {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, line: &str) {
+        let line = self.secrets.scrub(line);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -733,6 +754,8 @@ impl rdkafka::client::ClientContext for Logging {
 
     fn error(&self, error: KafkaError, reason: &str) {
         // Mostly a broker out of reach, which librdkafka retries by itself.
+        let error = self.secrets.scrub(&error.to_string());
+        let reason = self.secrets.scrub(reason);
         tracing::debug!(error = %error, "librdkafka: {reason}");
     }
 }
@@ -803,7 +826,38 @@ impl Drop for KafkaConsumer {
 
 #[cfg(test)]
 mod tests {
-    use super::PartitionOffsets;
+    use std::sync::Arc;
+
+    use rdkafka::client::ClientContext as _;
+    use rdkafka::config::RDKafkaLogLevel;
+    use rdkafka::error::KafkaError;
+
+    use super::{KafkaOptions, Logging, PartitionOffsets};
+    use crate::captured_logs::CapturedLogs;
+    use crate::redact::Secrets;
+
+    #[test]
+    fn librdkafka_lines_show_no_secret() {
+        let mut options = KafkaOptions::new("h:9092");
+        options.extra = vec![("sasl.password".into(), "very-secret".into())];
+        let logging = Logging::new(&Arc::new(Secrets::of_kafka(&options)));
+        let (logs, _guard) = CapturedLogs::start();
+        logging.log(
+            RDKafkaLogLevel::Warning,
+            "SASL",
+            "authentication with very-secret failed",
+        );
+        logging.error(
+            KafkaError::ClientCreation("refused very-secret".into()),
+            "while reaching sasl_ssl://u:very-secret-too@h:9093",
+        );
+        let lines = logs.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for line in lines {
+            assert!(!line.contains("very-secret"), "{line}");
+            assert!(line.contains("***"), "{line}");
+        }
+    }
 
     /// Receives `received` from `first` on, then acks `acked` in turn; `expected` is what each
     /// ack stores for commit.

@@ -21,6 +21,18 @@
 //!
 //! This crate does not know what a task is: messages are bytes plus headers.
 //!
+//! ## Credentials
+//!
+//! Broker URLs and settings carry passwords and tokens; what this crate shows does not. Debug
+//! output of the options, [`QueueConfig::describe`] and the addresses quoted in errors go
+//! through one redactor, [`redact_url`] (single URLs, server lists, tokens, secret query
+//! parameters). Where a client library's text may quote an address or a setting (connecting,
+//! reconnecting, creating a client, librdkafka's log lines), every URL in it is redacted and
+//! every secret of the configuration replaced. The NATS client gets server addresses without
+//! user info (its debug logs print them) and the credentials through its options.
+//! [`QueueConfig::validate`] (run by [`connect`] and each backend's `connect`) turns a
+//! malformed address into [`Error::InvalidConfig`] before any connection attempt.
+//!
 //! ## Backends
 //!
 //! | backend | feature | order | nack delay | ack deadline | attempt |
@@ -56,8 +68,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+mod address;
+#[cfg(all(
+    test,
+    any(
+        feature = "redis",
+        feature = "rabbitmq",
+        feature = "nats",
+        feature = "kafka",
+        feature = "sqs"
+    )
+))]
+mod captured_logs;
 pub mod config;
 pub mod memory;
+mod redact;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -91,6 +116,7 @@ pub mod redis;
 pub mod sqs;
 
 pub use config::{Bounds, QueueConfig, connect};
+pub use redact::redact_url;
 
 /// What can go wrong talking to a queue.
 #[derive(Debug, thiserror::Error)]

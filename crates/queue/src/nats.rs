@@ -36,11 +36,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::{AckKind, Acker as NatsAcker};
 use async_nats::jetstream::object_store::{self, ObjectStore};
 use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -48,8 +48,10 @@ use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::address::NatsAuth;
 pub use crate::config::NatsOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::redact::Secrets;
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -91,8 +93,11 @@ fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
 }
 
 impl NatsQueue {
-    /// Connects to the server of `options.url` and creates the stream if needed; fails with
-    /// [`Error::Unavailable`] when the server does not answer within the connect timeout.
+    /// Connects to a server of `options.url` (one URL, or a comma-separated list whose
+    /// servers are tried in a random order, as NATS clients do) and creates the stream if
+    /// needed; fails with [`Error::InvalidConfig`] for a
+    /// malformed list before connecting, and with [`Error::Unavailable`] when no server
+    /// answers within the connect timeout.
     pub async fn connect(options: NatsOptions) -> Result<Self, Error> {
         if options.stream_prefix.is_empty()
             || !options
@@ -105,9 +110,19 @@ impl NatsQueue {
                 options.stream_prefix
             )));
         }
+        let secrets = Secrets::of_url(&options.url);
+        let (servers, auth) = crate::address::nats_servers(&options.url)?;
+        let servers = servers
+            .into_iter()
+            .map(server_address)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|problem| {
+                let problem = secrets.scrub(&problem);
+                crate::address::invalid("NATS server list", &options.url, problem)
+            })?;
         let bounds = options.bounds.clone();
         let backoff = bounds.clone();
-        let connect_options = async_nats::ConnectOptions::new()
+        let mut connect_options = async_nats::ConnectOptions::new()
             .connection_timeout(bounds.connect_timeout)
             .request_timeout(Some(bounds.publish_timeout))
             .max_reconnects(None)
@@ -118,14 +133,21 @@ impl NatsQueue {
                     .saturating_mul(2u32.saturating_pow(exponent))
                     .min(backoff.reconnect_max_delay)
             });
+        connect_options = match auth {
+            NatsAuth::None => connect_options,
+            NatsAuth::UserPassword(user, password) => {
+                connect_options.user_and_password(user, password)
+            }
+            NatsAuth::Token(token) => connect_options.token(token),
+        };
         let client = match tokio::time::timeout(
             bounds.connect_timeout,
-            async_nats::connect_with_options(options.url.as_str(), connect_options),
+            async_nats::connect_with_options(servers, connect_options),
         )
         .await
         {
             Ok(Ok(client)) => client,
-            Ok(Err(err)) => return Err(unavailable("connecting", err)),
+            Ok(Err(err)) => return Err(secrets.scrub_error(unavailable("connecting", err))),
             Err(_) => {
                 return Err(Error::Unavailable(format!(
                     "nats: no connection within {:?}",
@@ -149,7 +171,8 @@ impl NatsQueue {
             "creating the stream",
             || shared.stream(),
         )
-        .await?;
+        .await
+        .map_err(|err| secrets.scrub_error(err))?;
         Ok(Self { shared })
     }
 }
@@ -201,6 +224,17 @@ impl Shared {
     }
 }
 
+/// The address of one entry of a server list, without its credentials: the client
+/// authenticates with those of its options, and its own logs print addresses in full.
+fn server_address(entry: &str) -> Result<ServerAddr, String> {
+    let message = |err: std::io::Error| err.to_string();
+    let mut url = entry.parse::<ServerAddr>().map_err(message)?.into_inner();
+    // Neither fails on a URL with a host, which every parsed server address has.
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    ServerAddr::from_url(url).map_err(message)
+}
+
 /// A durable consumer name for group `group` of `topic`: readable, unique by a hash.
 fn consumer_name(topic: &str, group: &str) -> String {
     let hash = format!("{topic}\0{group}")
@@ -227,8 +261,8 @@ fn encode_headers(message: &Message, payload_ref: Option<&str>) -> HeaderMap {
             .map(|(name, value)| {
                 format!(
                     "{}={}",
-                    crate::config::percent_encode(name),
-                    crate::config::percent_encode(value)
+                    crate::address::percent_encode(name),
+                    crate::address::percent_encode(value)
                 )
             })
             .collect();
@@ -238,26 +272,6 @@ fn encode_headers(message: &Message, payload_ref: Option<&str>) -> HeaderMap {
         headers.insert(PAYLOAD_REF_HEADER, reference);
     }
     headers
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len() + 1
-            && let Some(hex) = text.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[async_trait]
@@ -433,7 +447,10 @@ impl Member {
         if let Some(encoded) = headers.get(HEADERS_HEADER) {
             for pair in encoded.as_str().split('&').filter(|p| !p.is_empty()) {
                 let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                user_headers.insert(percent_decode(name), percent_decode(value));
+                user_headers.insert(
+                    crate::address::percent_decode(name),
+                    crate::address::percent_decode(value),
+                );
             }
         }
         let payload = match headers.get(PAYLOAD_REF_HEADER) {

@@ -36,6 +36,7 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
@@ -44,6 +45,7 @@ use tokio::time::Instant;
 
 pub use crate::config::RabbitMqOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::redact::Secrets;
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -70,6 +72,9 @@ impl std::fmt::Debug for RabbitMqQueue {
 
 struct Shared {
     options: RabbitMqOptions,
+    /// `options.url` parsed, with the vhost and host read as llama_deploy's client reads them.
+    uri: AMQPUri,
+    secrets: Secrets,
     link: tokio::sync::Mutex<Option<Link>>,
 }
 
@@ -87,7 +92,8 @@ fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
 }
 
 impl RabbitMqQueue {
-    /// Connects to the broker of `options.url`; fails with [`Error::Unavailable`] when it does
+    /// Connects to the broker of `options.url`; fails with [`Error::InvalidConfig`] for a
+    /// malformed URL before connecting, and with [`Error::Unavailable`] when the broker does
     /// not answer within the connect timeout.
     pub async fn connect(options: RabbitMqOptions) -> Result<Self, Error> {
         if options.prefetch < 1 {
@@ -95,8 +101,15 @@ impl RabbitMqQueue {
                 "rabbitmq prefetch must be at least 1".into(),
             ));
         }
+        options.validate()?;
+        let secrets = Secrets::of_url(&options.url);
+        let uri = amqp_uri(&options.url).map_err(|problem| {
+            crate::address::invalid("RabbitMQ URL", &options.url, secrets.scrub(&problem))
+        })?;
         let shared = Arc::new(Shared {
             options,
+            uri,
+            secrets,
             link: tokio::sync::Mutex::new(None),
         });
         let bounds = shared.options.bounds.clone();
@@ -111,9 +124,25 @@ impl RabbitMqQueue {
     }
 }
 
+/// `url` parsed by lapin, with the vhost of [`crate::address::amqp_vhost`] (lapin reads the
+/// path `/` as the empty vhost) and the host as written (lapin takes an IPv6 address for
+/// `localhost`).
+fn amqp_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.trim().parse()?;
+    uri.vhost = crate::address::amqp_vhost(url);
+    uri.authority.host = crate::address::Parts::split(url.trim()).host_name();
+    Ok(uri)
+}
+
 impl Shared {
     /// The live link, connecting if there is none or it broke.
     async fn link(&self) -> Result<Link, Error> {
+        self.connect_link()
+            .await
+            .map_err(|err| self.secrets.scrub_error(err))
+    }
+
+    async fn connect_link(&self) -> Result<Link, Error> {
         let mut slot = self.link.lock().await;
         if let Some(link) = slot.as_ref() {
             if link.connection.status().connected() && link.publisher.status().connected() {
@@ -121,7 +150,7 @@ impl Shared {
             }
             *slot = None;
         }
-        let connect = Connection::connect(&self.options.url, ConnectionProperties::default());
+        let connect = Connection::connect_uri(self.uri.clone(), ConnectionProperties::default());
         let connection =
             match tokio::time::timeout(self.options.bounds.connect_timeout, connect).await {
                 Ok(Ok(connection)) => connection,

@@ -37,6 +37,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 use tokio::time::Instant;
 
 pub use crate::config::RedisOptions;
+use crate::redact::Secrets;
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -136,6 +137,7 @@ impl std::fmt::Debug for RedisQueue {
 struct Shared {
     client: Client,
     options: RedisOptions,
+    secrets: Secrets,
     /// The connection for everything but blocking reads; `None` after it broke.
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     redeliver: Script,
@@ -143,14 +145,19 @@ struct Shared {
 }
 
 impl RedisQueue {
-    /// Connects to the server of `options.url`; fails with [`Error::Unavailable`] when it does
+    /// Connects to the server of `options.url`; fails with [`Error::InvalidConfig`] for a
+    /// malformed URL before connecting, and with [`Error::Unavailable`] when the server does
     /// not answer within the connect timeout.
     pub async fn connect(options: RedisOptions) -> Result<Self, Error> {
-        let client = Client::open(options.url.as_str())
-            .map_err(|err| Error::InvalidConfig(format!("redis url: {}", err.kind_str())))?;
+        options.validate()?;
+        let secrets = Secrets::of_url(&options.url);
+        let client = Client::open(options.url.trim()).map_err(|err| {
+            crate::address::invalid("Redis URL", &options.url, secrets.scrub(&err.to_string()))
+        })?;
         let shared = Arc::new(Shared {
             client,
             options,
+            secrets,
             connection: tokio::sync::Mutex::new(None),
             redeliver: Script::new(REDELIVER),
             maintain: Script::new(MAINTAIN),
@@ -195,7 +202,7 @@ impl Shared {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(map_error)?;
+            .map_err(|err| self.map_error(err))?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -205,7 +212,12 @@ impl Shared {
         if is_connection_error(&err) {
             *self.connection.lock().await = None;
         }
-        map_error(err)
+        self.map_error(err)
+    }
+
+    /// `err` as this crate's error, with the secrets of the URL hidden.
+    fn map_error(&self, err: RedisError) -> Error {
+        self.secrets.scrub_error(map_error(err))
     }
 
     /// Runs `cmd` on the shared connection, reconnecting and retrying within the publish
@@ -348,17 +360,6 @@ fn map_error(err: RedisError) -> Error {
     }
 }
 
-trait KindStr {
-    fn kind_str(&self) -> String;
-}
-
-impl KindStr for RedisError {
-    /// The error without the URL it may quote.
-    fn kind_str(&self) -> String {
-        format!("{:?}", self.kind())
-    }
-}
-
 #[async_trait]
 impl MessageQueue for RedisQueue {
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
@@ -482,7 +483,7 @@ impl Reader {
                     .client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                    .map_err(map_error)?;
+                    .map_err(|err| self.shared.map_error(err))?;
                 *slot = Some(connection.clone());
                 connection
             }
@@ -515,7 +516,7 @@ impl Reader {
                     self.shared.create_group(&self.keys).await?;
                     return Ok(Vec::new());
                 }
-                Err(map_error(err))
+                Err(self.shared.map_error(err))
             }
         }
     }
@@ -759,7 +760,7 @@ impl Acker for RedisAcker {
                 Err(err) if is_connection_error(&err) => {
                     *self.reader.connection.lock().await = None;
                 }
-                Err(err) => return Err(map_error(err)),
+                Err(err) => return Err(self.shared.map_error(err)),
             }
         }
         self.shared.run_pipe("acking a redis message", &pipe).await

@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::config::SqsOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
+use crate::redact::Secrets;
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -179,6 +180,19 @@ impl SqsQueue {
     /// Builds the client and checks that SQS answers; fails with [`Error::Unavailable`] when it
     /// does not within the connect timeout.
     pub async fn connect(options: SqsOptions) -> Result<Self, Error> {
+        let mut secrets = Secrets::of_sqs(&options);
+        for variable in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
+            if let Ok(secret) = std::env::var(variable) {
+                secrets.add(&secret);
+            }
+        }
+        Self::connect_checked(options)
+            .await
+            .map_err(|err| secrets.scrub_error(err))
+    }
+
+    async fn connect_checked(options: SqsOptions) -> Result<Self, Error> {
+        options.validate()?;
         let prefix_ok = !options.queue_prefix.is_empty()
             && options.queue_prefix.len() <= 20
             && options
@@ -362,8 +376,8 @@ impl Shared {
                 .map(|(name, value)| {
                     format!(
                         "{}={}",
-                        crate::config::percent_encode(name),
-                        crate::config::percent_encode(value)
+                        crate::address::percent_encode(name),
+                        crate::address::percent_encode(value)
                     )
                 })
                 .collect();
@@ -398,25 +412,6 @@ fn whole_seconds(duration: Duration) -> i32 {
     i32::try_from(seconds.min(43_200)).unwrap_or(43_200)
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = text.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn decode(message: &aws_sdk_sqs::types::Message) -> Message {
     let attributes = message.message_attributes();
     let string = |name: &str| {
@@ -429,7 +424,10 @@ fn decode(message: &aws_sdk_sqs::types::Message) -> Message {
     if let Some(encoded) = string(HEADERS_ATTRIBUTE) {
         for pair in encoded.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            headers.insert(percent_decode(name), percent_decode(value));
+            headers.insert(
+                crate::address::percent_decode(name),
+                crate::address::percent_decode(value),
+            );
         }
     }
     let payload = attributes

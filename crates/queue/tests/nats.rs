@@ -74,3 +74,52 @@ async fn reconnects_after_restart() {
     let prefix = testing::unique_prefix("restart");
     testing::reconnects_after_restart(&queue, &server, true, &prefix).await;
 }
+
+/// A server list whose first entry is a dead port: the client goes on to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_list_connects_past_a_dead_entry() {
+    let queue = connect(options(format!("nats://127.0.0.1:1,{}", url()))).await;
+    testing::round_trip(&queue, &testing::unique_prefix("server_list")).await;
+}
+
+/// The credentials of a list's entries (user info, percent-encoded, on an entry without a
+/// scheme too) are the ones the client authenticates with; a wrong password is refused and not
+/// shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_list_authenticates_with_the_credentials_of_its_entries() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let port = testing::free_port();
+    let port_text = port.to_string();
+    let dir_text = dir.path().to_string_lossy().into_owned();
+    let _server = BrokerProcess::start(
+        "nats-server",
+        &[
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port_text,
+            "-js",
+            "-sd",
+            &dir_text,
+            "--user",
+            "deployd",
+            "--pass",
+            "p@ss w0rd",
+        ],
+        port,
+    )
+    .await;
+    let list = format!("nats://127.0.0.1:1,deployd:p%40ss%20w0rd@127.0.0.1:{port}");
+    let queue = connect(options(list)).await;
+    testing::round_trip(&queue, &testing::unique_prefix("authenticated_list")).await;
+
+    let list =
+        format!("nats://deployd:wrong-secret@127.0.0.1:1,deployd:wrong-secret@127.0.0.1:{port}");
+    let err = match NatsQueue::connect(options(list.clone())).await {
+        Ok(_) => panic!("connected with a wrong password"),
+        Err(err) => err,
+    };
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("wrong-secret"), "{shown}");
+    assert!(shown.contains("authorization violation"), "{shown}");
+}

@@ -59,6 +59,18 @@ fn split_url(url: &str) -> (String, String, String) {
     )
 }
 
+/// llama_deploy's default URL ends with a lone `/`: the default vhost `/`, as its client
+/// (aio-pika) reads it, not the empty vhost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_slash_is_the_default_vhost() {
+    let (head, host_port, _) = split_url(&url());
+    for path in ["/", ""] {
+        let queue = connect(options(format!("{head}{host_port}{path}"))).await;
+        let prefix = testing::unique_prefix("default_vhost");
+        testing::round_trip(&queue, &prefix).await;
+    }
+}
+
 async fn proxied() -> (TcpProxy, RabbitMqQueue) {
     let (head, host_port, path) = split_url(&url());
     let proxy = TcpProxy::in_front_of(&host_port).await;
