@@ -623,6 +623,7 @@ async fn task_events(
                 }
                 .to_owned(),
                 data: event.data,
+                attempt: event.attempt,
             })
         };
         let mut line = value.to_string();

@@ -51,6 +51,10 @@ pub struct EventLine {
     pub kind: String,
     /// The event's data, the result, or the error message.
     pub data: Value,
+    /// The attempt that wrote the entry (from 1; 0 for an error written without running the
+    /// task): the events of an attempt that broke off stay in the log, marked with it.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// The text form of a result.
