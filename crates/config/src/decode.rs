@@ -3,15 +3,23 @@
 //! Decoding never stops at the first mistake: a value of the wrong type, an unknown key or a
 //! missing variable is reported where it was written and the value is left out, so the rest of
 //! the file is still read and checked.
+//!
+//! `${VAR}` in scalar values is expanded here, as [`Interpolation`] says. A value written with
+//! `${` remembers its text as written ([`At::written`]): every diagnostic about it shows that
+//! text, never what it expanded to (the server's environment must not come back in the
+//! answer to a file sent over the network).
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 
+use crate::Interpolation;
 use crate::diagnostic::{Diagnostic, Severity};
+use crate::raw::Field;
 use crate::yaml::{Entry, Node, Span, Value, is_null_text};
 
 /// Reads variables for `${VAR}` in values.
@@ -56,6 +64,28 @@ pub(crate) struct At {
     pub(crate) span: Span,
     /// The key the value is written under, when it has one.
     pub(crate) key_span: Option<Span>,
+    /// The scalar as written, when it has a `${` (so its value may come from a variable):
+    /// what diagnostics show instead of the value.
+    pub(crate) written: Option<Rc<str>>,
+}
+
+impl At {
+    /// How a diagnostic shows `value`, decoded from here: the text as written when it has a
+    /// `${`, else the value.
+    pub(crate) fn show(&self, value: impl fmt::Display) -> String {
+        match &self.written {
+            Some(written) => written.to_string(),
+            None => value.to_string(),
+        }
+    }
+}
+
+/// The text of a scalar as written, when it has a `${`.
+pub(crate) fn written<'n>(node: &'n Node<'_>) -> Option<&'n str> {
+    match &node.value {
+        Value::Scalar(scalar) if scalar.text.contains("${") => Some(&scalar.text),
+        _ => None,
+    }
 }
 
 /// A decoded value and where it was written.
@@ -63,6 +93,13 @@ pub(crate) struct At {
 pub(crate) struct Located<T> {
     pub(crate) value: T,
     pub(crate) at: At,
+}
+
+impl<T: fmt::Display> Located<T> {
+    /// The value as a diagnostic shows it: see [`At::show`].
+    pub(crate) fn shown(&self) -> String {
+        self.at.show(&self.value)
+    }
 }
 
 impl<T: JsonSchema> JsonSchema for Located<T> {
@@ -83,27 +120,65 @@ impl<T: JsonSchema> JsonSchema for Located<T> {
 /// The decoding context: diagnostics found so far, the current key path, the environment.
 pub(crate) struct Cx<'a> {
     pub(crate) origin: &'a str,
-    pub(crate) found: Vec<Diagnostic>,
+    /// Every diagnostic so far; only [`Cx::report_at`] adds to it, keeping the indexes below.
+    found: Vec<Diagnostic>,
+    /// How many of `found` are errors.
+    errors: usize,
+    /// The key path of every error in `found`, and every path it is under (`services.a` and
+    /// `services` for `services.a.port`): [`Cx::error_under`] in constant time.
+    error_paths: HashSet<String>,
+    /// For every diagnostic with a "did you mean" help: the path of the mapping its key is in,
+    /// and the help ([`Cx::suggested`]).
+    suggestions: HashSet<(String, String)>,
     /// The current key path, dotted, and where each of its steps starts.
     path: String,
     steps: Vec<usize>,
-    lookup: Lookup<'a>,
+    interpolation: Interpolation<'a>,
+    /// A name is being read (`name`, `default-service`): variables only with
+    /// [`Interpolation::All`].
+    reading_name: bool,
     /// For the schema drift test: every mapping kind decoded and the keys it knows.
     #[cfg(test)]
     pub(crate) recorded: Vec<(&'static str, Vec<&'static str>)>,
 }
 
 impl<'a> Cx<'a> {
-    pub(crate) fn new(origin: &'a str, lookup: Lookup<'a>) -> Self {
+    pub(crate) fn new(origin: &'a str, interpolation: Interpolation<'a>) -> Self {
         Self {
             origin,
             found: Vec::new(),
+            errors: 0,
+            error_paths: HashSet::new(),
+            suggestions: HashSet::new(),
             path: String::new(),
             steps: Vec::new(),
-            lookup,
+            interpolation,
+            reading_name: false,
             #[cfg(test)]
             recorded: Vec::new(),
         }
+    }
+
+    /// The diagnostics found, in the order they were.
+    pub(crate) fn into_found(self) -> Vec<Diagnostic> {
+        self.found
+    }
+
+    /// How many errors were reported so far.
+    pub(crate) fn errors(&self) -> usize {
+        self.errors
+    }
+
+    /// Whether an error was reported at `path` or under it (`path.…`, `path[…]`).
+    pub(crate) fn error_under(&self, path: &str) -> bool {
+        self.error_paths.contains(path)
+    }
+
+    /// Whether an unknown key of the mapping at `parent` was reported as a likely typo of
+    /// `key`.
+    pub(crate) fn suggested(&self, parent: &str, key: &str) -> bool {
+        self.suggestions
+            .contains(&(parent.to_owned(), format!("did you mean `{key}`?")))
     }
 
     /// The current key path, dotted.
@@ -116,6 +191,7 @@ impl<'a> Cx<'a> {
             path: KeyPath::new(&self.path),
             span: node.span,
             key_span,
+            written: written(node).map(Rc::from),
         }
     }
 
@@ -168,6 +244,24 @@ impl<'a> Cx<'a> {
         diagnostic.severity = severity;
         if !path.is_empty() {
             diagnostic = diagnostic.at_key(path);
+            if severity == Severity::Error {
+                for (end, c) in path.char_indices() {
+                    if matches!(c, '.' | '[') && !self.error_paths.contains(&path[..end]) {
+                        self.error_paths.insert(path[..end].to_owned());
+                    }
+                }
+                if !self.error_paths.contains(path) {
+                    self.error_paths.insert(path.to_owned());
+                }
+            }
+            if let Some(help) = help.as_deref().filter(|h| h.starts_with("did you mean `")) {
+                let parent = path.rsplit_once('.').map_or("", |(parent, _)| parent);
+                self.suggestions
+                    .insert((parent.to_owned(), help.to_owned()));
+            }
+        }
+        if severity == Severity::Error {
+            self.errors += 1;
         }
         diagnostic.help = help;
         self.found.push(diagnostic);
@@ -177,24 +271,31 @@ impl<'a> Cx<'a> {
         self.report(Severity::Error, span, message, None);
     }
 
-    /// The text of a scalar value with `${VAR}` and `${VAR:-default}` replaced.
+    /// The text of a scalar value with `${VAR}` and `${VAR:-default}` replaced, as
+    /// `self.interpolation` says.
     fn interpolate(&mut self, node: &Node, text: &str) -> Option<String> {
         if !text.contains('$') {
             return Some(text.to_owned());
         }
-        match interpolate(text, self.lookup) {
+        let (lookup, strict) = match self.interpolation {
+            Interpolation::All(lookup) => (lookup, true),
+            _ if self.reading_name => return Some(text.to_owned()),
+            Interpolation::Known(lookup) => (lookup, false),
+            Interpolation::Off => return Some(text.to_owned()),
+        };
+        match interpolate(text, lookup, strict) {
             Ok(value) => Some(value),
             Err(problem) => {
                 let (message, help) = match problem {
-                    Interpolation::Missing(name) => (
+                    Problem::Missing(name) => (
                         format!("environment variable `{name}` is not set"),
                         Some(format!("set it, or give a default: `${{{name}:-default}}`")),
                     ),
-                    Interpolation::Unclosed => (
+                    Problem::Unclosed => (
                         "`${` is not closed by `}`".to_owned(),
                         Some("write `$${` for a literal `${`".to_owned()),
                     ),
-                    Interpolation::BadName(name) => (
+                    Problem::BadName(name) => (
                         format!("`{name}` is not a variable name"),
                         Some(
                             "a variable name has letters, digits and `_` and does not start \
@@ -228,8 +329,9 @@ impl<'a> Cx<'a> {
     }
 }
 
+/// Why a `${…}` could not be expanded.
 #[derive(Debug, PartialEq, Eq)]
-enum Interpolation {
+enum Problem {
     Missing(String),
     Unclosed,
     BadName(String),
@@ -237,7 +339,10 @@ enum Interpolation {
 
 /// Replaces `${VAR}` and `${VAR:-default}` (the default when `VAR` is unset or empty); `$${`
 /// is a literal `${`, and any other `$` stays as it is.
-fn interpolate(text: &str, lookup: Lookup<'_>) -> Result<String, Interpolation> {
+///
+/// When `strict` is off, a `${…}` that cannot be expanded (`VAR` unset, with a default or not;
+/// not a variable name; no closing `}`) is kept as written instead of being a problem.
+fn interpolate(text: &str, lookup: Lookup<'_>, strict: bool) -> Result<String, Problem> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(dollar) = rest.find('$') {
@@ -247,8 +352,16 @@ fn interpolate(text: &str, lookup: Lookup<'_>) -> Result<String, Interpolation> 
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
-            let end = tail.find('}').ok_or(Interpolation::Unclosed)?;
+            let Some(end) = tail.find('}') else {
+                if strict {
+                    return Err(Problem::Unclosed);
+                }
+                out.push_str(&rest[dollar..]);
+                return Ok(out);
+            };
             let inner = &tail[..end];
+            let as_written = &rest[dollar..dollar + end + 3];
+            rest = &tail[end + 1..];
             let (name, default) = match inner.split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
                 None => (inner, None),
@@ -256,15 +369,19 @@ fn interpolate(text: &str, lookup: Lookup<'_>) -> Result<String, Interpolation> 
             let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
-                return Err(Interpolation::BadName(name.to_owned()));
+                if strict {
+                    return Err(Problem::BadName(name.to_owned()));
+                }
+                out.push_str(as_written);
+                continue;
             }
             match (lookup(name), default) {
                 (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
                 (Some(value), _) => out.push_str(&value),
+                (None, _) if !strict => out.push_str(as_written),
                 (None, Some(default)) => out.push_str(default),
-                (None, None) => return Err(Interpolation::Missing(name.to_owned())),
+                (None, None) => return Err(Problem::Missing(name.to_owned())),
             }
-            rest = &tail[end + 1..];
         } else {
             out.push('$');
             rest = after;
@@ -274,7 +391,8 @@ fn interpolate(text: &str, lookup: Lookup<'_>) -> Result<String, Interpolation> 
     Ok(out)
 }
 
-/// Escapes text so that [`interpolate`] gives it back unchanged.
+/// Escapes text so that [`interpolate`] gives it back unchanged (with [`Interpolation::All`]
+/// and [`Interpolation::Known`]).
 pub(crate) fn escape_interpolation(text: &str) -> Cow<'_, str> {
     if text.contains("${") {
         Cow::Owned(text.replace("${", "$${"))
@@ -408,6 +526,7 @@ impl<T: Decode> Decode for Named<T> {
                     path: KeyPath::new(&cx.path),
                     span: entry.key_span,
                     key_span: Some(entry.key_span),
+                    written: None,
                 },
             };
             cx.pop();
@@ -579,15 +698,17 @@ impl<K: Keyword> Decode for K {
         if let Some((_, value)) = K::ALL.iter().find(|(word, _)| fold(word) == fold(&text)) {
             return Some(*value);
         }
+        // Neither the message nor the suggestion may tell what a variable expanded to.
+        let shown = written(node).unwrap_or(&text);
         let words: Vec<&str> = K::ALL.iter().map(|(w, _)| *w).collect();
-        let help = match suggest(&text, &words) {
+        let help = match suggest(shown, &words) {
             Some(best) => format!("did you mean `{best}`?"),
             None => format!("use one of {}", list(&words)),
         };
         cx.report(
             Severity::Error,
             node.span,
-            format!("`{text}` is not {}", K::WHAT),
+            format!("`{shown}` is not {}", K::WHAT),
             Some(help),
         );
         None
@@ -621,6 +742,13 @@ pub(crate) fn same_key(a: &str, b: &str) -> bool {
 
 /// The candidate closest to `word`, when it is close enough to be a likely typo.
 pub(crate) fn suggest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    // The distance is at least the difference in length: a word much longer than every
+    // candidate is close to none, and the distance (quadratic in time and memory) is not
+    // worth computing.
+    let longest = candidates.iter().map(|c| c.chars().count()).max()?;
+    if word.chars().count() > 2 * longest + 1 {
+        return None;
+    }
     let word = fold(word).to_ascii_lowercase();
     candidates
         .iter()
@@ -706,6 +834,16 @@ impl<'n> MapReader<'n> {
         self.field_or(cx, name, &[])
     }
 
+    /// Like [`Self::field`], for a key whose value is a name or names one (`name`,
+    /// `default-service`): it takes variables only with [`Interpolation::All`], and is read as
+    /// written otherwise.
+    pub(crate) fn name_field(&mut self, cx: &mut Cx<'_>, name: &'static str) -> Field<String> {
+        cx.reading_name = true;
+        let value = self.field(cx, name);
+        cx.reading_name = false;
+        value
+    }
+
     /// Like [`Self::field`], also accepting older names of the key.
     pub(crate) fn field_or<T: Decode>(
         &mut self,
@@ -729,6 +867,7 @@ impl<'n> MapReader<'n> {
                 },
                 span: entry.value.span,
                 key_span: Some(entry.key_span),
+                written: written(&entry.value).map(Rc::from),
             },
         })
     }
@@ -788,7 +927,7 @@ mod tests {
 
     #[test]
     fn interpolation() {
-        let ok = |text: &str| interpolate(text, &env).unwrap();
+        let ok = |text: &str| interpolate(text, &env, true).unwrap();
         assert_eq!(ok("${HOME}/x"), "/home/me/x");
         assert_eq!(ok("${NOPE:-a:b}"), "a:b");
         assert_eq!(ok("${EMPTY:-d}"), "d");
@@ -796,18 +935,50 @@ mod tests {
         assert_eq!(ok("$HOME $$ $${HOME}"), "$HOME $$ ${HOME}");
         assert_eq!(ok("${NOPE:-}"), "");
         assert_eq!(
-            interpolate("${NOPE}", &env),
-            Err(Interpolation::Missing("NOPE".into()))
+            interpolate("${NOPE}", &env, true),
+            Err(Problem::Missing("NOPE".into()))
         );
-        assert_eq!(interpolate("${HOME", &env), Err(Interpolation::Unclosed));
+        assert_eq!(interpolate("${HOME", &env, true), Err(Problem::Unclosed));
         assert_eq!(
-            interpolate("${1x}", &env),
-            Err(Interpolation::BadName("1x".into()))
+            interpolate("${1x}", &env, true),
+            Err(Problem::BadName("1x".into()))
         );
         for text in ["a${b}c", "$${", "${", "x$"] {
             let escaped = escape_interpolation(text);
-            assert_eq!(interpolate(&escaped, &|_| Some("v".into())).unwrap(), text);
+            for strict in [true, false] {
+                assert_eq!(
+                    interpolate(&escaped, &|_| Some("v".into()), strict).unwrap(),
+                    text
+                );
+            }
         }
+    }
+
+    /// Not strict: what cannot be expanded stays exactly as written.
+    #[test]
+    fn interpolation_of_known_variables() {
+        let known = |text: &str| interpolate(text, &env, false).unwrap();
+        assert_eq!(known("${HOME}/x"), "/home/me/x");
+        assert_eq!(known("${EMPTY:-d}"), "d");
+        assert_eq!(known("${EMPTY}"), "");
+        assert_eq!(known("$${HOME}"), "${HOME}");
+        for literal in [
+            "${NOPE}",
+            "${NOPE:-default}",
+            "${NOPE:-}",
+            "${1x}",
+            "${a b:-c}",
+            "${}",
+            "${HOME",
+            "x ${NOPE} y ${",
+            "$ $$ $x {}",
+        ] {
+            assert_eq!(known(literal), literal);
+        }
+        assert_eq!(
+            known("${NOPE}:${HOME}:${1x}:${NOPE:-d}:${HOME:-d}:${HOME"),
+            "${NOPE}:/home/me:${1x}:${NOPE:-d}:/home/me:${HOME"
+        );
     }
 
     #[test]

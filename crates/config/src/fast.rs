@@ -6,12 +6,19 @@
 //! multi-line scalars, escapes, tabs, documents markers, a key written twice, a syntax error...)
 //! it gives up and returns `None`, and the full parser reads the file: this reader never reports
 //! a problem, so it cannot report one differently. A differential test checks that both give
-//! the same tree wherever this one succeeds.
+//! the same tree wherever this one succeeds. It gives up too where the full parser would refuse
+//! the tree for its size (more than [`MAX_NODES`] nodes, a collection of more than
+//! [`MAX_ENTRIES`] entries), so that it is the full parser that reports it.
+//!
+//! Everything here is linear in the size of the text: columns on a line with non-ASCII text are
+//! counted from the last column counted on that line, not from the start of the line.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 
-use crate::yaml::{Entry, MAX_DEPTH, Node, Scalar, Span, Value};
+use crate::MAX_ENTRIES;
+use crate::yaml::{Entry, MAX_DEPTH, MAX_NODES, Node, Scalar, Span, Value};
 
 /// One line with content (blank and comment-only lines are left out).
 #[derive(Clone, Copy)]
@@ -35,6 +42,10 @@ struct Reader<'t> {
     lines: Vec<Line>,
     next: usize,
     depth: usize,
+    /// Nodes read so far, keys included (as the full parser counts them).
+    nodes: Cell<usize>,
+    /// The last column counted on a non-ASCII line: (the line's start, byte offset, column).
+    cursor: Cell<(usize, usize, usize)>,
 }
 
 /// Reads `text` when it has the plain shape; `None` means: use the full parser.
@@ -86,6 +97,8 @@ pub(crate) fn parse(text: &str) -> Option<Node<'_>> {
         lines,
         next: 0,
         depth: 0,
+        nodes: Cell::new(1),
+        cursor: Cell::new((usize::MAX, 0, 0)),
     };
     let root = reader.block(0)?;
     if !matches!(root.value, Value::Map(_)) || reader.next != reader.lines.len() {
@@ -111,10 +124,23 @@ impl<'t> Reader<'t> {
     /// 1-based column of byte offset `pos` on `line`.
     fn column(&self, line: Line, pos: usize) -> usize {
         if line.ascii {
-            pos - line.start + 1
-        } else {
-            self.text[line.start..pos].chars().count() + 1
+            return pos - line.start + 1;
         }
+        // Columns are asked for left to right: count from the last one.
+        let (start, from, column) = match self.cursor.get() {
+            (start, from, column) if start == line.start && from <= pos => (start, from, column),
+            _ => (line.start, line.start, 1),
+        };
+        let column = column + self.text[from..pos].chars().count();
+        self.cursor.set((start, pos, column));
+        column
+    }
+
+    /// Counts `nodes` more nodes; `None` past [`MAX_NODES`].
+    fn count(&self, nodes: usize) -> Option<()> {
+        let total = self.nodes.get() + nodes;
+        self.nodes.set(total);
+        (total <= MAX_NODES).then_some(())
     }
 
     fn span(&self, line: Line, from: usize, to: usize) -> Span {
@@ -189,6 +215,10 @@ impl<'t> Reader<'t> {
                     self.point(line, line.at)
                 });
             }
+            if items.len() == MAX_ENTRIES {
+                return None;
+            }
+            self.count(1)?;
             if empty {
                 self.next += 1;
                 match self.line() {
@@ -237,6 +267,10 @@ impl<'t> Reader<'t> {
             if line.indent > indent {
                 return None;
             }
+            if entries.len() == MAX_ENTRIES {
+                return None;
+            }
+            self.count(2)?;
             let rest = self.rest(line);
             let (key, key_span, plain_key, colon) = self.key(line, rest)?;
             let after = colon + 1;
@@ -417,6 +451,10 @@ impl<'t> Flow<'_, 't> {
                     self.pos += 1;
                 } else {
                     loop {
+                        if items.len() == MAX_ENTRIES {
+                            return None;
+                        }
+                        self.reader.count(1)?;
                         self.skip_spaces();
                         items.push(self.node()?);
                         self.skip_spaces();
@@ -444,6 +482,10 @@ impl<'t> Flow<'_, 't> {
                     self.pos += 1;
                 } else {
                     loop {
+                        if entries.len() == MAX_ENTRIES {
+                            return None;
+                        }
+                        self.reader.count(2)?;
                         self.skip_spaces();
                         let key = self.scalar()?;
                         let Value::Scalar(Scalar {
@@ -726,6 +768,9 @@ mod tests {
             "é: ü\nname: héllo wörld # ç\nl: [é, ü]\n",
             "a:\n    b:\n        c: 1\n    d: [1]\n",
             "x-a: 1\n<<a: 2\n",
+            // Columns of non-ASCII lines, counted on from the last one asked for.
+            "f: {é: ü, ä: [ö, ß], x: 'ç', y: \"é\", z: {ü: ö}}\n",
+            "s:\n- é: ü\n  ö: [ä, {ß: é}]\n- ü  # ö\n-   'ä' # é\n",
         ];
         for text in read {
             assert!(same_as_full(text), "not read by the fast reader: {text:?}");

@@ -26,6 +26,7 @@ pub(crate) const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$";
 #[schemars(rename = "Deployment", deny_unknown_fields)]
 pub(crate) struct RawDeployment {
     /// The deployment's name: a URL path segment, topic and directory name.
+    // Read with `${VAR}` only under `Interpolation::All` (see `MapReader::name_field`).
     #[schemars(required, regex(pattern = NAME_PATTERN), example = &"quickstart")]
     pub(crate) name: Field<String>,
     /// llama_deploy's control plane settings: accepted; `state_store_uri` is used when it names
@@ -55,10 +56,10 @@ impl Decode for RawDeployment {
     fn decode(node: &Node, cx: &mut Cx<'_>) -> Option<Self> {
         let mut m = MapReader::new(node, cx, "deployment")?;
         let raw = Self {
-            name: m.field(cx, "name"),
+            name: m.name_field(cx, "name"),
             control_plane: m.field(cx, "control-plane"),
             message_queue: m.field(cx, "message-queue"),
-            default_service: m.field(cx, "default-service"),
+            default_service: m.name_field(cx, "default-service"),
             services: m.field(cx, "services"),
             state_store: m.field(cx, "state-store"),
             ui: m.field(cx, "ui"),

@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn decoder_and_schema_agree() {
         let lookup = |_: &str| None;
-        let mut cx = Cx::new("t", &lookup);
+        let mut cx = Cx::new("t", crate::Interpolation::All(&lookup));
         let empty = Node {
             value: Yaml::Map(Vec::new()),
             span: Span::default(),

@@ -1,7 +1,11 @@
 //! From the file as written to a [`DeploymentSpec`]: every rule, every problem reported.
+//!
+//! A message about a value shows it with [`Located::shown`] / [`At::show`]: a value written
+//! with `${` is shown as written, never as what the variable expanded to.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
+use std::rc::Rc;
 use std::time::Duration;
 
 use crate::decode::{At, Cx, KeyPath, Keyword, Located, list, suggest};
@@ -61,26 +65,18 @@ impl Checker<'_, '_> {
 
     /// Whether an error was reported at `path` or under it.
     fn error_under(&self, path: &str) -> bool {
-        self.cx.found.iter().any(|d| {
-            d.severity == Severity::Error
-                && d.key.as_deref().is_some_and(|key| {
-                    key.strip_prefix(path)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-                })
-        })
+        self.cx.error_under(path)
     }
 
     /// Whether an unknown key in the mapping at `parent` was reported as a likely typo of
     /// `key`: then `key` missing is not news.
     fn suggested(&self, parent: &str, key: &str) -> bool {
-        let help = format!("did you mean `{key}`?");
-        self.cx.found.iter().any(|d| {
-            d.help.as_deref() == Some(help.as_str())
-                && d.key.as_deref().is_some_and(|k| {
-                    let parent_of = k.rsplit_once('.').map_or("", |(p, _)| p);
-                    parent_of == parent
-                })
-        })
+        self.cx.suggested(parent, key)
+    }
+
+    /// How many errors were reported so far.
+    fn errors(&self) -> usize {
+        self.cx.errors()
     }
 
     /// A warning at the key.
@@ -99,6 +95,7 @@ pub(crate) fn validate(raw: RawDeployment, root: Span, cx: &mut Cx<'_>) -> Optio
             ..root
         },
         key_span: None,
+        written: None,
     };
 
     let name = match raw.name {
@@ -106,7 +103,7 @@ pub(crate) fn validate(raw: RawDeployment, root: Span, cx: &mut Cx<'_>) -> Optio
             if let Err(reason) = check_name(&name.value) {
                 c.error(
                     &name.at,
-                    format!("invalid deployment name `{}`: {reason}", name.value),
+                    format!("invalid deployment name `{}`: {reason}", name.shown()),
                 );
             }
             Some(name.value)
@@ -180,15 +177,13 @@ pub(crate) fn validate(raw: RawDeployment, root: Span, cx: &mut Cx<'_>) -> Optio
         Some(_) if services.is_empty() => first,
         Some(wanted) => {
             let ids: Vec<&str> = services.iter().map(|s| s.id.as_str()).collect();
-            let help = suggest(&wanted.value, &ids).map(|best| format!("did you mean `{best}`?"));
+            let shown = wanted.shown();
+            let help = suggest(&shown, &ids).map(|best| format!("did you mean `{best}`?"));
             c.report(
                 Severity::Warning,
                 &wanted.at,
                 false,
-                format!(
-                    "`default-service` names no service (`{}`); `{first}` is used",
-                    wanted.value
-                ),
+                format!("`default-service` names no service (`{shown}`); `{first}` is used"),
                 help,
             );
             first
@@ -264,11 +259,17 @@ fn check_control_plane(
                 &uri.at,
                 format!(
                     "state store `{}` is not supported and ignored; use `state-store` with `sqlite:` or `postgres://`",
-                    scheme_of(value)
+                    uri.at.show(scheme_of(value))
                 ),
             );
         }
     }
+}
+
+/// The path of a `sqlite:PATH` (or `sqlite://PATH`) state store.
+fn sqlite_path(store: &str) -> Option<&str> {
+    let path = store.strip_prefix("sqlite:")?;
+    Some(path.strip_prefix("//").unwrap_or(path))
 }
 
 fn scheme_of(url: &str) -> &str {
@@ -282,21 +283,24 @@ fn state_store(c: &mut Checker<'_, '_>, store: Located<String>) -> Option<StateS
             url: value.to_owned(),
         });
     }
-    if let Some(path) = value.strip_prefix("sqlite:") {
-        let path = path.strip_prefix("//").unwrap_or(path);
+    if let Some(path) = sqlite_path(value) {
         return match check_relative_path(path) {
             Ok(()) => Some(StateStoreSpec::Sqlite {
                 path: path.to_owned(),
             }),
             Err(reason) => {
-                c.error(&store.at, format!("the SQLite path `{path}` {reason}"));
+                let shown = match store.at.written.as_deref() {
+                    Some(written) => sqlite_path(written.trim()).unwrap_or(written),
+                    None => path,
+                };
+                c.error(&store.at, format!("the SQLite path `{shown}` {reason}"));
                 None
             }
         };
     }
     c.error_help(
         &store.at,
-        format!("`{value}` is not a state store"),
+        format!("`{}` is not a state store", store.at.show(value)),
         "write `sqlite:PATH`, relative to the deployment's data directory, or a `postgres://` URL"
             .to_owned(),
     );
@@ -458,7 +462,7 @@ fn message_queue(
         Some(db) if db.value < 0 => {
             c.error(
                 &db.at,
-                format!("the redis database `{}` is negative", db.value),
+                format!("the redis database `{}` is negative", db.shown()),
             );
             failed = true;
             None
@@ -571,7 +575,7 @@ fn check_port(c: &mut Checker<'_, '_>, port: &Located<i64>) -> Option<u16> {
         _ => {
             c.error_help(
                 &port.at,
-                format!("port {} is outside 1..65535", port.value),
+                format!("port {} is outside 1..65535", port.shown()),
                 "leave `port` out to let deployd choose a free port".to_owned(),
             );
             None
@@ -587,7 +591,10 @@ fn claim_port(
 ) -> Option<u16> {
     let value = check_port(c, port)?;
     if let Some(other) = ports.get(&value) {
-        c.error(&port.at, format!("port {value} is already used by {other}"));
+        c.error(
+            &port.at,
+            format!("port {} is already used by {other}", port.at.show(value)),
+        );
         return None;
     }
     ports.insert(value, owner.to_owned());
@@ -600,11 +607,7 @@ fn check_service(
     raw: RawService,
     ports: &mut BTreeMap<u16, String>,
 ) -> Option<ServiceSpec> {
-    let errors_before =
-        c.cx.found
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count();
+    let errors_before = c.errors();
     if let Err(reason) = check_name(&id.value) {
         c.error_key(
             &id.at,
@@ -625,7 +628,7 @@ fn check_service(
             Err(reason) => {
                 c.error(
                     &path.at,
-                    format!("the import path `{}` {reason}", path.value),
+                    format!("the import path `{}` {reason}", path.shown()),
                 );
                 None
             }
@@ -693,14 +696,17 @@ fn check_service(
         }
     };
 
-    let replicas = match raw.replicas {
+    let replicas = match &raw.replicas {
         Some(replicas) if (1..=MAX_REPLICAS).contains(&replicas.value) => {
             u32::try_from(replicas.value).unwrap_or(1)
         }
         Some(replicas) => {
             c.error(
                 &replicas.at,
-                format!("`replicas` is {}; use 1 to {MAX_REPLICAS}", replicas.value),
+                format!(
+                    "`replicas` is {}; use 1 to {MAX_REPLICAS}",
+                    replicas.shown()
+                ),
             );
             1
         }
@@ -709,9 +715,16 @@ fn check_service(
     let port = raw.port.and_then(|port| {
         let value = claim_port(c, &port, &format!("service `{}`", id.value), ports)?;
         if replicas > 1 {
+            let replicas = raw
+                .replicas
+                .as_ref()
+                .map_or(replicas.to_string(), Located::shown);
             c.error_help(
                 &port.at,
-                format!("port {value} cannot be shared by {replicas} replicas"),
+                format!(
+                    "port {} cannot be shared by {replicas} replicas",
+                    port.at.show(value)
+                ),
                 "leave `port` out: deployd gives each replica its own".to_owned(),
             );
         }
@@ -740,7 +753,7 @@ fn check_service(
                     &path.at,
                     format!(
                         "the health path `{}` must start with `/` and have no spaces",
-                        path.value
+                        path.shown()
                     ),
                 );
             }
@@ -761,7 +774,7 @@ fn check_service(
             _ => {
                 c.error(
                     &max.at,
-                    format!("`max-concurrency` is {}; use at least 1", max.value),
+                    format!("`max-concurrency` is {}; use at least 1", max.shown()),
                 );
                 None
             }
@@ -792,11 +805,7 @@ fn check_service(
     let python_dependencies =
         checked_paths(c, raw.python_dependencies, "the dependency", is_path_like);
 
-    let errors_after =
-        c.cx.found
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count();
+    let errors_after = c.errors();
     (errors_after == errors_before).then(|| ServiceSpec {
         id: id.value,
         name: raw.name.map(|n| n.value),
@@ -837,19 +846,28 @@ fn check_restart(c: &mut Checker<'_, '_>, raw: RawRestart) -> RestartSpec {
     }
     if let Some(backoff) = raw.backoff {
         let backoff_at = backoff.at;
+        // How each is shown: as written when it came from a variable.
+        let mut initial_shown = None;
+        let mut max_shown = None;
         if let Some(initial) = backoff.value.initial {
             spec.backoff_initial = positive(c, initial.value.0, &initial.at, "the initial backoff")
                 .unwrap_or(spec.backoff_initial);
+            initial_shown = initial.at.written;
         }
         if let Some(max) = backoff.value.max {
             spec.backoff_max = max.value.0;
+            max_shown = max.at.written;
         }
         if spec.backoff_max < spec.backoff_initial {
+            let shown = |written: Option<Rc<str>>, value: Duration| {
+                written.map_or_else(|| format!("{value:?}"), |w| w.to_string())
+            };
             c.error_key(
                 &backoff_at,
                 format!(
-                    "the backoff's `max` ({:?}) is shorter than its `initial` ({:?})",
-                    spec.backoff_max, spec.backoff_initial
+                    "the backoff's `max` ({}) is shorter than its `initial` ({})",
+                    shown(max_shown, spec.backoff_max),
+                    shown(initial_shown, spec.backoff_initial)
                 ),
             );
         }
@@ -859,7 +877,7 @@ fn check_restart(c: &mut Checker<'_, '_>, raw: RawRestart) -> RestartSpec {
             Ok(n) => spec.max_restarts = n,
             Err(_) => c.error(
                 &max.at,
-                format!("`max-restarts` is {}; use 0 or more", max.value),
+                format!("`max-restarts` is {}; use 0 or more", max.shown()),
             ),
         }
     }
@@ -912,7 +930,7 @@ fn checked_paths(
         {
             c.error_help(
                 &entry.at,
-                format!("{what} `{}` {reason}", entry.value),
+                format!("{what} `{}` {reason}", entry.shown()),
                 "files must stay inside the deployment's folder".to_owned(),
             );
         } else {
@@ -985,7 +1003,7 @@ fn check_source(c: &mut Checker<'_, '_>, raw: RawSource, at: &At) -> Option<Sour
             if let Err(reason) = check_relative_path(&location.value) {
                 c.error_help(
                     &location.at,
-                    format!("local source `{}` {reason}", location.value),
+                    format!("local source `{}` {reason}", location.shown()),
                     "a local source is a folder inside the deployment's folder".to_owned(),
                 );
                 return None;
@@ -1012,8 +1030,14 @@ fn check_source(c: &mut Checker<'_, '_>, raw: RawSource, at: &At) -> Option<Sour
                     )
                 }
             };
+            // A location written with `${` is shown as written, split the same way.
+            let written_split = location.at.written.as_deref().map(split_git_ref);
             if let Err(reason) = check_git_url(&url) {
-                c.error(&location.at, format!("git URL `{url}` {reason}"));
+                let shown = match written_split {
+                    Some((url, _)) => url.to_owned(),
+                    None => url.clone(),
+                };
+                c.error(&location.at, format!("git URL `{shown}` {reason}"));
                 return None;
             }
             if let Some((reference, at)) = &reference
@@ -1022,7 +1046,13 @@ fn check_source(c: &mut Checker<'_, '_>, raw: RawSource, at: &At) -> Option<Sour
                 let message = if reference.is_empty() {
                     "the git location ends in `@` but names no branch, tag or commit".to_owned()
                 } else {
-                    format!("git ref `{reference}` {reason}")
+                    let shown = match (&at.written, written_split) {
+                        (Some(_), Some((_, Some(written)))) if at == &location.at => {
+                            written.to_owned()
+                        }
+                        _ => at.show(reference),
+                    };
+                    format!("git ref `{shown}` {reason}")
                 };
                 c.error(at, message);
                 return None;
@@ -1076,11 +1106,7 @@ fn check_ui(
             c.warning_key(at, format!("`{key}` is ignored for `ui`"));
         }
     }
-    let errors_before =
-        c.cx.found
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count();
+    let errors_before = c.errors();
     let port = match &raw.port {
         Some(port) => claim_port(c, port, "`ui`", ports),
         None if ports.contains_key(&UI_PORT) => {
@@ -1098,11 +1124,7 @@ fn check_ui(
     let source = raw
         .source
         .and_then(|source| check_source(c, source.value, &source.at));
-    let errors_after =
-        c.cx.found
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-            .count();
+    let errors_after = c.errors();
     (errors_after == errors_before).then(|| UiSpec {
         name: raw.name.map(|n| n.value),
         port: port.unwrap_or(UI_PORT),
@@ -1182,6 +1204,12 @@ fn check_ref(reference: &str) -> Result<(), &'static str> {
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("it is empty".to_owned());
+    }
+    if name.contains("${") {
+        return Err(
+            "names cannot use variables: a name is a URL path segment and a directory name"
+                .to_owned(),
+        );
     }
     if name.len() > 63 {
         return Err("it is longer than 63 characters".to_owned());

@@ -4,14 +4,18 @@
 //! its line and column, in block and flow style alike; files of the plain shape most deployment
 //! files have are read by [`crate::fast`] instead, to the same tree, a few times faster. Anchors and aliases are expanded (with a
 //! bound on the expansion), merge keys (`<<`) are applied, and a key written twice is reported.
+//! No collection may hold more than [`MAX_ENTRIES`] entries, merged ones included; duplicate
+//! and merged keys are found with hash sets, so building the tree is linear in its size.
 //! Scalars keep their text: what a scalar means (a string, a number, a boolean) is decided by
 //! the field that reads it, so `name: 2024` is a name and `port: "8080"` is a port.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as HashEntry;
+use std::collections::{HashMap, HashSet};
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span as RawSpan};
+
+use crate::MAX_ENTRIES;
 
 /// Where a node was written: 1-based line and column (in characters) of its first and last
 /// character (the end is exclusive).
@@ -122,8 +126,8 @@ pub(crate) struct Problem {
 
 /// Deeper nesting than this is refused: no deployment file needs it, and it bounds recursion.
 pub(crate) const MAX_DEPTH: usize = 64;
-/// Aliases may not expand the tree beyond this many nodes ("billion laughs").
-const MAX_NODES: usize = 1_000_000;
+/// Aliases may not expand the tree beyond this many nodes ("billion laughs"); keys count.
+pub(crate) const MAX_NODES: usize = 1_000_000;
 
 enum Frame<'t> {
     Seq {
@@ -170,7 +174,9 @@ pub(crate) fn parse_full(text: &str) -> (Result<Option<Node<'_>>, Problem>, Vec<
         problems: Vec::new(),
     };
     let result = builder.run(text).map_err(|mut problem| {
-        problem.path = builder.path();
+        if problem.path.is_empty() {
+            problem.path = builder.path();
+        }
         problem
     });
     let root = builder.root.take();
@@ -180,25 +186,12 @@ pub(crate) fn parse_full(text: &str) -> (Result<Option<Node<'_>>, Problem>, Vec<
 impl<'t> Builder<'t> {
     /// The key path of the node being built.
     fn path(&self) -> String {
-        let mut out = String::new();
-        for frame in &self.stack {
-            match frame {
-                Frame::Seq { items, .. } => {
-                    out.push_str(&format!("[{}]", items.len()));
-                }
-                Frame::Map {
-                    key: Some(Some((key, _, _))),
-                    ..
-                } => {
-                    if !out.is_empty() {
-                        out.push('.');
-                    }
-                    out.push_str(key);
-                }
-                Frame::Map { .. } => {}
-            }
-        }
-        out
+        path_of(&self.stack)
+    }
+
+    /// The key path of the collection being built (the innermost frame).
+    fn collection_path(&self) -> String {
+        path_of(&self.stack[..self.stack.len().saturating_sub(1)])
     }
 
     fn run(&mut self, text: &'t str) -> Result<(), Problem> {
@@ -310,7 +303,7 @@ impl<'t> Builder<'t> {
                             entries,
                             ..
                         } => {
-                            let entries = self.finish_map(entries)?;
+                            let entries = self.finish_map(entries, start)?;
                             (
                                 Node {
                                     value: Value::Map(entries),
@@ -362,8 +355,15 @@ impl<'t> Builder<'t> {
                 }
                 self.root = Some(node);
             }
-            Some(Frame::Seq { items, .. }) => items.push(node),
-            Some(Frame::Map { entries, key, .. }) => match key.take() {
+            Some(Frame::Seq { items, span, .. }) => {
+                if items.len() == MAX_ENTRIES {
+                    return Err(too_many(*span, self.collection_path(), "list"));
+                }
+                items.push(node);
+            }
+            Some(Frame::Map {
+                entries, key, span, ..
+            }) => match key.take() {
                 None => match node.value {
                     Value::Scalar(scalar) => {
                         *key = Some(Some((scalar.text, node.span, scalar.plain)));
@@ -380,12 +380,18 @@ impl<'t> Builder<'t> {
                         });
                     }
                 },
-                Some(Some((name, key_span, plain_key))) => entries.push(Entry {
-                    key: name,
-                    key_span,
-                    plain_key,
-                    value: node,
-                }),
+                Some(Some((name, key_span, plain_key))) => {
+                    if entries.len() == MAX_ENTRIES {
+                        let span = *span;
+                        return Err(too_many(span, self.collection_path(), "mapping"));
+                    }
+                    entries.push(Entry {
+                        key: name,
+                        key_span,
+                        plain_key,
+                        value: node,
+                    });
+                }
                 Some(None) => {}
             },
         }
@@ -393,7 +399,11 @@ impl<'t> Builder<'t> {
     }
 
     /// Applies merge keys and reports keys written twice (the first one is kept).
-    fn finish_map(&mut self, entries: Vec<Entry<'t>>) -> Result<Vec<Entry<'t>>, Problem> {
+    fn finish_map(
+        &mut self,
+        entries: Vec<Entry<'t>>,
+        span: Span,
+    ) -> Result<Vec<Entry<'t>>, Problem> {
         // For each entry, the index of an earlier entry with the same key.
         let earlier: Vec<Option<usize>> = if entries.len() <= 16 {
             (0..entries.len())
@@ -466,13 +476,42 @@ impl<'t> Builder<'t> {
             out.push(entry);
         }
         // Merged keys never override keys written in the mapping itself; the first merged wins.
-        for entry in merged {
-            if !out.iter().any(|e| e.key == entry.key) {
-                out.push(entry);
+        if !merged.is_empty() {
+            let mut keys: HashSet<Cow<'t, str>> = out.iter().map(|e| e.key.clone()).collect();
+            for entry in merged {
+                if keys.insert(entry.key.clone()) {
+                    out.push(entry);
+                }
+            }
+            if out.len() > MAX_ENTRIES {
+                return Err(too_many(span, self.path(), "mapping"));
             }
         }
         Ok(out)
     }
+}
+
+/// The key path of the node built in the innermost of `frames`.
+fn path_of(frames: &[Frame<'_>]) -> String {
+    let mut out = String::new();
+    for frame in frames {
+        match frame {
+            Frame::Seq { items, .. } => {
+                out.push_str(&format!("[{}]", items.len()));
+            }
+            Frame::Map {
+                key: Some(Some((key, _, _))),
+                ..
+            } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Frame::Map { .. } => {}
+        }
+    }
+    out
 }
 
 fn check_collection_tag(
@@ -487,6 +526,19 @@ fn check_collection_tag(
             span,
             &format!("the tag `{tag}` is not supported here"),
         )),
+    }
+}
+
+/// A collection with more than [`MAX_ENTRIES`] entries, at `path`.
+fn too_many(span: Span, path: String, what: &str) -> Problem {
+    let entries = if what == "list" { "items" } else { "entries" };
+    Problem {
+        span,
+        path,
+        message: format!(
+            "this {what} has more than {MAX_ENTRIES} {entries}; the most accepted is {MAX_ENTRIES}"
+        ),
+        recoverable: false,
     }
 }
 

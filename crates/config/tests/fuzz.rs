@@ -1,7 +1,8 @@
 //! Parsing never panics: arbitrary bytes, token soups and arbitrary YAML trees built from the
-//! file's own keys (over 100,000 cases in all), each parsed and, when it fails, rendered.
+//! file's own keys (over 100,000 cases in all), each parsed (expanding every variable, and only
+//! the known ones) and, when it fails, rendered; no diagnostic shows a variable's value.
 
-use deployd_config::{Severity, parse_with};
+use deployd_config::{Interpolation, ParseOptions, Severity, parse_with, parse_with_options};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 
@@ -13,17 +14,29 @@ fn config(cases: u32) -> Config {
     }
 }
 
+/// The value of `SET`: no diagnostic may show it (they show `${SET}`, as written).
+const SECRET: &str = "zq9s3cr3t";
+
 fn lookup(name: &str) -> Option<String> {
-    (name == "SET").then(|| "value".to_owned())
+    (name == "SET").then(|| SECRET.to_owned())
 }
 
-/// Parses `text`; a failure must hold an error, and every diagnostic must render.
+/// Parses `text` expanding every variable and only the known ones; a failure must hold an
+/// error, every diagnostic must render, and none may show what a variable expanded to.
 fn check(text: &str) {
-    match parse_with(text, "fuzz.yaml", &lookup) {
+    for interpolation in [Interpolation::All(&lookup), Interpolation::Known(&lookup)] {
+        check_with(text, interpolation);
+    }
+}
+
+fn check_with(text: &str, interpolation: Interpolation<'_>) {
+    let options = ParseOptions::new(interpolation);
+    match parse_with_options(text, "fuzz.yaml", &options) {
         Ok(loaded) => {
             assert!(!loaded.spec.services.is_empty());
             for warning in &loaded.warnings {
-                let _ = warning.render(text);
+                let rendered = warning.render(text);
+                assert!(!rendered.contains(SECRET), "{interpolation:?}: {rendered}");
             }
             // What loads can be written back and loads again to the same spec.
             let again = parse_with(&loaded.spec.to_yaml(), "again.yaml", &|_| None)
@@ -38,7 +51,8 @@ fn check(text: &str) {
                     .iter()
                     .any(|d| d.severity == Severity::Error)
             );
-            let _ = diagnostics.render(text);
+            let rendered = format!("{diagnostics}\n{}", diagnostics.render(text));
+            assert!(!rendered.contains(SECRET), "{interpolation:?}: {rendered}");
         }
     }
 }
