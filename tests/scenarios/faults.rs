@@ -332,3 +332,36 @@ fn services_die_with_deployd_and_the_data_directory_is_private() {
         || (!alive(pid)).then_some(()),
     );
 }
+
+/// `${HOME}` in a file sent over HTTP stays as written (deployd's environment never reaches a
+/// file a client sent, nor its diagnostics); the same file given to `serve` on the command line
+/// by the operator reads deployd's environment.
+#[test]
+fn variables_of_a_file_sent_over_http_are_not_expanded() {
+    let project = Project::new();
+    let file = project.deployment("vars", &[("svc", &[("GREETING", "${HOME}|")])]);
+    let data = tempfile::tempdir().unwrap();
+    let home = std::env::var("HOME").expect("HOME is set");
+    {
+        let server = Server::start(&data.path().join("client"), &[]);
+        success(&server.cli(&["deploy", file.to_str().unwrap()]));
+        server.wait_ready("vars");
+        let task = server.create_task("vars", "hi");
+        let result = result_of(&server, "vars", &task);
+        assert_eq!(result["result"], "${HOME}|svc: hi", "{result}");
+
+        // A diagnostic about a value never shows what a variable holds.
+        let (status, body) = server.post_raw(
+            "application/yaml",
+            &format!("/deployments/create?base_path={}", project.path().display()),
+            "name: bad\nservices:\n  svc:\n    command: x\n    restart:\n      policy: ${HOME}\n",
+        );
+        assert_eq!(status, 400, "{body}");
+        assert!(!body.to_string().contains(&home), "{body}");
+    }
+    let server = Server::start(&data.path().join("operator"), &[file.to_str().unwrap()]);
+    server.wait_ready("vars");
+    let task = server.create_task("vars", "hi");
+    let result = result_of(&server, "vars", &task);
+    assert_eq!(result["result"], format!("{home}|svc: hi"), "{result}");
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use deployd_manager::{Manager, Options};
+use deployd_manager::{FileOrigin, Manager, Options};
 use deployd_server::client::Client;
 use deployd_server::{AllowedHost, ApiOptions};
 use serde_json::Value;
@@ -145,6 +145,16 @@ struct ServeArgs {
         value_parser = parse_seconds
     )]
     head_timeout: Duration,
+    /// A prefix of the names of deployd's environment variables that deployment files sent by
+    /// clients may read with `${VAR}` (none by default; `DEPLOYD_*` never). Files given on
+    /// the command line read every variable. Repeatable.
+    #[arg(
+        long = "allow-env-prefix",
+        value_name = "PREFIX",
+        env = "DEPLOYD_ALLOW_ENV_PREFIXES",
+        value_delimiter = ','
+    )]
+    allow_env_prefixes: Vec<String>,
     /// Deployment files to deploy at start.
     files: Vec<PathBuf>,
 }
@@ -411,7 +421,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .max_deployments(args.max_deployments)
         .drain_timeout(args.drain_timeout)
         .unready_timeout(args.unready_timeout)
-        .head_timeout(args.head_timeout);
+        .head_timeout(args.head_timeout)
+        .variable_prefixes(args.allow_env_prefixes.clone());
     // Draining, then stopping the services, then a margin: the whole shutdown's deadline.
     let shutdown_deadline =
         manager_options.drain_timeout + manager_options.stop_timeout + Duration::from_secs(5);
@@ -477,7 +488,13 @@ async fn deploy_file(manager: &Manager, file: &Path) -> anyhow::Result<()> {
     let absolute = std::path::absolute(file)?;
     let base = absolute.parent().unwrap_or(Path::new("/"));
     let deployed = manager
-        .deploy(&text, &file.display().to_string(), base, true)
+        .deploy_from(
+            &text,
+            &file.display().to_string(),
+            base,
+            true,
+            FileOrigin::Operator,
+        )
         .await?;
     for warning in &deployed.warnings {
         tracing::warn!(deployment = %deployed.status.name, "{warning}");

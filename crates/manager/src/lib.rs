@@ -137,6 +137,9 @@ pub struct Options {
     /// How long a task may wait for a service that is not ready (starting, restarting, never
     /// healthy) before it fails; a task of a service that has failed fails at once.
     pub unready_timeout: Duration,
+    /// Prefixes of the names of deployd's environment variables that a file sent by a client
+    /// may read with `${VAR}` (none by default; `DEPLOYD_*` never).
+    pub variable_prefixes: Vec<String>,
 }
 
 impl Options {
@@ -151,7 +154,15 @@ impl Options {
             drain_timeout: Duration::from_secs(30),
             head_timeout: Duration::from_secs(60),
             unready_timeout: Duration::from_secs(120),
+            variable_prefixes: Vec::new(),
         }
+    }
+
+    /// Lets files sent by clients read deployd's environment variables whose name starts
+    /// with one of `prefixes` (see [`FileOrigin::Client`]).
+    pub fn variable_prefixes(mut self, prefixes: Vec<String>) -> Self {
+        self.variable_prefixes = prefixes;
+        self
     }
 
     /// Sets how long tasks in flight may take to finish when an instance stops.
@@ -412,17 +423,65 @@ pub struct Deployed {
     pub warnings: Vec<String>,
 }
 
-/// Parses a deployment file. `${VAR}` takes its value from deployd's environment, except
-/// `DEPLOYD_*` variables: those are deployd's own settings and secrets (its token, its git
-/// credentials), which a deployment file must not be able to copy into a service.
-fn load(text: &str, origin: &str) -> Result<deployd_config::Loaded, Diagnostics> {
-    deployd_config::parse_with(text, origin, &|name| {
-        if name.starts_with("DEPLOYD_") {
-            None
-        } else {
-            std::env::var(name).ok()
+/// Where a deployment file comes from, which decides what its `${VAR}` may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileOrigin {
+    /// Sent by a client (over HTTP): `${VAR}` is replaced only for variables whose name starts
+    /// with one of [`Options::variable_prefixes`]; every other `${...}` stays as written (as
+    /// llama_deploy, which expands nothing, would load it). deployd's environment never leaks
+    /// into a file a client sent.
+    Client,
+    /// Read from the server's own disk by its operator (`deployd serve FILE`, the
+    /// `LLAMA_DEPLOY_APISERVER_RC_PATH` folder): every `${VAR}` is replaced from deployd's
+    /// environment.
+    Operator,
+}
+
+impl FileOrigin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Operator => "operator",
         }
-    })
+    }
+
+    fn parse(text: &str) -> Self {
+        match text {
+            "operator" => Self::Operator,
+            _ => Self::Client,
+        }
+    }
+}
+
+/// Parses a deployment file. `${VAR}` reads deployd's environment as `from` allows, and never
+/// a `DEPLOYD_*` variable: those are deployd's own settings and secrets (its token, its git
+/// credentials), which a deployment file must not be able to copy into a service.
+fn load(
+    text: &str,
+    origin: &str,
+    from: FileOrigin,
+    prefixes: &[String],
+) -> Result<deployd_config::Loaded, Diagnostics> {
+    use deployd_config::{Interpolation, ParseOptions};
+    let lookup = |name: &str| {
+        if name.starts_with("DEPLOYD_") {
+            return None;
+        }
+        match from {
+            FileOrigin::Operator => std::env::var(name).ok(),
+            _ => prefixes
+                .iter()
+                .any(|prefix| !prefix.is_empty() && name.starts_with(prefix.as_str()))
+                .then(|| std::env::var(name).ok())
+                .flatten(),
+        }
+    };
+    let interpolation = match from {
+        FileOrigin::Operator => Interpolation::All(&lookup),
+        _ => Interpolation::Known(&lookup),
+    };
+    deployd_config::parse_with_options(text, origin, &ParseOptions::new(interpolation))
 }
 
 /// Refuses what cannot run yet and warns about settings that are not acted on yet.
@@ -647,9 +706,14 @@ impl Manager {
 
     /// Brings one stored deployment back (the caller holds `ops`).
     async fn restore_one(&self, stored: &StoredDeployment) -> Result<(), Error> {
-        let spec = load(&stored.spec, &stored.origin)
-            .map_err(Error::Invalid)?
-            .spec;
+        let spec = load(
+            &stored.spec,
+            &stored.origin,
+            FileOrigin::parse(&stored.from),
+            &self.inner.options.variable_prefixes,
+        )
+        .map_err(Error::Invalid)?
+        .spec;
         let base = PathBuf::from(&stored.base_path);
         let queue_config = queues::config_of(spec.message_queue.as_ref());
         let queue = queues::connect(&queue_config).await?;
@@ -749,6 +813,9 @@ impl Manager {
     /// Returns once every service's source is synced (a sync that fails is an error, and
     /// changes nothing); building, starting and switching to the new instances go on in the
     /// background, each service's stage shown by [`Manager::status`].
+    ///
+    /// The file is taken as a client's ([`FileOrigin::Client`]); see
+    /// [`Manager::deploy_from`].
     pub async fn deploy(
         &self,
         text: &str,
@@ -756,10 +823,26 @@ impl Manager {
         base: &Path,
         reload: bool,
     ) -> Result<Deployed, Error> {
+        self.deploy_from(text, origin, base, reload, FileOrigin::Client)
+            .await
+    }
+
+    /// [`Manager::deploy`] of a file that comes from `from`, which decides what its `${VAR}`
+    /// may read. The choice is stored with the deployment, so a restart reads the file the
+    /// same way.
+    pub async fn deploy_from(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+        from: FileOrigin,
+    ) -> Result<Deployed, Error> {
         // Parsing a large file takes CPU time: not on the async runtime's threads.
         let loaded = {
             let (text, origin) = (text.to_owned(), origin.to_owned());
-            tokio::task::spawn_blocking(move || load(&text, &origin))
+            let prefixes = self.inner.options.variable_prefixes.clone();
+            tokio::task::spawn_blocking(move || load(&text, &origin, from, &prefixes))
                 .await
                 .map_err(|err| Error::BadRequest(format!("cannot parse the file: {err}")))?
                 .map_err(Error::Invalid)?
@@ -828,6 +911,7 @@ impl Manager {
                 spec: text.to_owned(),
                 origin: origin.to_owned(),
                 base_path: base.to_string_lossy().into_owned(),
+                from: from.as_str().to_owned(),
             })
             .await?;
         Ok(Deployed {
@@ -1124,5 +1208,35 @@ impl Manager {
         // any more; whatever carries this node's mark still is stopped here.
         orphans::stop_leftovers(&self.inner.node_id, self.inner.options.stop_timeout).await;
         self.inner.control.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(loaded: &deployd_config::Loaded) -> BTreeMap<String, String> {
+        loaded.spec.services[0].env.clone()
+    }
+
+    const FILE: &str = "name: vars\nservices:\n  svc:\n    command: x\n    env:\n      \
+                        A: \"${HOME}\"\n      B: \"${DEPLOYD_SECRET_TEST:-none}\"\n      \
+                        C: \"${DEPLOYD_TEST_PUBLIC_VAR:-unset}\"\n";
+
+    #[test]
+    fn a_clients_file_reads_only_allowed_variables() {
+        let home = std::env::var("HOME").expect("HOME is set");
+        let client = load(FILE, "f.yaml", FileOrigin::Client, &[]).unwrap();
+        let env = env_of(&client);
+        assert_eq!(env["A"], "${HOME}");
+        assert_eq!(env["B"], "${DEPLOYD_SECRET_TEST:-none}");
+        let operator = load(FILE, "f.yaml", FileOrigin::Operator, &[]).unwrap();
+        let env = env_of(&operator);
+        assert_eq!(env["A"], home);
+        assert_eq!(env["B"], "none", "DEPLOYD_* is never read");
+        let allowed = load(FILE, "f.yaml", FileOrigin::Client, &["HOM".to_owned()]).unwrap();
+        assert_eq!(env_of(&allowed)["A"], home);
+        let deployd = load(FILE, "f.yaml", FileOrigin::Client, &["DEPLOYD_".to_owned()]).unwrap();
+        assert_eq!(env_of(&deployd)["C"], "${DEPLOYD_TEST_PUBLIC_VAR:-unset}");
     }
 }

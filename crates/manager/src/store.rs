@@ -55,7 +55,15 @@ const SCHEMA: &[&str] = &[
 
 /// Columns added after a table was first created: `(table, column, definition)`, added to a
 /// store made by an older deployd.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("events", "attempt", "INTEGER NOT NULL DEFAULT 0")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("events", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    // Files stored before deployd told their origins apart were read with every variable.
+    (
+        "deployments",
+        "origin_kind",
+        "TEXT NOT NULL DEFAULT 'operator'",
+    ),
+];
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -88,6 +96,8 @@ pub(crate) struct StoredDeployment {
     pub(crate) spec: String,
     pub(crate) origin: String,
     pub(crate) base_path: String,
+    /// Where the file came from (`client` or `operator`), which decides what its `${VAR}` read.
+    pub(crate) from: String,
 }
 
 /// The SQLite control-plane store.
@@ -175,15 +185,16 @@ impl Store {
 
     pub(crate) async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO deployments (name, spec, origin, base_path, created_at)
-             VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO deployments (name, spec, origin, base_path, origin_kind, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, origin = excluded.origin,
-               base_path = excluded.base_path",
+               base_path = excluded.base_path, origin_kind = excluded.origin_kind",
         )
         .bind(&d.name)
         .bind(&d.spec)
         .bind(&d.origin)
         .bind(&d.base_path)
+        .bind(&d.from)
         .bind(now_ms())
         .execute(&self.write)
         .await
@@ -193,7 +204,8 @@ impl Store {
 
     pub(crate) async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
         let rows = sqlx::query(
-            "SELECT name, spec, origin, base_path FROM deployments ORDER BY created_at, name",
+            "SELECT name, spec, origin, base_path, origin_kind FROM deployments
+             ORDER BY created_at, name",
         )
         .fetch_all(&self.read)
         .await
@@ -205,6 +217,7 @@ impl Store {
                     spec: row.try_get("spec").map_err(store_error)?,
                     origin: row.try_get("origin").map_err(store_error)?,
                     base_path: row.try_get("base_path").map_err(store_error)?,
+                    from: row.try_get("origin_kind").map_err(store_error)?,
                 })
             })
             .collect()
