@@ -432,9 +432,8 @@ pub enum FileOrigin {
     /// llama_deploy, which expands nothing, would load it). deployd's environment never leaks
     /// into a file a client sent.
     Client,
-    /// Read from the server's own disk by its operator (`deployd serve FILE`, the
-    /// `LLAMA_DEPLOY_APISERVER_RC_PATH` folder): every `${VAR}` is replaced from deployd's
-    /// environment.
+    /// Read from the server's own disk by its operator (`deployd serve FILE`): every `${VAR}`
+    /// is replaced from deployd's environment.
     Operator,
 }
 
