@@ -59,7 +59,7 @@ fn skeleton_on(kind: &str, queue: &str, tap: &TcpTap, described: &str) {
     assert_eq!(lines[1]["data"]["step"], "echoing", "{text}");
     assert_eq!(
         lines[2],
-        json!({"seq": 3, "type": "result", "data": "svc: streamed"})
+        json!({"seq": 3, "type": "result", "data": "svc: streamed", "attempt": 1})
     );
     assert!(
         tap.saw(&task),

@@ -31,9 +31,9 @@ fn quickstart_deploys_runs_and_streams_events_in_order() {
     assert_eq!(
         lines,
         [
-            json!({"seq": 1, "type": "event", "data": {"step": "received", "message": "streamed"}}),
-            json!({"seq": 2, "type": "event", "data": {"step": "echoing", "message": "streamed"}}),
-            json!({"seq": 3, "type": "result", "data": "Message received: streamed"}),
+            json!({"seq": 1, "type": "event", "data": {"step": "received", "message": "streamed"}, "attempt": 1}),
+            json!({"seq": 2, "type": "event", "data": {"step": "echoing", "message": "streamed"}, "attempt": 1}),
+            json!({"seq": 3, "type": "result", "data": "Message received: streamed", "attempt": 1}),
         ]
     );
     // A client that saw event 2 resumes after it.
