@@ -1,0 +1,424 @@
+"""A small HTTP/1.1 server on asyncio streams, serving deployd's service protocol.
+
+- keep-alive (HTTP/1.1 by default, HTTP/1.0 with `Connection: keep-alive`), requests of one
+  connection answered in order, any number of connections at once;
+- request bodies by `Content-Length` (a `Transfer-Encoding` in a request is answered 501), with
+  a size limit (413) and `Expect: 100-continue`;
+- streamed answers with `Transfer-Encoding: chunked`, one NDJSON line per chunk (HTTP/1.0: the
+  body ends when the connection closes);
+- a malformed request gets a 4xx JSON answer `{"error": "..."}` and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import unquote
+
+from .runner import BadRequest, ClientGone, Runner, dumps, log
+
+MAX_HEAD = 64 * 1024  # request line and headers
+MAX_HEADERS = 100
+HEAD_TIMEOUT = 30.0  # from the first byte of a request to the end of its headers
+BODY_TIMEOUT = 60.0
+DEFAULT_IDLE_TIMEOUT = 120.0  # a keep-alive connection with no request
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    411: "Length Required",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+TARGET = re.compile(rb"^[\x21-\x7e]+$")
+EVENTS_PATH = re.compile(r"^/tasks/([^/]+)/events/?$")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Request:
+    __slots__ = ("method", "path", "version", "headers", "body", "keep_alive")
+
+    def __init__(self, method: str, path: str, version: str, headers: Dict[str, str]) -> None:
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.keep_alive = False
+
+
+def _connection_tokens(headers: Dict[str, str]) -> List[str]:
+    return [t.strip().lower() for t in headers.get("connection", "").split(",") if t.strip()]
+
+
+class Server:
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self.runner = runner
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.connections: Dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
+        self.closing = False
+        self._server: Optional[asyncio.base_events.Server] = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(
+            self._connection, host, port, limit=MAX_HEAD, backlog=1024, reuse_address=True
+        )
+
+    async def shutdown(self, grace: float) -> None:
+        """Stops listening, closes idle connections, gives running tasks `grace` seconds to end,
+        then cancels them."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for writer, busy in list(self.connections.items()):
+            if not busy:
+                writer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.runner.running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.runner.cancel_all()
+        for writer in list(self.connections):
+            writer.close()
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections[writer] = False
+        try:
+            while not self.closing:
+                try:
+                    request = await self._read_request(reader, writer)
+                except HttpError as err:
+                    await self._send_json(writer, err.status, {"error": err.message}, keep_alive=False)
+                    break
+                if request is None:
+                    break
+                self.connections[writer] = True
+                try:
+                    keep = await self._dispatch(request, reader, writer)
+                finally:
+                    self.connections[writer] = False
+                if not keep or self.closing:
+                    break
+        except (ConnectionError, ClientGone, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the server down
+            log(f"connection error: {type(exc).__name__}: {exc}")
+        finally:
+            self.connections.pop(writer, None)
+            writer.close()
+
+    async def _read_line(self, reader: asyncio.StreamReader) -> bytes:
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(431, "the request line or a header is too long") from None
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Optional[Request]:
+        # The request line: wait as long as an idle connection is kept. Empty lines before it are
+        # skipped (RFC 9112 2.2).
+        line = b""
+        for _ in range(8):
+            try:
+                line = await asyncio.wait_for(self._read_line(reader), self.idle_timeout)
+            except asyncio.TimeoutError:
+                return None
+            except asyncio.IncompleteReadError as err:
+                if err.partial.strip():
+                    raise HttpError(400, "the request ended before its headers") from None
+                return None
+            if line.strip():
+                break
+        else:
+            raise HttpError(400, "no request line")
+        try:
+            head = await asyncio.wait_for(self._read_headers(reader, len(line)), HEAD_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise HttpError(408, "the request headers did not come in time") from None
+        except asyncio.IncompleteReadError:
+            raise HttpError(400, "the request ended before its headers") from None
+        request = self._parse(line, head)
+
+        # The body.
+        if "transfer-encoding" in request.headers:
+            raise HttpError(501, "a Transfer-Encoding in a request is not supported; send Content-Length")
+        length = 0
+        raw_length = request.headers.get("content-length")
+        if raw_length is not None:
+            values = {v.strip() for v in raw_length.split(",")}
+            if len(values) != 1 or not next(iter(values)).isdigit() or len(next(iter(values))) > 18:
+                raise HttpError(400, "invalid Content-Length")
+            length = int(next(iter(values)))
+        if length > self.max_body:
+            raise HttpError(413, f"the body is larger than {self.max_body} bytes")
+        if length:
+            if request.version == "HTTP/1.1" and request.headers.get("expect", "").lower() == "100-continue":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+            try:
+                request.body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise HttpError(408, "the request body did not come in time") from None
+            except asyncio.IncompleteReadError:
+                return None  # the client went away in the middle of its body
+        tokens = _connection_tokens(request.headers)
+        if request.version == "HTTP/1.1":
+            request.keep_alive = "close" not in tokens
+        else:
+            request.keep_alive = "keep-alive" in tokens
+        return request
+
+    async def _read_headers(self, reader: asyncio.StreamReader, used: int) -> List[bytes]:
+        lines: List[bytes] = []
+        size = used
+        while True:
+            line = await self._read_line(reader)
+            size += len(line)
+            if size > MAX_HEAD:
+                raise HttpError(431, "the request headers are too large")
+            if line in (b"\r\n", b"\n"):
+                return lines
+            lines.append(line)
+            if len(lines) > MAX_HEADERS:
+                raise HttpError(431, "too many request headers")
+
+    @staticmethod
+    def _parse(line: bytes, head: List[bytes]) -> Request:
+        parts = line.rstrip(b"\r\n").split(b" ")
+        if len(parts) != 3:
+            raise HttpError(400, "malformed request line")
+        method, target, version = parts
+        if not TOKEN.match(method):
+            raise HttpError(400, "malformed method")
+        if not TARGET.match(target):
+            raise HttpError(400, "malformed request target")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if re.match(rb"^HTTP/[0-9]\.[0-9]$", version):
+                raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+            raise HttpError(400, "malformed HTTP version")
+        headers: Dict[str, str] = {}
+        for raw in head:
+            raw = raw.rstrip(b"\r\n")
+            if raw[:1] in (b" ", b"\t"):
+                raise HttpError(400, "folded header lines are not accepted")
+            name, sep, value = raw.partition(b":")
+            if not sep or not TOKEN.match(name):
+                raise HttpError(400, "malformed header line")
+            if b"\r" in value or b"\x00" in value:
+                raise HttpError(400, "malformed header value")
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t").decode("latin-1")
+            if key in headers:
+                if key == "host":
+                    raise HttpError(400, "more than one Host header")
+                headers[key] = headers[key] + ", " + text
+            else:
+                headers[key] = text
+        version_text = version.decode("ascii")
+        if version_text == "HTTP/1.1" and "host" not in headers:
+            raise HttpError(400, "an HTTP/1.1 request needs a Host header")
+        target_text = target.decode("ascii")
+        if target_text.startswith(("http://", "https://")):  # absolute-form
+            after = target_text.split("://", 1)[1]
+            slash = after.find("/")
+            target_text = after[slash:] if slash >= 0 else "/"
+        elif not target_text.startswith("/"):
+            raise HttpError(400, "the request target must be a path")
+        path = target_text.split("?", 1)[0].split("#", 1)[0]
+        return Request(method.decode("ascii"), path, version_text, headers)
+
+    # -- answers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _head(status: int, headers: List[Tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    @staticmethod
+    def _connection_header(request: Optional[Request], keep_alive: bool) -> List[Tuple[str, str]]:
+        if not keep_alive:
+            return [("Connection", "close")]
+        if request is not None and request.version == "HTTP/1.0":
+            return [("Connection", "keep-alive")]
+        return []
+
+    async def _send_json(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        obj: Any,
+        *,
+        keep_alive: bool,
+        request: Optional[Request] = None,
+        extra: Optional[List[Tuple[str, str]]] = None,
+    ) -> None:
+        body = (dumps(obj) + "\n").encode("utf-8") if obj is not None else b""
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        headers += self._connection_header(request, keep_alive)
+        headers += extra or []
+        head = self._head(status, headers)
+        if request is not None and request.method == "HEAD":
+            body = b""
+        writer.write(head + body)
+        await writer.drain()
+
+    async def _dispatch(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answers one request; returns whether the connection stays open."""
+        keep = request.keep_alive and not self.closing
+        path, method = request.path, request.method
+
+        if path in ("/healthz", "/healthz/"):
+            if method not in ("GET", "HEAD"):
+                return await self._not_allowed(writer, request, keep, "GET, HEAD")
+            await self._send_json(writer, 200, {"status": "ok"}, keep_alive=keep, request=request)
+            return keep
+
+        if path in ("/tasks", "/tasks/"):
+            if method != "POST":
+                return await self._not_allowed(writer, request, keep, "POST")
+            return await self._post_task(request, reader, writer, keep)
+
+        match = EVENTS_PATH.match(path)
+        if match:
+            if method != "POST":
+                return await self._not_allowed(writer, request, keep, "POST")
+            return await self._post_event(unquote(match.group(1)), request, writer, keep)
+
+        await self._send_json(
+            writer, 404, {"error": f"no route {method} {path}"}, keep_alive=keep, request=request
+        )
+        return keep
+
+    async def _not_allowed(
+        self, writer: asyncio.StreamWriter, request: Request, keep: bool, allow: str
+    ) -> bool:
+        await self._send_json(
+            writer,
+            405,
+            {"error": f"{request.method} is not allowed on {request.path}"},
+            keep_alive=keep,
+            request=request,
+            extra=[("Allow", allow)],
+        )
+        return keep
+
+    @staticmethod
+    def _json_body(request: Request) -> Any:
+        if not request.body:
+            raise BadRequest("the body must be a JSON object, and it is empty")
+        try:
+            return json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+    async def _post_task(
+        self,
+        request: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        keep: bool,
+    ) -> bool:
+        try:
+            task_id, attempt, run_input, state = self.runner.parse_task(self._json_body(request))
+        except BadRequest as err:
+            await self._send_json(writer, 400, {"error": str(err)}, keep_alive=keep, request=request)
+            return keep
+
+        chunked = request.version == "HTTP/1.1"
+        keep = keep and chunked  # an HTTP/1.0 body ends when the connection closes
+        headers = [("Content-Type", "application/x-ndjson"), ("Cache-Control", "no-store")]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        headers += self._connection_header(request, keep)
+        writer.write(self._head(200, headers))
+        await writer.drain()
+
+        def gone() -> bool:
+            return reader.at_eof() or writer.is_closing()
+
+        def frame(data: bytes) -> bytes:
+            return b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+
+        # Events are written as they come; the lines that end the answer (the closing StopEvent
+        # and the outcome) are held and written in one go with the end of the body.
+        held = bytearray()
+
+        async def emit(line: Dict[str, Any], hold: bool = False) -> None:
+            data = frame((dumps(line) + "\n").encode("utf-8"))
+            if hold or line.get("type") != "event":
+                held.extend(data)
+                return
+            if writer.is_closing():
+                raise ClientGone()
+            try:
+                writer.write(data)
+                await writer.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                raise ClientGone() from exc
+
+        try:
+            await self.runner.run(task_id, attempt, run_input, state, emit, gone)
+        except ClientGone:
+            log(f"task {task_id} (attempt {attempt}): deployd closed the connection; the run is cancelled")
+            return False
+        if chunked:
+            held.extend(b"0\r\n\r\n")
+        try:
+            writer.write(bytes(held))
+            await writer.drain()
+        except (ConnectionError, RuntimeError):
+            return False
+        return keep
+
+    async def _post_event(
+        self, task_id: str, request: Request, writer: asyncio.StreamWriter, keep: bool
+    ) -> bool:
+        try:
+            body = self._json_body(request)
+            if not isinstance(body, dict) or "data" not in body:
+                raise BadRequest('the body must be {"data": <serialized event>}')
+            delivered = self.runner.send_event(task_id, body["data"])
+        except BadRequest as err:
+            await self._send_json(writer, 400, {"error": str(err)}, keep_alive=keep, request=request)
+            return keep
+        if not delivered:
+            await self._send_json(
+                writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
+            )
+            return keep
+        await self._send_json(writer, 200, {}, keep_alive=keep, request=request)
+        return keep
