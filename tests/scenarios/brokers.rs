@@ -48,7 +48,9 @@ fn skeleton_on(kind: &str, queue: &str, tap: &TcpTap, described: &str) {
     let out = success(&server.cli(&["run", "-d", &name, "-a", "message", "hi"]));
     assert_eq!(out, "svc: hi\n");
     let task = server.create_task(&name, "streamed");
-    let (status, text) = server.get_text(&format!("/deployments/{name}/tasks/{task}/events"));
+    let (status, text) = server.get_text(&format!(
+        "/deployments/{name}/tasks/{task}/events?envelope=true"
+    ));
     assert_eq!(status, 200);
     let lines: Vec<Value> = text
         .lines()

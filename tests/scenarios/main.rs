@@ -4,5 +4,6 @@ mod brokers;
 mod faults;
 mod git;
 mod pipeline;
+mod python;
 mod settings;
 mod skeleton;

@@ -22,7 +22,9 @@ fn quickstart_deploys_runs_and_streams_events_in_order() {
     assert_eq!(out, "Message received: yo\n");
 
     let task = server.create_task("quickstart", "streamed");
-    let (status, text) = server.get_text(&format!("/deployments/quickstart/tasks/{task}/events"));
+    let (status, text) = server.get_text(&format!(
+        "/deployments/quickstart/tasks/{task}/events?envelope=true"
+    ));
     assert_eq!(status, 200);
     let lines: Vec<Value> = text
         .lines()
@@ -38,7 +40,7 @@ fn quickstart_deploys_runs_and_streams_events_in_order() {
     );
     // A client that saw event 2 resumes after it.
     let (_, rest) = server.get_text(&format!(
-        "/deployments/quickstart/tasks/{task}/events?after=2"
+        "/deployments/quickstart/tasks/{task}/events?envelope=true&after=2"
     ));
     assert_eq!(rest.lines().count(), 1, "{rest}");
     assert!(rest.contains("\"type\":\"result\""), "{rest}");
@@ -398,19 +400,23 @@ fn a_running_task_takes_an_event() {
     assert_eq!(status, 200, "{body}");
     let task = body["task_id"].as_str().unwrap().to_owned();
     // Follow the task's events, live, until it says it is waiting.
-    let seen = server.read_lines_until(&format!("/deployments/hitl/tasks/{task}/events"), |line| {
-        line["data"]["step"] == "waiting"
-    });
+    let seen = server.read_lines_until(
+        &format!("/deployments/hitl/tasks/{task}/events?envelope=true"),
+        |line| line["data"]["step"] == "waiting",
+    );
     assert_eq!(seen.len(), 3, "{seen:?}");
     let event = json!({ "service_id": "svc", "event_obj_str": "\"approved\"" });
-    let (status, body) = server.post(&format!("/deployments/hitl/tasks/{task}/events"), &event);
+    let (status, body) = server.post(
+        &format!("/deployments/hitl/tasks/{task}/events?envelope=true"),
+        &event,
+    );
     assert_eq!((status, body), (200, event));
     let result = server.wait_result("hitl", &task, Duration::from_secs(30));
     assert_eq!(result["result"], "svc: approved");
 
     // Once the task has ended, an event is a conflict, not a server error.
     let (status, body) = server.post(
-        &format!("/deployments/hitl/tasks/{task}/events"),
+        &format!("/deployments/hitl/tasks/{task}/events?envelope=true"),
         &json!({ "event_obj_str": "{}" }),
     );
     assert_eq!(status, 409, "{body}");

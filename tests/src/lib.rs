@@ -41,6 +41,13 @@ pub fn binary() -> &'static Path {
     })
 }
 
+/// Where the scenarios' Python installers keep their caches: `target/python-cache`.
+pub fn python_cache() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from)
+        .join("python-cache")
+}
+
 /// Polls `check` every 50 ms until it gives a value or `limit` passes; panics with `what`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
@@ -122,6 +129,17 @@ impl Server {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "info")
+            // Python environments share one installer cache across scenarios and runs.
+            .env(
+                "UV_CACHE_DIR",
+                std::env::var_os("UV_CACHE_DIR")
+                    .unwrap_or_else(|| python_cache().join("uv").into_os_string()),
+            )
+            .env(
+                "PIP_CACHE_DIR",
+                std::env::var_os("PIP_CACHE_DIR")
+                    .unwrap_or_else(|| python_cache().join("pip").into_os_string()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)

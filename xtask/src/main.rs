@@ -10,7 +10,8 @@ mod brokers;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  ci       cargo fmt --check, clippy -D warnings, the unit and integration tests, then e2e
+  ci       cargo fmt --check, clippy -D warnings, the unit and integration tests, the Python
+           adapter's tests (sdk/python/run-tests.sh), then e2e
   e2e      starts the brokers that are not running (Redis, RabbitMQ, NATS, tansu, moto), runs
            the queue's conformance suite against each, then builds deployd and runs the
            end-to-end scenarios against the real binary; stops only the brokers it started
@@ -144,6 +145,12 @@ fn ci() -> anyhow::Result<()> {
     run(
         "doc tests",
         cargo().args(["test", "--workspace", "--exclude", "deployd-e2e", "--doc"]),
+    )?;
+    run(
+        "the Python adapter's tests (sdk/python, one virtualenv per workflow library)",
+        std::process::Command::new("bash")
+            .arg(root().join("sdk/python/run-tests.sh"))
+            .current_dir(root()),
     )?;
     e2e()
 }

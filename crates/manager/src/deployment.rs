@@ -24,7 +24,8 @@ use crate::control::Control;
 use crate::orphans::NODE_VAR;
 use crate::prepare::{self, BuildMarks};
 use crate::queues::task_topic;
-use crate::supervisor::{self, Policy, ProcessSpec, Supervisor};
+use crate::runtime::{self, Prepare, Prepared};
+use crate::supervisor::{self, Policy, Supervisor};
 use crate::worker::{self, WorkerContext};
 use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus};
 
@@ -61,6 +62,8 @@ pub(crate) struct Context {
     pub(crate) head_timeout: Duration,
     /// How long tasks in flight may take to finish when an instance stops.
     pub(crate) drain_timeout: Duration,
+    /// What the runtimes share.
+    pub(crate) runtime: runtime::Settings,
 }
 
 /// A service's instance that takes tasks: its process and its worker.
@@ -126,8 +129,10 @@ struct Item {
     service: ServiceSpec,
     workdir: PathBuf,
     consumer: Option<Box<dyn Consumer>>,
-    env: Vec<(String, String)>,
+    prepared: Option<Prepared>,
     port: u16,
+    /// The service's log file.
+    log: PathBuf,
     supervisor: Option<Supervisor>,
 }
 
@@ -192,8 +197,9 @@ impl Deployment {
                 workdir: context.dir.join("src").join(&service.id),
                 service: service.clone(),
                 consumer: None,
-                env: Vec::new(),
+                prepared: None,
                 port: 0,
+                log: context.dir.join("logs").join(format!("{}.log", service.id)),
                 supervisor: None,
             })
             .collect();
@@ -555,45 +561,40 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
     ]);
     let env = supervisor::process_env(env);
     let marks = BuildMarks::new(&context.dir, &service.id);
-    let built = prepare::build(prepare::Build {
-        service,
-        workdir: &item.workdir,
-        env: &env,
-        log: &context
-            .dir
-            .join("logs")
-            .join(format!("{}.build.log", service.id)),
-        marks: &marks,
-    })
-    .await?;
-    if built {
-        tracing::info!(service = %service.id, "build finished");
-    }
-    item.env = env;
+    let build_log = context
+        .dir
+        .join("logs")
+        .join(format!("{}.build.log", service.id));
+    let runtime = runtime::of(service, &context.runtime);
+    tracing::debug!(service = %service.id, runtime = runtime.name(), "preparing");
+    let prepared = runtime
+        .prepare(Prepare {
+            service,
+            workdir: &item.workdir,
+            env,
+            deployment_dir: &context.dir,
+            build_log: &build_log,
+            marks: &marks,
+        })
+        .await?;
+    item.prepared = Some(prepared);
     item.port = port;
     Ok(item)
 }
 
 async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Error> {
-    let Some(command) = item.service.command.clone() else {
+    let Some(prepared) = item.prepared.take() else {
         return Err(Error::BadRequest(format!(
-            "service `{}` has no `command`",
+            "service `{}` reached launch unprepared",
             item.service.id
         )));
     };
-    let spec = ProcessSpec {
-        service: item.service.id.clone(),
-        command,
-        workdir: item.workdir.clone(),
-        env: std::mem::take(&mut item.env),
-        port: item.port,
-        log: context
-            .dir
-            .join("logs")
-            .join(format!("{}.log", item.service.id)),
-    };
-    item.supervisor = Some(Supervisor::start(
-        spec,
+    item.supervisor = Some(runtime::of(&item.service, &context.runtime).launch(
+        &item.service,
+        prepared,
+        item.workdir.clone(),
+        item.port,
+        item.log.clone(),
         Policy::of(&item.service, context.stop_timeout),
     ));
     Ok(item)
@@ -613,12 +614,20 @@ async fn ready_stage(mut item: Item) -> Result<Item, Error> {
     let limit = item.service.health.timeout * 3 + Duration::from_secs(10);
     let reached = tokio::time::timeout(
         limit,
-        state.wait_for(|s| matches!(s.phase, Phase::Ready | Phase::Failed | Phase::Exited)),
+        state.wait_for(|s| {
+            matches!(s.phase, Phase::Ready | Phase::Failed | Phase::Exited)
+                || s.restarts >= CRASHES_BEFORE_READY
+        }),
     )
     .await
     .map(|seen| seen.map(|status| status.clone()));
     let outcome = match reached {
         Ok(Ok(status)) if status.phase == Phase::Ready => Ok(()),
+        Ok(Ok(status)) if status.restarts >= CRASHES_BEFORE_READY => Err(format!(
+            "it ended {} times before it was ever ready (last: {})",
+            status.restarts,
+            status.last_exit.as_deref().unwrap_or("no exit reason")
+        )),
         Ok(Ok(status)) => Err(status
             .last_exit
             .unwrap_or_else(|| "the process ended".to_owned())),
@@ -631,12 +640,45 @@ async fn ready_stage(mut item: Item) -> Result<Item, Error> {
             if let Some(supervisor) = item.supervisor.take() {
                 supervisor.stop().await;
             }
+            // What the process said last says why (a Python traceback's last line, say).
+            let said = log_tail(&item.log, LOG_LINES_SHOWN);
+            let reason = if said.is_empty() {
+                reason
+            } else {
+                format!("{reason}; its last output:\n{said}")
+            };
             Err(Error::NotReady {
                 service: item.service.id.clone(),
                 reason,
             })
         }
     }
+}
+
+/// A new instance that ends this many times before it is ever ready fails its deploy: it is
+/// not going to start (a missing module, a bad command).
+const CRASHES_BEFORE_READY: u32 = 3;
+
+/// How many lines of a service's log a failed deploy shows.
+const LOG_LINES_SHOWN: usize = 10;
+
+/// The last `lines` lines of the log at `path` (at most 4 KiB), without deployd's own
+/// `--- deployd: ...` marks.
+fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(length.saturating_sub(4096)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with("--- deployd:") && !line.trim().is_empty())
+        .collect();
+    kept[kept.len().saturating_sub(lines)..].join("\n")
 }
 
 async fn sync_source(

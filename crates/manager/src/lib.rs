@@ -30,6 +30,7 @@ mod orphans;
 mod prepare;
 mod protocol;
 mod queues;
+mod runtime;
 mod store;
 mod supervisor;
 mod worker;
@@ -140,6 +141,8 @@ pub struct Options {
     /// Prefixes of the names of deployd's environment variables that a file sent by a client
     /// may read with `${VAR}` (none by default; `DEPLOYD_*` never).
     pub variable_prefixes: Vec<String>,
+    /// The Python interpreter the virtualenvs of python services are made from (`python3`).
+    pub python: String,
 }
 
 impl Options {
@@ -155,7 +158,14 @@ impl Options {
             head_timeout: Duration::from_secs(60),
             unready_timeout: Duration::from_secs(120),
             variable_prefixes: Vec::new(),
+            python: "python3".to_owned(),
         }
+    }
+
+    /// Sets the Python interpreter the virtualenvs of python services are made from.
+    pub fn python(mut self, interpreter: impl Into<String>) -> Self {
+        self.python = interpreter.into();
+        self
     }
 
     /// Lets files sent by clients read deployd's environment variables whose name starts
@@ -489,22 +499,18 @@ fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
     let mut warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
     for service in &spec.services {
         let id = &service.id;
-        if service.command.is_none() {
-            return Err(Error::BadRequest(format!(
-                "service `{id}` has an `import-path` but no `command`; Python workflow services \
-                 are not supported yet: give the service a `command`"
-            )));
-        }
         if service.replicas > 1 {
             warnings.push(format!(
                 "services.{id}.replicas: {} replicas are not supported yet; one process runs",
                 service.replicas
             ));
         }
-        if !service.python_dependencies.is_empty() {
+        if !service.python_dependencies.is_empty()
+            && service.runtime != deployd_config::Runtime::Python
+        {
             warnings.push(format!(
-                "services.{id}.python-dependencies: not installed yet; install them in a `build` \
-                 command"
+                "services.{id}.python-dependencies: installed only for the python runtime (a \
+                 service with an `import-path`); install them in a `build` command"
             ));
         }
     }
@@ -532,6 +538,8 @@ struct Inner {
     ops: tokio::sync::Mutex<bool>,
     /// Set when shutdown starts: no new task is taken from then on.
     closing: std::sync::atomic::AtomicBool,
+    /// Where `uv` is, once the python runtime has looked for it.
+    uv: runtime::python::UvCell,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -570,6 +578,7 @@ impl Manager {
                 deployments: RwLock::new(BTreeMap::new()),
                 ops: tokio::sync::Mutex::new(false),
                 closing: std::sync::atomic::AtomicBool::new(false),
+                uv: runtime::python::UvCell::default(),
                 _lock: lock,
             }),
         };
@@ -947,6 +956,11 @@ impl Manager {
             stop_timeout: self.inner.options.stop_timeout,
             head_timeout: self.inner.options.head_timeout,
             drain_timeout: self.inner.options.drain_timeout,
+            runtime: runtime::Settings {
+                data_dir: self.inner.options.data_dir.clone(),
+                python: self.inner.options.python.clone(),
+                uv: std::sync::Arc::clone(&self.inner.uv),
+            },
         }
     }
 

@@ -595,13 +595,37 @@ struct EventParams {
     #[serde(default)]
     #[allow(dead_code)]
     session_id: Option<String>,
+    /// Each event as the workflow serializer wrote it, instead of its `value` alone.
     #[serde(default)]
     raw_event: bool,
+    /// deployd's own lines: `{"seq", "type", "data", "attempt"}` for every entry of the task's
+    /// log, its result or error included.
+    #[serde(default)]
+    envelope: bool,
     /// The last sequence number the client saw; the stream starts after it.
     #[serde(default)]
     after: u64,
 }
 
+/// What llama_deploy 0.9 streams for an event: the `value` of the workflow serializer's object
+/// (`{"__is_pydantic", "value", "qualified_name"}`); an event that is not such an object (a
+/// process service's own JSON) is sent as it is.
+fn event_value(data: Value) -> Value {
+    match data {
+        Value::Object(mut object)
+            if object.contains_key("value")
+                && (object.contains_key("qualified_name")
+                    || object.contains_key("__is_pydantic")) =>
+        {
+            object.remove("value").unwrap_or(Value::Null)
+        }
+        other => other,
+    }
+}
+
+/// `GET …/tasks/{id}/events`: as llama_deploy 0.9 streams it by default (one line per event:
+/// its value, or with `raw_event=true` the serializer's whole object; the stream ends with the
+/// task and carries no result line), or deployd's envelope with `envelope=true`.
 async fn task_events(
     State(manager): State<Manager>,
     P((name, task_id)): P<(String, String)>,
@@ -609,12 +633,10 @@ async fn task_events(
 ) -> ApiResult<Response> {
     manager.status(&name)?;
     let events = manager.task_events(&name, &task_id, params.after).await?;
-    let raw = params.raw_event;
-    let lines = ReceiverStream::new(events).map(move |event: TaskEvent| {
-        let value = if raw {
-            event.data
-        } else {
-            json!(EventLine {
+    let (raw, envelope) = (params.raw_event, params.envelope);
+    let lines = ReceiverStream::new(events).filter_map(move |event: TaskEvent| {
+        let value = if envelope {
+            Some(json!(EventLine {
                 seq: event.seq,
                 kind: match event.kind {
                     EventKind::Event => "event",
@@ -624,11 +646,19 @@ async fn task_events(
                 .to_owned(),
                 data: event.data,
                 attempt: event.attempt,
-            })
+            }))
+        } else if event.kind != EventKind::Event {
+            None
+        } else if raw {
+            Some(event.data)
+        } else {
+            Some(event_value(event.data))
         };
-        let mut line = value.to_string();
-        line.push('\n');
-        Ok::<_, std::convert::Infallible>(line)
+        std::future::ready(value.map(|value| {
+            let mut line = value.to_string();
+            line.push('\n');
+            Ok::<_, std::convert::Infallible>(line)
+        }))
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
@@ -701,4 +731,22 @@ async fn send_event(
         .unwrap_or_else(|_| Value::String(event.event_obj_str.clone()));
     manager.send_event(&name, &task_id, data).await?;
     Ok(Json(event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_deploy_streams_the_value_of_a_serialized_event() {
+        let serialized = json!({
+            "__is_pydantic": true,
+            "value": {"step": 1},
+            "qualified_name": "workflow.Progress",
+        });
+        assert_eq!(event_value(serialized), json!({"step": 1}));
+        // A process service's own JSON is sent as it is.
+        assert_eq!(event_value(json!({"value": 3})), json!({"value": 3}));
+        assert_eq!(event_value(json!("text")), json!("text"));
+    }
 }

@@ -1,0 +1,194 @@
+//! llama_deploy deployments of Python workflows: each service in a virtualenv of its own, made
+//! with its `python-dependencies`, served by deployd's Python adapter.
+
+use std::time::Duration;
+
+use deployd_e2e::{Project, Server, success, wait_for, workspace};
+use serde_json::{Value, json};
+
+/// A project with the fixture workflows in `src/` and a llama_deploy deployment file whose
+/// services are `services` (id, attribute of `src/workflow.py`).
+fn project(name: &str, services: &[(&str, &str)]) -> (Project, std::path::PathBuf) {
+    let project = Project::new();
+    for file in ["workflow.py", "requirements.txt"] {
+        std::fs::copy(
+            workspace().join("tests/fixtures/python").join(file),
+            project.path().join("src").join(file),
+        )
+        .expect("cannot copy the fixture workflow");
+    }
+    let mut text = format!("name: {name}\ncontrol-plane: {{}}\nservices:\n");
+    for (id, attribute) in services {
+        text.push_str(&format!(
+            "  {id}:\n    name: {id}\n    source:\n      type: local\n      location: src\n    \
+             import-path: src/workflow:{attribute}\n    python-dependencies:\n      \
+             - src/requirements.txt\n"
+        ));
+    }
+    let file = project.write(&format!("{name}.yml"), &text);
+    (project, file)
+}
+
+fn run(server: &Server, deployment: &str, body: &Value) -> (u16, Value) {
+    server.post(&format!("/deployments/{deployment}/tasks/run"), body)
+}
+
+/// llama_deploy's quickstart shape, unchanged: `import-path` and no `command`. Results, three
+/// streamed events in order, a session counter and a human in the loop.
+#[test]
+fn a_llama_deploy_workflow_deployment_runs_unchanged() {
+    let (project, file) = project(
+        "flows",
+        &[
+            ("echo_workflow", "echo_workflow"),
+            ("counter_workflow", "counter_workflow"),
+            ("approval_workflow", "approval_workflow"),
+            ("failing_workflow", "failing_workflow"),
+        ],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    drop(project);
+
+    // The first service is the default one; `tasks/run` answers the StopEvent's result.
+    let (status, body) = run(
+        &server,
+        "flows",
+        &json!({ "input": json!({"message": "hi"}).to_string() }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "Message received: hi (six 1.16.0)");
+
+    // Three events, in order, then the result.
+    let task = server.create_task("flows", "streamed");
+    let lines = server.read_lines_until(
+        &format!("/deployments/flows/tasks/{task}/events?envelope=true"),
+        |line| line["type"] == "result",
+    );
+    let progress: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["data"]["qualified_name"] == "workflow.Progress")
+        .map(|l| &l["data"]["value"])
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            &json!({"step": 1, "message": "streamed"}),
+            &json!({"step": 2, "message": "streamed"}),
+            &json!({"step": 3, "message": "streamed"}),
+        ],
+        "{lines:?}"
+    );
+
+    // llama_deploy's own stream: each event's value alone, no result line; `raw_event=true`
+    // gives the serializer's whole object.
+    let (status, text) = server.get_text(&format!("/deployments/flows/tasks/{task}/events"));
+    assert_eq!(status, 200);
+    let values: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        values[..3],
+        [
+            json!({"step": 1, "message": "streamed"}),
+            json!({"step": 2, "message": "streamed"}),
+            json!({"step": 3, "message": "streamed"}),
+        ],
+        "{text}"
+    );
+    assert!(
+        !text.contains("Message received"),
+        "no result line on llama_deploy's stream: {text}"
+    );
+    let (_, raw) = server.get_text(&format!(
+        "/deployments/flows/tasks/{task}/events?raw_event=true"
+    ));
+    let first: Value = serde_json::from_str(raw.lines().next().unwrap_or("null")).unwrap();
+    assert_eq!(first["qualified_name"], "workflow.Progress", "{raw}");
+    assert_eq!(
+        first["value"],
+        json!({"step": 1, "message": "streamed"}),
+        "{raw}"
+    );
+
+    // A session carries the workflow's Context: 1, then 2; a new session starts at 1.
+    let (_, session) = server.post("/deployments/flows/sessions/create", &json!({}));
+    let session = session["session_id"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
+    let counter = json!({ "input": "{}", "service_id": "counter_workflow" });
+    for expected in ["1", "2"] {
+        let (status, body) = server.post(
+            &format!("/deployments/flows/tasks/run?session_id={session}"),
+            &counter,
+        );
+        assert_eq!((status, body), (200, json!(expected)));
+    }
+    assert_eq!(run(&server, "flows", &counter), (200, json!("1")));
+
+    // A human in the loop: the workflow asks, the answer is sent as an event, it resumes.
+    let (status, created) = server.post(
+        "/deployments/flows/tasks/create",
+        &json!({ "input": json!({"item": "the plan"}).to_string(), "service_id": "approval_workflow" }),
+    );
+    assert_eq!(status, 200, "{created}");
+    let task = created["task_id"].as_str().expect("a task id").to_owned();
+    let asked = server.read_lines_until(
+        &format!("/deployments/flows/tasks/{task}/events?envelope=true"),
+        |line| {
+            line["data"]["qualified_name"]
+                .as_str()
+                .is_some_and(|name| name.ends_with("InputRequiredEvent"))
+        },
+    );
+    let question = asked.last().expect("the question");
+    assert!(
+        question.to_string().contains("approve the plan? "),
+        "{question}"
+    );
+    let answer = json!({
+        "__is_pydantic": true,
+        "value": {"response": "yes"},
+        "qualified_name": "llama_index.core.workflow.events.HumanResponseEvent",
+    });
+    let (status, body) = server.post(
+        &format!("/deployments/flows/tasks/{task}/events?envelope=true"),
+        &json!({ "service_id": "approval_workflow", "event_obj_str": answer.to_string() }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let result = server.wait_result("flows", &task, Duration::from_secs(60));
+    assert_eq!(result["result"], "human said: yes", "{result}");
+
+    // A workflow that raises fails its task with the exception's type and message.
+    let (status, body) = run(
+        &server,
+        "flows",
+        &json!({ "input": "{}", "service_id": "failing_workflow" }),
+    );
+    assert_eq!(status, 502, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("ValueError"), "{detail}");
+    assert!(detail.contains("the input was wrong"), "{detail}");
+}
+
+/// An `import-path` whose attribute does not exist: the deploy fails naming the service, the
+/// attribute and what Python said.
+#[test]
+fn a_missing_workflow_fails_the_deploy_with_what_python_said() {
+    let (_project, file) = project("broken", &[("svc", "no_such_workflow")]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    let out = server.cli(&["deploy", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "the deploy succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`svc`"), "{stderr}");
+    assert!(stderr.contains("no_such_workflow"), "{stderr}");
+    assert!(stderr.contains("workflow"), "{stderr}");
+    wait_for("the service to be failed", Duration::from_secs(10), || {
+        let (_, body) = server.get("/deployments/broken").ok()?;
+        (body["services"][0]["phase"] == "failed").then_some(())
+    });
+}
