@@ -192,3 +192,44 @@ fn a_missing_workflow_fails_the_deploy_with_what_python_said() {
         (body["services"][0]["phase"] == "failed").then_some(())
     });
 }
+
+/// A reload with changed workflow code answers once the new code serves: a task sent right
+/// after the answer runs the new code, and deployd was not restarted. The environment, whose
+/// dependencies did not change, is reused.
+#[test]
+fn a_reload_answers_once_the_new_code_serves() {
+    let (project, file) = project("reloaded", &[("echo_workflow", "echo_workflow")]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let pid = server.pid();
+    let input = json!({ "input": json!({"message": "hi"}).to_string() });
+    assert_eq!(
+        run(&server, "reloaded", &input),
+        (200, json!("Message received: hi (six 1.16.0)"))
+    );
+
+    let code = project.path().join("src/workflow.py");
+    let text = std::fs::read_to_string(&code).unwrap();
+    std::fs::write(&code, text.replace("Message received", "Message taken")).unwrap();
+    let envs = || {
+        std::fs::read_dir(server.data_dir.join("deployments/reloaded/envs"))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(envs(), 1);
+    let base = project.path().display().to_string();
+    let (status, body) = server.post_raw(
+        "application/yaml",
+        &format!("/deployments/create?reload=true&base_path={base}"),
+        &std::fs::read_to_string(&file).unwrap(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        run(&server, "reloaded", &input),
+        (200, json!("Message taken: hi (six 1.16.0)")),
+        "the first task after the reload's answer runs the new code"
+    );
+    assert_eq!(server.pid(), pid, "deployd was not restarted");
+    assert_eq!(envs(), 1, "the environment was reused");
+}

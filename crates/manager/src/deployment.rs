@@ -124,6 +124,38 @@ pub(crate) struct Deployment {
     launching: Mutex<std::collections::HashMap<String, watch::Receiver<ServiceStatus>>>,
 }
 
+/// A deploy whose sources are synced and whose other stages go on in the background.
+pub(crate) struct Deploying {
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Deploying {
+    /// Waits until every service of the deploy has been switched in or has failed; returns
+    /// the first failure (the service keeps its previous instance, if it had one).
+    pub(crate) async fn finished(self, deployment: &Deployment) -> Result<(), Error> {
+        // A deploy replaced by a newer one ends without telling: that one is waited for then.
+        let _ = self.ended.await;
+        match deployment
+            .status()
+            .services
+            .into_iter()
+            .find_map(|service| {
+                let stage = service.stage?;
+                (stage.state == "failed").then(|| (service.id, stage))
+            }) {
+            Some((service, stage)) => Err(Error::NotReady {
+                service,
+                reason: format!(
+                    "stage {} failed: {}",
+                    stage.stage,
+                    stage.error.unwrap_or_default()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One service going through the pipeline.
 struct Item {
     service: ServiceSpec,
@@ -180,7 +212,7 @@ impl Deployment {
     /// can be created for every service of the new spec); the rest of the pipeline goes on in
     /// the background, visible in [`Deployment::status`]. A sync that fails fails the deploy
     /// and changes nothing that runs.
-    pub(crate) async fn deploy(self: &Arc<Self>, context: Context) -> Result<(), Error> {
+    pub(crate) async fn deploy(self: &Arc<Self>, context: Context) -> Result<Deploying, Error> {
         for dir in ["src", "logs", "data"].map(|d| context.dir.join(d)) {
             tokio::fs::create_dir_all(&dir)
                 .await
@@ -274,9 +306,11 @@ impl Deployment {
         }
         let deployment = Arc::clone(self);
         let new_spec = context.spec.clone();
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
         let mut run = tokio::spawn(async move {
             let outcome = pipeline.collect().await;
             deployment.finish(&new_spec, outcome.is_ok()).await;
+            let _ = ended_tx.send(());
             outcome
         });
 
@@ -294,11 +328,11 @@ impl Deployment {
             state.pipeline = Some(tokio::spawn(async move {
                 let _ = run.await;
             }));
-            return Ok(());
+            return Ok(Deploying { ended });
         }
         // The pipeline ended before every source was synced: its error says why.
         match run.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => Ok(Deploying { ended }),
             Ok(Err(err)) => Err(pipeline_error(err)),
             Err(join) => Err(Error::BadRequest(format!(
                 "the deploy was interrupted: {join}"

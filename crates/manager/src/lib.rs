@@ -727,7 +727,7 @@ impl Manager {
         let queue = queues::connect(&queue_config).await?;
         let context = self.context(spec, &stored.spec, &base, false, queue_config, queue);
         let deployment = Deployment::new(&context);
-        deployment.deploy(context).await?;
+        drop(deployment.deploy(context).await?);
         // Every service's topic is subscribed now: nothing requeued is lost.
         if let Err(err) = self.requeue_unfinished(&deployment).await {
             // The tasks stay `queued` in the store; the next start publishes them again.
@@ -818,9 +818,11 @@ impl Manager {
     /// (and left alone when the file and base are the same); without, it is an
     /// [`Error::AlreadyExists`].
     ///
-    /// Returns once every service's source is synced (a sync that fails is an error, and
-    /// changes nothing); building, starting and switching to the new instances go on in the
-    /// background, each service's stage shown by [`Manager::status`].
+    /// A new deployment returns once every service's source is synced (a sync that fails is an
+    /// error, and changes nothing); building, starting and switching to the new instances go
+    /// on in the background, each service's stage shown by [`Manager::status`]. A reload
+    /// returns once every service of the new version serves, or with the error of the first
+    /// service that failed (which keeps serving its previous version).
     ///
     /// The file is taken as a client's ([`FileOrigin::Client`]); see
     /// [`Manager::deploy_from`].
@@ -868,7 +870,9 @@ impl Manager {
         let existing = self.read_deployments().get(&name).cloned();
         match &existing {
             Some(_) if !reload => return Err(Error::AlreadyExists(name)),
-            Some(current) if current.is_same(text, &base) => {
+            // A file the operator gives `serve` that runs already (deployd restarted) is left
+            // as it is; a client's reload always syncs again, so changed code is deployed.
+            Some(current) if from == FileOrigin::Operator && current.is_same(text, &base) => {
                 return Ok(Deployed {
                     status: current.status(),
                     warnings,
@@ -900,13 +904,16 @@ impl Manager {
                 (deployment, true)
             }
         };
-        if let Err(err) = deployment.deploy(context).await {
-            if is_new {
-                self.write_deployments().remove(&name);
-                deployment.stop().await;
+        let deploying = match deployment.deploy(context).await {
+            Ok(deploying) => deploying,
+            Err(err) => {
+                if is_new {
+                    self.write_deployments().remove(&name);
+                    deployment.stop().await;
+                }
+                return Err(err);
             }
-            return Err(err);
-        }
+        };
         if queue_changed {
             // Tasks waiting in the previous queue move to the new one.
             self.requeue_unfinished(&deployment).await?;
@@ -922,6 +929,13 @@ impl Manager {
                 from: from.as_str().to_owned(),
             })
             .await?;
+        if !is_new {
+            // A reload answers once the new version serves (as llama_deploy's does), so that a
+            // task sent right after the answer runs the new code; a service whose new
+            // instance fails keeps its old one, and the answer names it.
+            drop(ops);
+            deploying.finished(&deployment).await?;
+        }
         Ok(Deployed {
             status: deployment.status(),
             warnings,
