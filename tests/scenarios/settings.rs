@@ -125,3 +125,86 @@ fn a_service_that_must_not_restart_fails_and_refuses_tasks() {
         "{body}"
     );
 }
+
+/// llama_deploy's API server settings by environment: host and port, the deployments folder,
+/// and the rc folder whose files are deployed at start (all of them, or the one the deployment
+/// file path names), relative to it.
+#[test]
+fn llama_deploy_apiserver_settings_by_environment() {
+    let project = Project::new();
+    let rc = project.path().join("rc");
+    std::fs::create_dir(&rc).unwrap();
+    std::fs::rename(project.path().join("src"), rc.join("src")).unwrap();
+    for name in ["first", "second"] {
+        std::fs::write(
+            rc.join(format!("{name}.yml")),
+            format!(
+                "name: {name}\nservices:\n  svc:\n    source:\n      type: local\n      \
+                 location: src\n    command: python3 echo.py\n"
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(rc.join("notes.txt"), "not a deployment").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let start = |port: u16, one: Option<&str>, folder: &str| {
+        let mut command = std::process::Command::new(deployd_e2e::binary());
+        command
+            .arg("serve")
+            .env_remove("DEPLOYD_LISTEN")
+            .env_remove("DEPLOYD_DATA_DIR")
+            .env("LLAMA_DEPLOY_APISERVER_HOST", "localhost")
+            .env("LLAMA_DEPLOY_APISERVER_PORT", port.to_string())
+            .env("LLAMA_DEPLOY_APISERVER_RC_PATH", &rc)
+            .env(
+                "LLAMA_DEPLOY_APISERVER_DEPLOYMENTS_PATH",
+                data.path().join(folder),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(one) = one {
+            command.env("LLAMA_DEPLOY_APISERVER_DEPLOYMENT_FILE_PATH", one);
+        }
+        command.spawn().expect("cannot start deployd")
+    };
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deployments = |port: u16, count: usize| {
+        wait_for(
+            "the rc folder's deployments",
+            Duration::from_secs(60),
+            || {
+                let body: serde_json::Value = http
+                    .get(format!("http://127.0.0.1:{port}/status/"))
+                    .send()
+                    .ok()?
+                    .json()
+                    .ok()?;
+                let names = body["deployments"].as_array()?.clone();
+                (names.len() == count).then_some(names)
+            },
+        )
+    };
+    for (one, folder, expected) in [
+        (None, "all", json!(["first", "second"])),
+        (Some("second.yml"), "one", json!(["second"])),
+    ] {
+        let port = deployd_e2e::free_port();
+        let mut child = start(port, one, folder);
+        let names = deployments(port, expected.as_array().unwrap().len());
+        assert_eq!(json!(names), expected);
+        assert!(
+            data.path().join(folder).join("deployd.db").is_file(),
+            "the deployments folder is the data directory"
+        );
+        let _ = kill(
+            Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            Signal::SIGTERM,
+        );
+        let _ = child.wait();
+    }
+}

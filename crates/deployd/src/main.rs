@@ -83,12 +83,34 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// The address to listen on (loopback only).
-    #[arg(long, env = "DEPLOYD_LISTEN", default_value = "127.0.0.1:4501")]
-    listen: SocketAddr,
-    /// Where deployd keeps its state, the synced sources and the logs.
-    #[arg(long, env = "DEPLOYD_DATA_DIR", default_value = ".deployd")]
-    data_dir: PathBuf,
+    /// The address to listen on (loopback only) [default: 127.0.0.1:4501].
+    #[arg(long, env = "DEPLOYD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The host to listen on, as llama_deploy's `LLAMA_DEPLOY_APISERVER_HOST` (replaces the
+    /// host of `--listen`).
+    #[arg(long, env = "LLAMA_DEPLOY_APISERVER_HOST")]
+    host: Option<String>,
+    /// The port to listen on, as llama_deploy's `LLAMA_DEPLOY_APISERVER_PORT` (replaces the
+    /// port of `--listen`).
+    #[arg(long, env = "LLAMA_DEPLOY_APISERVER_PORT")]
+    port: Option<u16>,
+    /// Where deployd keeps its state, the synced sources and the logs [default: .deployd, or
+    /// llama_deploy's `LLAMA_DEPLOY_APISERVER_DEPLOYMENTS_PATH` when that is set].
+    #[arg(long, env = "DEPLOYD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A folder whose `.yml` and `.yaml` files are deployed at start, relative to it, as
+    /// llama_deploy's API server does with its rc folder; nothing happens when it does not
+    /// exist.
+    #[arg(
+        long,
+        env = "LLAMA_DEPLOY_APISERVER_RC_PATH",
+        default_value = ".llama_deploy_rc"
+    )]
+    rc_path: PathBuf,
+    /// The one file of the rc folder to deploy at start (relative to it), instead of all;
+    /// `DEPLOYMENT_FILE_PATH` is read too.
+    #[arg(long, env = "LLAMA_DEPLOY_APISERVER_DEPLOYMENT_FILE_PATH")]
+    deployment_file_path: Option<PathBuf>,
     /// The most deployments that may exist at once.
     #[arg(long, default_value_t = 10)]
     max_deployments: usize,
@@ -410,14 +432,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if !args.listen.ip().is_loopback() {
+    let listen = listen_address(&args).await?;
+    if !listen.ip().is_loopback() {
         bail!(
-            "refusing to listen on {}: deployments run code and deployd has no authentication \
-             yet, so it listens on loopback addresses only",
-            args.listen
+            "refusing to listen on {listen}: deployments run code and deployd has no \
+             authentication yet, so it listens on loopback addresses only"
         );
     }
-    let manager_options = Options::new(&args.data_dir)
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("LLAMA_DEPLOY_APISERVER_DEPLOYMENTS_PATH").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(".deployd"));
+    let manager_options = Options::new(&data_dir)
         .max_deployments(args.max_deployments)
         .drain_timeout(args.drain_timeout)
         .unready_timeout(args.unready_timeout)
@@ -428,20 +455,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         manager_options.drain_timeout + manager_options.stop_timeout + Duration::from_secs(5);
     let manager = Manager::start(manager_options)
         .await
-        .with_context(|| format!("cannot start on data directory {}", args.data_dir.display()))?;
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        .with_context(|| format!("cannot start on data directory {}", data_dir.display()))?;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(err) => {
             manager.shutdown().await;
-            return Err(err).with_context(|| format!("cannot listen on {}", args.listen));
+            return Err(err).with_context(|| format!("cannot listen on {listen}"));
         }
     };
-    for file in &args.files {
-        if let Err(err) = deploy_file(&manager, file).await {
+    // llama_deploy's rc folder first (its files are relative to it), then the files named.
+    let mut files: Vec<(PathBuf, Option<PathBuf>)> = rc_files(&args)
+        .into_iter()
+        .map(|file| (file, Some(args.rc_path.clone())))
+        .collect();
+    files.extend(args.files.iter().map(|file| (file.clone(), None)));
+    for (file, base) in &files {
+        if let Err(err) = deploy_file(&manager, file, base.as_deref()).await {
             tracing::error!(file = %file.display(), error = %format!("{err:#}"), "cannot deploy");
         }
     }
-    let address = listener.local_addr().unwrap_or(args.listen);
+    let address = listener.local_addr().unwrap_or(listen);
     let mut options = ApiOptions::new(address).run_timeout(args.run_timeout);
     for host in args.allow_hosts {
         options = options.allow_host(host);
@@ -482,11 +515,70 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn deploy_file(manager: &Manager, file: &Path) -> anyhow::Result<()> {
+/// The address to listen on: `--listen`, with the host and port of llama_deploy's settings
+/// when they are given.
+async fn listen_address(args: &ServeArgs) -> anyhow::Result<SocketAddr> {
+    let mut listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4501)));
+    if let Some(port) = args.port {
+        listen.set_port(port);
+    }
+    if let Some(host) = &args.host {
+        let found = tokio::net::lookup_host((host.as_str(), listen.port()))
+            .await
+            .with_context(|| format!("cannot resolve the host `{host}`"))?
+            .next()
+            .with_context(|| format!("the host `{host}` has no address"))?;
+        listen = found;
+    }
+    Ok(listen)
+}
+
+/// The deployment files of llama_deploy's rc folder: the one its deployment file path names,
+/// or every `.yml` and `.yaml` file in it, by name; none when the folder does not exist.
+fn rc_files(args: &ServeArgs) -> Vec<PathBuf> {
+    let one = args
+        .deployment_file_path
+        .clone()
+        .or_else(|| std::env::var_os("DEPLOYMENT_FILE_PATH").map(PathBuf::from));
+    if !args.rc_path.is_dir() {
+        if let Some(one) = one {
+            tracing::warn!(rc_path = %args.rc_path.display(), file = %one.display(), "the rc folder does not exist; nothing deployed from it");
+        }
+        return Vec::new();
+    }
+    if let Some(one) = one {
+        return vec![args.rc_path.join(one)];
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.rc_path)
+        .map(|dir| {
+            dir.flatten()
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.is_file()
+                        && path
+                            .extension()
+                            .is_some_and(|ext| ext == "yml" || ext == "yaml")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Deploys a file from the server's disk, its local sources relative to `base` (the file's
+/// folder when `None`).
+async fn deploy_file(manager: &Manager, file: &Path, base: Option<&Path>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let absolute = std::path::absolute(file)?;
-    let base = absolute.parent().unwrap_or(Path::new("/"));
+    let base = match base {
+        Some(base) => std::path::absolute(base)?,
+        None => absolute.parent().unwrap_or(Path::new("/")).to_owned(),
+    };
+    let base = base.as_path();
     let deployed = manager
         .deploy_from(
             &text,
