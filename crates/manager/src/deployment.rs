@@ -141,7 +141,7 @@ impl Deploying {
             .into_iter()
             .find_map(|service| {
                 let stage = service.stage?;
-                (stage.state == "failed").then(|| (service.id, stage))
+                (stage.state == "failed").then_some((service.id, stage))
             }) {
             Some((service, stage)) => Err(Error::NotReady {
                 service,
