@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs the server (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Deploys a deployment file to the server.
     Deploy {
         /// The deployment file.
@@ -231,7 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .await
                 .map(|()| std::process::ExitCode::SUCCESS)
         }
-        Some(Command::Serve(args)) => Box::pin(serve(args))
+        Some(Command::Serve(args)) => Box::pin(serve(*args))
             .await
             .map(|()| std::process::ExitCode::SUCCESS),
         Some(Command::Deploy {
