@@ -233,3 +233,62 @@ fn a_reload_answers_once_the_new_code_serves() {
     assert_eq!(server.pid(), pid, "deployd was not restarted");
     assert_eq!(envs(), 1, "the environment was reused");
 }
+
+/// A dependency that cannot be installed fails the deploy with the installer's last lines; a
+/// dependency path that leaves the service's source is refused, naming it; a module that does
+/// not exist fails the deploy with what Python said.
+#[test]
+fn bad_python_services_fail_their_deploy_with_a_clear_error() {
+    let project = Project::new();
+    for file in ["workflow.py", "requirements.txt"] {
+        std::fs::copy(
+            workspace().join("tests/fixtures/python").join(file),
+            project.path().join("src").join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(project.path().join("outside-requirements.txt"), "six\n").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    let deploy = |name: &str, service: &str| {
+        let file = project.write(
+            &format!("{name}.yml"),
+            &format!(
+                "name: {name}\nservices:\n  svc:\n    source:\n      type: local\n      \
+                 location: src\n{service}"
+            ),
+        );
+        let out = server.cli(&["deploy", file.to_str().unwrap()]);
+        assert!(!out.status.success(), "{name} deployed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let stderr = deploy(
+        "uninstallable",
+        "    import-path: src/workflow:echo_workflow\n    python-dependencies:\n      \
+         - deployd-no-such-package-for-tests==9.9.9\n",
+    );
+    assert!(stderr.contains("`svc`"), "{stderr}");
+    assert!(
+        stderr.contains("deployd-no-such-package-for-tests"),
+        "the installer's own words: {stderr}"
+    );
+
+    let link = project.path().join("src/linked-requirements.txt");
+    std::os::unix::fs::symlink(project.path().join("outside-requirements.txt"), &link).unwrap();
+    let stderr = deploy(
+        "escaping",
+        "    import-path: src/workflow:echo_workflow\n    python-dependencies:\n      \
+         - src/linked-requirements.txt\n",
+    );
+    assert!(stderr.contains("linked-requirements.txt"), "{stderr}");
+    assert!(stderr.contains("outside-requirements.txt"), "{stderr}");
+    std::fs::remove_file(&link).unwrap();
+
+    let stderr = deploy(
+        "moduleless",
+        "    import-path: src/no_such_module:echo_workflow\n",
+    );
+    assert!(stderr.contains("no_such_module"), "{stderr}");
+    assert!(stderr.contains("ModuleNotFoundError"), "{stderr}");
+}
