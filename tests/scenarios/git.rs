@@ -90,3 +90,69 @@ fn a_git_service_deploys_at_a_tag_and_reloads_at_another() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "v2 svc: still\n");
 }
+
+/// A llama_deploy workflow from a git repository: the checkout is the deployment's root, so
+/// `import-path` and `python-dependencies` are relative to the repository; `env` and
+/// `env-files` (from the repository, later files over earlier ones and over `env`) reach the
+/// workflow.
+#[test]
+fn a_python_workflow_deploys_from_a_git_repository() {
+    let project = Project::new();
+    let repo = project.path().join("flows");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    git(&repo, &["init", "-q"]);
+    for file in ["workflow.py", "requirements.txt"] {
+        std::fs::copy(
+            workspace().join("tests/fixtures/python").join(file),
+            repo.join("src").join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(repo.join("src/env.py"), ENV_WORKFLOW).unwrap();
+    std::fs::write(repo.join("base.env"), "FROM_FILE=base\nOVERRIDDEN=base\n").unwrap();
+    std::fs::write(repo.join("later.env"), "OVERRIDDEN=later\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "flows"]);
+    let file = project.write(
+        "flows.yml",
+        &format!(
+            "name: gitflows\nservices:\n  echo:\n    source:\n      type: git\n      \
+             location: file://{repo}\n    import-path: src/workflow:echo_workflow\n    \
+             python-dependencies: [src/requirements.txt]\n  env:\n    source:\n      type: git\n      \
+             location: file://{repo}\n    import-path: src/env:env_workflow\n    env:\n      \
+             FROM_ENV: env\n      OVERRIDDEN: env\n    env-files: [base.env, later.env]\n",
+            repo = repo.display()
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let (status, body) = server.post(
+        "/deployments/gitflows/tasks/run",
+        &serde_json::json!({ "input": serde_json::json!({"message": "hi"}).to_string() }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "Message received: hi (six 1.16.0)");
+    let (status, body) = server.post(
+        "/deployments/gitflows/tasks/run",
+        &serde_json::json!({ "input": "{}", "service_id": "env" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "env base later");
+}
+
+const ENV_WORKFLOW: &str = r#"
+import os
+
+from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+
+
+class EnvWorkflow(Workflow):
+    @step()
+    async def read(self, ev: StartEvent) -> StopEvent:
+        names = ["FROM_ENV", "FROM_FILE", "OVERRIDDEN"]
+        return StopEvent(result=" ".join(os.environ.get(n, "-") for n in names))
+
+
+env_workflow = EnvWorkflow()
+"#;

@@ -581,7 +581,13 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
     // Later entries win: defaults, `env`, `env-files`, then what deployd sets.
     let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];
     env.extend(service.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.extend(prepare::env_files(&context.base, &service.env_files)?);
+    // Env files are the deployment's: next to its file for a local source, in the checkout
+    // (the deployment's root, as llama_deploy clones it) for a git source.
+    let env_root = match &service.source {
+        Some(source) if source.kind == SourceKind::Git => item.workdir.as_path(),
+        _ => context.base.as_path(),
+    };
+    env.extend(prepare::env_files(env_root, &service.env_files)?);
     env.extend([
         ("PORT".into(), port.to_string()),
         ("HOST".into(), "127.0.0.1".into()),
