@@ -124,6 +124,16 @@ pub(crate) struct Deployment {
     launching: Mutex<std::collections::HashMap<String, watch::Receiver<ServiceStatus>>>,
 }
 
+/// Which finished first in [`Deployment::deploy`]: the sync of every source, or the pipeline.
+enum EndedFirst<T> {
+    /// Every source was synced.
+    No,
+    /// The pipeline ended first; its outcome is still to be read.
+    Yes,
+    /// The pipeline ended first, with this outcome.
+    With(T),
+}
+
 /// A deploy whose sources are synced and whose other stages go on in the background.
 pub(crate) struct Deploying {
     ended: tokio::sync::oneshot::Receiver<()>,
@@ -314,11 +324,22 @@ impl Deployment {
             outcome
         });
 
-        let all_synced = tokio::select! {
-            all = synced.wait_for(|n| *n == total) => all.is_ok(),
-            _ = &mut run => false,
+        // `Some(outcome)` when the pipeline ended first: a JoinHandle is awaited only once.
+        let ended_first = tokio::select! {
+            all = synced.wait_for(|n| *n == total) => if all.is_ok() {
+                EndedFirst::No
+            } else {
+                EndedFirst::Yes
+            },
+            outcome = &mut run => EndedFirst::With(outcome),
         };
-        if all_synced {
+        let ended_first = match ended_first {
+            // The pipeline ended (its sender went with it): wait for its outcome.
+            EndedFirst::Yes => Some((&mut run).await),
+            EndedFirst::No => None,
+            EndedFirst::With(outcome) => Some(outcome),
+        };
+        if ended_first.is_none() {
             let mut state = self.state();
             state.spec = context.spec.clone();
             state.text = context.text.clone();
@@ -331,7 +352,7 @@ impl Deployment {
             return Ok(Deploying { ended });
         }
         // The pipeline ended before every source was synced: its error says why.
-        match run.await {
+        match ended_first.unwrap_or(Ok(Ok(Vec::new()))) {
             Ok(Ok(_)) => Ok(Deploying { ended }),
             Ok(Err(err)) => Err(pipeline_error(err)),
             Err(join) => Err(Error::BadRequest(format!(
