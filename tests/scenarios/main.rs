@@ -3,6 +3,7 @@
 mod brokers;
 mod faults;
 mod git;
+mod llama_tools;
 mod pipeline;
 mod python;
 mod settings;

@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 mod brokers;
+mod python_tools;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
@@ -177,6 +178,7 @@ fn e2e() -> anyhow::Result<()> {
         let vars = env.vars();
         let mut envs = env_refs(&vars);
         envs.push(("DEPLOYD_BIN", binary.as_os_str()));
+        envs.push(python_tools::scenario_env(&target)?);
         test("end-to-end scenarios", &["-p", "deployd-e2e"], &envs)
     })
 }

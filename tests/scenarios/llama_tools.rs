@@ -1,0 +1,797 @@
+//! llama_deploy's own tools against deployd, unchanged: `llamactl` and `llama_deploy.Client`
+//! from a real llama-deploy 0.9.2 install deploy, run, create and stream tasks, send events, and
+//! read results and sessions.
+//!
+//! The tools live in a virtualenv of their own: its interpreter comes from
+//! `DEPLOYD_LLAMA_DEPLOY_PYTHON` (as `cargo xtask e2e` sets it), or else the scenarios make or
+//! find `target/python-tools/llama-deploy-0.9.2` themselves, the way xtask does
+//! (`xtask/src/python_tools.rs`). Nothing here is skipped: a missing tool fails the scenario.
+//!
+//! The client is driven by `tests/fixtures/llama_tools/client.py`, which prints what it saw as
+//! JSON. `tests/fixtures/llama_tools/e2e` holds llama_deploy v0.9.2's own apiserver e2e fixtures
+//! (`e2e_tests/apiserver/deployments`), git sources made local.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use deployd_e2e::{Project, Server, workspace};
+use serde_json::{Value, json};
+
+/// The variable that names the virtualenv's interpreter.
+const ENV_VAR: &str = "DEPLOYD_LLAMA_DEPLOY_PYTHON";
+
+/// What the virtualenv holds.
+const REQUIREMENT: &str = "llama-deploy==0.9.2";
+
+/// The longest a tool may run before the scenario fails.
+const TOOL_LIMIT: Duration = Duration::from_secs(240);
+
+/// llama-deploy 0.9.2's interpreter and `llamactl`.
+struct Tools {
+    python: PathBuf,
+    llamactl: PathBuf,
+}
+
+fn tools() -> &'static Tools {
+    static TOOLS: OnceLock<Tools> = OnceLock::new();
+    TOOLS.get_or_init(|| {
+        let python = match std::env::var_os(ENV_VAR) {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                assert!(
+                    path.is_file(),
+                    "{ENV_VAR}={} does not exist: make it with `cargo xtask e2e` or unset it",
+                    path.display()
+                );
+                path
+            }
+            None => make_venv(),
+        };
+        let llamactl = python.with_file_name("llamactl");
+        assert!(
+            llamactl.is_file(),
+            "{} has no llamactl beside it: is {REQUIREMENT} installed there?",
+            python.display()
+        );
+        Tools { python, llamactl }
+    })
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
+}
+
+/// The virtualenv xtask makes, found or made the same way (`xtask/src/python_tools.rs`):
+/// `target/python-tools/llama-deploy-0.9.2`, reused while its `.deployd-spec` matches, made with
+/// uv (`UV_PYTHON_DOWNLOADS=never`) or else venv and pip. Panics with the installer's output.
+fn make_venv() -> PathBuf {
+    let tools = target_dir().join("python-tools");
+    std::fs::create_dir_all(&tools).expect("cannot create target/python-tools");
+    let lock = std::fs::File::create(tools.join(".lock")).expect("cannot create the lock");
+    lock.lock().expect("cannot lock target/python-tools/.lock");
+    let venv = tools.join("llama-deploy-0.9.2");
+    let python = venv.join("bin").join("python");
+    let version = stdout_of(Command::new("python3").args(["-c", "import sys; print(sys.version)"]));
+    let spec = format!("{REQUIREMENT} | python {}", version.trim());
+    let spec_file = venv.join(".deployd-spec");
+    if std::fs::read_to_string(&spec_file).is_ok_and(|found| found == spec) && usable(&venv) {
+        return python;
+    }
+    eprintln!("making {} ({REQUIREMENT})", venv.display());
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv).expect("cannot remove the stale virtualenv");
+    }
+    let cache = |var: &str, folder: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| {
+                target_dir()
+                    .join("python-cache")
+                    .join(folder)
+                    .into_os_string()
+            })
+    };
+    match find_uv() {
+        Some(uv) => {
+            let env = [
+                ("UV_PYTHON_DOWNLOADS", "never".into()),
+                ("UV_CACHE_DIR", cache("UV_CACHE_DIR", "uv")),
+            ];
+            stdout_of(
+                Command::new(&uv)
+                    .args(["venv", "--quiet", "--python", "python3"])
+                    .arg(&venv)
+                    .envs(env.clone()),
+            );
+            stdout_of(
+                Command::new(&uv)
+                    .args(["pip", "install", "--quiet", "--python"])
+                    .arg(&python)
+                    .arg(REQUIREMENT)
+                    .envs(env),
+            );
+        }
+        None => {
+            stdout_of(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+            stdout_of(
+                Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                    ])
+                    .arg(REQUIREMENT)
+                    .env("PIP_CACHE_DIR", cache("PIP_CACHE_DIR", "pip")),
+            );
+        }
+    }
+    assert!(
+        usable(&venv),
+        "{} was made but llama_deploy does not import",
+        venv.display()
+    );
+    std::fs::write(&spec_file, &spec).expect("cannot write the virtualenv's spec");
+    python
+}
+
+fn usable(venv: &Path) -> bool {
+    venv.join("bin").join("llamactl").is_file()
+        && Command::new(venv.join("bin").join("python"))
+            .args([
+                "-W",
+                "ignore",
+                "-c",
+                "import llama_deploy.client, llama_deploy.cli",
+            ])
+            .output()
+            .is_ok_and(|out| out.status.success())
+}
+
+fn find_uv() -> Option<PathBuf> {
+    if let Some(found) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("uv"))
+            .find(|candidate| candidate.is_file())
+    }) {
+        return Some(found);
+    }
+    let output = Command::new("python3")
+        .args(["-c", "import uv; print(uv.find_uv_bin())"])
+        .output()
+        .ok()?;
+    let found = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    (output.status.success() && found.is_file()).then_some(found)
+}
+
+/// The stdout of a command that must succeed.
+fn stdout_of(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `command` to its end, at most [`TOOL_LIMIT`] (then kills it and panics); its output goes
+/// through files, so a chatty tool never blocks on a full pipe.
+fn run_limited(command: &mut Command) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > TOOL_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{command:?} did not end within {TOOL_LIMIT:?}\nstdout: {}\nstderr: {}",
+                std::fs::read_to_string(&out_path).unwrap_or_default(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    workspace().join("tests/fixtures/llama_tools").join(name)
+}
+
+/// Runs a command of the client driver against `url`: `Ok` with what it printed, or `Err` with
+/// its report of what the client raised (the request and the response it failed on).
+fn try_client(url: &str, command: &str, args: &Value) -> Result<Value, Value> {
+    let output = run_limited(
+        Command::new(&tools().python)
+            .arg(fixture("client.py"))
+            .args([url, command, &args.to_string()]),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let Some(Ok(report)) = stdout.lines().last().map(serde_json::from_str::<Value>) else {
+        panic!(
+            "client.py {command} {args} printed no JSON ({})\nstdout: {stdout}\nstderr: {stderr}",
+            output.status
+        );
+    };
+    if output.status.success() {
+        Ok(report)
+    } else {
+        Err(report)
+    }
+}
+
+/// The client driver's answer to a command that must succeed.
+fn client(server: &Server, command: &str, args: Value) -> Value {
+    try_client(&server.url, command, &args).unwrap_or_else(|report| {
+        panic!(
+            "llama_deploy's client failed on `{command}` {args}:\n{report:#}\nserver log:\n{}",
+            server.log()
+        )
+    })
+}
+
+/// `llamactl -s <server> args…`, with its configuration in `home` (llamactl writes one there
+/// when it has none).
+fn llamactl(server: &Server, home: &Path, args: &[&str]) -> Output {
+    run_limited(
+        Command::new(&tools().llamactl)
+            .args(["-s", &server.url])
+            .args(args)
+            .env("XDG_CONFIG_HOME", home)
+            .current_dir(home),
+    )
+}
+
+/// llamactl's stdout, which must have succeeded.
+fn llamactl_ok(server: &Server, home: &Path, args: &[&str]) -> String {
+    let output = llamactl(server, home, args);
+    assert!(
+        output.status.success(),
+        "llamactl {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// llamactl's stderr, which must have failed.
+fn llamactl_err(server: &Server, home: &Path, args: &[&str]) -> String {
+    let output = llamactl(server, home, args);
+    assert!(
+        !output.status.success(),
+        "llamactl {args:?} succeeded:\nstdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A project with the Python scenarios' workflows (`tests/fixtures/python`) in `src/`.
+fn project() -> Project {
+    let project = Project::new();
+    for file in ["workflow.py", "requirements.txt"] {
+        std::fs::copy(
+            workspace().join("tests/fixtures/python").join(file),
+            project.path().join("src").join(file),
+        )
+        .expect("cannot copy the fixture workflow");
+    }
+    project
+}
+
+/// A llama_deploy deployment file of the fixture workflows, every service an `import-path`.
+fn deployment(name: &str, default_service: &str, services: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "name: {name}\n\ncontrol-plane:\n  port: 8000\n\ndefault-service: {default_service}\n\nservices:\n"
+    );
+    for (id, attribute) in services {
+        text.push_str(&format!(
+            "  {id}:\n    name: {id}\n    source:\n      type: local\n      location: src\n    \
+             import-path: src/workflow:{attribute}\n    python-dependencies:\n      \
+             - src/requirements.txt\n"
+        ));
+    }
+    text
+}
+
+const FLOWS: &[(&str, &str)] = &[
+    ("echo_workflow", "echo_workflow"),
+    ("counter_workflow", "counter_workflow"),
+    ("approval_workflow", "approval_workflow"),
+    ("failing_workflow", "failing_workflow"),
+];
+
+fn progress(message: &str) -> Vec<Value> {
+    (1..=3)
+        .map(|step| json!({"step": step, "message": message}))
+        .collect()
+}
+
+/// `llamactl` as its users type it: deploy (and `--reload`, `--base-path`), status, run with
+/// arguments, a service and a session, sessions create, profiles from a config file, and its
+/// errors.
+#[test]
+fn llamactl_deploys_runs_and_keeps_sessions() {
+    let project = project();
+    let file = project.write(
+        "deployment.yml",
+        &deployment("flows", "echo_workflow", FLOWS),
+    );
+    let file = file.to_str().expect("utf-8 path");
+    let home = tempfile::tempdir().expect("tempdir");
+    let home = home.path();
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+
+    let status = llamactl_ok(&server, home, &["status"]);
+    assert_eq!(
+        status,
+        "LlamaDeploy is up and running.\n\nCurrently there are no active deployments\n"
+    );
+
+    let out = llamactl_ok(&server, home, &["deploy", file]);
+    assert_eq!(out, "Deployment successful: flows\n");
+    let status = llamactl_ok(&server, home, &["status"]);
+    assert_eq!(
+        status,
+        "LlamaDeploy is up and running.\n\nActive deployments:\n- flows\n"
+    );
+
+    // `llamactl run` sends {"input": json.dumps(dict(args))} and prints the result.
+    let out = llamactl_ok(
+        &server,
+        home,
+        &["run", "--deployment", "flows", "--arg", "message", "hi"],
+    );
+    assert_eq!(out, "Message received: hi (six 1.16.0)\n");
+    let out = llamactl_ok(
+        &server,
+        home,
+        &["run", "-d", "flows", "-s", "counter_workflow"],
+    );
+    assert_eq!(out, "1\n");
+
+    // A session from `llamactl sessions create`, used by `llamactl run -i`: 1, then 2.
+    let out = llamactl_ok(&server, home, &["sessions", "create", "-d", "flows"]);
+    let session = out
+        .strip_prefix("session_id='")
+        .and_then(|rest| rest.split_once('\''))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_else(|| panic!("no session id in {out:?}"));
+    assert!(out.ends_with("task_ids=[] state={}\n"), "{out:?}");
+    for expected in ["1\n", "2\n"] {
+        let out = llamactl_ok(
+            &server,
+            home,
+            &[
+                "run",
+                "-d",
+                "flows",
+                "-s",
+                "counter_workflow",
+                "-i",
+                &session,
+            ],
+        );
+        assert_eq!(out, expected);
+    }
+    let (status, body) = server
+        .get(&format!("/deployments/flows/sessions/{session}"))
+        .expect("GET session");
+    assert_eq!(
+        (status, &body["session_id"]),
+        (200, &json!(session)),
+        "{body}"
+    );
+
+    // Errors come back as llamactl shows them: the status and deployd's detail.
+    let err = llamactl_err(
+        &server,
+        home,
+        &["run", "-d", "flows", "-s", "failing_workflow"],
+    );
+    assert!(err.contains("502"), "{err}");
+    assert!(
+        err.contains("ValueError") && err.contains("the input was wrong"),
+        "{err}"
+    );
+    let err = llamactl_err(
+        &server,
+        home,
+        &["run", "-d", "nowhere", "-a", "message", "hi"],
+    );
+    assert!(
+        err.contains("404") && err.contains("Deployment not found"),
+        "{err}"
+    );
+    let err = llamactl_err(
+        &server,
+        home,
+        &["run", "-d", "flows", "-s", "no_such_service"],
+    );
+    assert!(
+        err.contains("404") && err.contains("no_such_service"),
+        "{err}"
+    );
+
+    // Deploying a name that exists fails without --reload; with it, the new file takes over
+    // (here: another default service).
+    let err = llamactl_err(&server, home, &["deploy", file]);
+    assert!(err.contains("409"), "{err}");
+    let moved = project.path().join("elsewhere");
+    std::fs::create_dir(&moved).expect("mkdir");
+    let reloaded = moved.join("deployment.yml");
+    std::fs::write(&reloaded, deployment("flows", "counter_workflow", FLOWS)).expect("write");
+    // The file is not beside its sources: `--base-path` names their folder.
+    let out = llamactl_ok(
+        &server,
+        home,
+        &[
+            "deploy",
+            "--reload",
+            "--base-path",
+            project.path().to_str().expect("utf-8"),
+            reloaded.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out, "Deployment successful: flows\n");
+    let out = llamactl_ok(&server, home, &["run", "-d", "flows"]);
+    assert_eq!(out, "1\n", "the reloaded default service is the counter");
+
+    // A profile of a llamactl config file names the server (`-c`, `-p`).
+    let config = home.join("profiles.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "current_profile: deployd\nprofiles:\n  deployd:\n    server: {}\n    insecure: false\n    timeout: 60.0\n",
+            server.url
+        ),
+    )
+    .expect("write the llamactl config");
+    let output = run_limited(
+        Command::new(&tools().llamactl)
+            .args([
+                "-c",
+                config.to_str().expect("utf-8"),
+                "-p",
+                "deployd",
+                "status",
+            ])
+            .env("XDG_CONFIG_HOME", home),
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("Active deployments:\n- flows\n"),
+        "{output:?}"
+    );
+}
+
+/// `llama_deploy.Client`, with asyncio and with `client.sync`: status, deploy, run, create and
+/// stream, a human in the loop, results, sessions, errors, and a server that is down.
+#[test]
+fn the_llama_deploy_client_runs_streams_and_answers() {
+    let project = project();
+    // As llama_deploy's own e2e deployment files: a default service that names no service
+    // falls back to the first one.
+    let file = project.write(
+        "deployment.yml",
+        &deployment("flows", "dummy_workflow", FLOWS),
+    );
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(&data.path().join("data"), &[]);
+
+    let status = client(&server, "status", json!({}));
+    for api in ["async", "sync"] {
+        assert_eq!(
+            status[api],
+            json!({
+                "status": "Healthy",
+                "status_message": "LlamaDeploy is up and running.\nCurrently there are no active deployments",
+                "deployments": [],
+            }),
+            "{status}"
+        );
+    }
+
+    let deployed = client(
+        &server,
+        "deploy",
+        json!({"file": file, "base_path": project.path()}),
+    );
+    assert_eq!(deployed, json!({"id": "flows"}));
+    let status = client(&server, "status", json!({}));
+    for api in ["async", "sync"] {
+        assert_eq!(status[api]["status"], "Healthy", "{status}");
+        assert_eq!(status[api]["deployments"], json!(["flows"]), "{status}");
+        assert_eq!(
+            status[api]["status_message"],
+            "LlamaDeploy is up and running.\nActive deployments:\n- flows"
+        );
+    }
+
+    // `deployments.get(name).tasks.run(TaskDefinition(...))`, both ways.
+    let input = json!({"message": "hi"}).to_string();
+    let run = client(
+        &server,
+        "run",
+        json!({"deployment": "flows", "input": input}),
+    );
+    assert_eq!(run, json!({"result": "Message received: hi (six 1.16.0)"}));
+    let input = json!({"message": "async"}).to_string();
+    let run = client(
+        &server,
+        "run_async",
+        json!({"deployment": "flows", "input": input}),
+    );
+    assert_eq!(
+        run,
+        json!({"result": "Message received: async (six 1.16.0)"})
+    );
+
+    // `tasks.create` then `task.events()`: each event's value in order, then the StopEvent's
+    // (`{}`) as llama_deploy 0.9.2 streams them; then `task.results()`.
+    for command in ["stream", "stream_sync"] {
+        let input = json!({"message": command}).to_string();
+        let streamed = client(
+            &server,
+            command,
+            json!({"deployment": "flows", "input": input}),
+        );
+        let mut expected = progress(command);
+        expected.push(json!({}));
+        assert_eq!(streamed["events"], json!(expected), "{streamed:#}");
+        let task_id = streamed["task_id"].as_str().expect("a task id");
+        assert!(streamed["session_id"].is_string(), "{streamed:#}");
+        assert_eq!(
+            streamed["result"],
+            json!({
+                "task_id": task_id,
+                "history": [],
+                "result": format!("Message received: {command} (six 1.16.0)"),
+                "data": {},
+            }),
+            "{streamed:#}"
+        );
+    }
+
+    // A human in the loop: the question comes on the stream, `task.send_event` answers with a
+    // HumanResponseEvent serialized by llama_deploy's JsonSerializer, the workflow resumes.
+    let input = json!({"item": "the plan"}).to_string();
+    let hitl = client(
+        &server,
+        "hitl",
+        json!({"deployment": "flows", "service": "approval_workflow", "input": input, "response": "yes"}),
+    );
+    assert_eq!(
+        hitl["asked"],
+        json!([{"_data": {"prefix": "approve the plan? "}}]),
+        "{hitl:#}"
+    );
+    assert_eq!(hitl["after"], json!([{}]), "{hitl:#}");
+    assert_eq!(
+        hitl["event_definition"]["service_id"], "approval_workflow",
+        "{hitl:#}"
+    );
+    let sent: Value = serde_json::from_str(
+        hitl["event_definition"]["event_obj_str"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    assert_eq!(
+        sent,
+        json!({
+            "__is_pydantic": true,
+            "value": {"_data": {"response": "yes"}},
+            "qualified_name": "workflows.events.HumanResponseEvent",
+        }),
+        "{hitl:#}"
+    );
+    assert_eq!(hitl["result"]["result"], "human said: yes", "{hitl:#}");
+
+    // `task.results()` read until it is not None.
+    let input = json!({"message": "later"}).to_string();
+    let later = client(
+        &server,
+        "results_later",
+        json!({"deployment": "flows", "input": input}),
+    );
+    assert_eq!(
+        later["result"]["result"], "Message received: later (six 1.16.0)",
+        "{later:#}"
+    );
+    assert_eq!(later["result"]["task_id"], later["task_id"], "{later:#}");
+
+    // Sessions: the workflow's Context carries across the session's tasks (1, then 2), a task
+    // outside it starts at 1; the session is listed, read, deleted.
+    let sessions = client(
+        &server,
+        "sessions",
+        json!({"deployment": "flows", "service": "counter_workflow"}),
+    );
+    let session = &sessions["created"]["session_id"];
+    assert!(session.is_string(), "{sessions:#}");
+    assert_eq!(sessions["created"]["task_ids"], json!([]), "{sessions:#}");
+    assert_eq!(sessions["in_session"], json!(["1", "2"]), "{sessions:#}");
+    assert_eq!(sessions["outside"], json!("1"), "{sessions:#}");
+    let listed = sessions["listed"].as_array().expect("a list");
+    assert!(listed.contains(session), "{sessions:#}");
+    assert_eq!(sessions["got"], json!(true), "{sessions:#}");
+    let after = sessions["listed_after_delete"].as_array().expect("a list");
+    assert!(!after.contains(session), "{sessions:#}");
+    assert_eq!(after.len(), listed.len() - 1, "{sessions:#}");
+
+    // A failed task: the client raises httpx's error with deployd's status and detail.
+    let failed = try_client(
+        &server.url,
+        "run",
+        &json!({"deployment": "flows", "input": "{}", "service": "failing_workflow"}),
+    )
+    .expect_err("a failing workflow's run must raise");
+    assert_eq!(failed["error"], "HTTPStatusError", "{failed:#}");
+    assert_eq!(failed["status"], 502, "{failed:#}");
+    let response: Value =
+        serde_json::from_str(failed["response"].as_str().unwrap_or_default()).unwrap_or_default();
+    let detail = response["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("ValueError: the input was wrong"),
+        "{failed:#}"
+    );
+    let missing = try_client(
+        &server.url,
+        "run",
+        &json!({"deployment": "nowhere", "input": "{}"}),
+    )
+    .expect_err("an unknown deployment must raise");
+    assert_eq!(
+        (&missing["status"], &missing["response"]),
+        (&json!(404), &json!(r#"{"detail":"Deployment not found"}"#)),
+        "{missing:#}"
+    );
+
+    // A server that is down reads as Down.
+    server.kill();
+    let status = client(&server, "status", json!({}));
+    for api in ["async", "sync"] {
+        assert_eq!(
+            status[api],
+            json!({"status": "Down", "status_message": "API Server is down", "deployments": null}),
+            "{status}"
+        );
+    }
+}
+
+/// Copies a folder, hidden files included.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let path = entry.path();
+        let dest = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy");
+        }
+    }
+}
+
+/// llama_deploy v0.9.2's own apiserver e2e suite (`e2e_tests/apiserver`), its deployment files
+/// and workflows unchanged (written against `llama-index-workflows`), against deployd:
+/// test_status (up), test_streaming, test_hitl and test_env_vars_local.
+#[test]
+fn llama_deploys_own_apiserver_e2e_suite_passes() {
+    let suite = tempfile::tempdir().expect("tempdir");
+    let root = suite.path().join("deployments");
+    copy_dir(&fixture("e2e"), &root);
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+    let deploy = |file: &str, command: &str| {
+        let deployed = client(
+            &server,
+            command,
+            json!({"file": root.join(file), "base_path": root}),
+        );
+        deployed["id"].as_str().expect("a deployment id").to_owned()
+    };
+
+    // test_status_up, test_status_up_sync
+    let status = client(&server, "status", json!({}));
+    assert_eq!(status["async"]["status"], "Healthy", "{status}");
+    assert_eq!(status["sync"]["status"], "Healthy", "{status}");
+
+    // test_stream: three events with `text`, in order.
+    assert_eq!(
+        deploy("deployment_streaming.yml", "deploy_async"),
+        "Streaming"
+    );
+    let streamed = client(
+        &server,
+        "stream",
+        json!({"deployment": "Streaming", "input": r#"{"a": "b"}"#}),
+    );
+    let texts: Vec<&Value> = streamed["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|ev| ev.get("text").is_some())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            &json!({"text": "message number 1"}),
+            &json!({"text": "message number 2"}),
+            &json!({"text": "message number 3"}),
+        ],
+        "{streamed:#}"
+    );
+    assert_eq!(streamed["result"]["result"], "Done.", "{streamed:#}");
+
+    // test_hitl: the answer is sent right after the task is created, before the workflow asks;
+    // the workflow has 3 s to get it. (llama_deploy's test reads `results()` once, 0.1 s later:
+    // deployd answers null until the task ends, so the result is read until it comes.)
+    assert_eq!(deploy("deployment_hitl.yml", "deploy"), "HumanInTheLoop");
+    let hitl = client(
+        &server,
+        "hitl_at_once",
+        json!({"deployment": "HumanInTheLoop", "service": "hitl_workflow", "input": "{}", "response": "42", "poll": true}),
+    );
+    assert_eq!(
+        hitl["event_definition"]["service_id"], "hitl_workflow",
+        "{hitl:#}"
+    );
+    assert_eq!(hitl["result"]["result"], "42", "{hitl:#}");
+
+    // test_read_env_vars_local: `env`, then `env-files` over it; an empty input.
+    assert_eq!(
+        deploy("deployment_env_local.yml", "deploy_async"),
+        "EnvironmentVariablesLocal"
+    );
+    let run = client(
+        &server,
+        "run_async",
+        json!({"deployment": "EnvironmentVariablesLocal", "service": "test_env_workflow", "input": ""}),
+    );
+    assert_eq!(
+        run,
+        json!({"result": "var_1: z, var_2: y, api_key: 123"}),
+        "{run:#}"
+    );
+
+    let status = client(&server, "status", json!({}));
+    let mut names: Vec<&str> = status["sync"]["deployments"]
+        .as_array()
+        .expect("deployments")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["EnvironmentVariablesLocal", "HumanInTheLoop", "Streaming"],
+        "{status}"
+    );
+}
