@@ -331,6 +331,109 @@ mod tests {
         );
     }
 
+    /// A service that takes the connection and never answers is given up on once the head
+    /// timeout passes (the probe saw a stuck connection stall a service for 32 s).
+    #[tokio::test]
+    async fn a_service_that_never_answers_is_given_up_on() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            // Holds the connection open without a byte of answer.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(socket);
+        });
+        let request = TaskRequest {
+            task_id: "t",
+            session_id: "s",
+            attempt: 1,
+            input: &json!({}),
+            state: None,
+        };
+        let outcome = call(
+            &client(),
+            port,
+            Duration::from_millis(200),
+            &request,
+            |_| async { Ok(()) },
+        )
+        .await;
+        assert!(
+            matches!(&outcome, Err(CallError::Transient(m)) if m.contains("did not start its answer")),
+            "{outcome:?}"
+        );
+        held.abort();
+    }
+
+    /// Calls to a service that keeps connections alive (HTTP/1.1) reuse one connection.
+    #[tokio::test]
+    async fn calls_reuse_a_kept_alive_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(Mutex::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                *counted.lock().unwrap() += 1;
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 65536];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = socket.read(&mut buffer).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buffer[..n]);
+                        // One request per head and its small JSON body (sent in full).
+                        let text = String::from_utf8_lossy(&seen).into_owned();
+                        let Some(head_end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let length: usize = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if seen.len() < head_end + 4 + length {
+                            continue;
+                        }
+                        seen.drain(..head_end + 4 + length);
+                        let body = "{\"type\":\"result\",\"data\":1}\n";
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let client = client();
+        let request = TaskRequest {
+            task_id: "t",
+            session_id: "s",
+            attempt: 1,
+            input: &json!({}),
+            state: None,
+        };
+        for _ in 0..3 {
+            let outcome = call(&client, port, Duration::from_secs(5), &request, |_| async {
+                Ok(())
+            })
+            .await;
+            assert!(matches!(outcome, Ok(Outcome::Result { .. })), "{outcome:?}");
+        }
+        assert_eq!(*connections.lock().unwrap(), 1);
+    }
+
     #[tokio::test]
     async fn nobody_listening_is_transient() {
         let port = {
