@@ -795,3 +795,163 @@ fn llama_deploys_own_apiserver_e2e_suite_passes() {
         "{status}"
     );
 }
+
+/// llama_deploy v0.9.2's test_deploy_local and test_reload (git source made local):
+/// `path: src:my_workflow` names the source folder itself as a package (`src/__init__.py`, with
+/// relative imports), and both files give their service `port: 8002`, which llama_deploy 0.9
+/// ignores (its workflows run inside its own process).
+#[test]
+fn llama_deploys_own_package_import_paths_deploy_and_reload() {
+    let suite = tempfile::tempdir().expect("tempdir");
+    let root = suite.path().join("deployments");
+    copy_dir(&fixture("e2e"), &root);
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+    let deploy = |file: &str, reload: bool| {
+        client(
+            &server,
+            "deploy_async",
+            json!({"file": root.join(file), "base_path": root, "reload": reload}),
+        )
+    };
+
+    // test_deploy_local (and a run of its workflow, which the original does not do).
+    assert_eq!(
+        deploy("deployment2.yml", false),
+        json!({"id": "TestDeployment2"})
+    );
+    let status = client(&server, "status", json!({}));
+    assert_eq!(status["async"]["deployments"], json!(["TestDeployment2"]));
+    let run = client(
+        &server,
+        "run_async",
+        json!({"deployment": "TestDeployment2", "input": "{}"}),
+    );
+    assert_eq!(run, json!({"result": "Done."}));
+
+    // test_reload
+    assert_eq!(
+        deploy("deployment_reload1.yml", false),
+        json!({"id": "ReloadMe"})
+    );
+    let run = client(
+        &server,
+        "run_async",
+        json!({"deployment": "ReloadMe", "input": r#"{"data": "bar"}"#}),
+    );
+    assert_eq!(run, json!({"result": "I have received:bar"}));
+    assert_eq!(
+        deploy("deployment_reload2.yml", true),
+        json!({"id": "ReloadMe"})
+    );
+    let run = client(
+        &server,
+        "run_async",
+        json!({"deployment": "ReloadMe", "input": r#"{"data": "bar"}"#}),
+    );
+    assert_eq!(run, json!({"result": "Ho ricevuto:bar"}));
+}
+
+/// `llamactl deploy` of a deployment whose workflow cannot be imported fails, as with
+/// llama_deploy 0.9.2 (its create answers 500 and llamactl exits 1).
+#[test]
+fn llamactl_deploy_fails_when_a_workflow_cannot_load() {
+    let project = project();
+    let file = project.write(
+        "deployment.yml",
+        &deployment(
+            "broken",
+            "echo_workflow",
+            &[("echo_workflow", "no_such_workflow")],
+        ),
+    );
+    let home = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+    let err = llamactl_err(
+        &server,
+        home.path(),
+        &["deploy", file.to_str().expect("utf-8")],
+    );
+    // llamactl prints the status, not the answer's detail; the detail and the service's
+    // state name what failed.
+    assert!(err.contains("/deployments/create"), "{err}");
+    let (_, body) = server.get("/deployments/broken").expect("GET deployment");
+    let service = &body["services"][0];
+    assert_eq!(service["phase"], "failed", "{body}");
+    assert!(
+        service["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("no_such_workflow")),
+        "{body}"
+    );
+}
+
+/// llama_deploy 0.9.2's `GET …/tasks/{id}/results` waits for the task (`await handler`), so
+/// `task.results()` right after `tasks.create` is the TaskResult, never None: llama_deploy's
+/// own test_hitl relies on it (it reads `results()` once, 0.1 s after sending the answer).
+#[test]
+fn task_results_wait_for_the_task_as_in_llama_deploy_0_9() {
+    let suite = tempfile::tempdir().expect("tempdir");
+    let root = suite.path().join("deployments");
+    copy_dir(&fixture("e2e"), &root);
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+    client(
+        &server,
+        "deploy",
+        json!({"file": root.join("deployment_streaming.yml"), "base_path": root}),
+    );
+    let results = client(
+        &server,
+        "results_later",
+        json!({"deployment": "Streaming", "input": "{}"}),
+    );
+    assert_eq!(results["first"]["result"], "Done.", "{results:#}");
+}
+
+/// Two llama_deploy deployments whose services name the same `port` (llama_deploy's e2e files
+/// all say `port: 8002`; llama_deploy 0.9 ignores it): each runs its own workflow.
+#[test]
+fn deployments_that_name_the_same_port_run_their_own_workflows() {
+    let suite = tempfile::tempdir().expect("tempdir");
+    let root = suite.path().join("deployments");
+    copy_dir(&fixture("e2e"), &root);
+    let port = deployd_e2e::free_port();
+    for (name, path) in [
+        ("PortA", "src/workflow_env:workflow"),
+        ("PortB", "src/workflow:streaming_workflow"),
+    ] {
+        std::fs::write(
+            root.join(format!("{name}.yml")),
+            format!(
+                "name: {name}\ncontrol-plane: {{}}\nservices:\n  test-workflow:\n    name: Test Workflow\n    port: {port}\n    host: localhost\n    source:\n      type: local\n      name: src\n    path: {path}\n"
+            ),
+        )
+        .expect("write");
+    }
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&data.path().join("data"), &[]);
+    for name in ["PortA", "PortB"] {
+        client(
+            &server,
+            "deploy",
+            json!({"file": root.join(format!("{name}.yml")), "base_path": root}),
+        );
+    }
+    let a = client(
+        &server,
+        "run",
+        json!({"deployment": "PortA", "input": "{}"}),
+    );
+    assert_eq!(
+        a,
+        json!({"result": "var_1: None, var_2: None, api_key: None"})
+    );
+    let b = client(
+        &server,
+        "run",
+        json!({"deployment": "PortB", "input": "{}"}),
+    );
+    assert_eq!(b, json!({"result": "Done."}), "PortB's task ran elsewhere");
+}

@@ -172,6 +172,7 @@ struct Item {
     workdir: PathBuf,
     consumer: Option<Box<dyn Consumer>>,
     prepared: Option<Prepared>,
+    /// The port of the instance this deploy replaces (0 when none), then the new one's.
     port: u16,
     /// The service's log file.
     log: PathBuf,
@@ -231,6 +232,15 @@ impl Deployment {
         let context = Arc::new(context);
         let total = context.spec.services.len();
         let (synced_tx, mut synced) = watch::channel(0usize);
+        // The ports the running instances hold: a new instance may take its old one's port.
+        let held: Vec<(String, u16)> = {
+            let state = self.state();
+            state
+                .instances
+                .iter()
+                .map(|(id, instance)| (id.clone(), instance.supervisor.status().port))
+                .collect()
+        };
         let items: Vec<Item> = context
             .spec
             .services
@@ -240,7 +250,10 @@ impl Deployment {
                 service: service.clone(),
                 consumer: None,
                 prepared: None,
-                port: 0,
+                port: held
+                    .iter()
+                    .find(|(id, _)| *id == service.id)
+                    .map_or(0, |(_, port)| *port),
                 log: context.dir.join("logs").join(format!("{}.log", service.id)),
                 supervisor: None,
             })
@@ -596,8 +609,24 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
         .await
         .map_err(|err| Error::io("cannot create", &data, err))?;
     let port = match service.port {
-        Some(port) => port,
-        None => free_port().map_err(|err| Error::io("cannot allocate a port", &data, err))?,
+        // A python service's port is deployd's to choose: llama_deploy 0.9 ignores `port`
+        // (its e2e files give every service 8002).
+        Some(port) if service.runtime != deployd_config::Runtime::Python => {
+            // A port another process holds would make that process look like this service:
+            // its health check would answer, and tasks would go to it. (`item.port` is the
+            // port of the instance this deploy replaces, which may hold it.)
+            if item.port != port && std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                return Err(Error::NotReady {
+                    service: service.id.clone(),
+                    reason: format!(
+                        "port {port} on 127.0.0.1 is in use (by another service or program); \
+                         give the service another `port`, or none and deployd picks one"
+                    ),
+                });
+            }
+            port
+        }
+        _ => free_port().map_err(|err| Error::io("cannot allocate a port", &data, err))?,
     };
     // Later entries win: defaults, `env`, `env-files`, then what deployd sets.
     let mut env: Vec<(String, String)> = vec![("PYTHONUNBUFFERED".into(), "1".into())];

@@ -505,6 +505,12 @@ fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
                 service.replicas
             ));
         }
+        if service.port.is_some() && service.runtime == deployd_config::Runtime::Python {
+            warnings.push(format!(
+                "services.{id}.port: ignored for a python service, as llama_deploy 0.9 ignores \
+                 it; deployd picks a free port"
+            ));
+        }
         if !service.python_dependencies.is_empty()
             && service.runtime != deployd_config::Runtime::Python
         {
@@ -848,6 +854,23 @@ impl Manager {
         reload: bool,
         from: FileOrigin,
     ) -> Result<Deployed, Error> {
+        self.deploy_with(text, origin, base, reload, from, false)
+            .await
+    }
+
+    /// [`Manager::deploy_from`] that, with `wait`, also answers a new deployment only once
+    /// every service serves, or with the error of the first that failed (as llama_deploy's
+    /// server, whose deploy runs the services before it answers); the deployment stays, with
+    /// that service failed.
+    pub async fn deploy_with(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+        from: FileOrigin,
+        wait: bool,
+    ) -> Result<Deployed, Error> {
         // Parsing a large file takes CPU time: not on the async runtime's threads.
         let loaded = {
             let (text, origin) = (text.to_owned(), origin.to_owned());
@@ -929,7 +952,7 @@ impl Manager {
                 from: from.as_str().to_owned(),
             })
             .await?;
-        if !is_new {
+        if wait || !is_new {
             // A reload answers once the new version serves (as llama_deploy's does), so that a
             // task sent right after the answer runs the new code; a service whose new
             // instance fails keeps its old one, and the answer names it.

@@ -276,6 +276,14 @@ struct CreateParams {
     #[serde(default)]
     #[allow(dead_code)]
     local: bool,
+    /// Answer once every service serves (the default, as llama_deploy's server does), or,
+    /// with `wait=false`, once the sources are synced (deployd's CLI follows the stages).
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn create_deployment(
@@ -320,7 +328,14 @@ async fn create_deployment(
     }
     let deployed = state
         .manager
-        .deploy(&text, &origin, &base, params.reload)
+        .deploy_with(
+            &text,
+            &origin,
+            &base,
+            params.reload,
+            deployd_manager::FileOrigin::Client,
+            params.wait,
+        )
         .await?;
     Ok((
         StatusCode::OK,
@@ -562,12 +577,33 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 
+#[derive(Debug, Deserialize)]
+struct ResultParams {
+    /// Wait for a task that runs (the default, as llama_deploy 0.9 does, at most the run
+    /// timeout), or answer `null` at once with `wait=false`.
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
 async fn task_result(
-    State(manager): State<Manager>,
+    State(state): State<AppState>,
     P((name, task_id)): P<(String, String)>,
+    Q(params): Q<ResultParams>,
 ) -> ApiResult<Json<Option<TaskResult>>> {
+    let manager = &state.manager;
     manager.status(&name)?;
-    let task = manager.task(&name, &task_id).await?;
+    let mut task = manager.task(&name, &task_id).await?;
+    if params.wait && !task.status.is_finished() {
+        // A task that has not ended when the run timeout passes answers `null`, as before.
+        if let Ok(waited) = tokio::time::timeout(
+            state.options.run_timeout,
+            manager.wait_task(&name, &task_id),
+        )
+        .await
+        {
+            task = waited?;
+        }
+    }
     let result = match task.status {
         TaskStatus::Succeeded => Some(TaskResult {
             task_id: task.id,

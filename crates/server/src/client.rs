@@ -109,6 +109,8 @@ impl Client {
                     .query(&[
                         ("base_path", base.as_str()),
                         ("reload", if reload { "true" } else { "false" }),
+                        // The CLI follows the deploy's stages itself.
+                        ("wait", "false"),
                     ])
                     .multipart(form),
             )

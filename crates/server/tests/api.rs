@@ -67,7 +67,10 @@ impl Fixture {
     }
 
     fn create_url(&self) -> String {
-        format!("/deployments/create?base_path={}", self.project().display())
+        format!(
+            "/deployments/create?wait=false&base_path={}",
+            self.project().display()
+        )
     }
 
     async fn shutdown(self) {
@@ -156,7 +159,7 @@ async fn a_web_page_cannot_deploy_but_the_cli_llamactl_and_json_clients_can() {
     let base = format!("http://{address}");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let create = format!(
-        "{base}/deployments/create?base_path={}",
+        "{base}/deployments/create?wait=false&base_path={}",
         fixture.project().display()
     );
 
@@ -354,7 +357,10 @@ async fn clients_on_other_machines_deploy_only_from_allowed_folders() {
     ] {
         let (status, _, body) = call(
             &remote,
-            post_json(&format!("/deployments/create?base_path={base_path}"), file),
+            post_json(
+                &format!("/deployments/create?wait=false&base_path={base_path}"),
+                file,
+            ),
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
@@ -372,7 +378,7 @@ async fn clients_on_other_machines_deploy_only_from_allowed_folders() {
 
     // Inside an allowed folder.
     let uri = format!(
-        "/deployments/create?base_path={}",
+        "/deployments/create?wait=false&base_path={}",
         allowed.join("project").display()
     );
     let (status, _, body) = call(&remote, post_json(&uri, file)).await;
@@ -385,7 +391,10 @@ async fn clients_on_other_machines_deploy_only_from_allowed_folders() {
     let (status, _, body) = call(
         &local,
         post_json(
-            &format!("/deployments/create?base_path={}", missing.display()),
+            &format!(
+                "/deployments/create?wait=false&base_path={}",
+                missing.display()
+            ),
             file,
         ),
     )
@@ -400,7 +409,10 @@ async fn clients_on_other_machines_deploy_only_from_allowed_folders() {
     let (status, _, body) = call(
         &local,
         post_json(
-            &format!("/deployments/create?base_path={}", not_a_folder.display()),
+            &format!(
+                "/deployments/create?wait=false&base_path={}",
+                not_a_folder.display()
+            ),
             file,
         ),
     )

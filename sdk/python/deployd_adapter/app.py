@@ -87,7 +87,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     try:
-        loaded = load(import_path, Path.cwd())
+        # deployd lays out the deployment's root as llama_deploy does (a local source's folder
+        # under its location's name) and names it; the working directory otherwise.
+        root = os.environ.get("DEPLOYD_IMPORT_ROOT", "").strip()
+        loaded = load(import_path, Path(root) if root else Path.cwd())
     except LoadError as err:
         sys.stdout.flush()
         log(str(err))

@@ -151,6 +151,12 @@ impl Runtime for Python {
             env_dir.to_string_lossy().into_owned(),
         );
         set(&mut env, "DEPLOYD_IMPORT_PATH", import_path);
+        let root = import_root(service, request.deployment_dir, request.workdir)?;
+        set(
+            &mut env,
+            "DEPLOYD_IMPORT_ROOT",
+            root.to_string_lossy().into_owned(),
+        );
         // `build` commands run inside the environment too.
         let built = prepare::build(prepare::Build {
             service,
@@ -336,6 +342,41 @@ fn set(env: &mut Vec<(String, String)>, key: &str, value: String) {
         Some(entry) => entry.1 = value,
         None => env.push((key.to_owned(), value)),
     }
+}
+
+/// The deployment's root as llama_deploy lays it out, for `import-path`: a git source is
+/// checked out at the root, so that is the synced source itself; a local source's folder sits
+/// at its location under the root, so the root is `<deployment>/roots/<service>` with a link
+/// at the location to the synced source (`src:pkg` then imports the folder `src` itself as a
+/// package, as in llama_deploy).
+fn import_root(
+    service: &ServiceSpec,
+    deployment_dir: &Path,
+    workdir: &Path,
+) -> Result<PathBuf, Error> {
+    let location = match &service.source {
+        Some(source) if source.kind == deployd_config::SourceKind::Local => {
+            Path::new(&source.location)
+                .components()
+                .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                .collect::<PathBuf>()
+        }
+        _ => return Ok(workdir.to_owned()),
+    };
+    if location.as_os_str().is_empty() {
+        return Ok(workdir.to_owned());
+    }
+    let root = deployment_dir.join("roots").join(&service.id);
+    let link = root.join(&location);
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(|err| Error::io("cannot create", parent, err))?;
+    }
+    if std::fs::symlink_metadata(&link).is_ok() {
+        std::fs::remove_file(&link).map_err(|err| Error::io("cannot replace", &link, err))?;
+    }
+    std::os::unix::fs::symlink(workdir, &link)
+        .map_err(|err| Error::io("cannot link", &link, err))?;
+    Ok(root)
 }
 
 /// `program` on deployd's `PATH`.
