@@ -162,7 +162,9 @@ fn task_created_while_service_is_down_is_delivered_later() {
     let task = server.create_task("later", "patience");
     std::thread::sleep(Duration::from_millis(700));
     let (_, result) = server
-        .get(&format!("/deployments/later/tasks/{task}/results?wait=false"))
+        .get(&format!(
+            "/deployments/later/tasks/{task}/results?wait=false"
+        ))
         .unwrap();
     assert!(
         result.is_null(),
