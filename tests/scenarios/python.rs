@@ -292,3 +292,33 @@ fn bad_python_services_fail_their_deploy_with_a_clear_error() {
     assert!(stderr.contains("no_such_module"), "{stderr}");
     assert!(stderr.contains("ModuleNotFoundError"), "{stderr}");
 }
+
+/// A session's Context survives a restart of deployd and of the workflow's process (llama_deploy
+/// 0.9 loses it): the counter goes on at 3 after 1 and 2.
+#[test]
+fn a_session_goes_on_after_deployd_restarts() {
+    let (_project, file) = project("durable", &[("counter_workflow", "counter_workflow")]);
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let mut server = Server::start(&data_dir, &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let (_, session) = server.post("/deployments/durable/sessions/create", &json!({}));
+    let session = session["session_id"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
+    let count = |server: &Server| {
+        server.post(
+            &format!("/deployments/durable/tasks/run?session_id={session}"),
+            &json!({ "input": "{}" }),
+        )
+    };
+    assert_eq!(count(&server), (200, json!("1")));
+    assert_eq!(count(&server), (200, json!("2")));
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(60)).is_some());
+
+    let server = Server::start(&data_dir, &[]);
+    server.wait_ready("durable");
+    assert_eq!(count(&server), (200, json!("3")));
+}
