@@ -107,7 +107,7 @@ pub(crate) struct RawService {
     pub(crate) health: Field<RawHealth>,
     /// What happens when the service's process exits.
     pub(crate) restart: Field<RawRestart>,
-    /// The most tasks one process of the service runs at once. Default: no limit.
+    /// The most tasks one process of the service runs at once. Default: 32.
     #[schemars(range(min = 1))]
     pub(crate) max_concurrency: Field<i64>,
     /// How long one task may run before it fails. Default: no limit.

@@ -53,7 +53,7 @@ pub struct ServiceSpec {
     pub health: HealthSpec,
     /// What happens when the process exits.
     pub restart: RestartSpec,
-    /// The most tasks one process runs at once; `None` means no limit.
+    /// The most tasks one process runs at once; `None` means deployd's default (32).
     pub max_concurrency: Option<u32>,
     /// How long one task may run; `None` means no limit.
     pub timeout: Option<Duration>,
