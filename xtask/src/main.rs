@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 mod brokers;
+mod python_bench;
 mod python_tools;
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -27,6 +28,7 @@ fn main() -> std::process::ExitCode {
         Some("ci") => ci(),
         Some("e2e") => e2e(),
         Some("bench") => bench(),
+        Some("bench-python") => python_bench::run(),
         Some("codegen") => codegen(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -214,6 +216,11 @@ fn bench() -> anyhow::Result<()> {
     if let Err(err) = queue {
         eprintln!("xtask: {err:#}");
         missed.push("deployd-queue");
+    }
+    // The Python workflow served by deployd, by its adapter alone and by llama_deploy 0.9.2.
+    if let Err(err) = python_bench::run() {
+        eprintln!("xtask: {err:#}");
+        missed.push("python workflow (deployd, adapter, llama_deploy)");
     }
     if missed.is_empty() {
         eprintln!("xtask: every benchmark met its targets");
