@@ -8,8 +8,9 @@
 //! - **llama_deploy 0.9.2**: its own API server (`python -m llama_deploy.apiserver`) with the same
 //!   deployment in its rc folder (`POST /deployments/bench/tasks/run`).
 //!
-//! It prints tasks/s, p50 and p99 latency and the peak RSS of the serving processes (deployd and
-//! its service processes; the adapter; the apiserver), side by side, with the ratios to
+//! Each load runs [`ROUNDS`] times and the best round is kept. It prints tasks/s, p50 and p99
+//! latency and the peak RSS of the serving processes (deployd and its service processes; the
+//! adapter; the apiserver), side by side, with the ratios to
 //! llama_deploy at 32 connections; then the time deployd takes to answer a reload whose
 //! dependencies are unchanged. It fails when the adapter alone serves less than
 //! [`ADAPTER_TARGET`] times llama_deploy's tasks/s at 32 connections, when the median reload
@@ -57,9 +58,6 @@ echo_workflow = EchoWorkflow()
 /// The deployment file, as llama_deploy 0.9 loads it.
 const DEPLOYMENT_FILE: &str = "name: bench
 
-control-plane:
-  port: 8000
-
 default-service: echo_workflow
 
 services:
@@ -79,6 +77,10 @@ const EXPECTED: &str = "Message received: hi";
 
 /// The loads: (connections, tasks).
 const LOADS: [(usize, usize); 2] = [(1, 200), (32, 2000)];
+
+/// Each load runs this many times; the round with the most tasks/s is reported (the machines
+/// are noisy, and every system gets the same rounds). Failures of every round count.
+const ROUNDS: usize = 3;
 
 /// The longest one load runs.
 const LOAD_CAP: Duration = Duration::from_secs(60);
@@ -132,12 +134,23 @@ pub(crate) fn run() -> anyhow::Result<()> {
         deployd,
     };
 
-    let outcome = measure_all(&env);
+    let mut report = Report {
+        generator: 0.0,
+        systems: Vec::new(),
+        reloads: Vec::new(),
+    };
+    let outcome = measure_all(&env, &mut report);
     // The data folders hold virtualenvs; the logs stay.
     for folder in ["deployd-data", "llama-deployments"] {
         let _ = std::fs::remove_dir_all(work.join(folder));
     }
-    let report = outcome?;
+    if let Err(err) = outcome {
+        if !report.systems.is_empty() {
+            eprintln!("xtask: measured before the error:");
+            report.print();
+        }
+        return Err(err);
+    }
     report.print();
     report.verdict()
 }
@@ -189,18 +202,20 @@ impl System {
     }
 }
 
-fn measure_all(env: &Env) -> anyhow::Result<Report> {
+/// Measures into `report`, which keeps what was measured before an error.
+fn measure_all(env: &Env, report: &mut Report) -> anyhow::Result<()> {
     eprintln!("xtask: measuring the load generator against a stub server");
-    let generator = generator_ceiling()?;
-    eprintln!("xtask: load generator ceiling: {generator:.0} tasks/s at 32 connections");
+    report.generator = generator_ceiling()?;
+    eprintln!(
+        "xtask: load generator ceiling: {:.0} tasks/s at 32 connections",
+        report.generator
+    );
     let (deployd, reloads) = bench_deployd(env)?;
-    let adapter = bench_adapter(env)?;
-    let llama = bench_llama_deploy(env)?;
-    Ok(Report {
-        generator,
-        systems: vec![deployd, adapter, llama],
-        reloads,
-    })
+    report.systems.push(deployd);
+    report.reloads = reloads;
+    report.systems.push(bench_adapter(env)?);
+    report.systems.push(bench_llama_deploy(env)?);
+    Ok(())
 }
 
 /// `POST /deployments/bench/tasks/run` with the input `{"message": "hi"}`.
@@ -346,17 +361,32 @@ fn measure(
     let sampler = RssSampler::start(server.pid());
     let mut loads = Vec::new();
     for (connections, tasks) in LOADS {
-        eprintln!("xtask: {name}: {tasks} tasks over {connections} connection(s)");
-        let measured = load(port, connections, tasks, LOAD_CAP, request);
-        eprintln!(
-            "xtask: {name}: {:.1} tasks/s, p50 {:.2} ms, p99 {:.2} ms, {} failed",
-            measured.rate(),
-            ms(measured.p50),
-            ms(measured.p99),
-            measured.failures
-        );
-        loads.push(measured);
-        server.check_running()?;
+        let mut best: Option<Measure> = None;
+        let mut failures = 0;
+        let mut first_failure = None;
+        for round in 1..=ROUNDS {
+            let measured = load(port, connections, tasks, LOAD_CAP, request);
+            eprintln!(
+                "xtask: {name}: {connections} connection(s), round {round}: {}/{tasks} tasks, \
+                 {:.1} tasks/s, p50 {:.2} ms, p99 {:.2} ms, {} failed",
+                measured.done,
+                measured.rate(),
+                ms(measured.p50),
+                ms(measured.p99),
+                measured.failures
+            );
+            server.check_running()?;
+            failures += measured.failures;
+            first_failure = first_failure.or(measured.first_failure.clone());
+            if best.as_ref().is_none_or(|b| measured.rate() > b.rate()) {
+                best = Some(measured);
+            }
+        }
+        if let Some(mut best) = best {
+            best.failures = failures;
+            best.first_failure = first_failure;
+            loads.push(best);
+        }
     }
     Ok(System {
         name,
@@ -918,7 +948,7 @@ impl Report {
         let _ = writeln!(
             out,
             "\nPython echo workflow, served three ways ({} tasks at 1 connection, {} at 32; \
-             at most {}s each; keep-alive)",
+             at most {}s each; keep-alive; best of {ROUNDS} rounds)",
             LOADS[0].1,
             LOADS[1].1,
             LOAD_CAP.as_secs()
