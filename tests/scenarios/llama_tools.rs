@@ -59,127 +59,23 @@ fn tools() -> &'static Tools {
     })
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
-}
-
-/// The virtualenv xtask makes, found or made the same way (`xtask/src/python_tools.rs`):
-/// `target/python-tools/llama-deploy-0.9.2`, reused while its `.deployd-spec` matches, made with
-/// uv (`UV_PYTHON_DOWNLOADS=never`) or else venv and pip. Panics with the installer's output.
+/// The virtualenv `cargo xtask e2e` makes, made the same way by the same code when the
+/// scenarios run without it (`cargo xtask llama-deploy-python`, `xtask/src/python_tools.rs`).
 fn make_venv() -> PathBuf {
-    let tools = target_dir().join("python-tools");
-    std::fs::create_dir_all(&tools).expect("cannot create target/python-tools");
-    let lock = std::fs::File::create(tools.join(".lock")).expect("cannot create the lock");
-    lock.lock().expect("cannot lock target/python-tools/.lock");
-    let venv = tools.join("llama-deploy-0.9.2");
-    let python = venv.join("bin").join("python");
-    let version = stdout_of(Command::new("python3").args(["-c", "import sys; print(sys.version)"]));
-    let spec = format!("{REQUIREMENT} | python {}", version.trim());
-    let spec_file = venv.join(".deployd-spec");
-    if std::fs::read_to_string(&spec_file).is_ok_and(|found| found == spec) && usable(&venv) {
-        return python;
-    }
-    eprintln!("making {} ({REQUIREMENT})", venv.display());
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv).expect("cannot remove the stale virtualenv");
-    }
-    let cache = |var: &str, folder: &str| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| {
-                target_dir()
-                    .join("python-cache")
-                    .join(folder)
-                    .into_os_string()
-            })
-    };
-    match find_uv() {
-        Some(uv) => {
-            let env = [
-                ("UV_PYTHON_DOWNLOADS", "never".into()),
-                ("UV_CACHE_DIR", cache("UV_CACHE_DIR", "uv")),
-            ];
-            stdout_of(
-                Command::new(&uv)
-                    .args(["venv", "--quiet", "--python", "python3"])
-                    .arg(&venv)
-                    .envs(env.clone()),
-            );
-            stdout_of(
-                Command::new(&uv)
-                    .args(["pip", "install", "--quiet", "--python"])
-                    .arg(&python)
-                    .arg(REQUIREMENT)
-                    .envs(env),
-            );
-        }
-        None => {
-            stdout_of(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-            stdout_of(
-                Command::new(&python)
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                    ])
-                    .arg(REQUIREMENT)
-                    .env("PIP_CACHE_DIR", cache("PIP_CACHE_DIR", "pip")),
-            );
-        }
-    }
-    assert!(
-        usable(&venv),
-        "{} was made but llama_deploy does not import",
-        venv.display()
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = run_limited(
+        Command::new(cargo)
+            .args(["run", "--quiet", "-p", "xtask", "--", "llama-deploy-python"])
+            .current_dir(workspace()),
     );
-    std::fs::write(&spec_file, &spec).expect("cannot write the virtualenv's spec");
-    python
-}
-
-fn usable(venv: &Path) -> bool {
-    venv.join("bin").join("llamactl").is_file()
-        && Command::new(venv.join("bin").join("python"))
-            .args([
-                "-W",
-                "ignore",
-                "-c",
-                "import llama_deploy.client, llama_deploy.cli",
-            ])
-            .output()
-            .is_ok_and(|out| out.status.success())
-}
-
-fn find_uv() -> Option<PathBuf> {
-    if let Some(found) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("uv"))
-            .find(|candidate| candidate.is_file())
-    }) {
-        return Some(found);
-    }
-    let output = Command::new("python3")
-        .args(["-c", "import uv; print(uv.find_uv_bin())"])
-        .output()
-        .ok()?;
-    let found = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    (output.status.success() && found.is_file()).then_some(found)
-}
-
-/// The stdout of a command that must succeed.
-fn stdout_of(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
     assert!(
         output.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
+        "cannot make the {REQUIREMENT} virtualenv:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    let python = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    assert!(python.is_file(), "xtask printed {}", python.display());
+    python
 }
 
 /// Runs `command` to its end, at most [`TOOL_LIMIT`] (then kills it and panics); its output goes

@@ -29,6 +29,7 @@ fn main() -> std::process::ExitCode {
         Some("e2e") => e2e(),
         Some("bench") => bench(),
         Some("bench-python") => python_bench::run(),
+        Some("llama-deploy-python") => python_tools::print_llama_deploy_python(),
         Some("codegen") => codegen(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

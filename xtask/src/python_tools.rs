@@ -34,6 +34,15 @@ pub(crate) fn scenario_env(target: &Path) -> anyhow::Result<(&'static str, &'sta
     Ok((ENV_VAR, leaked))
 }
 
+/// `cargo xtask llama-deploy-python`: makes (or finds) the virtualenv and prints its
+/// interpreter; what the scenarios run when `cargo xtask e2e` did not give them the variable.
+pub(crate) fn print_llama_deploy_python() -> anyhow::Result<()> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::root().join("target"), PathBuf::from);
+    println!("{}", llama_deploy_python(&target)?.display());
+    Ok(())
+}
+
 /// The interpreter of a virtualenv with llama-deploy 0.9.2 (and its `llamactl` beside it), made
 /// when missing or stale.
 pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {

@@ -228,13 +228,8 @@ mod tests {
     async fn check(response: &'static str) -> (Result<Outcome, CallError>, Vec<Value>) {
         let port = peer(response).await;
         let events = Arc::new(Mutex::new(Vec::new()));
-        let request = TaskRequest {
-            task_id: "t",
-            session_id: "s",
-            attempt: 1,
-            input: &json!({}),
-            state: None,
-        };
+        let input = json!({});
+        let request = request(&input);
         let sink = Arc::clone(&events);
         let outcome = call(
             &client(),
@@ -249,6 +244,17 @@ mod tests {
         .await;
         let events = events.lock().unwrap().clone();
         (outcome, events)
+    }
+
+    /// Task `t` of session `s`, first attempt, no state.
+    fn request(input: &Value) -> TaskRequest<'_> {
+        TaskRequest {
+            task_id: "t",
+            session_id: "s",
+            attempt: 1,
+            input,
+            state: None,
+        }
     }
 
     const OK: &str = "HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n";
@@ -343,13 +349,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
             drop(socket);
         });
-        let request = TaskRequest {
-            task_id: "t",
-            session_id: "s",
-            attempt: 1,
-            input: &json!({}),
-            state: None,
-        };
+        let input = json!({});
+        let request = request(&input);
         let outcome = call(
             &client(),
             port,
@@ -417,13 +418,8 @@ mod tests {
             }
         });
         let client = client();
-        let request = TaskRequest {
-            task_id: "t",
-            session_id: "s",
-            attempt: 1,
-            input: &json!({}),
-            state: None,
-        };
+        let input = json!({});
+        let request = request(&input);
         for _ in 0..3 {
             let outcome = call(&client, port, Duration::from_secs(5), &request, |_| async {
                 Ok(())
@@ -440,13 +436,8 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
         };
-        let request = TaskRequest {
-            task_id: "t",
-            session_id: "s",
-            attempt: 1,
-            input: &json!({}),
-            state: None,
-        };
+        let input = json!({});
+        let request = request(&input);
         let outcome = call(
             &client(),
             port,

@@ -87,12 +87,13 @@ pub(crate) async fn run(
         // Reap finished handlers so the set does not grow.
         while running.try_join_next().is_some() {}
     }
-    // Drain: no new delivery; the tasks in flight finish until the deadline.
-    drop(consumer);
+    // Drain: no new delivery; the tasks in flight finish until the deadline. The consumer
+    // stays open meanwhile: a broker backend settles their deliveries through it.
     let drained = tokio::time::timeout(context.drain_timeout, async {
         while running.join_next().await.is_some() {}
     })
     .await;
+    drop(consumer);
     if drained.is_err() {
         running.shutdown().await;
         let cut: Vec<String> = lock(&in_flight).drain().collect();
