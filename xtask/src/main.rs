@@ -16,10 +16,14 @@ tasks:
            adapter's tests (sdk/python/run-tests.sh), then e2e
   e2e      starts the brokers that are not running (Redis, RabbitMQ, NATS, tansu, moto), runs
            the queue's conformance suite against each, then builds deployd and runs the
-           end-to-end scenarios against the real binary; stops only the brokers it started
+           end-to-end scenarios against the real binary (with a llama-deploy 0.9.2
+           virtualenv for its llamactl and Client); stops only the brokers it started
   bench    runs every crate's benchmarks in release; each prints its measurements, the ratio
            to its baseline measured in the same run, and fails when it misses its target
-           (the queue's bench runs against every broker, started as for e2e)
+           (the queue's bench runs against every broker, started as for e2e; the Python echo
+           workflow runs through deployd, the adapter alone and llama_deploy 0.9.2)
+  bench-python         only the Python workflow benchmark
+  llama-deploy-python  makes (or finds) the llama-deploy 0.9.2 virtualenv; prints its python
   codegen  writes the generated files that are checked in (docs/deployment.schema.json)";
 
 fn main() -> std::process::ExitCode {
