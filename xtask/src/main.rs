@@ -22,7 +22,9 @@ tasks:
            to its baseline measured in the same run, and fails when it misses its target
            (the queue's bench runs against every broker, started as for e2e; the Python echo
            workflow runs through deployd, the adapter alone and llama_deploy 0.9.2)
-  bench-python         only the Python workflow benchmark
+  bench-python [--without-deployd]
+                       only the Python workflow benchmark (without deployd: only the adapter
+                       and llama_deploy, no release build, no reload target)
   llama-deploy-python  makes (or finds) the llama-deploy 0.9.2 virtualenv; prints its python
   codegen  writes the generated files that are checked in (docs/deployment.schema.json)";
 
@@ -32,7 +34,13 @@ fn main() -> std::process::ExitCode {
         Some("ci") => ci(),
         Some("e2e") => e2e(),
         Some("bench") => bench(),
-        Some("bench-python") => python_bench::run(),
+        Some("bench-python") => match std::env::args().nth(2).as_deref() {
+            None => python_bench::run(true),
+            Some("--without-deployd") => python_bench::run(false),
+            Some(other) => Err(anyhow::anyhow!(
+                "unknown argument `{other}` of bench-python\n\n{USAGE}"
+            )),
+        },
         Some("llama-deploy-python") => python_tools::print_llama_deploy_python(),
         Some("codegen") => codegen(),
         Some("-h" | "--help" | "help") => {
@@ -223,7 +231,7 @@ fn bench() -> anyhow::Result<()> {
         missed.push("deployd-queue");
     }
     // The Python workflow served by deployd, by its adapter alone and by llama_deploy 0.9.2.
-    if let Err(err) = python_bench::run() {
+    if let Err(err) = python_bench::run(true) {
         eprintln!("xtask: {err:#}");
         missed.push("python workflow (deployd, adapter, llama_deploy)");
     }

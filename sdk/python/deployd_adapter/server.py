@@ -6,7 +6,9 @@
   a size limit (413) and `Expect: 100-continue`;
 - streamed answers with `Transfer-Encoding: chunked`, one NDJSON line per chunk (HTTP/1.0: the
   body ends when the connection closes);
-- a malformed request gets a 4xx JSON answer `{"error": "..."}` and the connection is closed.
+- a malformed request gets a 4xx JSON answer `{"error": "..."}` and the connection is closed;
+- as one of several workers (see `app.py`), an event for a task this worker does not run is
+  passed to the other workers' Unix sockets, and the answer of the one that runs it is returned.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any, Dict, List, Optional, Tuple
+import socket
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 from .runner import BadRequest, ClientGone, Runner, dumps, log
@@ -45,6 +48,10 @@ REASONS = {
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 TARGET = re.compile(rb"^[\x21-\x7e]+$")
 EVENTS_PATH = re.compile(r"^/tasks/([^/]+)/events/?$")
+# Marks an event passed on by another worker, which is not passed on again.
+FORWARDED = "x-deployd-adapter-forwarded"
+# How long a worker waits for the others to answer a passed-on event.
+FORWARD_TIMEOUT = 10.0
 
 
 class HttpError(Exception):
@@ -77,25 +84,40 @@ class Server:
         *,
         max_body: int = DEFAULT_MAX_BODY,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        peers: Sequence[str] = (),
     ) -> None:
         self.runner = runner
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.peers = list(peers)  # the other workers' Unix socket addresses
         self.connections: Dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
         self.closing = False
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._servers: List[asyncio.base_events.Server] = []
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(
-            self._connection, host, port, limit=MAX_HEAD, backlog=1024, reuse_address=True
+        self._servers.append(
+            await asyncio.start_server(
+                self._connection, host, port, limit=MAX_HEAD, backlog=1024, reuse_address=True
+            )
         )
+
+    async def start_on(self, sock: Any, me: Optional[str] = None) -> None:
+        """Serves on a listening socket that is already bound (a worker's shared socket), and on
+        the Unix socket `me`, where the other workers pass events on."""
+        self._servers.append(
+            await asyncio.start_server(self._connection, sock=sock, limit=MAX_HEAD, backlog=1024)
+        )
+        if me is not None:
+            self._servers.append(
+                await asyncio.start_unix_server(self._connection, path=me, limit=MAX_HEAD)
+            )
 
     async def shutdown(self, grace: float) -> None:
         """Stops listening, closes idle connections, gives running tasks `grace` seconds to end,
         then cancels them."""
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for writer, busy in list(self.connections.items()):
             if not busy:
                 writer.close()
@@ -111,6 +133,15 @@ class Server:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections[writer] = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP, which a shared
+            # socket made by `socket.create_server` is not; without it every answer written in
+            # two parts waits for the client's delayed ACK (40 ms).
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         try:
             while not self.closing:
                 try:
@@ -415,6 +446,18 @@ class Server:
         except BadRequest as err:
             await self._send_json(writer, 400, {"error": str(err)}, keep_alive=keep, request=request)
             return keep
+        if not delivered and self.peers and FORWARDED not in request.headers:
+            answer = await self._forward(request)
+            if answer is not None:
+                status, payload = answer
+                head = self._head(
+                    status,
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+                    + self._connection_header(request, keep),
+                )
+                writer.write(head + payload)
+                await writer.drain()
+                return keep
         if not delivered:
             await self._send_json(
                 writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
@@ -422,3 +465,38 @@ class Server:
             return keep
         await self._send_json(writer, 200, {}, keep_alive=keep, request=request)
         return keep
+
+    async def _forward(self, request: Request) -> Optional[Tuple[int, bytes]]:
+        """Passes an event to every other worker; the answer of the one that runs the task (any
+        answer but 404), or None when none does."""
+        data = (
+            f"POST {request.path} HTTP/1.1\r\nHost: deployd-adapter\r\n{FORWARDED}: 1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(request.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("latin-1") + request.body
+
+        async def ask(peer: str) -> Optional[Tuple[int, bytes]]:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(peer), FORWARD_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError):
+                return None  # that worker is gone or stopping
+            try:
+                writer.write(data)
+                raw = await asyncio.wait_for(reader.read(), FORWARD_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
+                return None
+            finally:
+                writer.close()
+            head, _, payload = raw.partition(b"\r\n\r\n")
+            parts = head.split(b" ", 2)
+            if len(parts) < 2 or not parts[1].isdigit():
+                return None
+            return int(parts[1]), payload
+
+        answers = await asyncio.gather(*(ask(peer) for peer in self.peers))
+        for answer in answers:
+            if answer is not None and answer[0] != 404:
+                return answer
+        return None
