@@ -322,3 +322,123 @@ fn a_session_goes_on_after_deployd_restarts() {
     server.wait_ready("durable");
     assert_eq!(count(&server), (200, json!("3")));
 }
+
+/// A workflow whose module never finishes loading (it hangs at import) fails its health deadline:
+/// a first deploy fails with the deadline and the process's last log lines; a reload to it fails
+/// the same way while the old version keeps serving.
+#[test]
+fn a_workflow_that_never_gets_healthy_fails_its_deploy_and_the_old_version_serves() {
+    let (project, file) = project("stuck", &[("svc", "echo_workflow")]);
+    std::fs::write(
+        project.path().join("src/hang.py"),
+        "import time\n\nprint('loading the model, this takes a while', flush=True)\n\
+         time.sleep(3600)\nworkflow = None\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let input = json!({ "input": json!({"message": "hi"}).to_string() });
+    assert_eq!(
+        run(&server, "stuck", &input),
+        (200, json!("Message received: hi (six 1.16.0)"))
+    );
+
+    let hanging = |text: &str| {
+        text.replace("src/workflow:echo_workflow", "src/hang:workflow")
+            + "    health:\n      timeout: 2s\n"
+    };
+    let check = |what: &str, detail: &str| {
+        assert!(detail.contains("`svc`"), "{what}: {detail}");
+        assert!(
+            detail.contains("did not answer GET /healthz within 2s"),
+            "{what}: {detail}"
+        );
+        assert!(
+            detail.contains("loading the model, this takes a while"),
+            "{what}: the process's last lines: {detail}"
+        );
+    };
+
+    // A reload to the hanging version fails; the old version serves on.
+    let original = std::fs::read_to_string(&file).unwrap();
+    let base = project.path().display().to_string();
+    let (status, body) = server.post_raw(
+        "application/yaml",
+        &format!("/deployments/create?reload=true&base_path={base}"),
+        &hanging(&original),
+    );
+    assert_eq!(status, 503, "{body}");
+    check("reload", body["detail"].as_str().unwrap_or_default());
+    assert_eq!(
+        run(&server, "stuck", &input),
+        (200, json!("Message received: hi (six 1.16.0)")),
+        "the old version serves after the failed reload"
+    );
+
+    // A first deploy of it fails.
+    let fresh = project.write(
+        "stuck-new.yml",
+        &hanging(&original.replace("name: stuck", "name: stuck-new")),
+    );
+    let out = server.cli(&["deploy", fresh.to_str().unwrap()]);
+    assert!(!out.status.success(), "the hanging workflow deployed");
+    check("deploy", &String::from_utf8_lossy(&out.stderr));
+}
+
+/// A service whose `env` asks for several adapter workers: tasks on every worker, and each
+/// human-in-the-loop answer reaches the worker running its task, whichever worker deployd's
+/// event request lands on.
+#[test]
+fn adapter_workers_serve_one_service_and_events_find_their_task() {
+    let (project, file) = project("workers", &[("approval_workflow", "approval_workflow")]);
+    let text = std::fs::read_to_string(&file).unwrap()
+        + "    env:\n      DEPLOYD_ADAPTER_WORKERS: \"3\"\n";
+    std::fs::write(&file, text).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    drop(project);
+    let log = std::fs::read_to_string(
+        server
+            .data_dir
+            .join("deployments/workers/logs/approval_workflow.log"),
+    )
+    .unwrap_or_default();
+    assert!(log.contains("in 3 worker processes"), "{log}");
+
+    let tasks: Vec<String> = (0..8)
+        .map(|n| {
+            let (status, created) = server.post(
+                "/deployments/workers/tasks/create",
+                &json!({ "input": json!({"item": format!("plan {n}")}).to_string() }),
+            );
+            assert_eq!(status, 200, "{created}");
+            created["task_id"].as_str().expect("a task id").to_owned()
+        })
+        .collect();
+    for (n, task) in tasks.iter().enumerate() {
+        server.read_lines_until(
+            &format!("/deployments/workers/tasks/{task}/events?envelope=true"),
+            |line| {
+                line["data"]["qualified_name"]
+                    .as_str()
+                    .is_some_and(|name| name.ends_with("InputRequiredEvent"))
+            },
+        );
+        let answer = json!({
+            "__is_pydantic": true,
+            "value": {"response": format!("yes {n}")},
+            "qualified_name": "llama_index.core.workflow.events.HumanResponseEvent",
+        });
+        let (status, body) = server.post(
+            &format!("/deployments/workers/tasks/{task}/events"),
+            &json!({ "service_id": "approval_workflow", "event_obj_str": answer.to_string() }),
+        );
+        assert_eq!(status, 200, "task {n}: {body}");
+    }
+    for (n, task) in tasks.iter().enumerate() {
+        let result = server.wait_result("workers", task, Duration::from_secs(60));
+        assert_eq!(result["result"], format!("human said: yes {n}"), "{result}");
+    }
+}

@@ -8,6 +8,9 @@
 //! - **llama_deploy 0.9.2**: its own API server (`python -m llama_deploy.apiserver`) with the same
 //!   deployment in its rc folder (`POST /deployments/bench/tasks/run`).
 //!
+//! The adapter runs one worker process per core (`DEPLOYD_ADAPTER_WORKERS`, alone and in
+//! deployd's deployment file); llama_deploy runs its one process.
+//!
 //! Each load runs [`ROUNDS`] times and the best round is kept. It prints tasks/s, p50 and p99
 //! latency and the peak RSS of the serving processes (deployd and its service processes; the
 //! adapter; the apiserver), side by side, with the ratios to
