@@ -235,8 +235,8 @@ fn a_reload_answers_once_the_new_code_serves() {
 }
 
 /// A dependency that cannot be installed fails the deploy with the installer's last lines; a
-/// dependency path that leaves the service's source is refused, naming it; a module that does
-/// not exist fails the deploy with what Python said.
+/// dependency path or an env file that leaves the service's source is refused, naming it; a
+/// module that does not exist fails the deploy with what Python said.
 #[test]
 fn bad_python_services_fail_their_deploy_with_a_clear_error() {
     let project = Project::new();
@@ -284,6 +284,24 @@ fn bad_python_services_fail_their_deploy_with_a_clear_error() {
     assert!(stderr.contains("linked-requirements.txt"), "{stderr}");
     assert!(stderr.contains("outside-requirements.txt"), "{stderr}");
     std::fs::remove_file(&link).unwrap();
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("secret.env"), "TOKEN=hunter2\n").unwrap();
+    std::os::unix::fs::symlink(
+        elsewhere.path().join("secret.env"),
+        project.path().join("linked.env"),
+    )
+    .unwrap();
+    let stderr = deploy(
+        "env-escaping",
+        "    import-path: src/workflow:echo_workflow\n    env-files:\n      - linked.env\n",
+    );
+    assert!(stderr.contains("`linked.env`"), "{stderr}");
+    assert!(stderr.contains("outside"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "no content of the file: {stderr}"
+    );
 
     let stderr = deploy(
         "moduleless",
