@@ -25,6 +25,8 @@ tasks:
   bench-python [--without-deployd]
                        only the Python workflow benchmark (without deployd: only the adapter
                        and llama_deploy, no release build, no reload target)
+  bench-tasks          only the task path benchmark (deployd with a native and a Python echo
+                       service against llama_deploy 0.9.2)
   llama-deploy-python  makes (or finds) the llama-deploy 0.9.2 virtualenv; prints its python
   codegen  writes the generated files that are checked in (docs/deployment.schema.json)";
 
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
                 "unknown argument `{other}` of bench-python\n\n{USAGE}"
             )),
         },
+        Some("bench-tasks") => python_bench::tasks::run(),
         Some("llama-deploy-python") => python_tools::print_llama_deploy_python(),
         Some("codegen") => codegen(),
         Some("-h" | "--help" | "help") => {

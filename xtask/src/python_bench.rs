@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub(crate) mod tasks;
+
 /// The deployment's name.
 const DEPLOYMENT: &str = "bench";
 
