@@ -13,7 +13,7 @@ use deployd_pipeline::{BatchConfig, Feeder, Pipeline};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::store::{Store, Write};
+use crate::store::{Store, Write, Written};
 use crate::{Error, TaskEvent, TaskInfo};
 
 /// Capacity of the live event bus; a follower that falls further behind catches up from the
@@ -57,7 +57,7 @@ impl Drop for Claim<'_> {
 /// finish is not applied to a task that has started or ended).
 struct Pending {
     write: Write,
-    done: oneshot::Sender<Result<bool, Error>>,
+    done: oneshot::Sender<Result<Written, Error>>,
 }
 
 /// Commits `writes`, retrying with backoff while the store fails (a full disk, an I/O error),
@@ -68,7 +68,7 @@ async fn commit_until_closed(
     writes: &[Write],
     mut closed: watch::Receiver<bool>,
     failures: &AtomicU64,
-) -> Result<Vec<Option<TaskEvent>>, Error> {
+) -> Result<Vec<Written>, Error> {
     let mut pause = Duration::from_millis(50);
     loop {
         match store.write(writes).await {
@@ -131,13 +131,12 @@ impl Control {
                         let written = commit_until_closed(&store, &writes, closed, &failed).await;
                         commits.fetch_add(1, Ordering::Relaxed);
                         match written {
-                            Ok(events) => {
-                                for (pending, event) in batch.into_iter().zip(events) {
-                                    let applied = event.is_some();
-                                    if let Some(event) = event {
+                            Ok(written) => {
+                                for (pending, mut written) in batch.into_iter().zip(written) {
+                                    if let Some(event) = written.event.take() {
                                         let _ = bus.send(Arc::new(event));
                                     }
-                                    let _ = pending.done.send(Ok(applied));
+                                    let _ = pending.done.send(Ok(written));
                                 }
                             }
                             Err(err) => {
@@ -179,8 +178,8 @@ impl Control {
     }
 
     /// Queues a write for the batched writer and waits until it is committed and broadcast;
-    /// returns whether it was applied.
-    async fn commit(&self, write: Write, urgent: bool) -> Result<bool, Error> {
+    /// returns what it did.
+    async fn commit(&self, write: Write, urgent: bool) -> Result<Written, Error> {
         let (done, committed) = oneshot::channel();
         let pending = Pending { write, done };
         let queued = if urgent {
@@ -192,6 +191,38 @@ impl Control {
         committed
             .await
             .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
+    }
+
+    /// Records a new task (`queued`) and, with `new_session`, its session, in the writer's
+    /// next group commit.
+    pub(crate) async fn create(&self, task: &TaskInfo, new_session: bool) -> Result<(), Error> {
+        self.commit(
+            Write::Create {
+                task: task.clone(),
+                new_session,
+            },
+            true,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Marks a task running its attempt `attempt` and returns it with its session's state;
+    /// `None` when it has ended or is gone.
+    pub(crate) async fn start(
+        &self,
+        task_id: &str,
+        attempt: u32,
+    ) -> Result<Option<(TaskInfo, Option<Value>)>, Error> {
+        self.commit(
+            Write::Running {
+                task_id: task_id.to_owned(),
+                attempt,
+            },
+            true,
+        )
+        .await
+        .map(|written| written.started)
     }
 
     /// Appends a streamed event of attempt `attempt` to the task's log.
@@ -254,6 +285,7 @@ impl Control {
             true,
         )
         .await
+        .map(|written| written.applied)
     }
 
     #[cfg(test)]
@@ -287,18 +319,16 @@ impl Control {
         tokio::spawn(async move {
             let mut last = after;
             loop {
-                // Catch up from the store: everything broadcast so far is in it.
+                // Catch up from the store: everything broadcast so far is in it. A task deleted
+                // before this follower subscribed has no more entries coming.
                 let stored = match store.events_after(&task_id, last).await {
-                    Ok(events) => events,
+                    Ok(Some(events)) => events,
+                    Ok(None) => return,
                     Err(err) => {
                         tracing::warn!(task = %task_id, error = %err, "cannot read task events");
                         return;
                     }
                 };
-                // A task deleted before this follower subscribed has no more entries coming.
-                if stored.is_empty() && !matches!(store.task(&task_id).await, Ok(Some(_))) {
-                    return;
-                }
                 for event in stored {
                     last = event.seq;
                     let terminal = event.kind.is_terminal();
@@ -471,6 +501,7 @@ mod tests {
             .events_after("t", 0)
             .await
             .unwrap()
+            .unwrap()
             .iter()
             .map(|e| e.attempt)
             .collect();
@@ -492,7 +523,16 @@ mod tests {
         let stored = control.store().task("t").await.unwrap().unwrap();
         assert_eq!(stored.status, TaskStatus::Succeeded);
         assert_eq!(stored.result, Some(json!("first")));
-        assert_eq!(control.store().events_after("t", 0).await.unwrap().len(), 1);
+        assert_eq!(
+            control
+                .store()
+                .events_after("t", 0)
+                .await
+                .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(
             !control
                 .store()
@@ -604,6 +644,18 @@ mod batching {
             let control = Arc::clone(&control);
             writers.push(tokio::spawn(async move {
                 let id = format!("t{t}");
+                let task = TaskInfo {
+                    id: id.clone(),
+                    deployment: "d".into(),
+                    service: "svc".into(),
+                    session_id: format!("s{t}"),
+                    input: json!({}),
+                    status: TaskStatus::Queued,
+                    attempt: 0,
+                    result: None,
+                    error: None,
+                };
+                control.create(&task, true).await.unwrap();
                 for n in 0..EVENTS {
                     control.event(&id, 1, json!(n)).await.unwrap();
                 }
@@ -623,7 +675,8 @@ mod batching {
                 .store()
                 .events_after(&format!("t{t}"), 0)
                 .await
-                .unwrap();
+                .unwrap()
+                .expect("the task exists");
             let seen: Vec<_> = events.iter().map(|e| (e.seq, e.data.clone())).collect();
             let expected: Vec<_> = (0..EVENTS).map(|n| (n as u64 + 1, json!(n))).collect();
             assert_eq!(seen, expected);

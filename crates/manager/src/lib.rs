@@ -34,6 +34,7 @@ mod runtime;
 mod store;
 mod supervisor;
 mod worker;
+mod writer;
 
 use control::Control;
 use deployment::Deployment;
@@ -1072,16 +1073,12 @@ impl Manager {
             )));
         }
         let store = self.inner.control.store();
-        let session_id = match task.session_id {
+        let (session_id, new_session) = match task.session_id {
             Some(id) => match store.session(&id).await? {
-                Some((owner, _)) if owner == deployment => id,
+                Some((owner, _)) if owner == deployment => (id, false),
                 _ => return Err(Error::not_found("session", &id)),
             },
-            None => {
-                let id = uuid::Uuid::new_v4().to_string();
-                store.create_session(&id, deployment).await?;
-                id
-            }
+            None => (uuid::Uuid::new_v4().to_string(), true),
         };
         let info = TaskInfo {
             id: uuid::Uuid::new_v4().to_string(),
@@ -1094,7 +1091,8 @@ impl Manager {
             result: None,
             error: None,
         };
-        store.insert_task(&info).await?;
+        // One group commit of the control plane's writer holds the session and the task.
+        self.inner.control.create(&info, new_session).await?;
         let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
         running
             .queue()

@@ -7,10 +7,12 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rusqlite::OptionalExtension;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+use crate::writer::{Writer, sqlite_error};
 use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 
 const SCHEMA: &[&str] = &[
@@ -102,104 +104,99 @@ pub(crate) struct StoredDeployment {
 
 /// The SQLite control-plane store.
 ///
-/// Every write goes through one connection (`write`, a pool of one), and every transaction on
-/// it starts with `BEGIN IMMEDIATE`: deployd never has two writers racing for SQLite's lock, so
-/// no write fails with `SQLITE_BUSY` (a deferred transaction that reads, then writes after
-/// another connection committed, fails with `SQLITE_BUSY_SNAPSHOT`, which no busy timeout
-/// retries). Reads use their own small pool and never block the writer (WAL).
+/// Every write goes through one connection, on the writer's own thread ([`Writer`]), and every
+/// transaction on it starts with `BEGIN IMMEDIATE`: deployd never has two writers racing for
+/// SQLite's lock, so no write fails with `SQLITE_BUSY` (a deferred transaction that reads, then
+/// writes after another connection committed, fails with `SQLITE_BUSY_SNAPSHOT`, which no busy
+/// timeout retries). Reads use their own small pool (sqlx) and never block the writer (WAL).
 #[derive(Debug, Clone)]
 pub(crate) struct Store {
     read: SqlitePool,
-    write: SqlitePool,
+    write: Writer,
 }
 
 impl Store {
     pub(crate) async fn open(path: &Path) -> Result<Self, Error> {
-        let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(store_error)?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(30));
-        let opened =
-            |err: sqlx::Error| Error::Store(format!("cannot open {}: {err}", path.display()));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(std::time::Duration::from_secs(600))
-            .connect_with(options.clone())
-            .await
-            .map_err(opened)?;
+        let write = Writer::open(path)?;
         // The database holds literal secrets of deployment files: only its owner reads it.
         for suffix in ["", "-wal", "-shm"] {
             let mut file = path.as_os_str().to_owned();
             file.push(suffix);
             restrict(Path::new(&file));
         }
-        for statement in SCHEMA {
-            sqlx::query(*statement)
-                .execute(&write)
-                .await
-                .map_err(store_error)?;
-        }
-        for (table, column, definition) in ADDED_COLUMNS {
-            let present = sqlx::query(sqlx::AssertSqlSafe(format!(
-                // The names are this file's constants.
-                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?"
-            )))
-            .bind(column)
-            .fetch_optional(&write)
-            .await
+        let shown = path.display().to_string();
+        write
+            .call(move |conn| {
+                let failed = |err: rusqlite::Error| {
+                    Error::Store(format!("cannot prepare the store {shown}: {err}"))
+                };
+                for statement in SCHEMA {
+                    conn.execute_batch(statement).map_err(failed)?;
+                }
+                for (table, column, definition) in ADDED_COLUMNS {
+                    let present = conn
+                        .query_row(
+                            // The names are this file's constants.
+                            &format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?"),
+                            [column],
+                            |_| Ok(()),
+                        )
+                        .optional()
+                        .map_err(failed)?
+                        .is_some();
+                    if !present {
+                        conn.execute_batch(&format!(
+                            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+                        ))
+                        .map_err(failed)?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(store_error)?
-            .is_some();
-            if !present {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} {definition}"
-                )))
-                .execute(&write)
-                .await
-                .map_err(store_error)?;
-            }
-        }
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(30));
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
-            .map_err(opened)?;
+            .map_err(|err| Error::Store(format!("cannot open {}: {err}", path.display())))?;
         Ok(Self { read, write })
-    }
-
-    /// A transaction on the write connection that holds the write lock from its start.
-    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, Error> {
-        self.write
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(store_error)
     }
 
     pub(crate) async fn close(&self) {
         self.read.close().await;
-        self.write.close().await;
     }
 
     pub(crate) async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO deployments (name, spec, origin, base_path, origin_kind, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, origin = excluded.origin,
-               base_path = excluded.base_path, origin_kind = excluded.origin_kind",
-        )
-        .bind(&d.name)
-        .bind(&d.spec)
-        .bind(&d.origin)
-        .bind(&d.base_path)
-        .bind(&d.from)
-        .bind(now_ms())
-        .execute(&self.write)
-        .await
-        .map_err(store_error)?;
-        Ok(())
+        let d = d.clone();
+        self.write
+            .call(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO deployments (name, spec, origin, base_path, origin_kind,
+                       created_at) VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (name) DO UPDATE SET spec = excluded.spec,
+                       origin = excluded.origin, base_path = excluded.base_path,
+                       origin_kind = excluded.origin_kind",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(rusqlite::params![
+                        d.name,
+                        d.spec,
+                        d.origin,
+                        d.base_path,
+                        d.from,
+                        now_ms()
+                    ])
+                })
+                .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
     }
 
     pub(crate) async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
@@ -225,39 +222,38 @@ impl Store {
 
     /// Removes a deployment with its tasks, events and sessions, in one transaction.
     pub(crate) async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE deployment = ?)",
-        )
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
-        for statement in [
-            "DELETE FROM tasks WHERE deployment = ?",
-            "DELETE FROM sessions WHERE deployment = ?",
-            "DELETE FROM deployments WHERE name = ?",
-        ] {
-            sqlx::query(statement)
-                .bind(name)
-                .execute(&mut *tx)
-                .await
-                .map_err(store_error)?;
-        }
-        tx.commit().await.map_err(store_error)
+        let name = name.to_owned();
+        self.write
+            .transaction(move |tx| {
+                for statement in [
+                    "DELETE FROM events WHERE task_id IN
+                       (SELECT id FROM tasks WHERE deployment = ?)",
+                    "DELETE FROM tasks WHERE deployment = ?",
+                    "DELETE FROM sessions WHERE deployment = ?",
+                    "DELETE FROM deployments WHERE name = ?",
+                ] {
+                    tx.execute(statement, [&name]).map_err(sqlite_error)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     pub(crate) async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO sessions (id, deployment, state, created_at) VALUES (?, ?, NULL, ?)",
-        )
-        .bind(id)
-        .bind(deployment)
-        .bind(now_ms())
-        .execute(&self.write)
-        .await
-        .map_err(store_error)?;
-        Ok(())
+        let (id, deployment) = (id.to_owned(), deployment.to_owned());
+        self.write
+            .call(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO sessions (id, deployment, state, created_at)
+                     VALUES (?, ?, NULL, ?)",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(rusqlite::params![id, deployment, now_ms()])
+                })
+                .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
     }
 
     /// The session's deployment and state, if the session exists.
@@ -308,33 +304,28 @@ impl Store {
 
     /// Deletes a session; its tasks stay readable. Returns whether it existed.
     pub(crate) async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
-        let done = sqlx::query("DELETE FROM sessions WHERE id = ? AND deployment = ?")
-            .bind(id)
-            .bind(deployment)
-            .execute(&self.write)
+        let (id, deployment) = (id.to_owned(), deployment.to_owned());
+        self.write
+            .call(move |conn| {
+                let deleted = conn
+                    .execute(
+                        "DELETE FROM sessions WHERE id = ? AND deployment = ?",
+                        [&id, &deployment],
+                    )
+                    .map_err(sqlite_error)?;
+                Ok(deleted > 0)
+            })
             .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected() > 0)
     }
 
+    #[cfg(test)]
     pub(crate) async fn insert_task(&self, task: &TaskInfo) -> Result<(), Error> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO tasks (id, deployment, service, session_id, input, status, attempt,
-               created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-        )
-        .bind(&task.id)
-        .bind(&task.deployment)
-        .bind(&task.service)
-        .bind(&task.session_id)
-        .bind(task.input.to_string())
-        .bind(TaskStatus::Queued.as_str())
-        .bind(now)
-        .bind(now)
-        .execute(&self.write)
+        self.write(&[Write::Create {
+            task: task.clone(),
+            new_session: false,
+        }])
         .await
-        .map_err(store_error)?;
-        Ok(())
+        .map(drop)
     }
 
     pub(crate) async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error> {
@@ -434,70 +425,52 @@ impl Store {
         attempt: u32,
     ) -> Result<bool, Error> {
         // A task that has ended stays as it ended.
-        let updated = sqlx::query(
-            "UPDATE tasks SET status = ?, attempt = ?, updated_at = ?
-             WHERE id = ? AND status IN ('queued', 'running')",
-        )
-        .bind(status.as_str())
-        .bind(i64::from(attempt))
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.write)
-        .await
-        .map_err(store_error)?;
-        Ok(updated.rows_affected() > 0)
+        let id = id.to_owned();
+        self.write
+            .call(move |conn| {
+                let updated = conn
+                    .prepare_cached(
+                        "UPDATE tasks SET status = ?, attempt = ?, updated_at = ?
+                         WHERE id = ? AND status IN ('queued', 'running')",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(rusqlite::params![
+                            status.as_str(),
+                            i64::from(attempt),
+                            now_ms(),
+                            id
+                        ])
+                    })
+                    .map_err(sqlite_error)?;
+                Ok(updated > 0)
+            })
+            .await
     }
 
     /// Puts a task that was cut off while running back to `queued`, keeping its attempt.
     pub(crate) async fn requeue(&self, id: &str) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE tasks SET status = 'queued', updated_at = ? WHERE id = ? AND status = 'running'",
-        )
-        .bind(now_ms())
-        .bind(id)
-        .execute(&self.write)
-        .await
-        .map_err(store_error)?;
-        Ok(())
+        let id = id.to_owned();
+        self.write
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE tasks SET status = 'queued', updated_at = ?
+                     WHERE id = ? AND status = 'running'",
+                    rusqlite::params![now_ms(), id],
+                )
+                .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
     }
 
-    /// Commits `writes` in one transaction, in order; returns the log entry each appended
-    /// (`None` for a conditional finish that did not apply).
-    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<Option<TaskEvent>>, Error> {
-        let mut tx = self.begin().await?;
-        let mut events = Vec::with_capacity(writes.len());
-        for write in writes {
-            events.push(match write {
-                Write::Event {
-                    task_id,
-                    attempt,
-                    data,
-                } => Some(
-                    append_in(&mut tx, task_id, *attempt, EventKind::Event, data.clone()).await?,
-                ),
-                Write::Finish {
-                    task_id,
-                    session_id,
-                    attempt,
-                    outcome,
-                    state,
-                    only_if_queued,
-                } => {
-                    finish_in(
-                        &mut tx,
-                        task_id,
-                        session_id,
-                        *attempt,
-                        outcome,
-                        state.as_ref(),
-                        *only_if_queued,
-                    )
-                    .await?
-                }
-            });
-        }
-        tx.commit().await.map_err(store_error)?;
-        Ok(events)
+    /// Commits `writes` in one transaction, in order; returns, for each, whether it applied and
+    /// the log entry it appended (a conditional write that did not apply appends nothing). The
+    /// whole batch is one job of the writer's thread.
+    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<Written>, Error> {
+        let writes = writes.to_vec();
+        self.write
+            .transaction(move |tx| writes.into_iter().map(|write| apply(tx, write)).collect())
+            .await
     }
 
     /// Tasks of a service that have waited in `queued` since before `before` (ms since the
@@ -525,21 +498,28 @@ impl Store {
         rows.into_iter().map(task_from_row).collect()
     }
 
-    /// The task's events with a sequence number above `after`, in order.
+    /// The task's events with a sequence number above `after`, in order; `None` when there is
+    /// no such task. One query.
     pub(crate) async fn events_after(
         &self,
         task_id: &str,
         after: u64,
-    ) -> Result<Vec<TaskEvent>, Error> {
+    ) -> Result<Option<Vec<TaskEvent>>, Error> {
         let rows = sqlx::query(
-            "SELECT seq, kind, data, attempt FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
+            "SELECT e.seq AS seq, e.kind AS kind, e.data AS data, e.attempt AS attempt
+             FROM tasks t LEFT JOIN events e ON e.task_id = t.id AND e.seq > ?
+             WHERE t.id = ? ORDER BY e.seq",
         )
-        .bind(task_id)
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(task_id)
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
         rows.into_iter()
+            .filter(|row| matches!(row.try_get::<Option<i64>, _>("seq"), Ok(Some(_))))
             .map(|row| {
                 let seq: i64 = row.try_get("seq").map_err(store_error)?;
                 let kind: String = row.try_get("kind").map_err(store_error)?;
@@ -553,13 +533,40 @@ impl Store {
                     data: to_json(Some(data)).unwrap_or(Value::Null),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, Error>>()
+            .map(Some)
     }
 }
 
-/// One write to a task's log.
+/// What one [`Write`] did.
+#[derive(Debug)]
+pub(crate) struct Written {
+    /// Whether it applied (a conditional write may not).
+    pub(crate) applied: bool,
+    /// The log entry it appended.
+    pub(crate) event: Option<TaskEvent>,
+    /// Of a [`Write::Running`] that applied: the task and its session's state.
+    pub(crate) started: Option<(TaskInfo, Option<Value>)>,
+}
+
+impl Written {
+    fn applied(event: Option<TaskEvent>) -> Self {
+        Self {
+            applied: true,
+            event,
+            started: None,
+        }
+    }
+}
+
+/// One write to the task tables.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
+    /// A new task, `queued`, and its session when it is new.
+    Create { task: TaskInfo, new_session: bool },
+    /// The task runs its attempt `attempt`; applies only to a task that is `queued` or
+    /// `running`, and gives back the task and its session's state.
+    Running { task_id: String, attempt: u32 },
     /// An event the service streamed during attempt `attempt`.
     Event {
         task_id: String,
@@ -578,83 +585,204 @@ pub(crate) enum Write {
     },
 }
 
-async fn finish_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+/// Applies one write inside the writer's transaction.
+fn apply(tx: &rusqlite::Transaction<'_>, write: Write) -> Result<Written, Error> {
+    match write {
+        Write::Create { task, new_session } => {
+            let now = now_ms();
+            if new_session {
+                tx.prepare_cached(
+                    "INSERT INTO sessions (id, deployment, state, created_at)
+                     VALUES (?, ?, NULL, ?)",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(rusqlite::params![task.session_id, task.deployment, now])
+                })
+                .map_err(sqlite_error)?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO tasks (id, deployment, service, session_id, input, status,
+                   attempt, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(rusqlite::params![
+                    task.id,
+                    task.deployment,
+                    task.service,
+                    task.session_id,
+                    task.input.to_string(),
+                    TaskStatus::Queued.as_str(),
+                    now,
+                    now
+                ])
+            })
+            .map_err(sqlite_error)?;
+            Ok(Written::applied(None))
+        }
+        Write::Running { task_id, attempt } => {
+            // A task that has ended stays as it ended. The task and its session's state come
+            // back with the update: a worker needs no read of its own.
+            let started = tx
+                .prepare_cached(
+                    "UPDATE tasks SET status = 'running', attempt = ?, updated_at = ?
+                     WHERE id = ? AND status IN ('queued', 'running')
+                     RETURNING id, deployment, service, session_id, input, status, attempt,
+                       result, error,
+                       (SELECT state FROM sessions WHERE sessions.id = tasks.session_id)",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(
+                            rusqlite::params![i64::from(attempt), now_ms(), task_id],
+                            |row| {
+                                let input: String = row.get(4)?;
+                                let status: String = row.get(5)?;
+                                let attempt: i64 = row.get(6)?;
+                                let result: Option<String> = row.get(7)?;
+                                let state: Option<String> = row.get(9)?;
+                                Ok((
+                                    TaskInfo {
+                                        id: row.get(0)?,
+                                        deployment: row.get(1)?,
+                                        service: row.get(2)?,
+                                        session_id: row.get(3)?,
+                                        input: serde_json::from_str(&input)
+                                            .unwrap_or(Value::String(input)),
+                                        status: TaskStatus::parse(&status),
+                                        attempt: u32::try_from(attempt).unwrap_or(0),
+                                        result: to_json(result),
+                                        error: row.get(8)?,
+                                    },
+                                    to_json(state),
+                                ))
+                            },
+                        )
+                        .optional()
+                })
+                .map_err(sqlite_error)?;
+            Ok(Written {
+                applied: started.is_some(),
+                event: None,
+                started,
+            })
+        }
+        Write::Event {
+            task_id,
+            attempt,
+            data,
+        } => Ok(Written::applied(Some(append_in(
+            tx,
+            &task_id,
+            attempt,
+            EventKind::Event,
+            data,
+        )?))),
+        Write::Finish {
+            task_id,
+            session_id,
+            attempt,
+            outcome,
+            state,
+            only_if_queued,
+        } => {
+            let event = finish_in(
+                tx,
+                &task_id,
+                &session_id,
+                attempt,
+                outcome,
+                state.as_ref(),
+                only_if_queued,
+            )?;
+            Ok(Written {
+                applied: event.is_some(),
+                event,
+                started: None,
+            })
+        }
+    }
+}
+
+fn finish_in(
+    tx: &rusqlite::Transaction<'_>,
     task_id: &str,
     session_id: &str,
     attempt: u32,
-    outcome: &Result<Value, String>,
+    outcome: Result<Value, String>,
     state: Option<&Value>,
     only_if_queued: bool,
 ) -> Result<Option<TaskEvent>, Error> {
     let (kind, data, status, result, error) = match outcome {
-        Ok(result) => (
-            EventKind::Result,
-            result.clone(),
-            TaskStatus::Succeeded,
-            Some(result.to_string()),
-            None,
-        ),
+        Ok(result) => {
+            let text = result.to_string();
+            (
+                EventKind::Result,
+                result,
+                TaskStatus::Succeeded,
+                Some(text),
+                None,
+            )
+        }
         Err(message) => (
             EventKind::Error,
             Value::String(message.clone()),
             TaskStatus::Failed,
             None,
-            Some(message.clone()),
+            Some(message),
         ),
     };
     // A finished task stays as it ended: its first outcome is the one kept.
-    let updated = sqlx::query(
-        "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ?
-         WHERE id = ? AND status IN (?, 'queued')",
-    )
-    .bind(status.as_str())
-    .bind(result)
-    .bind(error)
-    .bind(now_ms())
-    .bind(task_id)
-    .bind(if only_if_queued { "queued" } else { "running" })
-    .execute(&mut **tx)
-    .await
-    .map_err(store_error)?;
-    if updated.rows_affected() == 0 {
+    let updated = tx
+        .prepare_cached(
+            "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ?
+             WHERE id = ? AND status IN (?, 'queued')",
+        )
+        .and_then(|mut statement| {
+            statement.execute(rusqlite::params![
+                status.as_str(),
+                result,
+                error,
+                now_ms(),
+                task_id,
+                if only_if_queued { "queued" } else { "running" }
+            ])
+        })
+        .map_err(sqlite_error)?;
+    if updated == 0 {
         return Ok(None);
     }
-    let event = append_in(tx, task_id, attempt, kind, data).await?;
+    let event = append_in(tx, task_id, attempt, kind, data)?;
     if let Some(state) = state {
-        sqlx::query("UPDATE sessions SET state = ? WHERE id = ?")
-            .bind(state.to_string())
-            .bind(session_id)
-            .execute(&mut **tx)
-            .await
-            .map_err(store_error)?;
+        tx.prepare_cached("UPDATE sessions SET state = ? WHERE id = ?")
+            .and_then(|mut statement| {
+                statement.execute(rusqlite::params![state.to_string(), session_id])
+            })
+            .map_err(sqlite_error)?;
     }
     Ok(Some(event))
 }
 
-async fn append_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+fn append_in(
+    tx: &rusqlite::Transaction<'_>,
     task_id: &str,
     attempt: u32,
     kind: EventKind,
     data: Value,
 ) -> Result<TaskEvent, Error> {
-    let seq: i64 =
-        sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events WHERE task_id = ?")
-            .bind(task_id)
-            .fetch_one(&mut **tx)
-            .await
-            .and_then(|row| row.try_get("next"))
-            .map_err(store_error)?;
-    sqlx::query("INSERT INTO events (task_id, seq, kind, data, attempt) VALUES (?, ?, ?, ?, ?)")
-        .bind(task_id)
-        .bind(seq)
-        .bind(kind.as_str())
-        .bind(data.to_string())
-        .bind(i64::from(attempt))
-        .execute(&mut **tx)
-        .await
-        .map_err(store_error)?;
+    // One statement: the next sequence number of the task's log and the entry.
+    let seq: i64 = tx
+        .prepare_cached(
+            "INSERT INTO events (task_id, seq, kind, data, attempt)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
+             RETURNING seq",
+        )
+        .and_then(|mut statement| {
+            statement.query_row(
+                rusqlite::params![task_id, kind.as_str(), data.to_string(), i64::from(attempt)],
+                |row| row.get(0),
+            )
+        })
+        .map_err(sqlite_error)?;
     Ok(TaskEvent {
         task_id: task_id.to_owned(),
         seq: u64::try_from(seq).unwrap_or(0),
@@ -715,7 +843,20 @@ mod tests {
             pool.close().await;
         }
         let store = Store::open(&path).await.unwrap();
-        let events = store.events_after("t", 0).await.unwrap();
+        // Stores of that age had their tasks table too.
+        let task = TaskInfo {
+            id: "t".into(),
+            deployment: "d".into(),
+            service: "svc".into(),
+            session_id: "s".into(),
+            input: Value::Null,
+            status: TaskStatus::Succeeded,
+            attempt: 1,
+            result: None,
+            error: None,
+        };
+        store.insert_task(&task).await.unwrap();
+        let events = store.events_after("t", 0).await.unwrap().expect("the task");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data, Value::String("old".into()));
         assert_eq!(events[0].attempt, 0);

@@ -143,35 +143,13 @@ async fn handle(
         let _ = delivery.ack().await;
         return;
     };
-    // Read after the claim: a delivery that ran meanwhile has committed its outcome.
-    let mut task = match store.task(&task_id).await {
-        Ok(Some(task)) if !task.status.is_finished() => task,
-        Ok(_) => {
-            // Deleted, or finished by an earlier delivery: nothing to do.
-            let _ = delivery.ack().await;
-            return;
-        }
-        Err(err) => {
-            tracing::warn!(task = %task_id, error = %err, "cannot read task");
-            let _ = delivery.nack(Some(Duration::from_secs(1))).await;
-            return;
-        }
-    };
-    let state = match store.session(&task.session_id).await {
-        Ok(session) => session.and_then(|(_, state)| state),
-        Err(err) => {
-            tracing::warn!(task = %task_id, error = %err, "cannot read session");
-            let _ = delivery.nack(Some(Duration::from_secs(1))).await;
-            return;
-        }
-    };
-    match store
-        .set_task_status(&task.id, TaskStatus::Running, attempt)
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            // It ended meanwhile (it could not run, or it was failed while it waited).
+    // After the claim: a delivery that ran meanwhile has committed its outcome. One batched
+    // write marks the task running and gives it back with its session's state.
+    let (mut task, state) = match control.start(&task_id, attempt).await {
+        Ok(Some(started)) => started,
+        Ok(None) => {
+            // Deleted, finished by an earlier delivery, or failed while it waited: nothing to
+            // do.
             let _ = delivery.ack().await;
             return;
         }
@@ -180,7 +158,7 @@ async fn handle(
             let _ = delivery.nack(Some(Duration::from_secs(1))).await;
             return;
         }
-    }
+    };
     task.attempt = attempt;
     lock(in_flight).insert(task.id.clone());
     let _in_flight = InFlight {

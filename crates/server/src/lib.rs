@@ -45,6 +45,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shutting_down = Arc::new(AtomicBool::new(false));
     let app = api::routes(manager, options, Arc::clone(&shutting_down));
+    // Every accepted connection gets TCP_NODELAY: a streamed answer is written in small
+    // pieces, and with Nagle's algorithm each piece after the first waited for the client's
+    // delayed ACK (about 40 ms per event stream on a keep-alive connection).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     // Boxed: the server's future is deeply nested, and callers' futures hold this one.
     Box::pin(
         axum::serve(
