@@ -5,6 +5,7 @@
 //!
 //! Invariant: every entry is committed to the store before it is broadcast.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,9 +17,38 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::store::{Store, Write, Written};
 use crate::{Error, TaskEvent, TaskInfo};
 
-/// Capacity of the live event bus; a follower that falls further behind catches up from the
-/// store.
+/// Capacity of the live event bus (every entry of every task, for live views).
 const BUS_CAPACITY: usize = 4096;
+
+/// Entries a follower may have waiting; one that falls further behind is dropped from the
+/// task's watchers and catches up from the store.
+const WATCH_CAPACITY: usize = 256;
+
+/// The followers of each task: the writer hands each committed entry to the followers of its
+/// task only (a shared bus woke every follower for every entry of every task).
+type Watchers = Arc<std::sync::Mutex<HashMap<String, Vec<mpsc::Sender<Arc<TaskEvent>>>>>>;
+
+fn watchers_of(
+    watchers: &Watchers,
+) -> std::sync::MutexGuard<'_, HashMap<String, Vec<mpsc::Sender<Arc<TaskEvent>>>>> {
+    watchers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Hands a committed entry to its task's followers. A follower whose queue is full, or that
+/// is gone, is dropped from the list (it catches up from the store); a final entry ends the
+/// list.
+fn notify(watchers: &Watchers, event: &Arc<TaskEvent>) {
+    let mut all = watchers_of(watchers);
+    let Some(list) = all.get_mut(&event.task_id) else {
+        return;
+    };
+    list.retain(|watcher| watcher.try_send(Arc::clone(event)).is_ok());
+    if list.is_empty() || event.kind.is_terminal() {
+        all.remove(&event.task_id);
+    }
+}
 
 /// Writes of task logs are committed in batches: one transaction for what has queued up while
 /// the previous one committed (group commit), at most this many.
@@ -27,6 +57,7 @@ const MAX_BATCH: usize = 256;
 pub(crate) struct Control {
     store: Store,
     bus: broadcast::Sender<Arc<TaskEvent>>,
+    watchers: Watchers,
     closed: watch::Sender<bool>,
     /// Names of deployments as they are deleted: their followers end.
     deleted: broadcast::Sender<Arc<str>>,
@@ -107,6 +138,7 @@ impl Control {
     /// The control plane over `store`, with its batched writer (a pipeline stage) started.
     pub(crate) fn new(store: Store) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
+        let watchers: Watchers = Arc::default();
         let (closed, _) = watch::channel(false);
         let (writes, writer) = Pipeline::<Pending>::channel();
         let commits = Arc::new(AtomicU64::new(0));
@@ -114,6 +146,7 @@ impl Control {
         let writer = {
             let store = store.clone();
             let bus = bus.clone();
+            let watchers = Arc::clone(&watchers);
             let commits = Arc::clone(&commits);
             let failed = Arc::clone(&failed_commits);
             let closed = closed.subscribe();
@@ -123,6 +156,7 @@ impl Control {
                 move |batch: Vec<Pending>| {
                     let store = store.clone();
                     let bus = bus.clone();
+                    let watchers = Arc::clone(&watchers);
                     let commits = Arc::clone(&commits);
                     let failed = Arc::clone(&failed);
                     let closed = closed.clone();
@@ -134,7 +168,11 @@ impl Control {
                             Ok(written) => {
                                 for (pending, mut written) in batch.into_iter().zip(written) {
                                     if let Some(event) = written.event.take() {
-                                        let _ = bus.send(Arc::new(event));
+                                        let event = Arc::new(event);
+                                        notify(&watchers, &event);
+                                        if bus.receiver_count() > 0 {
+                                            let _ = bus.send(event);
+                                        }
                                     }
                                     let _ = pending.done.send(Ok(written));
                                 }
@@ -160,6 +198,7 @@ impl Control {
         Self {
             store,
             bus,
+            watchers,
             closed,
             deleted,
             writes,
@@ -312,15 +351,25 @@ impl Control {
         after: u64,
     ) -> mpsc::Receiver<TaskEvent> {
         let (tx, rx) = mpsc::channel(64);
-        let mut live = self.bus.subscribe();
+        let watchers = Arc::clone(&self.watchers);
         let mut deleted = self.deleted.subscribe();
         let store = self.store.clone();
         let mut closed = self.closed.subscribe();
         tokio::spawn(async move {
+            let _unwatch = Unwatch {
+                watchers: Arc::clone(&watchers),
+                task_id: task_id.clone(),
+            };
             let mut last = after;
             loop {
-                // Catch up from the store: everything broadcast so far is in it. A task deleted
-                // before this follower subscribed has no more entries coming.
+                // Watch first, then catch up from the store: every entry committed before the
+                // watch is in the store, every one after comes to the watch.
+                let (watch, mut live) = mpsc::channel(WATCH_CAPACITY);
+                watchers_of(&watchers)
+                    .entry(task_id.clone())
+                    .or_default()
+                    .push(watch);
+                // A task deleted before this follower subscribed has no more entries coming.
                 let stored = match store.events_after(&task_id, last).await {
                     Ok(Some(events)) => events,
                     Ok(None) => return,
@@ -350,16 +399,16 @@ impl Control {
                         },
                     };
                     match received {
-                        Ok(event) if event.task_id != task_id || event.seq <= last => {}
-                        Ok(event) if event.seq == last + 1 => {
+                        Some(event) if event.seq <= last => {}
+                        Some(event) if event.seq == last + 1 => {
                             last = event.seq;
                             let terminal = event.kind.is_terminal();
                             if tx.send(TaskEvent::clone(&event)).await.is_err() || terminal {
                                 return;
                             }
                         }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => return,
+                        // A gap, or the writer dropped this watch (its queue was full).
+                        Some(_) | None => break,
                     }
                 }
             }
@@ -370,6 +419,24 @@ impl Control {
     pub(crate) async fn close(&self) {
         let _ = self.closed.send(true);
         self.store.close().await;
+    }
+}
+
+/// Removes a follower's closed watches of its task when the follower ends.
+struct Unwatch {
+    watchers: Watchers,
+    task_id: String,
+}
+
+impl Drop for Unwatch {
+    fn drop(&mut self) {
+        let mut all = watchers_of(&self.watchers);
+        if let Some(list) = all.get_mut(&self.task_id) {
+            list.retain(|watcher| !watcher.is_closed());
+            if list.is_empty() {
+                all.remove(&self.task_id);
+            }
+        }
     }
 }
 
@@ -472,7 +539,8 @@ mod tests {
     async fn a_lagging_follower_catches_up_from_the_store() {
         let (_dir, control, task) = control().await;
         let rx = control.follow("d".into(), "t".into(), 0);
-        // More entries than the bus holds, before the follower reads any.
+        // More entries than a follower's watch holds, before the follower reads any: the
+        // writer drops the watch and the follower catches up from the store.
         for n in 0..(BUS_CAPACITY + 10) {
             control.event("t", 1, json!(n)).await.unwrap();
         }
@@ -484,6 +552,29 @@ mod tests {
                 .enumerate()
                 .all(|(i, (seq, _, _))| *seq == i as u64 + 1)
         );
+    }
+
+    /// A follower that ends (its task ended, or its receiver was dropped) leaves nothing in
+    /// the watch lists: a long-running server does not grow with the tasks it followed.
+    #[tokio::test]
+    async fn ended_followers_leave_no_watch_behind() {
+        let (_dir, control, task) = control().await;
+        let finished = control.follow("d".into(), "t".into(), 0);
+        let mut dropped = control.follow("d".into(), "t".into(), 0);
+        control.event("t", 1, json!("one")).await.unwrap();
+        assert_eq!(dropped.recv().await.map(|e| e.seq), Some(1));
+        drop(dropped);
+        control.finish(&task, Ok(json!("end")), None).await.unwrap();
+        assert_eq!(collect(finished).await.len(), 2);
+        // A follower of a task that has ended already reads it from the store.
+        assert_eq!(collect(control.follow("d".into(), "t".into(), 0)).await.len(), 2);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !watchers_of(&control.watchers).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the watch lists emptied");
     }
 
     #[tokio::test]

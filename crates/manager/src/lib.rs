@@ -1205,6 +1205,38 @@ impl Manager {
             .ok_or_else(|| Error::not_found("task", after.unwrap_or_default()))
     }
 
+    /// Waits until `task` (as [`Manager::create_task`] returned it) has ended and returns it.
+    /// The outcome comes from the task's final log entry: no read of the store but the log's
+    /// catch-up.
+    pub async fn wait_created(&self, task: &TaskInfo) -> Result<TaskInfo, Error> {
+        let mut events = self
+            .inner
+            .control
+            .follow(task.deployment.clone(), task.id.clone(), 0);
+        while let Some(event) = events.recv().await {
+            let mut done = task.clone();
+            done.attempt = event.attempt;
+            match event.kind {
+                EventKind::Result => {
+                    done.status = TaskStatus::Succeeded;
+                    done.result = Some(event.data);
+                    return Ok(done);
+                }
+                EventKind::Error => {
+                    done.status = TaskStatus::Failed;
+                    done.error = Some(match event.data {
+                        Value::String(message) => message,
+                        other => other.to_string(),
+                    });
+                    return Ok(done);
+                }
+                EventKind::Event => {}
+            }
+        }
+        // The log ended without an outcome (deployd stops, or the deployment was deleted).
+        self.task(&task.deployment, &task.id).await
+    }
+
     /// Waits until a task has ended and returns it.
     pub async fn wait_task(&self, deployment: &str, task_id: &str) -> Result<TaskInfo, Error> {
         let mut events = self.task_events(deployment, task_id, 0).await?;

@@ -462,7 +462,7 @@ async fn run_task(
     let manager = &state.manager;
     let (task, _) = new_task(manager, &name, session, body).await?;
     let timeout = state.options.run_timeout;
-    let Ok(waited) = tokio::time::timeout(timeout, manager.wait_task(&name, &task.id)).await else {
+    let Ok(waited) = tokio::time::timeout(timeout, manager.wait_created(&task)).await else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
