@@ -216,9 +216,10 @@ impl Control {
         self.bus.subscribe()
     }
 
-    /// Queues a write for the batched writer and waits until it is committed and broadcast;
-    /// returns what it did.
-    async fn commit(&self, write: Write, urgent: bool) -> Result<Written, Error> {
+    /// Queues a write for the batched writer: once this returns, every write queued later is
+    /// committed after it (the writer keeps their order). The answer says when it is committed
+    /// and broadcast, and what it did.
+    async fn enqueue(&self, write: Write, urgent: bool) -> Result<Committing, Error> {
         let (done, committed) = oneshot::channel();
         let pending = Pending { write, done };
         let queued = if urgent {
@@ -227,15 +228,24 @@ impl Control {
             self.writes.put(pending).await
         };
         queued.map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?;
-        committed
-            .await
-            .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
+        Ok(Committing(committed))
     }
 
-    /// Records a new task (`queued`) and, with `new_session`, its session, in the writer's
-    /// next group commit.
-    pub(crate) async fn create(&self, task: &TaskInfo, new_session: bool) -> Result<(), Error> {
-        self.commit(
+    /// Queues a write for the batched writer and waits until it is committed and broadcast;
+    /// returns what it did.
+    async fn commit(&self, write: Write, urgent: bool) -> Result<Written, Error> {
+        self.enqueue(write, urgent).await?.done().await
+    }
+
+    /// Queues a new task (`queued`) and, with `new_session`, its session for the writer's next
+    /// group commit. A write queued after this returns (a worker's [`Control::start`] of the
+    /// task) is committed after it; await the answer for the task to be stored.
+    pub(crate) async fn create(
+        &self,
+        task: &TaskInfo,
+        new_session: bool,
+    ) -> Result<Committing, Error> {
+        self.enqueue(
             Write::Create {
                 task: task.clone(),
                 new_session,
@@ -243,7 +253,6 @@ impl Control {
             true,
         )
         .await
-        .map(drop)
     }
 
     /// Marks a task running its attempt `attempt` and returns it with its session's state;
@@ -264,14 +273,17 @@ impl Control {
         .map(|written| written.started)
     }
 
-    /// Appends a streamed event of attempt `attempt` to the task's log.
+    /// Queues a streamed event of attempt `attempt` for the task's log, without waiting for
+    /// its commit: the task's outcome, queued after it, is committed after it, and whoever
+    /// waits for the outcome waits for the event too. Waits only while the writer's queue is
+    /// full.
     pub(crate) async fn event(
         &self,
         task_id: &str,
         attempt: u32,
         data: Value,
     ) -> Result<(), Error> {
-        self.commit(
+        self.enqueue(
             Write::Event {
                 task_id: task_id.to_owned(),
                 attempt,
@@ -350,8 +362,40 @@ impl Control {
         task_id: String,
         after: u64,
     ) -> mpsc::Receiver<TaskEvent> {
+        self.follow_from(deployment, task_id, after, false)
+    }
+
+    /// Follows a task that is not stored yet (call it before [`Control::create`]): its every
+    /// entry comes to the watch taken here, so the follower reads nothing from the store unless
+    /// it falls behind.
+    pub(crate) fn follow_new(
+        &self,
+        deployment: String,
+        task_id: String,
+    ) -> mpsc::Receiver<TaskEvent> {
+        self.follow_from(deployment, task_id, 0, true)
+    }
+
+    fn watch(watchers: &Watchers, task_id: &str) -> mpsc::Receiver<Arc<TaskEvent>> {
+        let (watch, live) = mpsc::channel(WATCH_CAPACITY);
+        watchers_of(watchers)
+            .entry(task_id.to_owned())
+            .or_default()
+            .push(watch);
+        live
+    }
+
+    fn follow_from(
+        &self,
+        deployment: String,
+        task_id: String,
+        after: u64,
+        new: bool,
+    ) -> mpsc::Receiver<TaskEvent> {
         let (tx, rx) = mpsc::channel(64);
         let watchers = Arc::clone(&self.watchers);
+        // Taken before this returns: an entry committed from now on comes to it.
+        let mut first = Some(Self::watch(&watchers, &task_id));
         let mut deleted = self.deleted.subscribe();
         let store = self.store.clone();
         let mut closed = self.closed.subscribe();
@@ -361,21 +405,27 @@ impl Control {
                 task_id: task_id.clone(),
             };
             let mut last = after;
+            let mut read_store = !new;
             loop {
                 // Watch first, then catch up from the store: every entry committed before the
-                // watch is in the store, every one after comes to the watch.
-                let (watch, mut live) = mpsc::channel(WATCH_CAPACITY);
-                watchers_of(&watchers)
-                    .entry(task_id.clone())
-                    .or_default()
-                    .push(watch);
+                // watch is in the store, every one after comes to the watch. (A new task has
+                // nothing stored before its first watch.)
+                let mut live = first
+                    .take()
+                    .unwrap_or_else(|| Self::watch(&watchers, &task_id));
+                let catch_up = read_store;
+                read_store = true;
                 // A task deleted before this follower subscribed has no more entries coming.
-                let stored = match store.events_after(&task_id, last).await {
-                    Ok(Some(events)) => events,
-                    Ok(None) => return,
-                    Err(err) => {
-                        tracing::warn!(task = %task_id, error = %err, "cannot read task events");
-                        return;
+                let stored = if !catch_up {
+                    Vec::new()
+                } else {
+                    match store.events_after(&task_id, last).await {
+                        Ok(Some(events)) => events,
+                        Ok(None) => return,
+                        Err(err) => {
+                            tracing::warn!(task = %task_id, error = %err, "cannot read task events");
+                            return;
+                        }
                     }
                 };
                 for event in stored {
@@ -419,6 +469,18 @@ impl Control {
     pub(crate) async fn close(&self) {
         let _ = self.closed.send(true);
         self.store.close().await;
+    }
+}
+
+/// A queued write's answer.
+pub(crate) struct Committing(oneshot::Receiver<Result<Written, Error>>);
+
+impl Committing {
+    /// Waits until the write is committed and broadcast; what it did.
+    pub(crate) async fn done(self) -> Result<Written, Error> {
+        self.0
+            .await
+            .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
     }
 }
 
@@ -567,7 +629,12 @@ mod tests {
         control.finish(&task, Ok(json!("end")), None).await.unwrap();
         assert_eq!(collect(finished).await.len(), 2);
         // A follower of a task that has ended already reads it from the store.
-        assert_eq!(collect(control.follow("d".into(), "t".into(), 0)).await.len(), 2);
+        assert_eq!(
+            collect(control.follow("d".into(), "t".into(), 0))
+                .await
+                .len(),
+            2
+        );
         tokio::time::timeout(Duration::from_secs(5), async {
             while !watchers_of(&control.watchers).is_empty() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -746,7 +813,13 @@ mod batching {
                     result: None,
                     error: None,
                 };
-                control.create(&task, true).await.unwrap();
+                control
+                    .create(&task, true)
+                    .await
+                    .unwrap()
+                    .done()
+                    .await
+                    .unwrap();
                 for n in 0..EVENTS {
                     control.event(&id, 1, json!(n)).await.unwrap();
                 }

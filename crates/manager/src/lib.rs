@@ -361,6 +361,14 @@ pub struct SessionInfo {
     pub state: Option<Value>,
 }
 
+/// A task just created, with its log followed from before it was stored.
+#[derive(Debug)]
+pub struct Created {
+    /// The task as it was stored.
+    pub task: TaskInfo,
+    events: Option<mpsc::Receiver<TaskEvent>>,
+}
+
 /// A task to create.
 #[derive(Debug, Clone, Default)]
 pub struct NewTask {
@@ -1042,6 +1050,27 @@ impl Manager {
 
     /// Records a task and queues it for its service.
     pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
+        self.create(deployment, task, false)
+            .await
+            .map(|created| created.task)
+    }
+
+    /// Creates a task as [`Manager::create_task`] does, following its log from before it is
+    /// stored; [`Manager::wait_created`] then waits for its outcome without reading the store.
+    pub async fn create_followed_task(
+        &self,
+        deployment: &str,
+        task: NewTask,
+    ) -> Result<Created, Error> {
+        self.create(deployment, task, true).await
+    }
+
+    async fn create(
+        &self,
+        deployment: &str,
+        task: NewTask,
+        follow: bool,
+    ) -> Result<Created, Error> {
         if self
             .inner
             .closing
@@ -1091,14 +1120,23 @@ impl Manager {
             result: None,
             error: None,
         };
-        // One group commit of the control plane's writer holds the session and the task.
-        self.inner.control.create(&info, new_session).await?;
+        // One group commit of the control plane's writer holds the session and the task. The
+        // message is published while it commits: a worker's start of the task is queued to the
+        // same writer after it, so it finds the task stored.
+        let events = follow.then(|| {
+            self.inner
+                .control
+                .follow_new(deployment.to_owned(), info.id.clone())
+        });
+        let stored = self.inner.control.create(&info, new_session).await?;
         let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
-        running
+        let published = running
             .queue()
             .publish(&topic, Message::new(info.id.clone()))
-            .await?;
-        Ok(info)
+            .await;
+        stored.done().await?;
+        published?;
+        Ok(Created { task: info, events })
     }
 
     /// Creates an empty session in a deployment.
@@ -1205,14 +1243,16 @@ impl Manager {
             .ok_or_else(|| Error::not_found("task", after.unwrap_or_default()))
     }
 
-    /// Waits until `task` (as [`Manager::create_task`] returned it) has ended and returns it.
-    /// The outcome comes from the task's final log entry: no read of the store but the log's
-    /// catch-up.
-    pub async fn wait_created(&self, task: &TaskInfo) -> Result<TaskInfo, Error> {
-        let mut events = self
-            .inner
-            .control
-            .follow(task.deployment.clone(), task.id.clone(), 0);
+    /// Waits until a task [`Manager::create_followed_task`] made has ended and returns it. The
+    /// outcome comes from the task's final log entry, not from a read of the store.
+    pub async fn wait_created(&self, created: Created) -> Result<TaskInfo, Error> {
+        let Created { task, events } = created;
+        let task = &task;
+        let mut events = events.unwrap_or_else(|| {
+            self.inner
+                .control
+                .follow(task.deployment.clone(), task.id.clone(), 0)
+        });
         while let Some(event) = events.recv().await {
             let mut done = task.clone();
             done.attempt = event.attempt;

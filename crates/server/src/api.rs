@@ -418,6 +418,15 @@ fn definition(task: &TaskInfo, input: Value) -> TaskDefinition {
     }
 }
 
+/// What a task definition asks for.
+fn new_task_of(session: SessionParam, body: TaskDefinition) -> ApiResult<NewTask> {
+    Ok(NewTask {
+        service: body.service_id,
+        session_id: body.session_id.or(session.session_id),
+        input: task_input(body.input)?,
+    })
+}
+
 async fn new_task(
     manager: &Manager,
     name: &str,
@@ -426,14 +435,7 @@ async fn new_task(
 ) -> ApiResult<(TaskInfo, Value)> {
     let raw_input = body.input.clone();
     let task = manager
-        .create_task(
-            name,
-            NewTask {
-                service: body.service_id,
-                session_id: body.session_id.or(session.session_id),
-                input: task_input(body.input)?,
-            },
-        )
+        .create_task(name, new_task_of(session, body)?)
         .await?;
     let input = match raw_input {
         Value::Null => Value::String(String::new()),
@@ -460,9 +462,12 @@ async fn run_task(
     JsonObject(body): JsonObject<TaskDefinition>,
 ) -> ApiResult<Json<Value>> {
     let manager = &state.manager;
-    let (task, _) = new_task(manager, &name, session, body).await?;
+    let created = manager
+        .create_followed_task(&name, new_task_of(session, body)?)
+        .await?;
+    let task = created.task.clone();
     let timeout = state.options.run_timeout;
-    let Ok(waited) = tokio::time::timeout(timeout, manager.wait_created(&task)).await else {
+    let Ok(waited) = tokio::time::timeout(timeout, manager.wait_created(created)).await else {
         return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             format!(
