@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deployd_pipeline::{BatchConfig, Feeder, Pipeline};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -54,6 +53,13 @@ fn notify(watchers: &Watchers, event: &Arc<TaskEvent>) {
 /// the previous one committed (group commit), at most this many.
 const MAX_BATCH: usize = 256;
 
+/// Batches handed to the writer's thread and not committed yet: one commits while the next
+/// waits its turn, so the writer never waits for the async side to hand it work.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Writes queued for the group commit; a writer waits while it is full.
+const WRITE_QUEUE: usize = 8192;
+
 pub(crate) struct Control {
     store: Store,
     bus: broadcast::Sender<Arc<TaskEvent>>,
@@ -61,7 +67,7 @@ pub(crate) struct Control {
     closed: watch::Sender<bool>,
     /// Names of deployments as they are deleted: their followers end.
     deleted: broadcast::Sender<Arc<str>>,
-    writes: Feeder<Pending>,
+    writes: mpsc::Sender<Pending>,
     /// Transactions the writer committed; for tests of the batching.
     #[cfg_attr(not(test), allow(dead_code))]
     commits: Arc<AtomicU64>,
@@ -91,28 +97,62 @@ struct Pending {
     done: oneshot::Sender<Result<Written, Error>>,
 }
 
-/// Commits `writes`, retrying with backoff while the store fails (a full disk, an I/O error),
-/// until it succeeds or the control plane closes: an outcome a service returned is never
-/// thrown away because one commit failed.
-async fn commit_until_closed(
-    store: &Store,
+/// Commits `writes` on the writer's thread, retrying with backoff while the store fails (a
+/// full disk, an I/O error), until it succeeds or the control plane closes: an outcome a service
+/// returned is never thrown away because one commit failed. The writer takes no other job
+/// meanwhile, so writes are committed in the order they were queued, retries included.
+fn commit_until_closed(
+    conn: &mut rusqlite::Connection,
     writes: &[Write],
-    mut closed: watch::Receiver<bool>,
+    closed: &watch::Receiver<bool>,
     failures: &AtomicU64,
 ) -> Result<Vec<Written>, Error> {
     let mut pause = Duration::from_millis(50);
     loop {
-        match store.write(writes).await {
-            Ok(events) => return Ok(events),
+        match crate::store::write_in(conn, writes) {
+            Ok(written) => return Ok(written),
             Err(err) if *closed.borrow() => return Err(err),
             Err(err) => {
                 failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    _ = closed.wait_for(|closed| *closed) => return Err(err),
+                let until = std::time::Instant::now() + pause;
+                while std::time::Instant::now() < until {
+                    if *closed.borrow() {
+                        return Err(err);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// What the writer's thread does once a batch is committed: each entry goes to its task's
+/// followers and to the bus, each writer gets its answer.
+fn answer(
+    batch: Vec<Pending>,
+    written: Result<Vec<Written>, Error>,
+    watchers: &Watchers,
+    bus: &broadcast::Sender<Arc<TaskEvent>>,
+) {
+    match written {
+        Ok(written) => {
+            for (pending, mut written) in batch.into_iter().zip(written) {
+                if let Some(event) = written.event.take() {
+                    let event = Arc::new(event);
+                    notify(watchers, &event);
+                    if bus.receiver_count() > 0 {
+                        let _ = bus.send(event);
+                    }
+                }
+                let _ = pending.done.send(Ok(written));
+            }
+        }
+        Err(err) => {
+            let message = err.to_string();
+            for pending in batch {
+                let _ = pending.done.send(Err(Error::Store(message.clone())));
             }
         }
     }
@@ -135,65 +175,52 @@ impl Control {
         })
     }
 
-    /// The control plane over `store`, with its batched writer (a pipeline stage) started.
+    /// The control plane over `store`, with its group commit started: a task that takes what
+    /// has queued up (at most [`MAX_BATCH`] writes) and hands it to the store's writer thread
+    /// as one transaction, with at most [`BATCHES_IN_FLIGHT`] batches handed over and not yet
+    /// committed (while they commit, the next batch fills up). The writer's thread answers the
+    /// writers and the followers itself.
     pub(crate) fn new(store: Store) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
         let watchers: Watchers = Arc::default();
         let (closed, _) = watch::channel(false);
-        let (writes, writer) = Pipeline::<Pending>::channel();
+        let (writes, mut queued) = mpsc::channel::<Pending>(WRITE_QUEUE);
         let commits = Arc::new(AtomicU64::new(0));
         let failed_commits = Arc::new(AtomicU64::new(0));
-        let writer = {
+        {
             let store = store.clone();
             let bus = bus.clone();
             let watchers = Arc::clone(&watchers);
             let commits = Arc::clone(&commits);
             let failed = Arc::clone(&failed_commits);
             let closed = closed.subscribe();
-            writer.batched_stage(
-                "store",
-                BatchConfig::new(1, MAX_BATCH, Duration::from_millis(5)),
-                move |batch: Vec<Pending>| {
-                    let store = store.clone();
-                    let bus = bus.clone();
-                    let watchers = Arc::clone(&watchers);
-                    let commits = Arc::clone(&commits);
-                    let failed = Arc::clone(&failed);
-                    let closed = closed.clone();
-                    async move {
-                        let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
-                        let written = commit_until_closed(&store, &writes, closed, &failed).await;
-                        commits.fetch_add(1, Ordering::Relaxed);
-                        match written {
-                            Ok(written) => {
-                                for (pending, mut written) in batch.into_iter().zip(written) {
-                                    if let Some(event) = written.event.take() {
-                                        let event = Arc::new(event);
-                                        notify(&watchers, &event);
-                                        if bus.receiver_count() > 0 {
-                                            let _ = bus.send(event);
-                                        }
-                                    }
-                                    let _ = pending.done.send(Ok(written));
-                                }
-                            }
-                            Err(err) => {
-                                let message = err.to_string();
-                                for pending in batch {
-                                    let _ = pending.done.send(Err(Error::Store(message.clone())));
-                                }
-                            }
-                        }
-                        Ok::<_, Error>(Vec::<()>::new())
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+            tokio::spawn(async move {
+                loop {
+                    let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                        return;
+                    };
+                    let mut batch = Vec::with_capacity(MAX_BATCH);
+                    if queued.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                        return; // every sender is gone
                     }
-                },
-            )
-        };
-        tokio::spawn(async move {
-            if let Err(err) = writer.run().await {
-                tracing::error!(error = %err, "the task log writer stopped");
-            }
-        });
+                    let (bus, watchers) = (bus.clone(), Arc::clone(&watchers));
+                    let (commits, failed) = (Arc::clone(&commits), Arc::clone(&failed));
+                    let closed = closed.clone();
+                    let handed = store.on_writer(move |conn| {
+                        let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
+                        let written = commit_until_closed(conn, &writes, &closed, &failed);
+                        commits.fetch_add(1, Ordering::Relaxed);
+                        answer(batch, written, &watchers, &bus);
+                        drop(permit);
+                    });
+                    if handed.is_err() {
+                        tracing::error!("the store's writer has stopped; task writes fail");
+                        return;
+                    }
+                }
+            });
+        }
         let (deleted, _) = broadcast::channel(64);
         Self {
             store,
@@ -219,22 +246,19 @@ impl Control {
     /// Queues a write for the batched writer: once this returns, every write queued later is
     /// committed after it (the writer keeps their order). The answer says when it is committed
     /// and broadcast, and what it did.
-    async fn enqueue(&self, write: Write, urgent: bool) -> Result<Committing, Error> {
+    async fn enqueue(&self, write: Write) -> Result<Committing, Error> {
         let (done, committed) = oneshot::channel();
-        let pending = Pending { write, done };
-        let queued = if urgent {
-            self.writes.put_urgent(pending).await
-        } else {
-            self.writes.put(pending).await
-        };
-        queued.map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?;
+        self.writes
+            .send(Pending { write, done })
+            .await
+            .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?;
         Ok(Committing(committed))
     }
 
     /// Queues a write for the batched writer and waits until it is committed and broadcast;
     /// returns what it did.
-    async fn commit(&self, write: Write, urgent: bool) -> Result<Written, Error> {
-        self.enqueue(write, urgent).await?.done().await
+    async fn commit(&self, write: Write) -> Result<Written, Error> {
+        self.enqueue(write).await?.done().await
     }
 
     /// Queues a new task (`queued`) and, with `new_session`, its session for the writer's next
@@ -245,13 +269,10 @@ impl Control {
         task: &TaskInfo,
         new_session: bool,
     ) -> Result<Committing, Error> {
-        self.enqueue(
-            Write::Create {
-                task: task.clone(),
-                new_session,
-            },
-            true,
-        )
+        self.enqueue(Write::Create {
+            task: task.clone(),
+            new_session,
+        })
         .await
     }
 
@@ -262,13 +283,10 @@ impl Control {
         task_id: &str,
         attempt: u32,
     ) -> Result<Option<(TaskInfo, Option<Value>)>, Error> {
-        self.commit(
-            Write::Running {
-                task_id: task_id.to_owned(),
-                attempt,
-            },
-            true,
-        )
+        self.commit(Write::Running {
+            task_id: task_id.to_owned(),
+            attempt,
+        })
         .await
         .map(|written| written.started)
     }
@@ -283,14 +301,11 @@ impl Control {
         attempt: u32,
         data: Value,
     ) -> Result<(), Error> {
-        self.enqueue(
-            Write::Event {
-                task_id: task_id.to_owned(),
-                attempt,
-                data,
-            },
-            false,
-        )
+        self.enqueue(Write::Event {
+            task_id: task_id.to_owned(),
+            attempt,
+            data,
+        })
         .await
         .map(drop)
     }
@@ -302,17 +317,14 @@ impl Control {
         outcome: Result<Value, String>,
         state: Option<Value>,
     ) -> Result<(), Error> {
-        self.commit(
-            Write::Finish {
-                task_id: task.id.clone(),
-                session_id: task.session_id.clone(),
-                attempt: task.attempt,
-                outcome,
-                state,
-                only_if_queued: false,
-            },
-            true,
-        )
+        self.commit(Write::Finish {
+            task_id: task.id.clone(),
+            session_id: task.session_id.clone(),
+            attempt: task.attempt,
+            outcome,
+            state,
+            only_if_queued: false,
+        })
         .await
         .map(drop)
     }
@@ -324,17 +336,14 @@ impl Control {
         task: &TaskInfo,
         message: String,
     ) -> Result<bool, Error> {
-        self.commit(
-            Write::Finish {
-                task_id: task.id.clone(),
-                session_id: task.session_id.clone(),
-                attempt: task.attempt,
-                outcome: Err(message),
-                state: None,
-                only_if_queued: true,
-            },
-            true,
-        )
+        self.commit(Write::Finish {
+            task_id: task.id.clone(),
+            session_id: task.session_id.clone(),
+            attempt: task.attempt,
+            outcome: Err(message),
+            state: None,
+            only_if_queued: true,
+        })
         .await
         .map(|written| written.applied)
     }
@@ -823,6 +832,8 @@ mod batching {
                 for n in 0..EVENTS {
                     control.event(&id, 1, json!(n)).await.unwrap();
                 }
+                // Events are not waited for; the outcome, queued after them, is.
+                control.finish(&task, Ok(json!("end")), None).await.unwrap();
             }));
         }
         for writer in writers {
@@ -842,7 +853,8 @@ mod batching {
                 .unwrap()
                 .expect("the task exists");
             let seen: Vec<_> = events.iter().map(|e| (e.seq, e.data.clone())).collect();
-            let expected: Vec<_> = (0..EVENTS).map(|n| (n as u64 + 1, json!(n))).collect();
+            let mut expected: Vec<_> = (0..EVENTS).map(|n| (n as u64 + 1, json!(n))).collect();
+            expected.push((EVENTS as u64 + 1, json!("end")));
             assert_eq!(seen, expected);
         }
     }

@@ -466,11 +466,19 @@ impl Store {
     /// Commits `writes` in one transaction, in order; returns, for each, whether it applied and
     /// the log entry it appended (a conditional write that did not apply appends nothing). The
     /// whole batch is one job of the writer's thread.
+    #[cfg(test)]
     pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<Written>, Error> {
         let writes = writes.to_vec();
-        self.write
-            .transaction(move |tx| writes.into_iter().map(|write| apply(tx, write)).collect())
-            .await
+        self.write.call(move |conn| write_in(conn, &writes)).await
+    }
+
+    /// Runs `job` on the writer's thread after the jobs handed over before it, without
+    /// waiting for it.
+    pub(crate) fn on_writer(
+        &self,
+        job: impl FnOnce(&mut rusqlite::Connection) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.write.spawn(job)
     }
 
     /// Tasks of a service that have waited in `queued` since before `before` (ms since the
@@ -583,6 +591,22 @@ pub(crate) enum Write {
         state: Option<Value>,
         only_if_queued: bool,
     },
+}
+
+/// Commits `writes` in one `BEGIN IMMEDIATE` transaction on the writer's connection, in order.
+pub(crate) fn write_in(
+    conn: &mut rusqlite::Connection,
+    writes: &[Write],
+) -> Result<Vec<Written>, Error> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sqlite_error)?;
+    let written = writes
+        .iter()
+        .map(|write| apply(&tx, write.clone()))
+        .collect::<Result<Vec<_>, Error>>()?;
+    tx.commit().map_err(sqlite_error)?;
+    Ok(written)
 }
 
 /// Applies one write inside the writer's transaction.

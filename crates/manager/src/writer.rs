@@ -59,6 +59,16 @@ impl Writer {
         Ok(Self { jobs })
     }
 
+    /// Hands `job` to the writer's thread, after the jobs sent before it, without waiting.
+    pub(crate) fn spawn(
+        &self,
+        job: impl FnOnce(&mut Connection) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.jobs
+            .send(Box::new(job))
+            .map_err(|_| Error::Store("the store's writer has stopped".to_owned()))
+    }
+
     /// Runs `job` on the writer's connection, after the jobs sent before it.
     pub(crate) async fn call<T, F>(&self, job: F) -> Result<T, Error>
     where
