@@ -76,6 +76,9 @@ pub(crate) struct Control {
     failed_commits: Arc<AtomicU64>,
     /// Tasks a worker of this server is running now; see [`Control::claim`].
     running: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Tasks created here in a new session and not taken by a worker yet; see
+    /// [`Control::take_fresh`].
+    fresh: std::sync::Mutex<HashMap<String, TaskInfo>>,
 }
 
 /// A task this server runs; dropping it lets a later delivery of the task run it again.
@@ -175,6 +178,42 @@ impl Control {
         })
     }
 
+    fn fresh_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskInfo>> {
+        self.fresh
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Remembers a task just created in a new session (call it before its create is queued):
+    /// the worker that takes it needs no read of the store and need not wait for its running
+    /// mark to commit before it calls the service.
+    pub(crate) fn remember_fresh(&self, task: &TaskInfo) {
+        self.fresh_tasks().insert(task.id.clone(), task.clone());
+    }
+
+    /// Takes a task [`Control::remember_fresh`] kept. Only the holder of the task's
+    /// [`Claim`] may call this with intent to run it: a worker, or the watchdog failing it.
+    pub(crate) fn take_fresh(&self, task_id: &str) -> Option<TaskInfo> {
+        self.fresh_tasks().remove(task_id)
+    }
+
+    /// Forgets the fresh tasks of a deployment that is being deleted.
+    pub(crate) fn forget_fresh(&self, deployment: &str) {
+        self.fresh_tasks()
+            .retain(|_, task| task.deployment != deployment);
+    }
+
+    /// Queues the running mark of a task taken with [`Control::take_fresh`], without waiting
+    /// for its commit: the task's events and outcome are queued after it.
+    pub(crate) async fn mark_running(&self, task_id: &str, attempt: u32) -> Result<(), Error> {
+        self.enqueue(Write::Running {
+            task_id: task_id.to_owned(),
+            attempt,
+        })
+        .await
+        .map(drop)
+    }
+
     /// The control plane over `store`, with its group commit started: a task that takes what
     /// has queued up (at most [`MAX_BATCH`] writes) and hands it to the store's writer thread
     /// as one transaction, with at most [`BATCHES_IN_FLIGHT`] batches handed over and not yet
@@ -232,6 +271,7 @@ impl Control {
             commits,
             failed_commits,
             running: std::sync::Mutex::default(),
+            fresh: std::sync::Mutex::default(),
         }
     }
 
@@ -623,6 +663,35 @@ mod tests {
                 .enumerate()
                 .all(|(i, (seq, _, _))| *seq == i as u64 + 1)
         );
+    }
+
+    /// A task remembered as fresh is taken once; a deleted deployment's are forgotten. A
+    /// running mark queued for a fresh task is committed before its outcome.
+    #[tokio::test]
+    async fn a_fresh_task_is_taken_once() {
+        let (_dir, control, task) = control().await;
+        control.remember_fresh(&task);
+        let mut other = task.clone();
+        other.id = "u".into();
+        other.deployment = "gone".into();
+        control.remember_fresh(&other);
+        control.forget_fresh("gone");
+        assert!(
+            control.take_fresh("u").is_none(),
+            "a deleted deployment's task is forgotten"
+        );
+        let taken = control.take_fresh("t").expect("the fresh task");
+        assert_eq!(taken.input, task.input);
+        assert!(control.take_fresh("t").is_none(), "taken twice");
+
+        control.mark_running("t", 1).await.unwrap();
+        control
+            .finish(&task, Ok(json!("done")), None)
+            .await
+            .unwrap();
+        let stored = control.store().task("t").await.unwrap().unwrap();
+        assert_eq!(stored.status, TaskStatus::Succeeded);
+        assert_eq!(stored.attempt, 1, "the running mark was committed first");
     }
 
     /// A follower that ends (its task ended, or its receiver was dropped) leaves nothing in

@@ -652,7 +652,8 @@ impl Manager {
                     Phase::Failed | Phase::Exited | Phase::Stopped => (
                         Duration::ZERO,
                         format!(
-                            "service `{}` cannot run tasks: it is {} ({reason}); the task was                              not run",
+                            "service `{}` cannot run tasks: it is {} ({reason}); the task was \
+                             not run",
                             service.id,
                             phase_name(service.phase)
                         ),
@@ -660,7 +661,8 @@ impl Manager {
                     _ => (
                         bound,
                         format!(
-                            "service `{}` was not ready within {bound:?} (it is {}; last exit:                              {reason}); the task was not run",
+                            "service `{}` was not ready within {bound:?} (it is {}; last exit: \
+                             {reason}); the task was not run",
                             service.id,
                             phase_name(service.phase)
                         ),
@@ -697,6 +699,8 @@ impl Manager {
             let Some(_claim) = control.claim(&task.id) else {
                 continue;
             };
+            // Failed here, it is no worker's to run.
+            control.take_fresh(&task.id);
             match control.fail_queued(&task, message.to_owned()).await {
                 Ok(true) => {
                     tracing::warn!(deployment, service, task = %task.id, "{message}");
@@ -1022,6 +1026,7 @@ impl Manager {
         // Whoever waits for a task of it (a `tasks/run` caller, an event stream) is answered
         // now: the task is gone.
         self.inner.control.deleted(name);
+        self.inner.control.forget_fresh(name);
         let dir = deployment.dir().to_owned();
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
             .await
@@ -1128,13 +1133,25 @@ impl Manager {
                 .control
                 .follow_new(deployment.to_owned(), info.id.clone())
         });
-        let stored = self.inner.control.create(&info, new_session).await?;
+        if new_session {
+            self.inner.control.remember_fresh(&info);
+        }
+        let stored = match self.inner.control.create(&info, new_session).await {
+            Ok(stored) => stored,
+            Err(err) => {
+                self.inner.control.take_fresh(&info.id);
+                return Err(err);
+            }
+        };
         let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
         let published = running
             .queue()
             .publish(&topic, Message::new(info.id.clone()))
             .await;
-        stored.done().await?;
+        if let Err(err) = stored.done().await {
+            self.inner.control.take_fresh(&info.id);
+            return Err(err);
+        }
         published?;
         Ok(Created { task: info, events })
     }

@@ -143,9 +143,26 @@ async fn handle(
         let _ = delivery.ack().await;
         return;
     };
-    // After the claim: a delivery that ran meanwhile has committed its outcome. One batched
-    // write marks the task running and gives it back with its session's state.
-    let (mut task, state) = match control.start(&task_id, attempt).await {
+    // After the claim: a delivery that ran meanwhile has committed its outcome. A task this
+    // server created a moment ago in a new session is known (no state yet): its running mark is
+    // queued, not waited for. Any other: one batched write marks it running and gives it back
+    // with its session's state.
+    let fresh = match control.take_fresh(&task_id) {
+        Some(task) => match control.mark_running(&task_id, attempt).await {
+            Ok(()) => Some((task, None)),
+            Err(err) => {
+                tracing::warn!(task = %task_id, error = %err, "cannot mark task running");
+                let _ = delivery.nack(Some(Duration::from_secs(1))).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let started = match fresh {
+        Some(fresh) => Ok(Some(fresh)),
+        None => control.start(&task_id, attempt).await,
+    };
+    let (mut task, state) = match started {
         Ok(Some(started)) => started,
         Ok(None) => {
             // Deleted, finished by an earlier delivery, or failed while it waited: nothing to
