@@ -43,7 +43,8 @@ const SCHEMA: &[&str] = &[
         updated_at INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS tasks_by_deployment ON tasks (deployment, created_at)",
-    "CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status)",
+    // Superseded by `tasks_unfinished`, which holds only the tasks that have not ended.
+    "DROP INDEX IF EXISTS tasks_by_status",
     "CREATE TABLE IF NOT EXISTS events (
         task_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -52,7 +53,11 @@ const SCHEMA: &[&str] = &[
         attempt INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (task_id, seq)
     ) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (deployment, service, status, updated_at)",
+    "DROP INDEX IF EXISTS tasks_waiting",
+    // Only the tasks that have not ended: a task leaves it when it ends, so the index stays as
+    // small as the work in flight, and a task's writes touch one index entry, not two.
+    "CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (deployment, service, status, updated_at)
+       WHERE status IN ('queued', 'running')",
 ];
 
 /// Columns added after a table was first created: `(table, column, definition)`, added to a
@@ -408,7 +413,8 @@ impl Store {
     pub(crate) async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error
-             FROM tasks WHERE deployment = ? AND status IN ('queued', 'running')
+             FROM tasks INDEXED BY tasks_unfinished
+             WHERE deployment = ? AND status IN ('queued', 'running')
              ORDER BY created_at, id",
         )
         .bind(deployment)
@@ -492,7 +498,9 @@ impl Store {
     ) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error
-             FROM tasks WHERE deployment = ? AND service = ? AND status = 'queued'
+             FROM tasks INDEXED BY tasks_unfinished
+             WHERE deployment = ? AND service = ? AND status = 'queued'
+               AND status IN ('queued', 'running')
                AND updated_at < ?
              ORDER BY updated_at, id LIMIT ?",
         )
@@ -836,6 +844,63 @@ fn task_from_row(row: sqlx::sqlite::SqliteRow) -> Result<TaskInfo, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The queries for unfinished and waiting tasks walk the index of unfinished tasks, which
+    /// finished tasks leave (they name it with `INDEXED BY`, which SQLite refuses when the index
+    /// cannot serve the query: an index and a query that drift apart fail here).
+    #[tokio::test]
+    async fn unfinished_and_waiting_tasks_use_the_index_of_unfinished_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let task = |id: &str| TaskInfo {
+            id: id.into(),
+            deployment: "d".into(),
+            service: "svc".into(),
+            session_id: "s".into(),
+            input: Value::Null,
+            status: TaskStatus::Queued,
+            attempt: 0,
+            result: None,
+            error: None,
+        };
+        store.insert_task(&task("waits")).await.unwrap();
+        store.insert_task(&task("ended")).await.unwrap();
+        store
+            .write(&[Write::Finish {
+                task_id: "ended".into(),
+                session_id: "s".into(),
+                attempt: 1,
+                outcome: Ok(Value::Null),
+                state: None,
+                only_if_queued: false,
+            }])
+            .await
+            .unwrap();
+        let ids = |tasks: Vec<TaskInfo>| tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.unfinished_tasks("d").await.unwrap()), ["waits"]);
+        assert_eq!(
+            ids(store
+                .waiting_tasks("d", "svc", now_ms() + 1, 10)
+                .await
+                .unwrap()),
+            ["waits"]
+        );
+        let plan: Vec<String> = sqlx::query(
+            "EXPLAIN QUERY PLAN SELECT id FROM tasks INDEXED BY tasks_unfinished
+             WHERE deployment = ? AND status IN ('queued', 'running')",
+        )
+        .bind("d")
+        .fetch_all(&store.read)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get::<String, _>("detail").unwrap())
+        .collect();
+        assert!(
+            plan.iter().any(|line| line.contains("tasks_unfinished")),
+            "{plan:?}"
+        );
+    }
 
     /// A store made before events carried their attempt opens, keeps its events and gains the
     /// column.

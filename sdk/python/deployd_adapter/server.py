@@ -54,6 +54,17 @@ FORWARDED = "x-deployd-adapter-forwarded"
 FORWARD_TIMEOUT = 10.0
 
 
+async def _within(awaitable: Any, seconds: float) -> Any:
+    """`await awaitable`, raising `asyncio.TimeoutError` after `seconds`. With Python 3.11's
+    `asyncio.timeout` when there is one: `asyncio.wait_for` wraps the awaitable in a task of its
+    own, which cost a request about a tenth of the adapter's time."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:
+        return await asyncio.wait_for(awaitable, seconds)
+    async with timeout(seconds):
+        return await awaitable
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -182,7 +193,7 @@ class Server:
         line = b""
         for _ in range(8):
             try:
-                line = await asyncio.wait_for(self._read_line(reader), self.idle_timeout)
+                line = await _within(self._read_line(reader), self.idle_timeout)
             except asyncio.TimeoutError:
                 return None
             except asyncio.IncompleteReadError as err:
@@ -194,7 +205,7 @@ class Server:
         else:
             raise HttpError(400, "no request line")
         try:
-            head = await asyncio.wait_for(self._read_headers(reader, len(line)), HEAD_TIMEOUT)
+            head = await _within(self._read_headers(reader, len(line)), HEAD_TIMEOUT)
         except asyncio.TimeoutError:
             raise HttpError(408, "the request headers did not come in time") from None
         except asyncio.IncompleteReadError:
@@ -218,7 +229,7 @@ class Server:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await writer.drain()
             try:
-                request.body = await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT)
+                request.body = await _within(reader.readexactly(length), BODY_TIMEOUT)
             except asyncio.TimeoutError:
                 raise HttpError(408, "the request body did not come in time") from None
             except asyncio.IncompleteReadError:
