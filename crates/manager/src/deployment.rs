@@ -460,6 +460,16 @@ impl Deployment {
         self.started
     }
 
+    /// The service a task for `requested` (or the default service) goes to, when a running
+    /// instance of it has not failed: the common case of [`Deployment::status`], without
+    /// building the whole status. `None` when the full status must decide.
+    pub(crate) fn ready_service(&self, requested: Option<&str>) -> Option<String> {
+        let state = self.state();
+        let id = requested.unwrap_or(&state.spec.default_service);
+        let (_, instance) = state.instances.iter().find(|(service, _)| service == id)?;
+        (instance.supervisor.status().phase != Phase::Failed).then(|| id.to_owned())
+    }
+
     pub(crate) fn spec(&self) -> DeploymentSpec {
         self.state().spec.clone()
     }

@@ -1089,23 +1089,29 @@ impl Manager {
             ));
         }
         let running = self.deployment(deployment)?;
-        let service = task
-            .service
-            .unwrap_or_else(|| running.spec().default_service);
-        let Some(status) = running
-            .status()
-            .services
-            .into_iter()
-            .find(|s| s.id == service)
-        else {
-            return Err(Error::not_found("service", &service));
+        let service = match running.ready_service(task.service.as_deref()) {
+            Some(service) => service,
+            None => {
+                let service = task
+                    .service
+                    .unwrap_or_else(|| running.spec().default_service);
+                let Some(status) = running
+                    .status()
+                    .services
+                    .into_iter()
+                    .find(|s| s.id == service)
+                else {
+                    return Err(Error::not_found("service", &service));
+                };
+                if status.phase == Phase::Failed {
+                    return Err(Error::Unavailable(format!(
+                        "service `{service}` has failed ({}) and takes no tasks; redeploy it",
+                        status.last_exit.as_deref().unwrap_or("unknown reason")
+                    )));
+                }
+                service
+            }
         };
-        if status.phase == Phase::Failed {
-            return Err(Error::Unavailable(format!(
-                "service `{service}` has failed ({}) and takes no tasks; redeploy it",
-                status.last_exit.as_deref().unwrap_or("unknown reason")
-            )));
-        }
         let store = self.inner.control.store();
         let (session_id, new_session) = match task.session_id {
             Some(id) => match store.session(&id).await? {
