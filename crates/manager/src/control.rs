@@ -411,18 +411,77 @@ impl Control {
         task_id: String,
         after: u64,
     ) -> mpsc::Receiver<TaskEvent> {
-        self.follow_from(deployment, task_id, after, false)
+        self.follow_from(deployment, task_id, after)
     }
 
-    /// Follows a task that is not stored yet (call it before [`Control::create`]): its every
-    /// entry comes to the watch taken here, so the follower reads nothing from the store unless
-    /// it falls behind.
-    pub(crate) fn follow_new(
-        &self,
-        deployment: String,
-        task_id: String,
-    ) -> mpsc::Receiver<TaskEvent> {
-        self.follow_from(deployment, task_id, 0, true)
+    /// Watches a task that is not stored yet (call it before [`Control::create`]): its every
+    /// entry comes to this watch, straight from the writer; see [`Control::outcome`].
+    pub(crate) fn watch_new(&self, deployment: String, task_id: String) -> NewWatch {
+        NewWatch {
+            live: Self::watch(&self.watchers, &task_id),
+            deleted: self.deleted.subscribe(),
+            closed: self.closed.subscribe(),
+            unwatch: Unwatch {
+                watchers: Arc::clone(&self.watchers),
+                task_id: task_id.clone(),
+            },
+            deployment,
+            task_id,
+        }
+    }
+
+    /// The final entry of a task watched since before it was stored; `None` when its log ends
+    /// without one (its deployment was deleted, deployd shuts down). Reads the store only when
+    /// the watch fell behind.
+    pub(crate) async fn outcome(&self, watch: NewWatch) -> Option<TaskEvent> {
+        let NewWatch {
+            mut live,
+            mut deleted,
+            mut closed,
+            unwatch,
+            deployment,
+            task_id,
+        } = watch;
+        let mut last = 0;
+        // `Some(outcome)` when the watch decided; `None` when it fell behind.
+        let decided = loop {
+            let received = tokio::select! {
+                received = live.recv() => received,
+                _ = closed.wait_for(|closed| *closed) => break Some(None),
+                gone = deleted.recv() => match gone {
+                    Ok(name) if *name == *deployment => break Some(None),
+                    Ok(_) => continue,
+                    // Missed some deletions: the follower checks in the store.
+                    Err(_) => break None,
+                },
+            };
+            match received {
+                Some(event) if event.seq <= last => {}
+                Some(event) if event.seq == last + 1 => {
+                    last = event.seq;
+                    if event.kind.is_terminal() {
+                        break Some(Some(TaskEvent::clone(&event)));
+                    }
+                }
+                // A gap, or the writer dropped the watch (its queue was full).
+                _ => break None,
+            }
+        };
+        // The watch goes before its list entry is cleaned up, so that the cleanup finds it
+        // closed.
+        drop(live);
+        drop(unwatch);
+        if let Some(outcome) = decided {
+            return outcome;
+        }
+        // Follow from the last entry seen, through the store.
+        let mut events = self.follow(deployment, task_id, last);
+        while let Some(event) = events.recv().await {
+            if event.kind.is_terminal() {
+                return Some(event);
+            }
+        }
+        None
     }
 
     fn watch(watchers: &Watchers, task_id: &str) -> mpsc::Receiver<Arc<TaskEvent>> {
@@ -439,7 +498,6 @@ impl Control {
         deployment: String,
         task_id: String,
         after: u64,
-        new: bool,
     ) -> mpsc::Receiver<TaskEvent> {
         let (tx, rx) = mpsc::channel(64);
         let watchers = Arc::clone(&self.watchers);
@@ -454,27 +512,19 @@ impl Control {
                 task_id: task_id.clone(),
             };
             let mut last = after;
-            let mut read_store = !new;
             loop {
                 // Watch first, then catch up from the store: every entry committed before the
-                // watch is in the store, every one after comes to the watch. (A new task has
-                // nothing stored before its first watch.)
+                // watch is in the store, every one after comes to the watch.
                 let mut live = first
                     .take()
                     .unwrap_or_else(|| Self::watch(&watchers, &task_id));
-                let catch_up = read_store;
-                read_store = true;
                 // A task deleted before this follower subscribed has no more entries coming.
-                let stored = if !catch_up {
-                    Vec::new()
-                } else {
-                    match store.events_after(&task_id, last).await {
-                        Ok(Some(events)) => events,
-                        Ok(None) => return,
-                        Err(err) => {
-                            tracing::warn!(task = %task_id, error = %err, "cannot read task events");
-                            return;
-                        }
+                let stored = match store.events_after(&task_id, last).await {
+                    Ok(Some(events)) => events,
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::warn!(task = %task_id, error = %err, "cannot read task events");
+                        return;
                     }
                 };
                 for event in stored {
@@ -530,6 +580,25 @@ impl Committing {
         self.0
             .await
             .map_err(|_| Error::Store("the task log writer has stopped".to_owned()))?
+    }
+}
+
+/// A watch taken with [`Control::watch_new`].
+pub(crate) struct NewWatch {
+    live: mpsc::Receiver<Arc<TaskEvent>>,
+    deleted: broadcast::Receiver<Arc<str>>,
+    closed: watch::Receiver<bool>,
+    // Declared after `live`: dropped after it, so it finds the watch closed.
+    unwatch: Unwatch,
+    deployment: String,
+    task_id: String,
+}
+
+impl std::fmt::Debug for NewWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewWatch")
+            .field("task_id", &self.task_id)
+            .finish()
     }
 }
 
@@ -662,6 +731,58 @@ mod tests {
             seen.iter()
                 .enumerate()
                 .all(|(i, (seq, _, _))| *seq == i as u64 + 1)
+        );
+    }
+
+    /// The outcome of a task watched before it was stored: from the watch, also when the watch
+    /// fell behind (more entries than it holds) and the store has to fill the gap; none when the
+    /// deployment is deleted first. No watch is left behind.
+    #[tokio::test]
+    async fn a_new_task_s_outcome_comes_to_its_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let control = Control::new(store);
+        let task = |id: &str| TaskInfo {
+            id: id.into(),
+            deployment: "d".into(),
+            service: "svc".into(),
+            session_id: format!("s-{id}"),
+            input: json!({}),
+            status: TaskStatus::Queued,
+            attempt: 0,
+            result: None,
+            error: None,
+        };
+        for (id, events) in [("quick", 1), ("chatty", WATCH_CAPACITY + 50)] {
+            let watch = control.watch_new("d".into(), id.into());
+            let created = task(id);
+            control
+                .create(&created, true)
+                .await
+                .unwrap()
+                .done()
+                .await
+                .unwrap();
+            for n in 0..events {
+                control.event(id, 1, json!(n)).await.unwrap();
+            }
+            control
+                .finish(&created, Ok(json!("end")), None)
+                .await
+                .unwrap();
+            let outcome = control.outcome(watch).await.expect("an outcome");
+            assert_eq!(
+                (outcome.kind, outcome.data),
+                (EventKind::Result, json!("end"))
+            );
+            assert_eq!(outcome.seq, events as u64 + 1, "{id}");
+        }
+        let watch = control.watch_new("d".into(), "orphan".into());
+        control.deleted("d");
+        assert!(control.outcome(watch).await.is_none());
+        assert!(
+            watchers_of(&control.watchers).is_empty(),
+            "a watch was left behind"
         );
     }
 

@@ -366,7 +366,7 @@ pub struct SessionInfo {
 pub struct Created {
     /// The task as it was stored.
     pub task: TaskInfo,
-    events: Option<mpsc::Receiver<TaskEvent>>,
+    events: Option<control::NewWatch>,
 }
 
 /// A task to create.
@@ -1137,7 +1137,7 @@ impl Manager {
         let events = follow.then(|| {
             self.inner
                 .control
-                .follow_new(deployment.to_owned(), info.id.clone())
+                .watch_new(deployment.to_owned(), info.id.clone())
         });
         if new_session {
             self.inner.control.remember_fresh(&info);
@@ -1271,12 +1271,24 @@ impl Manager {
     pub async fn wait_created(&self, created: Created) -> Result<TaskInfo, Error> {
         let Created { task, events } = created;
         let task = &task;
-        let mut events = events.unwrap_or_else(|| {
-            self.inner
-                .control
-                .follow(task.deployment.clone(), task.id.clone(), 0)
-        });
-        while let Some(event) = events.recv().await {
+        let outcome = match events {
+            Some(watch) => self.inner.control.outcome(watch).await,
+            None => {
+                let mut events =
+                    self.inner
+                        .control
+                        .follow(task.deployment.clone(), task.id.clone(), 0);
+                let mut last = None;
+                while let Some(event) = events.recv().await {
+                    if event.kind.is_terminal() {
+                        last = Some(event);
+                        break;
+                    }
+                }
+                last
+            }
+        };
+        if let Some(event) = outcome {
             let mut done = task.clone();
             done.attempt = event.attempt;
             match event.kind {
