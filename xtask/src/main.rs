@@ -21,7 +21,10 @@ tasks:
   bench    runs every crate's benchmarks in release; each prints its measurements, the ratio
            to its baseline measured in the same run, and fails when it misses its target
            (the queue's bench runs against every broker, started as for e2e; the Python echo
-           workflow runs through deployd, the adapter alone and llama_deploy 0.9.2)
+           workflow runs through deployd, the adapter alone and llama_deploy 0.9.2; the task
+           path runs deployd with a native and a Python echo service against llama_deploy)
+  bench tasks          only the task path (the same as bench-tasks)
+  bench python         only the Python workflow benchmark (the same as bench-python)
   bench-python [--without-deployd]
                        only the Python workflow benchmark (without deployd: only the adapter
                        and llama_deploy, no release build, no reload target)
@@ -35,7 +38,12 @@ fn main() -> std::process::ExitCode {
     let result = match task.as_deref() {
         Some("ci") => ci(),
         Some("e2e") => e2e(),
-        Some("bench") => bench(),
+        Some("bench") => match std::env::args().nth(2).as_deref() {
+            None => bench(),
+            Some("tasks") => python_bench::tasks::run(),
+            Some("python") => python_bench::run(true),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}`\n\n{USAGE}")),
+        },
         Some("bench-python") => match std::env::args().nth(2).as_deref() {
             None => python_bench::run(true),
             Some("--without-deployd") => python_bench::run(false),
@@ -237,6 +245,11 @@ fn bench() -> anyhow::Result<()> {
     if let Err(err) = python_bench::run(true) {
         eprintln!("xtask: {err:#}");
         missed.push("python workflow (deployd, adapter, llama_deploy)");
+    }
+    // The task path: deployd with a native and a Python echo service against llama_deploy.
+    if let Err(err) = python_bench::tasks::run() {
+        eprintln!("xtask: {err:#}");
+        missed.push("task path (bench-tasks)");
     }
     if missed.is_empty() {
         eprintln!("xtask: every benchmark met its targets");
