@@ -497,7 +497,17 @@ fn load(
             })
             .collect()
     });
-    let elapsed = started.elapsed();
+    summarize(connections, tasks, started.elapsed(), per_connection)
+}
+
+/// What the threads of a load measured — each its latencies, failures and first failure — as
+/// one [`Measure`].
+fn summarize(
+    connections: usize,
+    tasks: usize,
+    elapsed: Duration,
+    per_connection: Vec<(Vec<Duration>, usize, Option<String>)>,
+) -> Measure {
     let mut latencies = Vec::new();
     let mut failures = 0;
     let mut first_failure = None;

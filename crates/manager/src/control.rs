@@ -659,6 +659,17 @@ mod tests {
         (dir, Control::new(store), task)
     }
 
+    /// Waits (at most 5 s) until no watch of any task is left.
+    async fn no_watch_left(control: &Control) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !watchers_of(&control.watchers).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("a watch was left behind");
+    }
+
     async fn collect(mut rx: mpsc::Receiver<TaskEvent>) -> Vec<(u64, EventKind, Value)> {
         let mut seen = Vec::new();
         while let Some(event) = rx.recv().await {
@@ -781,13 +792,7 @@ mod tests {
         control.deleted("d");
         assert!(control.outcome(watch).await.is_none());
         // The follower that filled the gap ends on its own task.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !watchers_of(&control.watchers).is_empty() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("no watch is left behind");
+        no_watch_left(&control).await;
     }
 
     /// A task remembered as fresh is taken once; a deleted deployment's are forgotten. A
@@ -838,13 +843,7 @@ mod tests {
                 .len(),
             2
         );
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !watchers_of(&control.watchers).is_empty() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the watch lists emptied");
+        no_watch_left(&control).await;
     }
 
     #[tokio::test]

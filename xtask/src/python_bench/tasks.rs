@@ -456,32 +456,7 @@ fn flow(port: u16, clients: usize, tasks: usize, cap: Duration, events: bool) ->
             })
             .collect()
     });
-    let elapsed = started.elapsed();
-    let mut latencies = Vec::new();
-    let mut failures = 0;
-    let mut first_failure = None;
-    for (mut some, failed, first) in per_client {
-        latencies.append(&mut some);
-        failures += failed;
-        first_failure = first_failure.or(first);
-    }
-    latencies.sort_unstable();
-    let percentile = |p: usize| {
-        latencies
-            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    Measure {
-        connections: clients,
-        tasks,
-        done: latencies.len(),
-        failures,
-        first_failure,
-        elapsed,
-        p50: percentile(50),
-        p99: percentile(99),
-    }
+    super::summarize(clients, tasks, started.elapsed(), per_client)
 }
 
 /// One create, stream, results round on a keep-alive connection.
