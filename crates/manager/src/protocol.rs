@@ -60,6 +60,24 @@ pub(crate) enum CallError {
     Sink(crate::Error),
 }
 
+/// `http://127.0.0.1:{port}/tasks`, parsed once per thread and port (parsing a URL, host and
+/// all, for every task showed in the task path's profile).
+fn tasks_url(port: u16) -> Result<reqwest::Url, CallError> {
+    thread_local! {
+        static URL: std::cell::RefCell<Option<(u16, reqwest::Url)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    URL.with_borrow_mut(|cached| match cached {
+        Some((known, url)) if *known == port => Ok(url.clone()),
+        _ => {
+            let url = reqwest::Url::parse(&format!("http://127.0.0.1:{port}/tasks"))
+                .map_err(|err| CallError::Transient(format!("the service's URL: {err}")))?;
+            *cached = Some((port, url.clone()));
+            Ok(url)
+        }
+    })
+}
+
 /// Sends a task to the service on `port` and hands every event to `on_event` as it comes.
 ///
 /// The service must start its answer (send the response head) within `head_timeout`; a service
@@ -75,10 +93,7 @@ where
     F: FnMut(Value) -> Fut,
     Fut: Future<Output = Result<(), crate::Error>>,
 {
-    let send = client
-        .post(format!("http://127.0.0.1:{port}/tasks"))
-        .json(request)
-        .send();
+    let send = client.post(tasks_url(port)?).json(request).send();
     let response = tokio::time::timeout(head_timeout, send)
         .await
         .map_err(|_| {
