@@ -115,7 +115,17 @@ impl Runtime for Python {
                 output,
             })?;
         let dependencies = resolve_dependencies(service, request.workdir)?;
-        let digest = digest(&version, &dependencies)?;
+        // Hashing local packages reads every file of theirs: off the async workers.
+        let digest = {
+            let (version, dependencies) = (version.clone(), dependencies.clone());
+            tokio::task::spawn_blocking(move || digest(&version, &dependencies))
+                .await
+                .map_err(|err| Error::Build {
+                    service: service.id.clone(),
+                    command: "hashing python-dependencies".to_owned(),
+                    output: err.to_string(),
+                })??
+        };
         let env_dir =
             request
                 .deployment_dir
