@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, success, wait_for, workspace};
+use deployd_e2e::{Project, Server, copy_python_fixtures, success, wait_for, workspace};
 
 fn git(dir: &Path, args: &[&str]) {
     let out = Command::new("git")
@@ -101,13 +101,7 @@ fn a_python_workflow_deploys_from_a_git_repository() {
     let repo = project.path().join("flows");
     std::fs::create_dir_all(repo.join("src")).unwrap();
     git(&repo, &["init", "-q"]);
-    for file in ["workflow.py", "requirements.txt"] {
-        std::fs::copy(
-            workspace().join("tests/fixtures/python").join(file),
-            repo.join("src").join(file),
-        )
-        .unwrap();
-    }
+    copy_python_fixtures(&repo.join("src"));
     std::fs::write(repo.join("src/env.py"), ENV_WORKFLOW).unwrap();
     std::fs::write(repo.join("base.env"), "FROM_FILE=base\nOVERRIDDEN=base\n").unwrap();
     std::fs::write(repo.join("later.env"), "OVERRIDDEN=later\n").unwrap();

@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use deployd_e2e::{Project, Server, workspace};
+use deployd_e2e::{Project, Server, copy_python_fixtures, workspace};
 use serde_json::{Value, json};
 
 /// The variable that names the virtualenv's interpreter.
@@ -189,13 +189,7 @@ fn llamactl_err(server: &Server, home: &Path, args: &[&str]) -> String {
 /// A project with the Python scenarios' workflows (`tests/fixtures/python`) in `src/`.
 fn project() -> Project {
     let project = Project::new();
-    for file in ["workflow.py", "requirements.txt"] {
-        std::fs::copy(
-            workspace().join("tests/fixtures/python").join(file),
-            project.path().join("src").join(file),
-        )
-        .expect("cannot copy the fixture workflow");
-    }
+    copy_python_fixtures(&project.path().join("src"));
     project
 }
 

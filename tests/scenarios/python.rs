@@ -3,20 +3,14 @@
 
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, success, wait_for, workspace};
+use deployd_e2e::{Project, Server, copy_python_fixtures, success, wait_for};
 use serde_json::{Value, json};
 
 /// A project with the fixture workflows in `src/` and a llama_deploy deployment file whose
 /// services are `services` (id, attribute of `src/workflow.py`).
 fn project(name: &str, services: &[(&str, &str)]) -> (Project, std::path::PathBuf) {
     let project = Project::new();
-    for file in ["workflow.py", "requirements.txt"] {
-        std::fs::copy(
-            workspace().join("tests/fixtures/python").join(file),
-            project.path().join("src").join(file),
-        )
-        .expect("cannot copy the fixture workflow");
-    }
+    copy_python_fixtures(&project.path().join("src"));
     let mut text = format!("name: {name}\ncontrol-plane: {{}}\nservices:\n");
     for (id, attribute) in services {
         text.push_str(&format!(
@@ -240,13 +234,7 @@ fn a_reload_answers_once_the_new_code_serves() {
 #[test]
 fn bad_python_services_fail_their_deploy_with_a_clear_error() {
     let project = Project::new();
-    for file in ["workflow.py", "requirements.txt"] {
-        std::fs::copy(
-            workspace().join("tests/fixtures/python").join(file),
-            project.path().join("src").join(file),
-        )
-        .unwrap();
-    }
+    copy_python_fixtures(&project.path().join("src"));
     std::fs::write(project.path().join("outside-requirements.txt"), "six\n").unwrap();
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(&data.path().join("data"), &[]);

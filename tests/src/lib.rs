@@ -338,6 +338,19 @@ pub struct Project {
     pub dir: tempfile::TempDir,
 }
 
+/// Copies the Python scenarios' workflows and their requirements (`tests/fixtures/python`) into
+/// `dir`.
+pub fn copy_python_fixtures(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("cannot create the fixtures' folder");
+    for file in ["workflow.py", "requirements.txt"] {
+        std::fs::copy(
+            workspace().join("tests/fixtures/python").join(file),
+            dir.join(file),
+        )
+        .expect("cannot copy the fixture workflow");
+    }
+}
+
 impl Project {
     /// A new project with the test service in `src/`.
     pub fn new() -> Self {

@@ -257,31 +257,16 @@ fn run_request(port: u16) -> Vec<u8> {
 }
 
 fn bench_deployd(env: &Env) -> anyhow::Result<(System, Vec<Duration>)> {
-    let port = free_port()?;
-    let data = env.work.join("deployd-data");
-    let mut command = Command::new(&env.deployd);
-    command
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg(env.app.join("deployment.yml"))
-        .current_dir(&env.work)
-        .env("UV_CACHE_DIR", cache(&env.target, "UV_CACHE_DIR", "uv"))
-        .env("PIP_CACHE_DIR", cache(&env.target, "PIP_CACHE_DIR", "pip"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("LLAMA_DEPLOY_") {
-            command.env_remove(key);
-        }
-    }
-    let mut server = Process::spawn("deployd", &mut command, &env.work.join("deployd.log"))?;
-    let request = run_request(port);
     eprintln!("xtask: deployd: deploying (its virtualenv is made on first use)");
     let started = Instant::now();
-    server.wait_serving(port, &request, START_LIMIT)?;
+    let (mut server, port) = start_deployd(
+        &env.deployd,
+        &env.work,
+        &env.app.join("deployment.yml"),
+        &env.target,
+        "deployd.log",
+    )?;
+    let request = run_request(port);
     eprintln!(
         "xtask: deployd serves after {:.1}s",
         started.elapsed().as_secs_f64()
@@ -351,32 +336,74 @@ fn bench_adapter(env: &Env) -> anyhow::Result<System> {
 }
 
 fn bench_llama_deploy(env: &Env) -> anyhow::Result<System> {
+    let (mut server, port) = start_llama_deploy(&env.python, &env.work, &env.app)?;
+    let request = run_request(port);
+    let system = measure("llama_deploy 0.9.2", &mut server, port, &|_, _| {
+        request.clone()
+    })?;
+    server.stop();
+    Ok(system)
+}
+
+/// Starts deployd serving `file` on a free port, with a fresh data folder under `work` and the
+/// installer caches shared with e2e; returns once it answers the echo task.
+fn start_deployd(
+    deployd: &Path,
+    work: &Path,
+    file: &Path,
+    target: &Path,
+    log: &str,
+) -> anyhow::Result<(Process, u16)> {
     let port = free_port()?;
-    let mut command = Command::new(&env.python);
+    let data = work.join("deployd-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let mut command = Command::new(deployd);
+    command
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg(file)
+        .current_dir(work)
+        .env("UV_CACHE_DIR", cache(target, "UV_CACHE_DIR", "uv"))
+        .env("PIP_CACHE_DIR", cache(target, "PIP_CACHE_DIR", "pip"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LLAMA_DEPLOY_") {
+            command.env_remove(key);
+        }
+    }
+    let mut server = Process::spawn("deployd", &mut command, &work.join(log))?;
+    server.wait_serving(port, &run_request(port), START_LIMIT)?;
+    Ok((server, port))
+}
+
+/// Starts llama_deploy 0.9.2's API server with `app` as its rc folder on a free port; returns
+/// once it answers the echo task.
+fn start_llama_deploy(python: &Path, work: &Path, app: &Path) -> anyhow::Result<(Process, u16)> {
+    let port = free_port()?;
+    let mut command = Command::new(python);
     command
         .args(["-m", "llama_deploy.apiserver"])
-        .current_dir(&env.work)
+        .current_dir(work)
         .env("LLAMA_DEPLOY_APISERVER_HOST", "127.0.0.1")
         .env("LLAMA_DEPLOY_APISERVER_PORT", port.to_string())
-        .env("LLAMA_DEPLOY_APISERVER_RC_PATH", &env.app)
+        .env("LLAMA_DEPLOY_APISERVER_RC_PATH", app)
         .env(
             "LLAMA_DEPLOY_APISERVER_DEPLOYMENTS_PATH",
-            env.work.join("llama-deployments"),
+            work.join("llama-deployments"),
         )
         .env("LLAMA_DEPLOY_APISERVER_PROMETHEUS_ENABLED", "false")
         .env_remove("LLAMA_DEPLOY_APISERVER_DEPLOYMENT_FILE_PATH");
     let mut server = Process::spawn(
         "llama_deploy apiserver",
         &mut command,
-        &env.work.join("llama-deploy.log"),
+        &work.join("llama-deploy.log"),
     )?;
-    let request = run_request(port);
-    server.wait_serving(port, &request, Duration::from_secs(120))?;
-    let system = measure("llama_deploy 0.9.2", &mut server, port, &|_, _| {
-        request.clone()
-    })?;
-    server.stop();
-    Ok(system)
+    server.wait_serving(port, &run_request(port), Duration::from_secs(120))?;
+    Ok((server, port))
 }
 
 /// Warms a server up, then runs every load against it while its RSS is sampled.

@@ -1,9 +1,11 @@
 //! The control plane: the store plus the live fan-out of task events.
 //!
-//! Writes to task logs (events, outcomes) go through a batched pipeline stage that commits what
-//! has queued up in one transaction, then broadcasts each entry and answers each writer.
+//! Every write of the task path (a task's create, its running mark, its events, its outcome)
+//! goes through one group commit: what has queued up is handed to the store's writer thread as
+//! one transaction, and that thread hands each committed entry to its task's watches and the
+//! live bus, then answers each writer.
 //!
-//! Invariant: every entry is committed to the store before it is broadcast.
+//! Invariant: every entry is committed to the store before anyone is told about it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -134,14 +136,14 @@ fn commit_until_closed(
 /// What the writer's thread does once a batch is committed: each entry goes to its task's
 /// followers and to the bus, each writer gets its answer.
 fn answer(
-    batch: Vec<Pending>,
+    writers: Vec<oneshot::Sender<Result<Written, Error>>>,
     written: Result<Vec<Written>, Error>,
     watchers: &Watchers,
     bus: &broadcast::Sender<Arc<TaskEvent>>,
 ) {
     match written {
         Ok(written) => {
-            for (pending, mut written) in batch.into_iter().zip(written) {
+            for (writer, mut written) in writers.into_iter().zip(written) {
                 if let Some(event) = written.event.take() {
                     let event = Arc::new(event);
                     notify(watchers, &event);
@@ -149,13 +151,13 @@ fn answer(
                         let _ = bus.send(event);
                     }
                 }
-                let _ = pending.done.send(Ok(written));
+                let _ = writer.send(Ok(written));
             }
         }
         Err(err) => {
             let message = err.to_string();
-            for pending in batch {
-                let _ = pending.done.send(Err(Error::Store(message.clone())));
+            for writer in writers {
+                let _ = writer.send(Err(Error::Store(message.clone())));
             }
         }
     }
@@ -246,11 +248,12 @@ impl Control {
                     let (bus, watchers) = (bus.clone(), Arc::clone(&watchers));
                     let (commits, failed) = (Arc::clone(&commits), Arc::clone(&failed));
                     let closed = closed.clone();
+                    let (writes, writers): (Vec<Write>, Vec<_>) =
+                        batch.into_iter().map(|p| (p.write, p.done)).unzip();
                     let handed = store.on_writer(move |conn| {
-                        let writes: Vec<Write> = batch.iter().map(|p| p.write.clone()).collect();
                         let written = commit_until_closed(conn, &writes, &closed, &failed);
                         commits.fetch_add(1, Ordering::Relaxed);
-                        answer(batch, written, &watchers, &bus);
+                        answer(writers, written, &watchers, &bus);
                         drop(permit);
                     });
                     if handed.is_err() {
@@ -403,17 +406,6 @@ impl Control {
         let _ = self.deleted.send(Arc::from(deployment));
     }
 
-    /// Follows a task of `deployment` from the log entry after `after` until its terminal
-    /// entry, the receiver being dropped, the deployment being deleted, or shutdown.
-    pub(crate) fn follow(
-        &self,
-        deployment: String,
-        task_id: String,
-        after: u64,
-    ) -> mpsc::Receiver<TaskEvent> {
-        self.follow_from(deployment, task_id, after)
-    }
-
     /// Watches a task that is not stored yet (call it before [`Control::create`]): its every
     /// entry comes to this watch, straight from the writer; see [`Control::outcome`].
     pub(crate) fn watch_new(&self, deployment: String, task_id: String) -> NewWatch {
@@ -493,7 +485,9 @@ impl Control {
         live
     }
 
-    fn follow_from(
+    /// Follows a task of `deployment` from the log entry after `after` until its terminal
+    /// entry, the receiver being dropped, the deployment being deleted, or shutdown.
+    pub(crate) fn follow(
         &self,
         deployment: String,
         task_id: String,

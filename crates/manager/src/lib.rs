@@ -366,7 +366,7 @@ pub struct SessionInfo {
 pub struct Created {
     /// The task as it was stored.
     pub task: TaskInfo,
-    events: Option<control::NewWatch>,
+    watch: control::NewWatch,
 }
 
 /// A task to create.
@@ -1055,9 +1055,9 @@ impl Manager {
 
     /// Records a task and queues it for its service.
     pub async fn create_task(&self, deployment: &str, task: NewTask) -> Result<TaskInfo, Error> {
-        self.create(deployment, task, false)
+        self.create(deployment, task, |_, _| ())
             .await
-            .map(|created| created.task)
+            .map(|(task, ())| task)
     }
 
     /// Creates a task as [`Manager::create_task`] does, following its log from before it is
@@ -1067,15 +1067,22 @@ impl Manager {
         deployment: &str,
         task: NewTask,
     ) -> Result<Created, Error> {
-        self.create(deployment, task, true).await
+        let (task, watch) = self
+            .create(deployment, task, |control, task| {
+                control.watch_new(task.deployment.clone(), task.id.clone())
+            })
+            .await?;
+        Ok(Created { task, watch })
     }
 
-    async fn create(
+    /// Creates a task; `before` runs once the task has its id and before it is queued for the
+    /// store (a watch taken there sees all of the task's log).
+    async fn create<W>(
         &self,
         deployment: &str,
         task: NewTask,
-        follow: bool,
-    ) -> Result<Created, Error> {
+        before: impl FnOnce(&Control, &TaskInfo) -> W,
+    ) -> Result<(TaskInfo, W), Error> {
         if self
             .inner
             .closing
@@ -1134,11 +1141,8 @@ impl Manager {
         // One group commit of the control plane's writer holds the session and the task. The
         // message is published while it commits: a worker's start of the task is queued to the
         // same writer after it, so it finds the task stored.
-        let events = follow.then(|| {
-            self.inner
-                .control
-                .watch_new(deployment.to_owned(), info.id.clone())
-        });
+        // Before the task is queued for the store: what it has to see of the task from then on.
+        let before = before(&self.inner.control, &info);
         if new_session {
             self.inner.control.remember_fresh(&info);
         }
@@ -1159,7 +1163,7 @@ impl Manager {
             return Err(err);
         }
         published?;
-        Ok(Created { task: info, events })
+        Ok((info, before))
     }
 
     /// Creates an empty session in a deployment.
@@ -1269,44 +1273,25 @@ impl Manager {
     /// Waits until a task [`Manager::create_followed_task`] made has ended and returns it. The
     /// outcome comes from the task's final log entry, not from a read of the store.
     pub async fn wait_created(&self, created: Created) -> Result<TaskInfo, Error> {
-        let Created { task, events } = created;
-        let task = &task;
-        let outcome = match events {
-            Some(watch) => self.inner.control.outcome(watch).await,
-            None => {
-                let mut events =
-                    self.inner
-                        .control
-                        .follow(task.deployment.clone(), task.id.clone(), 0);
-                let mut last = None;
-                while let Some(event) = events.recv().await {
-                    if event.kind.is_terminal() {
-                        last = Some(event);
-                        break;
-                    }
-                }
-                last
+        let Created { task, watch } = created;
+        let mut done = task.clone();
+        match self.inner.control.outcome(watch).await {
+            Some(event) if event.kind == EventKind::Result => {
+                done.attempt = event.attempt;
+                done.status = TaskStatus::Succeeded;
+                done.result = Some(event.data);
+                return Ok(done);
             }
-        };
-        if let Some(event) = outcome {
-            let mut done = task.clone();
-            done.attempt = event.attempt;
-            match event.kind {
-                EventKind::Result => {
-                    done.status = TaskStatus::Succeeded;
-                    done.result = Some(event.data);
-                    return Ok(done);
-                }
-                EventKind::Error => {
-                    done.status = TaskStatus::Failed;
-                    done.error = Some(match event.data {
-                        Value::String(message) => message,
-                        other => other.to_string(),
-                    });
-                    return Ok(done);
-                }
-                EventKind::Event => {}
+            Some(event) if event.kind == EventKind::Error => {
+                done.attempt = event.attempt;
+                done.status = TaskStatus::Failed;
+                done.error = Some(match event.data {
+                    Value::String(message) => message,
+                    other => other.to_string(),
+                });
+                return Ok(done);
             }
+            _ => {}
         }
         // The log ended without an outcome (deployd stops, or the deployment was deleted).
         self.task(&task.deployment, &task.id).await

@@ -611,18 +611,18 @@ pub(crate) fn write_in(
         .map_err(sqlite_error)?;
     let written = writes
         .iter()
-        .map(|write| apply(&tx, write.clone()))
+        .map(|write| apply(&tx, write))
         .collect::<Result<Vec<_>, Error>>()?;
     tx.commit().map_err(sqlite_error)?;
     Ok(written)
 }
 
 /// Applies one write inside the writer's transaction.
-fn apply(tx: &rusqlite::Transaction<'_>, write: Write) -> Result<Written, Error> {
+fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error> {
     match write {
         Write::Create { task, new_session } => {
             let now = now_ms();
-            if new_session {
+            if *new_session {
                 tx.prepare_cached(
                     "INSERT INTO sessions (id, deployment, state, created_at)
                      VALUES (?, ?, NULL, ?)",
@@ -665,7 +665,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: Write) -> Result<Written, Error>
                 .and_then(|mut statement| {
                     statement
                         .query_row(
-                            rusqlite::params![i64::from(attempt), now_ms(), task_id],
+                            rusqlite::params![i64::from(*attempt), now_ms(), task_id],
                             |row| {
                                 let input: String = row.get(4)?;
                                 let status: String = row.get(5)?;
@@ -704,10 +704,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: Write) -> Result<Written, Error>
             data,
         } => Ok(Written::applied(Some(append_in(
             tx,
-            &task_id,
-            attempt,
+            task_id,
+            *attempt,
             EventKind::Event,
-            data,
+            data.clone(),
         )?))),
         Write::Finish {
             task_id,
@@ -719,12 +719,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: Write) -> Result<Written, Error>
         } => {
             let event = finish_in(
                 tx,
-                &task_id,
-                &session_id,
-                attempt,
+                task_id,
+                session_id,
+                *attempt,
                 outcome,
                 state.as_ref(),
-                only_if_queued,
+                *only_if_queued,
             )?;
             Ok(Written {
                 applied: event.is_some(),
@@ -740,27 +740,24 @@ fn finish_in(
     task_id: &str,
     session_id: &str,
     attempt: u32,
-    outcome: Result<Value, String>,
+    outcome: &Result<Value, String>,
     state: Option<&Value>,
     only_if_queued: bool,
 ) -> Result<Option<TaskEvent>, Error> {
     let (kind, data, status, result, error) = match outcome {
-        Ok(result) => {
-            let text = result.to_string();
-            (
-                EventKind::Result,
-                result,
-                TaskStatus::Succeeded,
-                Some(text),
-                None,
-            )
-        }
+        Ok(result) => (
+            EventKind::Result,
+            result.clone(),
+            TaskStatus::Succeeded,
+            Some(result.to_string()),
+            None,
+        ),
         Err(message) => (
             EventKind::Error,
             Value::String(message.clone()),
             TaskStatus::Failed,
             None,
-            Some(message),
+            Some(message.as_str()),
         ),
     };
     // A finished task stays as it ended: its first outcome is the one kept.

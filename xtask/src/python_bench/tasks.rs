@@ -18,15 +18,14 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use super::{
-    DEPLOYMENT, EXPECTED, IO_TIMEOUT, Measure, Process, START_LIMIT, WORKFLOW, cache, connect,
-    contains, exchange, free_port, load, ms, post, process_tree, rss_kib, run_request,
+    DEPLOYMENT, EXPECTED, IO_TIMEOUT, Measure, Process, WORKFLOW, connect, contains, exchange,
+    load, ms, post, process_tree, rss_kib, run_request,
 };
 
 /// The loads on `tasks/run`: (connections, tasks); each capped by [`LOAD_CAP`].
@@ -298,31 +297,13 @@ fn measure_system(
 }
 
 fn bench_llama_deploy(work: &Path, app: &Path, python: &Path) -> anyhow::Result<System> {
-    let port = free_port()?;
-    let mut command = Command::new(python);
-    command
-        .args(["-m", "llama_deploy.apiserver"])
-        .current_dir(work)
-        .env("LLAMA_DEPLOY_APISERVER_HOST", "127.0.0.1")
-        .env("LLAMA_DEPLOY_APISERVER_PORT", port.to_string())
-        .env("LLAMA_DEPLOY_APISERVER_RC_PATH", app)
-        .env(
-            "LLAMA_DEPLOY_APISERVER_DEPLOYMENTS_PATH",
-            work.join("llama-deployments"),
-        )
-        .env("LLAMA_DEPLOY_APISERVER_PROMETHEUS_ENABLED", "false")
-        .env_remove("LLAMA_DEPLOY_APISERVER_DEPLOYMENT_FILE_PATH");
-    let mut server = Process::spawn(
-        "llama_deploy apiserver",
-        &mut command,
-        &work.join("llama-deploy.log"),
-    )?;
-    server.wait_serving(port, &run_request(port), Duration::from_secs(120))?;
+    let (mut server, port) = super::start_llama_deploy(python, work, app)?;
     let system = measure_system("llama_deploy 0.9.2", &mut server, port, false)?;
     server.stop();
     Ok(system)
 }
 
+/// deployd serving `folder`'s `deployment.yml`.
 fn start_deployd(
     work: &Path,
     deployd: &Path,
@@ -330,30 +311,7 @@ fn start_deployd(
     target: &Path,
     log: &str,
 ) -> anyhow::Result<(Process, u16)> {
-    let port = free_port()?;
-    let data = work.join("deployd-data");
-    let _ = std::fs::remove_dir_all(&data);
-    let mut command = Command::new(deployd);
-    command
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg(folder.join("deployment.yml"))
-        .current_dir(work)
-        .env("UV_CACHE_DIR", cache(target, "UV_CACHE_DIR", "uv"))
-        .env("PIP_CACHE_DIR", cache(target, "PIP_CACHE_DIR", "pip"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("LLAMA_DEPLOY_") {
-            command.env_remove(key);
-        }
-    }
-    let mut server = Process::spawn("deployd", &mut command, &work.join(log))?;
-    server.wait_serving(port, &run_request(port), START_LIMIT)?;
-    Ok((server, port))
+    super::start_deployd(deployd, work, &folder.join("deployment.yml"), target, log)
 }
 
 fn bench_deployd(
