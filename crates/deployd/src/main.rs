@@ -14,6 +14,12 @@ use deployd_server::client::Client;
 use deployd_server::{AllowedHost, ApiOptions};
 use serde_json::Value;
 
+/// mimalloc instead of glibc's allocator: the task path allocates and frees many small buffers
+/// on every request, where glibc's malloc spent about a quarter of the async thread's time
+/// (see "The task-path benchmark" in docs/ARCHITECTURE.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "deployd",

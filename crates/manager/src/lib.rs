@@ -1120,15 +1120,17 @@ impl Manager {
             }
         };
         let store = self.inner.control.store();
+        // Ids are UUIDv7 (time-ordered): a new task's or session's index entries land at the
+        // end of the store's B-trees instead of at a random page each.
         let (session_id, new_session) = match task.session_id {
             Some(id) => match store.session(&id).await? {
                 Some((owner, _)) if owner == deployment => (id, false),
                 _ => return Err(Error::not_found("session", &id)),
             },
-            None => (uuid::Uuid::new_v4().to_string(), true),
+            None => (uuid::Uuid::now_v7().to_string(), true),
         };
         let info = TaskInfo {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             deployment: deployment.to_owned(),
             service,
             session_id,
@@ -1169,7 +1171,7 @@ impl Manager {
     /// Creates an empty session in a deployment.
     pub async fn create_session(&self, deployment: &str) -> Result<SessionInfo, Error> {
         self.deployment(deployment)?;
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = uuid::Uuid::now_v7().to_string();
         self.inner
             .control
             .store()

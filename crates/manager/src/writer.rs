@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use crate::Error;
@@ -39,7 +39,15 @@ impl Writer {
     pub(crate) fn open(path: &Path) -> Result<Self, Error> {
         let opened =
             |err: rusqlite::Error| Error::Store(format!("cannot open {}: {err}", path.display()));
-        let conn = Connection::open(path).map_err(opened)?;
+        // Only the writer's thread uses the connection: SQLite's per-connection mutexes are
+        // left out (multi-thread mode).
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(opened)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(opened)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(opened)?;

@@ -50,6 +50,8 @@ TARGET = re.compile(rb"^[\x21-\x7e]+$")
 EVENTS_PATH = re.compile(r"^/tasks/([^/]+)/events/?$")
 # Marks an event passed on by another worker, which is not passed on again.
 FORWARDED = "x-deployd-adapter-forwarded"
+# How long the head of a task's answer may wait for the first line of its body.
+HEAD_DELAY = 0.005
 # How long a worker waits for the others to answer a passed-on event.
 FORWARD_TIMEOUT = 10.0
 
@@ -406,8 +408,20 @@ class Server:
         if chunked:
             headers.append(("Transfer-Encoding", "chunked"))
         headers += self._connection_header(request, keep)
-        writer.write(self._head(200, headers))
-        await writer.drain()
+        # The head goes out with the first event, or with the whole answer when the run ends
+        # first: a short task is answered in one write (one wake-up of deployd, not two). A run
+        # that says nothing for HEAD_DELAY gets its head written then, so that deployd knows the
+        # task was taken.
+        head: Optional[bytes] = self._head(200, headers)
+
+        def flush_head() -> None:
+            nonlocal head
+            if head is not None:
+                data, head = head, None
+                if not writer.is_closing():
+                    writer.write(data)
+
+        timer = asyncio.get_running_loop().call_later(HEAD_DELAY, flush_head)
 
         def gone() -> bool:
             return reader.at_eof() or writer.is_closing()
@@ -420,12 +434,15 @@ class Server:
         held = bytearray()
 
         async def emit(line: Dict[str, Any], hold: bool = False) -> None:
+            nonlocal head
             data = frame((dumps(line) + "\n").encode("utf-8"))
             if hold or line.get("type") != "event":
                 held.extend(data)
                 return
             if writer.is_closing():
                 raise ClientGone()
+            if head is not None:
+                data, head = head + data, None
             try:
                 writer.write(data)
                 await writer.drain()
@@ -437,8 +454,13 @@ class Server:
         except ClientGone:
             log(f"task {task_id} (attempt {attempt}): deployd closed the connection; the run is cancelled")
             return False
+        finally:
+            timer.cancel()
         if chunked:
             held.extend(b"0\r\n\r\n")
+        if head is not None:
+            held[:0] = head
+            head = None
         try:
             writer.write(bytes(held))
             await writer.drain()
