@@ -11,11 +11,10 @@ from typing import Any, Awaitable, Callable, Dict, Optional
 
 from .loader import Loaded
 
-# Writes one line of the answer; `hold=True` lets the server keep it for its last write.
+# Writes one line of the answer: a dict, or a line already encoded as JSON text (an event line,
+# or with `hold=True` the outcome); `hold=True` lets the server keep it for its last write.
 Emit = Callable[..., Awaitable[None]]
 
-# How often a task that is waiting for its workflow checks that deployd is still listening.
-POLL_SECONDS = 1.0
 # How long, once the run is over, events already queued on its stream may take to come out.
 DRAIN_SECONDS = 0.05
 
@@ -41,6 +40,11 @@ def dumps(value: Any) -> str:
         return json.dumps(
             _finite(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False
         )
+
+
+def _strict(value: Any) -> str:
+    """Compact JSON for the wire; raises TypeError or ValueError when JSON cannot hold it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
@@ -153,12 +157,12 @@ class Runner:
         run_input: dict,
         state: Optional[dict],
         emit: Emit,
-        gone: Callable[[], bool],
     ) -> None:
         """Runs one task, handing every line of the answer to `emit`.
 
-        `emit` raises `ClientGone` when deployd has gone; `gone()` says so without writing. Either
-        cancels the run.
+        `emit` raises `ClientGone` when deployd has gone, which cancels the run; so does
+        cancelling the task that awaits this (the server does when deployd closes the
+        connection while the run says nothing).
         """
         flavor = self.flavor
         serializer = flavor.JsonSerializer()
@@ -198,7 +202,7 @@ class Runner:
         self.running[task_id] = entry
         finished = False
         try:
-            await self._stream(entry, serializer, emit, gone)
+            await self._stream(entry, serializer, emit)
             finished = True
         finally:
             if self.running.get(task_id) is entry:
@@ -206,7 +210,7 @@ class Runner:
             if not finished:
                 self._cancel(entry)
 
-    async def _stream(self, entry: Running, serializer: Any, emit: Emit, gone: Callable[[], bool]) -> None:
+    async def _stream(self, entry: Running, serializer: Any, emit: Emit) -> None:
         flavor = self.flavor
         handler, done = entry.handler, entry.done
         stream = handler.stream_events().__aiter__()
@@ -218,17 +222,14 @@ class Runner:
                     following = asyncio.ensure_future(stream.__anext__())
                 if done.done():
                     # The run is over: take what is already on the stream, then stop.
-                    waited, _ = await asyncio.wait({following}, timeout=DRAIN_SECONDS)
-                    if not waited:
-                        break
-                else:
-                    waited, _ = await asyncio.wait(
-                        {following, done}, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
-                    )
-                if following not in waited:
-                    if gone():
-                        raise ClientGone()
-                    continue
+                    if not following.done():
+                        await asyncio.wait({following}, timeout=DRAIN_SECONDS)
+                        if not following.done():
+                            break
+                elif not following.done():
+                    await asyncio.wait({following, done}, return_when=asyncio.FIRST_COMPLETED)
+                    if not following.done():
+                        continue
                 try:
                     event = following.result()
                 except StopAsyncIteration:
@@ -243,15 +244,13 @@ class Runner:
                 if isinstance(event, flavor.StopEvent):
                     terminal = event
                     break
-                await emit({"type": "event", "data": self.event_data(event, serializer)})
+                await emit(self.event_line(event, serializer))
         finally:
             if following is not None and not following.done():
                 following.cancel()
 
-        while not done.done():
-            await asyncio.wait({done}, timeout=POLL_SECONDS)
-            if not done.done() and gone():
-                raise ClientGone()
+        if not done.done():
+            await asyncio.wait({done})
         try:
             result = done.result()
         except asyncio.CancelledError:
@@ -264,8 +263,39 @@ class Runner:
             return
 
         if terminal is not None:
-            await emit({"type": "event", "data": self.event_data(terminal, serializer)}, hold=True)
-        await emit({"type": "result", "data": jsonable(result), "state": self.state_of(entry, serializer)})
+            await emit(self.event_line(terminal, serializer), hold=True)
+        await emit(self.result_line(result, entry, serializer), hold=True)
+
+    def event_line(self, event: Any, serializer: Any) -> str:
+        """The answer's line for an event, as JSON text. The serializer's JSON is put in the line
+        as it is, without parsing and encoding it again, when it is plain JSON on one line."""
+        try:
+            text = serializer.serialize(event)
+        except Exception:
+            text = None
+        if (
+            isinstance(text, str)
+            and text.startswith("{")
+            and "\n" not in text
+            and "NaN" not in text
+            and "Infinity" not in text
+        ):
+            return '{"type":"event","data":' + text + "}"
+        return dumps({"type": "event", "data": self.event_data(event, serializer)})
+
+    def result_line(self, result: Any, entry: Running, serializer: Any) -> str:
+        """The answer's last line, as JSON text: the run's result and its Context. Encoded once
+        when JSON can hold both as they are; otherwise the result is made JSON (`jsonable`) and a
+        Context that cannot be serialized is left out, with a warning."""
+        try:
+            return _strict(
+                {"type": "result", "data": result, "state": self.state_of(entry, serializer, check=False)}
+            )
+        except (TypeError, ValueError):
+            pass
+        return dumps(
+            {"type": "result", "data": jsonable(result), "state": self.state_of(entry, serializer)}
+        )
 
     def event_data(self, event: Any, serializer: Any) -> Any:
         """An event as llama_deploy 0.9 streams it: `json.loads(JsonSerializer().serialize(ev))`."""
@@ -280,15 +310,17 @@ class Runner:
                 "qualified_name": f"{cls.__module__}.{cls.__name__}",
             }
 
-    def state_of(self, entry: Running, serializer: Any) -> Optional[dict]:
+    def state_of(self, entry: Running, serializer: Any, check: bool = True) -> Optional[dict]:
         """The run's Context as `ctx.to_dict(serializer=JsonSerializer())`, or None (with a
-        warning) when something in it cannot be serialized."""
+        warning) when something in it cannot be serialized (with `check=False`, what JSON cannot
+        hold is left for the caller to find)."""
         ctx = getattr(entry.handler, "ctx", None)
         if ctx is None:
             return None
         try:
             state = ctx.to_dict(serializer=serializer)
-            json.dumps(state, allow_nan=False)
+            if check:
+                json.dumps(state, allow_nan=False)
             return state
         except Exception as exc:
             log(

@@ -17,7 +17,7 @@ import asyncio
 import json
 import re
 import socket
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import unquote
 
 from .runner import BadRequest, ClientGone, Runner, dumps, log
@@ -50,21 +50,54 @@ TARGET = re.compile(rb"^[\x21-\x7e]+$")
 EVENTS_PATH = re.compile(r"^/tasks/([^/]+)/events/?$")
 # Marks an event passed on by another worker, which is not passed on again.
 FORWARDED = "x-deployd-adapter-forwarded"
+# The longest the sweeper (see `_Watch`) waits between two looks at the connections: a running
+# task whose connection deployd has closed is cancelled within about this long.
+POLL_SECONDS = 1.0
+# What a request that stalled in a phase (see `_Watch`) is answered with 408.
+TIMED_OUT = {
+    "head": "the request headers did not come in time",
+    "body": "the request body did not come in time",
+}
 # How long the head of a task's answer may wait for the first line of its body.
 HEAD_DELAY = 0.005
 # How long a worker waits for the others to answer a passed-on event.
 FORWARD_TIMEOUT = 10.0
 
 
-async def _within(awaitable: Any, seconds: float) -> Any:
-    """`await awaitable`, raising `asyncio.TimeoutError` after `seconds`. With Python 3.11's
-    `asyncio.timeout` when there is one: `asyncio.wait_for` wraps the awaitable in a task of its
-    own, which cost a request about a tenth of the adapter's time."""
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:
-        return await asyncio.wait_for(awaitable, seconds)
-    async with timeout(seconds):
+class _Watch:
+    """What the server's sweeper knows of one connection: the wait it is in (`phase`: "idle"
+    for a request line, "head", "body", "task" while a task runs, "" while answering) and until
+    when that wait may last. Time limits cost a request no timer of its own: one sweeper per
+    server looks at every connection a few times per limit and cancels the connection's task when
+    a wait has lasted too long, or when deployd has closed the connection of a running task;
+    `expired` then names the phase it ended."""
+
+    __slots__ = ("phase", "until", "what", "expired", "task", "reader", "writer", "_loop")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.phase = ""
+        self.until: Optional[float] = None
+        self.what = ""
+        self.expired = ""
+        self.task = asyncio.current_task()
+        self.reader = reader
+        self.writer = writer
+        self._loop = asyncio.get_running_loop()
+
+    async def within(self, awaitable: Any, seconds: float, phase: str) -> Any:
+        self.phase = phase
+        self.until = self._loop.time() + seconds
         return await awaitable
+
+    def enter(self, phase: str, what: str = "") -> None:
+        """A wait without a time limit: answering (""), or running a task ("task")."""
+        self.phase = phase
+        self.until = None
+        self.what = what
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in ("", "task")
 
 
 class HttpError(Exception):
@@ -103,9 +136,33 @@ class Server:
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.peers = list(peers)  # the other workers' Unix socket addresses
-        self.connections: Dict[asyncio.StreamWriter, bool] = {}  # writer -> busy
+        self.connections: Dict[asyncio.StreamWriter, _Watch] = {}
         self.closing = False
         self._servers: List[asyncio.base_events.Server] = []
+        self._sweeper: Optional[asyncio.Task] = None
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Ends the waits that have lasted too long, and the tasks deployd has stopped waiting
+        for (see `_Watch`)."""
+        every = max(0.01, min(self.idle_timeout, HEAD_TIMEOUT, BODY_TIMEOUT, POLL_SECONDS) / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for watch in list(self.connections.values()):
+                if watch.expired or watch.task is None:
+                    continue
+                if watch.phase == "task":
+                    ended = watch.reader.at_eof() or watch.writer.is_closing()
+                else:
+                    ended = watch.until is not None and now >= watch.until
+                if ended:
+                    watch.expired = watch.phase
+                    watch.task.cancel()
 
     async def start(self, host: str, port: int) -> None:
         self._servers.append(
@@ -131,8 +188,8 @@ class Server:
         self.closing = True
         for server in self._servers:
             server.close()
-        for writer, busy in list(self.connections.items()):
-            if not busy:
+        for writer, watch in list(self.connections.items()):
+            if not watch.busy:
                 writer.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -141,11 +198,16 @@ class Server:
         await self.runner.cancel_all()
         for writer in list(self.connections):
             writer.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     # -- one connection ---------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections[writer] = False
+        watch = _Watch(reader, writer)
+        self.connections[writer] = watch
+        self._start_sweeper()
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP, which a shared
@@ -156,21 +218,34 @@ class Server:
             except OSError:
                 pass
         try:
-            while not self.closing:
-                try:
-                    request = await self._read_request(reader, writer)
-                except HttpError as err:
-                    await self._send_json(writer, err.status, {"error": err.message}, keep_alive=False)
-                    break
-                if request is None:
-                    break
-                self.connections[writer] = True
-                try:
-                    keep = await self._dispatch(request, reader, writer)
-                finally:
-                    self.connections[writer] = False
-                if not keep or self.closing:
-                    break
+            try:
+                while not self.closing:
+                    try:
+                        request = await self._read_request(reader, writer, watch)
+                    except HttpError as err:
+                        watch.enter("")
+                        await self._send_json(writer, err.status, {"error": err.message}, keep_alive=False)
+                        break
+                    if request is None:
+                        break
+                    watch.enter("")
+                    keep = await self._dispatch(request, reader, writer, watch)
+                    watch.enter("")
+                    if not keep or self.closing:
+                        break
+            except asyncio.CancelledError:
+                expired = watch.expired
+                if not expired:
+                    raise
+                uncancel = getattr(watch.task, "uncancel", None)
+                if uncancel is not None:
+                    uncancel()
+                # An idle connection is closed without a word; a request that stalled gets 408.
+                if expired in TIMED_OUT:
+                    watch.enter("")
+                    await self._send_json(writer, 408, {"error": TIMED_OUT[expired]}, keep_alive=False)
+                elif expired == "task":
+                    log(f"{watch.what}: deployd closed the connection; the run is cancelled")
         except (ConnectionError, ClientGone, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -188,16 +263,14 @@ class Server:
             raise HttpError(431, "the request line or a header is too long") from None
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: _Watch
     ) -> Optional[Request]:
         # The request line: wait as long as an idle connection is kept. Empty lines before it are
         # skipped (RFC 9112 2.2).
         line = b""
         for _ in range(8):
             try:
-                line = await _within(self._read_line(reader), self.idle_timeout)
-            except asyncio.TimeoutError:
-                return None
+                line = await watch.within(self._read_line(reader), self.idle_timeout, "idle")
             except asyncio.IncompleteReadError as err:
                 if err.partial.strip():
                     raise HttpError(400, "the request ended before its headers") from None
@@ -207,9 +280,9 @@ class Server:
         else:
             raise HttpError(400, "no request line")
         try:
-            head = await _within(self._read_headers(reader, len(line)), HEAD_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise HttpError(408, "the request headers did not come in time") from None
+            head = await watch.within(
+                self._read_headers(reader, len(line)), HEAD_TIMEOUT, "head"
+            )
         except asyncio.IncompleteReadError:
             raise HttpError(400, "the request ended before its headers") from None
         request = self._parse(line, head)
@@ -231,9 +304,7 @@ class Server:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await writer.drain()
             try:
-                request.body = await _within(reader.readexactly(length), BODY_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise HttpError(408, "the request body did not come in time") from None
+                request.body = await watch.within(reader.readexactly(length), BODY_TIMEOUT, "body")
             except asyncio.IncompleteReadError:
                 return None  # the client went away in the middle of its body
         tokens = _connection_tokens(request.headers)
@@ -339,7 +410,11 @@ class Server:
         await writer.drain()
 
     async def _dispatch(
-        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        request: Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        watch: _Watch,
     ) -> bool:
         """Answers one request; returns whether the connection stays open."""
         keep = request.keep_alive and not self.closing
@@ -354,7 +429,7 @@ class Server:
         if path in ("/tasks", "/tasks/"):
             if method != "POST":
                 return await self._not_allowed(writer, request, keep, "POST")
-            return await self._post_task(request, reader, writer, keep)
+            return await self._post_task(request, writer, keep, watch)
 
         match = EVENTS_PATH.match(path)
         if match:
@@ -390,11 +465,7 @@ class Server:
             raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
     async def _post_task(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        keep: bool,
+        self, request: Request, writer: asyncio.StreamWriter, keep: bool, watch: _Watch
     ) -> bool:
         try:
             task_id, attempt, run_input, state = self.runner.parse_task(self._json_body(request))
@@ -423,9 +494,6 @@ class Server:
 
         timer = asyncio.get_running_loop().call_later(HEAD_DELAY, flush_head)
 
-        def gone() -> bool:
-            return reader.at_eof() or writer.is_closing()
-
         def frame(data: bytes) -> bytes:
             return b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
 
@@ -433,10 +501,14 @@ class Server:
         # and the outcome) are held and written in one go with the end of the body.
         held = bytearray()
 
-        async def emit(line: Dict[str, Any], hold: bool = False) -> None:
+        async def emit(line: Union[Dict[str, Any], str], hold: bool = False) -> None:
             nonlocal head
-            data = frame((dumps(line) + "\n").encode("utf-8"))
-            if hold or line.get("type") != "event":
+            if isinstance(line, str):
+                data = frame((line + "\n").encode("utf-8"))
+            else:
+                data = frame((dumps(line) + "\n").encode("utf-8"))
+                hold = hold or line.get("type") != "event"
+            if hold:
                 held.extend(data)
                 return
             if writer.is_closing():
@@ -450,7 +522,9 @@ class Server:
                 raise ClientGone() from exc
 
         try:
-            await self.runner.run(task_id, attempt, run_input, state, emit, gone)
+            # The sweeper cancels the run if deployd closes the connection meanwhile.
+            watch.enter("task", f"task {task_id} (attempt {attempt})")
+            await self.runner.run(task_id, attempt, run_input, state, emit)
         except ClientGone:
             log(f"task {task_id} (attempt {attempt}): deployd closed the connection; the run is cancelled")
             return False
