@@ -22,11 +22,46 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Clone)]
 pub(crate) struct Writer {
     jobs: mpsc::Sender<Job>,
+    /// Dropped with the last handle: the checkpointer's thread then ends too.
+    _checkpoints: mpsc::Sender<()>,
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Writer")
+    }
+}
+
+/// How often the checkpointer copies what the write-ahead log holds into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Log frames (pages) after a checkpoint above which the checkpointer waits for the writer
+/// and starts the log over (a reader that kept an old snapshot can hold a passive checkpoint
+/// back; the log must not grow without end).
+const WAL_FRAMES_LIMIT: i64 = 16_384;
+
+/// Bytes the log file is cut back to after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// The checkpointer's loop: a passive checkpoint (it never blocks the writer) every
+/// [`CHECKPOINT_EVERY`], a truncating one when the log has grown past [`WAL_FRAMES_LIMIT`];
+/// until `stopped` is disconnected (the last [`Writer`] handle is gone).
+fn checkpoint_until_stopped(conn: &Connection, stopped: &mpsc::Receiver<()>) {
+    let checkpoint = |mode: &str| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+            row.get::<_, i64>(1)
+        })
+    };
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+        match checkpoint("PASSIVE") {
+            Ok(frames) if frames > WAL_FRAMES_LIMIT => {
+                if let Err(err) = checkpoint("TRUNCATE") {
+                    tracing::warn!(error = %err, "the store's checkpoint failed; will retry");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "the store's checkpoint failed; will retry"),
+        }
     }
 }
 
@@ -53,7 +88,28 @@ impl Writer {
             .map_err(opened)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(opened)?;
+        // Checkpoints run on a thread of their own (see `checkpoints`), not inside a commit: a
+        // checkpoint copies pages into the database and syncs it, and a task whose commit ran
+        // one waited milliseconds for it. After a checkpoint the log file is cut back to
+        // `journal_size_limit`.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(opened)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(opened)?;
         conn.set_prepared_statement_cache_capacity(64);
+        let checkpointer = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(opened)?;
+        checkpointer
+            .busy_timeout(Duration::from_secs(30))
+            .map_err(opened)?;
+        let (checkpoints, stopped) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("deployd-store-checkpoint".into())
+            .spawn(move || checkpoint_until_stopped(&checkpointer, &stopped))
+            .map_err(|err| Error::Store(format!("cannot start the store's checkpointer: {err}")))?;
         let (jobs, received) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("deployd-store-writer".into())
@@ -64,7 +120,10 @@ impl Writer {
                 }
             })
             .map_err(|err| Error::Store(format!("cannot start the store's writer: {err}")))?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            _checkpoints: checkpoints,
+        })
     }
 
     /// Hands `job` to the writer's thread, after the jobs sent before it, without waiting.
@@ -110,5 +169,70 @@ impl Writer {
             Ok(value)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commits reach the database file without any connection checkpointing on commit: the
+    /// checkpointer's thread copies them there, and the log is started over.
+    #[tokio::test]
+    async fn the_checkpointer_moves_commits_into_the_database_file() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("store.db");
+        let writer = Writer::open(&path).expect("the writer");
+        let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
+        writer
+            .transaction(|tx| {
+                tx.execute("CREATE TABLE t (v BLOB NOT NULL)", [])
+                    .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
+            .expect("the table");
+        let before = size();
+        for _ in 0..20 {
+            writer
+                .transaction(|tx| {
+                    for _ in 0..50 {
+                        tx.execute("INSERT INTO t (v) VALUES (zeroblob(1000))", [])
+                            .map_err(sqlite_error)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .expect("the rows");
+        }
+        // About 1 MB committed: in the log until a checkpoint copies it into the file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() < before + 900_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file stayed at {} bytes (it was {before})",
+                size()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next write starts the log over: it does not grow past what one commit adds.
+        writer
+            .transaction(|tx| {
+                tx.execute("INSERT INTO t (v) VALUES (zeroblob(1000))", [])
+                    .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
+            .expect("one more row");
+        let frames = writer
+            .call(|conn| {
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    row.get::<_, i64>(1)
+                })
+                .map_err(sqlite_error)
+            })
+            .await
+            .expect("the log's size");
+        assert!(frames < 10, "the log holds {frames} frames after a restart");
     }
 }

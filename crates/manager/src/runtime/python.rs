@@ -30,10 +30,12 @@ use crate::Error;
 use crate::prepare;
 
 /// The packages every environment has unless the service's dependencies name them: what
-/// llama_deploy 0.9.2's own server environment gives a workflow.
+/// llama_deploy 0.9.2's own server environment gives a workflow, and the event loop its server
+/// runs on (uvloop, from uvicorn's standard extra), which the adapter uses when it is there.
 const DEFAULT_PACKAGES: &[(&str, &str)] = &[
     ("llama-index-core", "llama-index-core>=0.11.17,<0.14.0"),
     ("llama-index-workflows", "llama-index-workflows>=0.2.1"),
+    ("uvloop", "uvloop>=0.17"),
 ];
 
 /// The adapter's files, relative to the folder that goes on `sys.path`.
@@ -731,7 +733,11 @@ mod tests {
         let args = install_args(&[Dependency::Spec("llama-index-core==0.12.52".into())]);
         assert_eq!(
             args,
-            ["llama-index-workflows>=0.2.1", "llama-index-core==0.12.52"]
+            [
+                "llama-index-workflows>=0.2.1",
+                "uvloop>=0.17",
+                "llama-index-core==0.12.52"
+            ]
         );
     }
 
