@@ -245,6 +245,15 @@ impl Control {
                     if queued.recv_many(&mut batch, MAX_BATCH).await == 0 {
                         return; // every sender is gone
                     }
+                    // One turn for the tasks that are about to write: a worker handed the task
+                    // just created marks it running, and both go in this commit, not one each.
+                    tokio::task::yield_now().await;
+                    while batch.len() < MAX_BATCH {
+                        match queued.try_recv() {
+                            Ok(pending) => batch.push(pending),
+                            Err(_) => break,
+                        }
+                    }
                     let (bus, watchers) = (bus.clone(), Arc::clone(&watchers));
                     let (commits, failed) = (Arc::clone(&commits), Arc::clone(&failed));
                     let closed = closed.clone();

@@ -41,6 +41,7 @@ MAX_WORKERS = 64
 STOP_MARGIN = 5.0
 
 
+
 class UsageError(Exception):
     pass
 
