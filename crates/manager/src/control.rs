@@ -59,6 +59,10 @@ const MAX_BATCH: usize = 256;
 /// waits its turn, so the writer never waits for the async side to hand it work.
 const BATCHES_IN_FLIGHT: usize = 2;
 
+/// The largest batch committed on the async thread when the writer's thread is idle (bounds
+/// how long that blocks the runtime: a few tens of microseconds).
+const INLINE_BATCH: usize = 16;
+
 /// Writes queued for the group commit; a writer waits while it is full.
 const WRITE_QUEUE: usize = 8192;
 
@@ -254,11 +258,31 @@ impl Control {
                             Err(_) => break,
                         }
                     }
+                    let (writes, writers): (Vec<Write>, Vec<_>) =
+                        batch.into_iter().map(|p| (p.write, p.done)).unzip();
+                    // A small batch while the writer's thread is idle (a quiet server) commits
+                    // right here: no hand-off to that thread and back. A failure goes to the
+                    // thread, which retries it before anything queued after it.
+                    if writes.len() <= INLINE_BATCH
+                        && let Some(written) =
+                            store.run_here(|conn| crate::store::write_in(conn, &writes))
+                    {
+                        match written {
+                            Ok(written) => {
+                                commits.fetch_add(1, Ordering::Relaxed);
+                                answer(writers, Ok(written), &watchers, &bus);
+                                drop(permit);
+                                continue;
+                            }
+                            Err(err) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
+                            }
+                        }
+                    }
                     let (bus, watchers) = (bus.clone(), Arc::clone(&watchers));
                     let (commits, failed) = (Arc::clone(&commits), Arc::clone(&failed));
                     let closed = closed.clone();
-                    let (writes, writers): (Vec<Write>, Vec<_>) =
-                        batch.into_iter().map(|p| (p.write, p.done)).unzip();
                     let handed = store.on_writer(move |conn| {
                         let written = commit_until_closed(conn, &writes, &closed, &failed);
                         commits.fetch_add(1, Ordering::Relaxed);

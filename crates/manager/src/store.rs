@@ -487,6 +487,15 @@ impl Store {
         self.write.spawn(job)
     }
 
+    /// Runs `job` on the write connection from the calling thread when the writer is idle
+    /// (see [`Writer::run_here`]).
+    pub(crate) fn run_here<T>(
+        &self,
+        job: impl FnOnce(&mut rusqlite::Connection) -> T,
+    ) -> Option<T> {
+        self.write.run_here(job)
+    }
+
     /// Tasks of a service that have waited in `queued` since before `before` (ms since the
     /// epoch), oldest first, at most `limit`.
     pub(crate) async fn waiting_tasks(

@@ -8,7 +8,8 @@
 //! deployd's CPU per task.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -22,6 +23,11 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 #[derive(Clone)]
 pub(crate) struct Writer {
     jobs: mpsc::Sender<Job>,
+    /// The connection: used by the thread, or by [`Writer::run_here`]'s caller when the thread
+    /// has nothing to do; never by both at once.
+    conn: Arc<Mutex<Connection>>,
+    /// Jobs sent to the thread and not finished, plus one while [`Writer::run_here`] runs one.
+    pending: Arc<AtomicUsize>,
     /// Dropped with the last handle: the checkpointer's thread then ends too.
     _checkpoints: mpsc::Sender<()>,
 }
@@ -63,6 +69,12 @@ fn checkpoint_until_stopped(conn: &Connection, stopped: &mpsc::Receiver<()>) {
             Err(err) => tracing::warn!(error = %err, "the store's checkpoint failed; will retry"),
         }
     }
+}
+
+/// The connection, also after a job panicked while holding it (SQLite rolls back what that
+/// job left open when the next transaction begins).
+fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) fn sqlite_error(err: rusqlite::Error) -> Error {
@@ -111,19 +123,37 @@ impl Writer {
             .spawn(move || checkpoint_until_stopped(&checkpointer, &stopped))
             .map_err(|err| Error::Store(format!("cannot start the store's checkpointer: {err}")))?;
         let (jobs, received) = mpsc::channel::<Job>();
+        let conn = Arc::new(Mutex::new(conn));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (thread_conn, thread_pending) = (Arc::clone(&conn), Arc::clone(&pending));
         std::thread::Builder::new()
             .name("deployd-store-writer".into())
             .spawn(move || {
-                let mut conn = conn;
                 while let Ok(job) = received.recv() {
-                    job(&mut conn);
+                    job(&mut lock(&thread_conn));
+                    thread_pending.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .map_err(|err| Error::Store(format!("cannot start the store's writer: {err}")))?;
         Ok(Self {
             jobs,
+            conn,
+            pending,
             _checkpoints: checkpoints,
         })
+    }
+
+    /// Runs `job` on the calling thread, if the writer's thread has no job queued or running
+    /// (so that the job keeps its place after every job sent before it); `None` otherwise.
+    /// Spares a short job two thread wake-ups when the store is idle; the caller is blocked
+    /// for as long as the job runs.
+    pub(crate) fn run_here<T>(&self, job: impl FnOnce(&mut Connection) -> T) -> Option<T> {
+        self.pending
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        let value = job(&mut lock(&self.conn));
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        Some(value)
     }
 
     /// Hands `job` to the writer's thread, after the jobs sent before it, without waiting.
@@ -131,9 +161,15 @@ impl Writer {
         &self,
         job: impl FnOnce(&mut Connection) + Send + 'static,
     ) -> Result<(), Error> {
-        self.jobs
-            .send(Box::new(job))
-            .map_err(|_| Error::Store("the store's writer has stopped".to_owned()))
+        self.send(Box::new(job))
+    }
+
+    fn send(&self, job: Job) -> Result<(), Error> {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.jobs.send(job).map_err(|_| {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            Error::Store("the store's writer has stopped".to_owned())
+        })
     }
 
     /// Runs `job` on the writer's connection, after the jobs sent before it.
@@ -143,11 +179,9 @@ impl Writer {
         F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
     {
         let (done, answer) = oneshot::channel();
-        self.jobs
-            .send(Box::new(move |conn: &mut Connection| {
-                let _ = done.send(job(conn));
-            }))
-            .map_err(|_| Error::Store("the store's writer has stopped".to_owned()))?;
+        self.send(Box::new(move |conn: &mut Connection| {
+            let _ = done.send(job(conn));
+        }))?;
         answer
             .await
             .map_err(|_| Error::Store("the store's writer has stopped".to_owned()))?
@@ -175,6 +209,35 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job runs on the caller's thread only while the writer's thread has nothing queued or
+    /// running, so that it never overtakes a job sent before it.
+    #[tokio::test]
+    async fn a_job_runs_here_only_when_the_writer_is_idle() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let writer = Writer::open(&dir.path().join("store.db")).expect("the writer");
+        assert_eq!(writer.run_here(|_| 1), Some(1), "an idle writer");
+        let (release, hold) = mpsc::channel::<()>();
+        writer
+            .spawn(move |_| {
+                let _ = hold.recv();
+            })
+            .expect("a job for the thread");
+        assert!(
+            writer.run_here(|_| 2).is_none(),
+            "ran while the thread had a job"
+        );
+        release.send(()).expect("the held job");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(value) = writer.run_here(|_| 3) {
+                assert_eq!(value, 3);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the writer never got idle");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     /// Commits reach the database file without any connection checkpointing on commit: the
     /// checkpointer's thread copies them there, and the log is started over.
