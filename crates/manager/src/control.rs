@@ -61,7 +61,7 @@ const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The largest batch committed on the async thread when the writer's thread is idle (bounds
 /// how long that blocks the runtime: a few tens of microseconds).
-const INLINE_BATCH: usize = 16;
+const INLINE_BATCH: usize = 4;
 
 /// Writes queued for the group commit; a writer waits while it is full.
 const WRITE_QUEUE: usize = 8192;
