@@ -74,7 +74,8 @@ fn checkpoint_until_stopped(conn: &Connection, stopped: &mpsc::Receiver<()>) {
 /// The connection, also after a job panicked while holding it (SQLite rolls back what that
 /// job left open when the next transaction begins).
 fn lock(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    conn.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) fn sqlite_error(err: rusqlite::Error) -> Error {
@@ -234,7 +235,10 @@ mod tests {
                 assert_eq!(value, 3);
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "the writer never got idle");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never got idle"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
