@@ -23,9 +23,11 @@ PYTHON="${DEPLOYD_PY_PYTHON:-python3}"
 # 0.13 caps workflows below 2). From llama-index-core 0.12.4x on, `llama_index.core.workflow`
 # re-exports llama-index-workflows; core 0.12.40 (inside llama-deploy 0.8's range) still has its
 # own implementation, and llama-index-workflows 2.x is what a workflow written today gets.
+# core-0.13.6 also has uvloop, as the environments deployd makes do: the adapter runs on it
+# there and on asyncio's own loop in the others.
 ENVS=(
   "workflows-1.3.0|workflows|llama-index-workflows==1.3.0"
-  "core-0.13.6|core|llama-index-core==0.13.6 llama-index-workflows==1.3.0"
+  "core-0.13.6|core|llama-index-core==0.13.6 llama-index-workflows==1.3.0 uvloop==0.23.0"
   "core-0.12.40|core|llama-index-core==0.12.40"
   "workflows-2.26.1|workflows|llama-index-workflows==2.26.1"
 )

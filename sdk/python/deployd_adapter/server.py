@@ -178,8 +178,18 @@ class Server:
             await asyncio.start_server(self._connection, sock=sock, limit=MAX_HEAD, backlog=1024)
         )
         if me is not None:
+            # The socket is made here, not by the event loop from the path: uvloop does not
+            # take Linux's abstract names ("\0...") as paths.
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                unix.bind(me)
+                unix.listen(128)
+                unix.setblocking(False)
+            except OSError:
+                unix.close()
+                raise
             self._servers.append(
-                await asyncio.start_unix_server(self._connection, path=me, limit=MAX_HEAD)
+                await asyncio.start_unix_server(self._connection, sock=unix, limit=MAX_HEAD)
             )
 
     async def shutdown(self, grace: float) -> None:
@@ -583,11 +593,16 @@ class Server:
         ).encode("latin-1") + request.body
 
         async def ask(peer: str) -> Optional[Tuple[int, bytes]]:
+            # Connected here, not by the event loop from the path (see `start_on`).
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.setblocking(False)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(peer), FORWARD_TIMEOUT
+                await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_connect(unix, peer), FORWARD_TIMEOUT
                 )
+                reader, writer = await asyncio.open_unix_connection(sock=unix)
             except (OSError, asyncio.TimeoutError):
+                unix.close()
                 return None  # that worker is gone or stopping
             try:
                 writer.write(data)
