@@ -845,3 +845,195 @@ fn deployments_that_name_the_same_port_run_their_own_workflows() {
     );
     assert_eq!(b, json!({"result": "Done."}), "PortB's task ran elsewhere");
 }
+
+/// `sse_client.py`: at most `count` events of `path` as server-sent events, resuming after
+/// `last` when given; (events, whether the stream ended on its own).
+fn sse(server: &Server, path: &str, count: usize, last: Option<&str>) -> (Vec<Value>, bool) {
+    let mut command = Command::new(&tools().python);
+    command
+        .arg(fixture("sse_client.py"))
+        .args([&server.url, path, &count.to_string()]);
+    if let Some(last) = last {
+        command.arg(last);
+    }
+    let output = run_limited(&mut command);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "sse_client.py failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|err| panic!("sse_client.py printed {stdout}: {err}"));
+    (
+        report["events"].as_array().cloned().unwrap_or_default(),
+        report["ended"] == json!(true),
+    )
+}
+
+#[test]
+fn an_sse_client_resumes_a_task_s_events_without_missing_or_repeating_one() {
+    let project = Project::new();
+    let file = project.deployment("sse", &[("svc", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    deployd_e2e::success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let (status, task) = server.post(
+        "/deployments/sse/tasks/create",
+        &json!({"input": json!({"message": "m", "wait_for_event": true}).to_string()}),
+    );
+    assert_eq!(status, 200, "{task}");
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    let path = format!("/deployments/sse/tasks/{task_id}/events");
+
+    // Two events, then the connection drops; the service is still waiting.
+    let (first, ended) = sse(&server, &path, 2, None);
+    assert!(!ended);
+    // Resumed after the last one seen: the third (the service says it waits), then dropped.
+    let last = first[1]["id"].as_str().unwrap().to_owned();
+    let (second, ended) = sse(&server, &path, 1, Some(&last));
+    assert!(!ended);
+    // The task goes on while nobody follows it, and the rest comes on the next resume.
+    let (status, body) = server.post(
+        &format!("/deployments/sse/tasks/{task_id}/events"),
+        &json!({"service_id": "svc", "event_obj_str": "\"answered\""}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let last = second[0]["id"].as_str().unwrap().to_owned();
+    let (third, ended) = sse(&server, &path, 100, Some(&last));
+    assert!(ended, "the stream did not end with the result: {third:?}");
+
+    let all: Vec<&Value> = first.iter().chain(&second).chain(&third).collect();
+    let ids: Vec<u64> = all
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "{all:?}");
+    let kinds: Vec<&str> = all.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["event", "event", "event", "result"], "{all:?}");
+    for event in &all {
+        assert_eq!(
+            event["data"]["seq"].to_string(),
+            *event["id"].as_str().unwrap()
+        );
+        assert_eq!(event["data"]["type"], event["event"]);
+    }
+    assert_eq!(all[2]["data"]["data"], json!({"step": "waiting"}));
+    assert!(
+        all[3]["data"]["data"]
+            .as_str()
+            .unwrap()
+            .ends_with("answered"),
+        "{all:?}"
+    );
+
+    // A Last-Event-ID that is not a number is a 400 naming it.
+    let response = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}{path}", server.url))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", "later")
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert!(response.text().unwrap().contains("Last-Event-ID"));
+}
+
+/// deployd's metrics page as prometheus_client's parser reads it.
+fn metrics(server: &Server, token: Option<&str>) -> Value {
+    let mut command = Command::new(&tools().python);
+    command
+        .arg(fixture("metrics.py"))
+        .arg(format!("{}/status/metrics", server.url));
+    if let Some(token) = token {
+        command.arg(token);
+    }
+    let output = run_limited(&mut command);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "metrics.py failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|err| panic!("metrics.py printed {stdout}: {err}"))
+}
+
+#[test]
+fn the_metrics_page_parses_and_its_task_counters_move() {
+    const TOKEN: &str = "metrics-token-0123456789abcdef";
+    let project = Project::new();
+    let file = project.deployment("metered", &[("svc", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &["--token", TOKEN]);
+    let cli = |args: &[&str]| {
+        Command::new(deployd_e2e::binary())
+            .args(args)
+            .env("DEPLOYD_SERVER", &server.url)
+            .env("DEPLOYD_TOKEN", TOKEN)
+            .output()
+            .expect("cannot run the deployd CLI")
+    };
+    deployd_e2e::success(&cli(&["deploy", file.to_str().unwrap()]));
+    // The page needs the token like every route but the health check.
+    let (status, _) = server.get("/status/metrics").unwrap();
+    assert_eq!(status, 401);
+
+    let before = metrics(&server, Some(TOKEN));
+    assert!(
+        before["content_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{before}"
+    );
+    let samples = &before["samples"];
+    let succeeded = "deployd_tasks{deployment=metered,service=svc,status=succeeded}";
+    assert_eq!(samples[succeeded], Value::Null, "{samples}");
+    assert_eq!(
+        samples["deployd_service_up{deployment=metered,service=svc}"],
+        json!(1.0)
+    );
+    assert_eq!(
+        samples["apiserver_state{apiserver_state=running}"],
+        json!(1.0)
+    );
+    assert_eq!(
+        samples["deployment_state{deployment_name=metered,deployment_state=ready}"],
+        json!(1.0)
+    );
+    assert_eq!(
+        samples["service_state{deployment_name=metered,service_name=svc,service_state=ready}"],
+        json!(1.0)
+    );
+    assert_eq!(
+        before["kinds"]["deployd_http_request_duration_seconds"],
+        "histogram"
+    );
+
+    for n in 0..3 {
+        let out = deployd_e2e::success(&cli(&[
+            "run",
+            "-d",
+            "metered",
+            "-a",
+            "message",
+            &n.to_string(),
+        ]));
+        assert_eq!(out, format!("svc: {n}\n"));
+    }
+    let after = metrics(&server, Some(TOKEN));
+    let samples = &after["samples"];
+    assert_eq!(samples[succeeded], json!(3.0), "{samples}");
+    let runs =
+        "deployd_http_requests_total{method=POST,route=/deployments/{name}/tasks/run,status=200}";
+    assert_eq!(samples[runs], json!(3.0), "{samples}");
+    let refused = "deployd_http_requests_total{method=GET,route=/status/metrics,status=401}";
+    assert_eq!(samples[refused], json!(1.0), "{samples}");
+    let count = "deployd_http_request_duration_seconds_count{method=POST,route=/deployments/{name}/tasks/run}";
+    assert_eq!(samples[count], json!(3.0), "{samples}");
+}

@@ -1,5 +1,6 @@
 //! End-to-end scenarios against the real `deployd` binary.
 
+mod auth;
 mod brokers;
 mod faults;
 mod git;

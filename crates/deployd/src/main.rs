@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use deployd_manager::{FileOrigin, Manager, Options};
+use deployd_server::auth::Token;
 use deployd_server::client::Client;
 use deployd_server::{AllowedHost, ApiOptions};
 use serde_json::Value;
@@ -89,7 +90,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// The address to listen on (loopback only) [default: 127.0.0.1:4501].
+    /// The address to listen on [default: 127.0.0.1:4501]; a non-loopback one needs a token
+    /// (`--token`) or `--insecure-no-auth`.
     #[arg(long, env = "DEPLOYD_LISTEN")]
     listen: Option<SocketAddr>,
     /// The host to listen on, as llama_deploy's `LLAMA_DEPLOY_APISERVER_HOST` (replaces the
@@ -183,6 +185,18 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allow_env_prefixes: Vec<String>,
+    /// The token every request must carry (`Authorization: Bearer <token>`), with full
+    /// access; at least 16 characters. Prefer the variable: an option shows in `ps`.
+    #[arg(long, env = "DEPLOYD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A token that may only run tasks (create, run, events, results, sessions) and read
+    /// deployments, not create, reload or delete them; needs `--token`.
+    #[arg(long, env = "DEPLOYD_TASK_TOKEN", hide_env_values = true)]
+    task_token: Option<String>,
+    /// Listen on a non-loopback address without a token: anyone who reaches the port can run
+    /// code on this machine. Only behind something that authenticates for deployd.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Deployment files to deploy at start.
     files: Vec<PathBuf>,
 }
@@ -242,7 +256,14 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let client = Client::new(&cli.server);
+    let mut client = Client::new(&cli.server);
+    // The token comes from the environment only (an option would show it in `ps`).
+    if let Some(token) = std::env::var("DEPLOYD_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        client = client.with_token(token);
+    }
     match cli.command {
         None => {
             let DefaultServe { args } = DefaultServe::try_parse_from(["deployd"])?;
@@ -452,12 +473,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let listen = listen_address(&args).await?;
-    if !listen.ip().is_loopback() {
+    let token = |value: &Option<String>, option: &str| {
+        value
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Token::new)
+            .transpose()
+            .with_context(|| format!("{option} is refused"))
+    };
+    let full_token = token(&args.token, "--token (DEPLOYD_TOKEN)")?;
+    let task_token = token(&args.task_token, "--task-token (DEPLOYD_TASK_TOKEN)")?;
+    if task_token.is_some() && full_token.is_none() {
         bail!(
-            "refusing to listen on {listen}: deployments run code and deployd has no \
-             authentication yet, so it listens on loopback addresses only"
+            "--task-token (DEPLOYD_TASK_TOKEN) is set without --token (DEPLOYD_TOKEN): nobody \
+             could deploy; set both"
         );
     }
+    if !listen.ip().is_loopback() && full_token.is_none() && !args.insecure_no_auth {
+        bail!(
+            "refusing to listen on {listen} without a token: deployments run code, so anyone \
+             who reaches this port could run code on this machine. Set DEPLOYD_TOKEN (or \
+             --token; at least 16 characters, e.g. `openssl rand -hex 32`), or listen on a \
+             loopback address, or pass --insecure-no-auth when something in front \
+             authenticates for deployd"
+        );
+    }
+    let guarded = full_token.is_some();
     let data_dir = args
         .data_dir
         .clone()
@@ -494,7 +535,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let address = listener.local_addr().unwrap_or(listen);
-    let mut options = ApiOptions::new(address).run_timeout(args.run_timeout);
+    let mut options = ApiOptions::new(address)
+        .run_timeout(args.run_timeout)
+        .tokens(full_token, task_token);
     for host in args.allow_hosts {
         options = options.allow_host(host);
     }
@@ -505,7 +548,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         address = %address,
         data_dir = %manager.options().data_dir.display(),
         hosts = %options.allowed_hosts.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        "deployd listening on http://{address} (loopback only)",
+        "deployd listening on http://{address} ({})",
+        if guarded {
+            "requests need a token"
+        } else if address.ip().is_loopback() {
+            "loopback only, no token"
+        } else {
+            "NO TOKEN: anyone who reaches this address can run code"
+        },
     );
 
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -327,6 +327,28 @@ impl TaskStatus {
     }
 }
 
+impl TaskStatus {
+    /// Its name on the wire (`queued`, `running`, `succeeded`, `failed`).
+    pub fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// How many tasks of one service are in one status, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskCount {
+    /// The deployment.
+    pub deployment: String,
+    /// The service.
+    pub service: String,
+    /// The status.
+    pub status: TaskStatus,
+    /// How many tasks.
+    pub count: u64,
+    /// When the oldest of them was created (ms since the epoch).
+    pub oldest_ms: i64,
+}
+
 /// A task and, once it has ended, its outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskInfo {
@@ -1252,6 +1274,12 @@ impl Manager {
     pub async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         self.deployment(deployment)?;
         self.inner.control.store().tasks(deployment).await
+    }
+
+    /// The tasks of every deployment counted by service and status (a scan of the task
+    /// table), for metrics.
+    pub async fn task_counts(&self) -> Result<Vec<TaskCount>, Error> {
+        self.inner.control.store().task_counts().await
     }
 
     /// A page of a deployment's tasks, oldest first: at most `limit`, starting after the task

@@ -410,6 +410,31 @@ impl Store {
     }
 
     /// Tasks that had not finished, oldest first: to be queued again after a restart.
+    pub(crate) async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
+        let rows = sqlx::query(
+            "SELECT deployment, service, status, COUNT(*) AS n, MIN(created_at) AS oldest
+             FROM tasks GROUP BY deployment, service, status
+             ORDER BY deployment, service, status",
+        )
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(crate::TaskCount {
+                    deployment: row.try_get("deployment").map_err(store_error)?,
+                    service: row.try_get("service").map_err(store_error)?,
+                    status: TaskStatus::parse(
+                        &row.try_get::<String, _>("status").map_err(store_error)?,
+                    ),
+                    count: u64::try_from(row.try_get::<i64, _>("n").map_err(store_error)?)
+                        .unwrap_or(0),
+                    oldest_ms: row.try_get("oldest").map_err(store_error)?,
+                })
+            })
+            .collect()
+    }
+
     pub(crate) async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error

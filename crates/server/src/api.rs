@@ -12,12 +12,14 @@ use axum::extract::{
     DefaultBodyLimit, FromRef, FromRequest, FromRequestParts, Multipart, OriginalUri, Path, Query,
     Request, State,
 };
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use deployd_manager::{
-    Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus,
+    DeploymentStatus, Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo,
+    TaskStatus,
 };
 use futures::StreamExt;
 use serde::Deserialize;
@@ -26,7 +28,9 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::auth::Access;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::options::ApiOptions;
 use crate::wire::{EventLine, TaskDefinition, TaskResult, result_text};
 
@@ -48,6 +52,7 @@ struct AppState {
     options: Arc<ApiOptions>,
     /// Set once the server has been told to stop: a wait that ends then is cut by shutdown.
     shutting_down: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl FromRef<AppState> for Manager {
@@ -69,15 +74,18 @@ pub(crate) fn routes(
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
     let options = Arc::new(options);
+    let metrics = Arc::new(Metrics::default());
     let state = AppState {
         manager,
         options: Arc::clone(&options),
         shutting_down,
+        metrics: Arc::clone(&metrics),
     };
     Router::new()
         .route("/", get(root))
         .route("/status", get(status))
         .route("/status/", get(status))
+        .route("/status/metrics", get(metrics_page))
         .route("/deployments", get(list_deployments))
         .route("/deployments/", get(list_deployments))
         .route("/deployments/create", post(create_deployment))
@@ -112,6 +120,8 @@ pub(crate) fn routes(
             options,
             crate::guard::guard,
         ))
+        // Outside the guard: refused requests are counted too.
+        .layer(axum::middleware::from_fn_with_state(metrics, count_request))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
@@ -233,13 +243,64 @@ async fn root() -> Json<Value> {
     }))
 }
 
-async fn status(State(manager): State<Manager>) -> Json<Value> {
+/// `GET /status/`: health to anyone; the deployments only to a caller with a token (or to any
+/// caller of an open API).
+async fn status(State(manager): State<Manager>, access: Option<Extension<Access>>) -> Json<Value> {
+    if matches!(access, Some(Extension(Access::Anonymous))) {
+        return Json(json!({ "status": "Healthy", "status_message": "" }));
+    }
     Json(json!({
         "status": "Healthy",
         "status_message": "",
         "max_deployments": manager.options().max_deployments,
         "deployments": manager.list(),
     }))
+}
+
+/// Counts a request for `/status/metrics` once its answer's head is ready.
+async fn count_request(
+    State(metrics): State<Arc<Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics.record(
+        &method,
+        &path,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// `GET /status/metrics`: Prometheus's text format (see `metrics.rs`).
+async fn metrics_page(State(state): State<AppState>) -> ApiResult<Response> {
+    let manager = &state.manager;
+    let deployments: Vec<DeploymentStatus> = manager
+        .list()
+        .into_iter()
+        .filter_map(|name| manager.status(&name).ok())
+        .collect();
+    let tasks = manager.task_counts().await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let page = state.metrics.render(
+        state.shutting_down.load(Ordering::SeqCst),
+        &deployments,
+        &tasks,
+        now_ms,
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        page,
+    )
+        .into_response())
 }
 
 async fn list_deployments(State(manager): State<Manager>) -> Json<Value> {
@@ -667,27 +728,84 @@ fn event_value(data: Value) -> Value {
 /// `GET …/tasks/{id}/events`: as llama_deploy 0.9 streams it by default (one line per event:
 /// its value, or with `raw_event=true` the serializer's whole object; the stream ends with the
 /// task and carries no result line), or deployd's envelope with `envelope=true`.
+/// deployd's line for an entry of a task's log.
+fn event_line(event: TaskEvent) -> Value {
+    json!(EventLine {
+        seq: event.seq,
+        kind: event_kind(event.kind).to_owned(),
+        data: event.data,
+        attempt: event.attempt,
+    })
+}
+
+fn event_kind(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Event => "event",
+        EventKind::Result => "result",
+        EventKind::Error => "error",
+    }
+}
+
+/// Whether a client asks for server-sent events.
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// How often an idle server-sent event stream gets a comment, so that proxies keep it open.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 async fn task_events(
     State(manager): State<Manager>,
     P((name, task_id)): P<(String, String)>,
     Q(params): Q<EventParams>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let sse = wants_sse(&headers);
+    let mut after = params.after;
+    // An EventSource that reconnects names the last event it got.
+    if sse && let Some(last) = headers.get("last-event-id") {
+        after = last
+            .to_str()
+            .ok()
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "`Last-Event-ID` must be the `id` of an event of this stream (a whole number)",
+                )
+            })?;
+    }
     manager.status(&name)?;
-    let events = manager.task_events(&name, &task_id, params.after).await?;
+    let events = manager.task_events(&name, &task_id, after).await?;
+    if sse {
+        // Every entry of the log, its result or error last: `id` is its sequence number,
+        // `event` its type, `data` deployd's line.
+        let stream = ReceiverStream::new(events).map(|event: TaskEvent| {
+            let id = event.seq.to_string();
+            let kind = event_kind(event.kind);
+            Ok::<_, std::convert::Infallible>(
+                Event::default()
+                    .id(id)
+                    .event(kind)
+                    .data(event_line(event).to_string()),
+            )
+        });
+        let mut response = Sse::new(stream)
+            .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+            .into_response();
+        // A proxy that buffers answers would hold the events back.
+        response
+            .headers_mut()
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return Ok(response);
+    }
     let (raw, envelope) = (params.raw_event, params.envelope);
     let lines = ReceiverStream::new(events).filter_map(move |event: TaskEvent| {
         let value = if envelope {
-            Some(json!(EventLine {
-                seq: event.seq,
-                kind: match event.kind {
-                    EventKind::Event => "event",
-                    EventKind::Result => "result",
-                    EventKind::Error => "error",
-                }
-                .to_owned(),
-                data: event.data,
-                attempt: event.attempt,
-            }))
+            Some(event_line(event))
         } else if event.kind != EventKind::Event {
             None
         } else if raw {

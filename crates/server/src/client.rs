@@ -37,6 +37,7 @@ pub enum Error {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
@@ -48,7 +49,15 @@ impl Client {
                 .no_proxy()
                 .build()
                 .unwrap_or_default(),
+            token: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (the `deployd` CLI passes
+    /// `DEPLOYD_TOKEN`, the variable `deployd serve` reads its token from).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -62,6 +71,10 @@ impl Client {
         let unreachable = |source| Error::Unreachable {
             url: self.base.clone(),
             source,
+        };
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         };
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();

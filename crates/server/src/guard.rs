@@ -26,6 +26,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::{self, Access, Refused};
 use crate::error::ApiError;
 use crate::options::{ApiOptions, Authority};
 
@@ -35,13 +36,33 @@ pub(crate) async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
-    match check(&options, &request) {
-        Ok(()) => next.run(request).await,
+    if let Err(refused) = check(&options, &request) {
+        tracing::warn!(
+            method = %request.method(),
+            path = %request.uri().path(),
+            reason = %refused.detail,
+            "request refused"
+        );
+        return refused.into_response();
+    }
+    let (method, path) = (request.method(), request.uri().path());
+    let access = match auth::access(&options.tokens, request.headers()) {
+        Ok(Access::Tasks) if !auth::task_scope_allows(method, path) => Err(Refused::Forbidden),
+        Ok(access) => Ok(access),
+        Err(_) if auth::is_health_check(method, path) => Ok(Access::Anonymous),
+        Err(refused) => Err(refused),
+    };
+    match access {
+        Ok(access) => {
+            let mut request = request;
+            request.extensions_mut().insert(access);
+            next.run(request).await
+        }
         Err(refused) => {
             tracing::warn!(
-                method = %request.method(),
-                path = %request.uri().path(),
-                reason = %refused.detail,
+                method = %method,
+                path = %path,
+                reason = refused.detail(),
                 "request refused"
             );
             refused.into_response()

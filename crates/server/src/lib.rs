@@ -12,13 +12,18 @@
 //! and `multipart/form-data` bodies are read). Clients on other machines deploy only from the
 //! folders the operator allowed.
 //!
-//! Only this crate knows HTTP and the wire JSON of the API. It does not authenticate clients.
+//! With tokens configured ([`ApiOptions::tokens`]), every request but the health check needs
+//! one (see [`auth`]).
+//!
+//! Only this crate knows HTTP and the wire JSON of the API.
 
 mod api;
+pub mod auth;
 mod base_path;
 pub mod client;
 mod error;
 mod guard;
+mod metrics;
 mod options;
 pub mod wire;
 

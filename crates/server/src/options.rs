@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::auth::{Token, Tokens};
+
 /// How long `POST …/tasks/run` waits for a task by default (llama_deploy's 120 s).
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -25,6 +27,8 @@ pub struct ApiOptions {
     pub allowed_base_paths: Vec<PathBuf>,
     /// How long `POST …/tasks/run` waits for the task before answering 504.
     pub run_timeout: Duration,
+    /// The tokens requests must carry; none: an open API (see [`crate::auth`]).
+    pub tokens: Tokens,
 }
 
 impl ApiOptions {
@@ -36,7 +40,15 @@ impl ApiOptions {
             allowed_hosts: Vec::new(),
             allowed_base_paths: Vec::new(),
             run_timeout: DEFAULT_RUN_TIMEOUT,
+            tokens: Tokens::default(),
         }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every request but the health check: `full`
+    /// may do everything, `task` only run tasks (see [`crate::auth`]).
+    pub fn tokens(mut self, full: Option<Token>, task: Option<Token>) -> Self {
+        self.tokens = Tokens { full, task };
+        self
     }
 
     /// Also answers requests addressed to `host` (and accepts changes from pages of it).

@@ -735,3 +735,223 @@ async fn bad_requests_get_json_4xx_answers() {
     }
     fixture.shutdown().await;
 }
+
+const FULL_TOKEN: &str = "full-token-0123456789abcdef";
+const TASK_TOKEN: &str = "task-token-0123456789abcdef";
+
+/// The options of a server that needs a token.
+fn guarded() -> ApiOptions {
+    use deployd_server::auth::Token;
+    ApiOptions::new(LISTEN.parse().unwrap()).tokens(
+        Some(Token::new(FULL_TOKEN).unwrap()),
+        Some(Token::new(TASK_TOKEN).unwrap()),
+    )
+}
+
+/// `request` with `Authorization: Bearer <token>`.
+fn with_token(token: &str, method: &str, uri: &str) -> axum::http::request::Builder {
+    request(method, uri).header("authorization", format!("Bearer {token}"))
+}
+
+#[tokio::test]
+async fn with_a_token_every_route_but_the_health_check_needs_it() {
+    let fixture = Fixture::new().await;
+    let app = fixture.app(guarded(), LOOPBACK);
+    fixture
+        .deploy_sleeper(
+            &fixture.app(ApiOptions::new(LISTEN.parse().unwrap()), LOOPBACK),
+            "d",
+        )
+        .await;
+    let routes = [
+        ("GET", "/"),
+        ("GET", "/deployments"),
+        ("GET", "/deployments/"),
+        ("POST", "/deployments/create"),
+        ("GET", "/deployments/d"),
+        ("DELETE", "/deployments/d"),
+        ("DELETE", "/deployments/d/delete"),
+        ("GET", "/deployments/d/tasks"),
+        ("POST", "/deployments/d/tasks/create"),
+        ("POST", "/deployments/d/tasks/run"),
+        ("GET", "/deployments/d/tasks/t/results"),
+        ("GET", "/deployments/d/tasks/t/events"),
+        ("POST", "/deployments/d/tasks/t/events"),
+        ("GET", "/deployments/d/sessions"),
+        ("POST", "/deployments/d/sessions/create"),
+        ("POST", "/deployments/d/sessions/delete"),
+        ("GET", "/deployments/d/sessions/s"),
+        ("GET", "/nowhere"),
+    ];
+    let wrong = [
+        None,
+        Some(format!("Bearer {FULL_TOKEN}x")),
+        Some("Bearer ".to_owned()),
+        Some(format!("Basic {FULL_TOKEN}")),
+        Some(FULL_TOKEN.to_owned()),
+    ];
+    for (method, uri) in routes {
+        for authorization in &wrong {
+            let mut builder = request(method, uri).header("content-type", "application/json");
+            if let Some(value) = authorization {
+                builder = builder.header("authorization", value);
+            }
+            let (status, headers, body) = call(&app, builder.body(Body::from("{}")).unwrap()).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {uri} {authorization:?}: {body}"
+            );
+            assert_eq!(headers["www-authenticate"], "Bearer realm=\"deployd\"");
+            assert!(
+                detail(&body).contains("token") || detail(&body).contains("Bearer"),
+                "{body}"
+            );
+        }
+    }
+    // The deployment is still there: nothing refused touched it.
+    let (status, _, _) = call(
+        &app,
+        with_token(FULL_TOKEN, "GET", "/deployments/d")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The health check answers anyone, with nothing beyond health.
+    let (status, _, body) = call(&app, get("/status/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "Healthy", "status_message": ""}));
+    let (status, _, body) = call(
+        &app,
+        with_token(TASK_TOKEN, "GET", "/status/")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["deployments"], json!(["d"]), "{body}");
+    fixture.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_task_token_runs_tasks_but_cannot_change_deployments() {
+    let fixture = Fixture::new().await;
+    let app = fixture.app(guarded(), LOOPBACK);
+    let marker = fixture.project().join("started");
+    let file = marker_file("mine", &marker);
+    let deploy = |token: &str| {
+        with_token(token, "POST", &fixture.create_url())
+            .header("content-type", "application/json")
+            .body(Body::from(file.clone()))
+            .unwrap()
+    };
+    let (status, _, body) = call(&app, deploy(TASK_TOKEN)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(detail(&body).contains("task token"), "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "the task token deployed");
+    let (status, _, body) = call(&app, deploy(FULL_TOKEN)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_file(&marker).await;
+
+    let reload = with_token(
+        TASK_TOKEN,
+        "POST",
+        &format!("{}&reload=true", fixture.create_url()),
+    )
+    .header("content-type", "application/json")
+    .body(Body::from(file.clone()))
+    .unwrap();
+    assert_eq!(call(&app, reload).await.0, StatusCode::FORBIDDEN);
+    for uri in ["/deployments/mine", "/deployments/mine/delete"] {
+        let (status, _, body) = call(
+            &app,
+            with_token(TASK_TOKEN, "DELETE", uri)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {body}");
+    }
+
+    // What the task token may do.
+    let (status, _, body) = call(
+        &app,
+        with_token(TASK_TOKEN, "GET", "/deployments/mine")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, task) = call(
+        &app,
+        with_token(TASK_TOKEN, "POST", "/deployments/mine/tasks/create")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"input": "{}"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    let (status, _, tasks) = call(
+        &app,
+        with_token(TASK_TOKEN, "GET", "/deployments/mine/tasks")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tasks.as_array().map(Vec::len), Some(1), "{tasks}");
+    let (status, _, session) = call(
+        &app,
+        with_token(TASK_TOKEN, "POST", "/deployments/mine/sessions/create")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{session}");
+
+    // The full token deletes.
+    let (status, _, body) = call(
+        &app,
+        with_token(FULL_TOKEN, "DELETE", "/deployments/mine")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    fixture.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_client_sends_its_token() {
+    let fixture = Fixture::new().await;
+    let (address, _stop) = serve(&fixture.manager, |address| {
+        use deployd_server::auth::Token;
+        ApiOptions::new(address).tokens(Some(Token::new(FULL_TOKEN).unwrap()), None)
+    })
+    .await;
+    let base = format!("http://{address}");
+    let without = Client::new(&base).deployment("x").await.unwrap_err();
+    assert!(without.to_string().contains("HTTP 401"), "{without}");
+    let wrong = Client::new(&base)
+        .with_token("wrong-token-0123456789")
+        .deployment("x")
+        .await
+        .unwrap_err();
+    assert!(wrong.to_string().contains("HTTP 401"), "{wrong}");
+    let with = Client::new(&base)
+        .with_token(FULL_TOKEN)
+        .deployment("x")
+        .await
+        .unwrap_err();
+    assert!(with.to_string().contains("HTTP 404"), "{with}");
+    let status = Client::new(&base)
+        .with_token(FULL_TOKEN)
+        .status()
+        .await
+        .unwrap();
+    assert_eq!(status["deployments"], json!([]));
+    fixture.shutdown().await;
+}
