@@ -5,6 +5,7 @@ mod brokers;
 mod faults;
 mod git;
 mod llama_tools;
+mod logs;
 mod pipeline;
 mod python;
 mod settings;

@@ -75,6 +75,19 @@ enum Command {
         /// A deployment.
         name: Option<String>,
     },
+    /// Prints a service's output (its log): the last lines, and with `-f` what comes after.
+    Logs {
+        /// The deployment.
+        deployment: String,
+        /// The service; the deployment's default service when absent.
+        service: Option<String>,
+        /// Go on printing lines as the service writes them (Ctrl-C stops).
+        #[arg(short, long)]
+        follow: bool,
+        /// How many lines from the end [default: 100].
+        #[arg(short = 'n', long)]
+        tail: Option<usize>,
+    },
     /// Stops and deletes a deployment.
     Delete {
         /// The deployment.
@@ -185,6 +198,16 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allow_env_prefixes: Vec<String>,
+    /// The size in bytes at which a service's log file (`logs/<service>.log`) is rotated to
+    /// `<service>.log.1`, replacing the one before.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "DEPLOYD_SERVICE_LOG_MAX",
+        default_value_t = 10 * 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(1024..)
+    )]
+    service_log_max: u64,
     /// The token every request must carry (`Authorization: Bearer <token>`), with full
     /// access; at least 16 characters. Prefer the variable: an option shows in `ps`.
     #[arg(long, env = "DEPLOYD_TOKEN", hide_env_values = true)]
@@ -335,6 +358,26 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Some(Command::Delete { name }) => {
             client.delete(&name).await?;
             println!("deployment `{name}` deleted");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Logs {
+            deployment,
+            service,
+            follow,
+            tail,
+        }) => {
+            let service = match service {
+                Some(service) => service,
+                None => client.deployment(&deployment).await?.default_service,
+            };
+            let mut stdout = std::io::stdout();
+            client
+                .logs(&deployment, &service, tail, follow, |chunk| {
+                    use std::io::Write;
+                    let _ = stdout.write_all(chunk);
+                    let _ = stdout.flush();
+                })
+                .await?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Some(Command::Validate { files }) => Ok(validate(&files)),
@@ -509,6 +552,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .drain_timeout(args.drain_timeout)
         .unready_timeout(args.unready_timeout)
         .head_timeout(args.head_timeout)
+        .log_max_bytes(args.service_log_max)
         .variable_prefixes(args.allow_env_prefixes.clone());
     // Draining, then stopping the services, then a margin: the whole shutdown's deadline.
     let shutdown_deadline =

@@ -62,6 +62,8 @@ pub(crate) struct Context {
     pub(crate) head_timeout: Duration,
     /// How long tasks in flight may take to finish when an instance stops.
     pub(crate) drain_timeout: Duration,
+    /// The size at which a service's log file is rotated.
+    pub(crate) log_max_bytes: u64,
     /// What the runtimes share.
     pub(crate) runtime: runtime::Settings,
 }
@@ -695,7 +697,7 @@ async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Err
         item.workdir.clone(),
         item.port,
         item.log.clone(),
-        Policy::of(&item.service, context.stop_timeout),
+        Policy::of(&item.service, context.stop_timeout, context.log_max_bytes),
     ));
     Ok(item)
 }

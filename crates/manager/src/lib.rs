@@ -144,6 +144,9 @@ pub struct Options {
     pub variable_prefixes: Vec<String>,
     /// The Python interpreter the virtualenvs of python services are made from (`python3`).
     pub python: String,
+    /// The size at which a service's log file (`logs/<service>.log`) is rotated to
+    /// `<service>.log.1` (10 MiB).
+    pub log_max_bytes: u64,
 }
 
 impl Options {
@@ -160,7 +163,14 @@ impl Options {
             unready_timeout: Duration::from_secs(120),
             variable_prefixes: Vec::new(),
             python: "python3".to_owned(),
+            log_max_bytes: supervisor::DEFAULT_LOG_MAX_BYTES,
         }
+    }
+
+    /// Sets the size at which a service's log file is rotated (at least 1 KiB).
+    pub fn log_max_bytes(mut self, bytes: u64) -> Self {
+        self.log_max_bytes = bytes;
+        self
     }
 
     /// Sets the Python interpreter the virtualenvs of python services are made from.
@@ -1028,6 +1038,7 @@ impl Manager {
             stop_timeout: self.inner.options.stop_timeout,
             head_timeout: self.inner.options.head_timeout,
             drain_timeout: self.inner.options.drain_timeout,
+            log_max_bytes: self.inner.options.log_max_bytes,
             runtime: runtime::Settings {
                 data_dir: self.inner.options.data_dir.clone(),
                 python: self.inner.options.python.clone(),
@@ -1066,6 +1077,23 @@ impl Manager {
     /// The state of a deployment and its services.
     pub fn status(&self, name: &str) -> Result<DeploymentStatus, Error> {
         self.deployment(name).map(|d| d.status())
+    }
+
+    /// The log file of a service's instances (`<service>.log`; the rotated one before it is
+    /// `<service>.log.1`), once the service is known to exist.
+    pub fn service_log(&self, deployment: &str, service: &str) -> Result<PathBuf, Error> {
+        let status = self.status(deployment)?;
+        if !status.services.iter().any(|s| s.id == service) {
+            return Err(Error::not_found("service", service));
+        }
+        Ok(self
+            .inner
+            .options
+            .data_dir
+            .join("deployments")
+            .join(deployment)
+            .join("logs")
+            .join(format!("{service}.log")))
     }
 
     fn deployment(&self, name: &str) -> Result<Arc<Deployment>, Error> {

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -54,6 +55,8 @@ pub(crate) struct Policy {
     pub(crate) window: Duration,
     /// Healthy uptime after which the backoff starts again from its minimum.
     pub(crate) reset_after: Duration,
+    /// The size at which the instance's log file is rotated (see [`LogFile`]).
+    pub(crate) log_max_bytes: u64,
 }
 
 impl Policy {
@@ -69,11 +72,12 @@ impl Policy {
             max_failures: 10,
             window: Duration::from_secs(120),
             reset_after: Duration::from_secs(30),
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         }
     }
 
     /// The policy a service's spec asks for.
-    pub(crate) fn of(service: &ServiceSpec, stop_timeout: Duration) -> Self {
+    pub(crate) fn of(service: &ServiceSpec, stop_timeout: Duration, log_max_bytes: u64) -> Self {
         let restart = &service.restart;
         Self {
             health_path: service.health.path.clone(),
@@ -85,6 +89,7 @@ impl Policy {
             max_failures: usize::try_from(restart.max_restarts).unwrap_or(usize::MAX),
             window: restart.window,
             reset_after: Duration::from_secs(30),
+            log_max_bytes,
         }
     }
 }
@@ -189,8 +194,12 @@ async fn supervise(
 ) {
     let mut backoff = new_backoff(&policy);
     let mut failures: VecDeque<Instant> = VecDeque::new();
+    let log = Arc::new(std::sync::Mutex::new(LogFile::new(
+        spec.log.clone(),
+        policy.log_max_bytes,
+    )));
     loop {
-        let ended = match spawn(&spec) {
+        let ended = match spawn(&spec, &log) {
             Ok(child) => run_once(&spec, &policy, &state, &mut stop, child, &mut backoff).await,
             Err(err) => Ended::Exited {
                 reason: format!("cannot start: {err}"),
@@ -412,17 +421,103 @@ fn group_alive(pid: Option<u32>) -> bool {
     })
 }
 
-fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
-    use std::fs::OpenOptions;
-    use std::io::Write;
+/// The size at which a service's log file is rotated by default.
+pub(crate) const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 
-    use std::os::unix::fs::OpenOptionsExt;
+/// The longest line of a service's output kept whole; a longer one is cut into pieces.
+const LOG_LINE_MAX: usize = 64 * 1024;
 
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&spec.log)?;
+/// A service's log file, `<service>.log`, written by deployd from the instance's stdout and
+/// stderr: when a write would take it past `max` bytes it becomes `<service>.log.1` (replacing
+/// the one before) and a new file is begun, so a service's output never takes more than about
+/// twice `max` on disk.
+#[derive(Debug)]
+pub(crate) struct LogFile {
+    path: PathBuf,
+    max: u64,
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+impl LogFile {
+    pub(crate) fn new(path: PathBuf, max: u64) -> Self {
+        Self {
+            path,
+            max: max.max(1024),
+            file: None,
+            size: 0,
+        }
+    }
+
+    fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            self.size = file.metadata().map_or(0, |m| m.len());
+            self.file = Some(file);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+
+    /// Appends `bytes`, rotating first when they would not fit.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.open()?;
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max {
+            self.file = None;
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            std::fs::rename(&self.path, rotated)?;
+            self.open()?;
+        }
+        let file = self.open()?;
+        file.write_all(bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+type SharedLog = Arc<std::sync::Mutex<LogFile>>;
+
+fn write_log(log: &SharedLog, bytes: &[u8]) {
+    let mut log = log
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(err) = log.write(bytes) {
+        tracing::warn!(path = %log.path.display(), error = %err, "cannot write a service's log");
+    }
+}
+
+/// Copies an instance's output into its log, line by line, until the pipe closes.
+fn copy_output(output: impl tokio::io::AsyncRead + Unpin + Send + 'static, log: SharedLog) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(output);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = (&mut reader)
+                .take(LOG_LINE_MAX as u64)
+                .read_until(b'\n', &mut line)
+                .await;
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if line.last() != Some(&b'\n') && line.len() >= LOG_LINE_MAX {
+                        line.push(b'\n');
+                    }
+                    write_log(&log, &line);
+                }
+            }
+        }
+    });
+}
+
+fn spawn(spec: &ProcessSpec, log: &SharedLog) -> std::io::Result<Child> {
     let argv: Vec<&str> = match &spec.command {
         Command::Shell(line) => vec!["/bin/sh", "-c", line],
         Command::Argv(argv) => argv.iter().map(String::as_str).collect(),
@@ -445,17 +540,27 @@ fn spawn(spec: &ProcessSpec) -> std::io::Result<Child> {
             command
         }
     };
-    let _ = writeln!(log, "--- deployd: starting {:?} ---", spec.command);
-    command
+    write_log(
+        log,
+        format!("--- deployd: starting {:?} ---\n", spec.command).as_bytes(),
+    );
+    let mut child = command
         .current_dir(&spec.workdir)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(false);
-    command.spawn()
+        .kill_on_drop(false)
+        .spawn()?;
+    if let Some(stdout) = child.stdout.take() {
+        copy_output(stdout, Arc::clone(log));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        copy_output(stderr, Arc::clone(log));
+    }
+    Ok(child)
 }
 
 /// Polls `GET path` until it answers 2xx or `timeout` passes.
@@ -491,6 +596,31 @@ async fn wait_healthy(port: u16, path: &str, timeout: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A log file past its size becomes `.log.1` (the one before is replaced) and a new one is
+    /// begun: the two together stay within about twice the size.
+    #[test]
+    fn a_log_file_rotates_at_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.log");
+        let mut log = LogFile::new(path.clone(), 1024);
+        let line = [b'x'; 99];
+        for n in 0..100u8 {
+            let mut bytes = line.to_vec();
+            bytes[0] = b'0' + n % 10;
+            bytes.push(b'\n');
+            log.write(&bytes).unwrap();
+        }
+        let current = std::fs::read(&path).unwrap();
+        let rotated = std::fs::read(dir.path().join("svc.log.1")).unwrap();
+        assert!(current.len() <= 1024 && rotated.len() <= 1024);
+        assert!(rotated.len() > 900, "{}", rotated.len());
+        // The newest lines are in the current file, whole.
+        assert!(current.ends_with(b"9xxxx\n") || current.ends_with(b"x\n"));
+        assert_eq!(current.len() % 100, 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
     use super::*;
 
     fn spec(dir: &std::path::Path, line: &str, port: u16) -> ProcessSpec {

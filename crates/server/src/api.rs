@@ -30,6 +30,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::Access;
 use crate::error::ApiError;
+use crate::logs;
 use crate::metrics::Metrics;
 use crate::options::ApiOptions;
 use crate::wire::{EventLine, TaskDefinition, TaskResult, result_text};
@@ -104,6 +105,10 @@ pub(crate) fn routes(
         .route(
             "/deployments/{name}/tasks/{task_id}/events",
             get(task_events).post(send_event),
+        )
+        .route(
+            "/deployments/{name}/services/{service}/logs",
+            get(service_logs),
         )
         .route("/deployments/{name}/sessions", get(list_sessions))
         .route("/deployments/{name}/sessions/", get(list_sessions))
@@ -824,6 +829,71 @@ async fn task_events(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LogParams {
+    /// How many lines from the end (100 by default).
+    tail: Option<usize>,
+    /// Go on with the lines written after.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A service's output: see `logs.rs`.
+async fn service_logs(
+    State(state): State<AppState>,
+    P((name, service)): P<(String, String)>,
+    Q(params): Q<LogParams>,
+) -> ApiResult<Response> {
+    let n = params.tail.unwrap_or(logs::DEFAULT_TAIL);
+    if n > logs::MAX_TAIL {
+        return Err(ApiError::bad_request(format!(
+            "`tail` is {n}; it is at most {}",
+            logs::MAX_TAIL
+        )));
+    }
+    let path = state.manager.service_log(&name, &service)?;
+    let read = path.clone();
+    let (lines, offset) = tokio::task::spawn_blocking(move || logs::tail(&read, n))
+        .await
+        .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the log of service `{service}`: {err}"),
+            )
+        })?;
+    let mut head = lines.join("\n");
+    if !head.is_empty() {
+        head.push('\n');
+    }
+    let content_type = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !params.follow {
+        return Ok((content_type, head).into_response());
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel::<String>(256);
+    logs::follow(
+        state.manager.clone(),
+        name,
+        service,
+        path,
+        offset,
+        Arc::clone(&state.shutting_down),
+        sender,
+    );
+    let rest = ReceiverStream::new(receiver).map(|mut line| {
+        line.push('\n');
+        line
+    });
+    let body = futures::stream::once(std::future::ready(head))
+        .chain(rest)
+        .map(Ok::<_, std::convert::Infallible>);
+    let mut response = (content_type, Body::from_stream(body)).into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
 }
 
 fn session_definition(session: SessionInfo) -> Value {

@@ -142,6 +142,48 @@ impl Client {
         ))
     }
 
+    /// `GET /deployments/{name}/services/{service}/logs`: hands each piece of the answer to
+    /// `chunk` as it comes (with `follow`, until the server ends the answer).
+    pub async fn logs(
+        &self,
+        deployment: &str,
+        service: &str,
+        tail: Option<usize>,
+        follow: bool,
+        mut chunk: impl FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        let unreachable = |source| Error::Unreachable {
+            url: self.base.clone(),
+            source,
+        };
+        let mut request = self
+            .http
+            .get(self.url(&format!(
+                "/deployments/{deployment}/services/{service}/logs"
+            )))
+            .query(&[("follow", if follow { "true" } else { "false" })]);
+        if let Some(tail) = tail {
+            request = request.query(&[("tail", tail)]);
+        }
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let detail = body
+                .get("detail")
+                .and_then(Value::as_str)
+                .map_or_else(|| body.to_string(), str::to_owned);
+            return Err(Error::Api { status, detail });
+        }
+        while let Some(piece) = response.chunk().await.map_err(unreachable)? {
+            chunk(&piece);
+        }
+        Ok(())
+    }
+
     /// `GET /deployments/{name}`.
     pub async fn deployment(&self, name: &str) -> Result<DeploymentStatus, Error> {
         self.send(self.http.get(self.url(&format!("/deployments/{name}"))))

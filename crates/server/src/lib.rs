@@ -23,6 +23,7 @@ mod base_path;
 pub mod client;
 mod error;
 mod guard;
+mod logs;
 mod metrics;
 mod options;
 pub mod wire;
