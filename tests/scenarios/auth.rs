@@ -75,6 +75,16 @@ fn without_a_token_deployd_refuses_a_non_loopback_address_and_says_why() {
         &[("DEPLOYD_TASK_TOKEN", TASK_TOKEN)],
     );
     assert!(stderr.contains("without --token"), "{stderr}");
+    let stderr = refused_start(
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cors-origin",
+            "*",
+        ],
+        &[],
+    );
+    assert!(stderr.contains("wildcard"), "{stderr}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use deployd_manager::{FileOrigin, Manager, Options};
 use deployd_server::auth::Token;
 use deployd_server::client::Client;
-use deployd_server::{AllowedHost, ApiOptions};
+use deployd_server::{AllowedHost, ApiOptions, CorsOrigin};
 use serde_json::Value;
 
 /// mimalloc instead of glibc's allocator: the task path allocates and frees many small buffers
@@ -145,6 +145,16 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allow_hosts: Vec<AllowedHost>,
+    /// The origin of web pages that may call the API from a browser (`https://app.example`,
+    /// `http://localhost:5173`): deployd answers their CORS requests, and their pages may
+    /// change things. None by default; `*` is refused. Repeatable.
+    #[arg(
+        long = "cors-origin",
+        value_name = "ORIGIN",
+        env = "DEPLOYD_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<CorsOrigin>,
     /// A folder (with the folders below it) that clients on other machines may deploy from
     /// (`base_path`); clients on this machine may deploy from any folder. Repeatable.
     #[arg(long = "allow-base-path", value_name = "DIR")]
@@ -584,6 +594,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .tokens(full_token, task_token);
     for host in args.allow_hosts {
         options = options.allow_host(host);
+    }
+    for origin in args.cors_origins {
+        options = options.allow_cors_origin(origin);
     }
     for dir in args.allow_base_paths {
         options = options.allow_base_path(dir);

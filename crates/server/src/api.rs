@@ -74,6 +74,7 @@ pub(crate) fn routes(
     options: ApiOptions,
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
+    let cors = cors_layer(&options);
     let options = Arc::new(options);
     let metrics = Arc::new(Metrics::default());
     let state = AppState {
@@ -82,7 +83,7 @@ pub(crate) fn routes(
         shutting_down,
         metrics: Arc::clone(&metrics),
     };
-    Router::new()
+    let router = Router::new()
         .route("/", get(root))
         .route("/status", get(status))
         .route("/status/", get(status))
@@ -129,8 +130,42 @@ pub(crate) fn routes(
         .layer(axum::middleware::from_fn_with_state(metrics, count_request))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }))
-        .with_state(state)
+        }));
+    // Outermost: a preflight is answered before the guard and the token check (a browser sends
+    // it without the token).
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+    .with_state(state)
+}
+
+/// CORS for the `--cors-origin` origins, none without them: the methods and headers the API
+/// uses, the token in `Authorization` (no cookies, so no credentials mode; never `*`).
+fn cors_layer(options: &ApiOptions) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::Method;
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if options.cors_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = options
+        .cors_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin.as_str()).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                axum::http::HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::LINK])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found() -> ApiError {

@@ -159,7 +159,8 @@ fn check_origin(options: &ApiOptions, headers: &HeaderMap, what: &str) -> Result
             )));
         }
         match parse_origin(origin) {
-            Some((authority, port)) if options.allows(&authority.host, port) => {}
+            Some((authority, port))
+                if options.allows(&authority.host, port) || options.cors_allows(origin) => {}
             parsed => {
                 let allow = match parsed {
                     Some((authority, port)) => format!("{}:{port}", authority.host),

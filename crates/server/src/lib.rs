@@ -38,7 +38,9 @@ use tokio::net::TcpListener;
 
 pub use api::router;
 pub use error::ApiError;
-pub use options::{AllowedHost, ApiOptions, DEFAULT_RUN_TIMEOUT, InvalidHost};
+pub use options::{
+    AllowedHost, ApiOptions, CorsOrigin, DEFAULT_RUN_TIMEOUT, InvalidHost, InvalidOrigin,
+};
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the requests in
 /// flight (they end when the Manager shuts down: resolve `shutdown` first, then shut the

@@ -29,6 +29,9 @@ pub struct ApiOptions {
     pub run_timeout: Duration,
     /// The tokens requests must carry; none: an open API (see [`crate::auth`]).
     pub tokens: Tokens,
+    /// Origins of web pages that may call the API from a browser (`--cors-origin`): they get
+    /// CORS answers, and their pages may change things as pages of `allowed_hosts` may.
+    pub cors_origins: Vec<CorsOrigin>,
 }
 
 impl ApiOptions {
@@ -41,7 +44,21 @@ impl ApiOptions {
             allowed_base_paths: Vec::new(),
             run_timeout: DEFAULT_RUN_TIMEOUT,
             tokens: Tokens::default(),
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// Lets pages of `origin` call the API from a browser (CORS).
+    pub fn allow_cors_origin(mut self, origin: CorsOrigin) -> Self {
+        self.cors_origins.push(origin);
+        self
+    }
+
+    /// Whether a request's `Origin` is one of [`ApiOptions::cors_origins`].
+    pub(crate) fn cors_allows(&self, origin: &str) -> bool {
+        origin
+            .parse::<CorsOrigin>()
+            .is_ok_and(|origin| self.cors_origins.contains(&origin))
     }
 
     /// Requires `Authorization: Bearer <token>` on every request but the health check: `full`
@@ -246,9 +263,81 @@ impl fmt::Display for AllowedHost {
     }
 }
 
+/// A web origin, `http://host[:port]` or `https://host[:port]`, from `--cors-origin`; written
+/// as browsers send it (lowercase, no default port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsOrigin(String);
+
+/// A `--cors-origin` value that is not an origin.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{0}` is not a web origin: {1}")]
+pub struct InvalidOrigin(String, &'static str);
+
+impl CorsOrigin {
+    /// The origin as browsers send it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for CorsOrigin {
+    type Err = InvalidOrigin;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = |why| InvalidOrigin(text.to_owned(), why);
+        let text = text.trim();
+        if text == "*" {
+            return Err(invalid(
+                "a wildcard would let every web page call deployd; name each origin",
+            ));
+        }
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| invalid("write it as http://host[:port] or https://host[:port]"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(invalid("the scheme must be http or https")),
+        };
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(invalid(
+                "an origin has no path, query or user (http://host[:port])",
+            ));
+        }
+        let authority = Authority::parse(rest).ok_or_else(|| invalid("the host is not valid"))?;
+        let host = authority.host.to_string();
+        Ok(Self(match authority.port {
+            Some(port) if port != default_port => format!("{scheme}://{host}:{port}"),
+            _ => format!("{scheme}://{host}"),
+        }))
+    }
+}
+
+impl fmt::Display for CorsOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_are_written_as_browsers_send_them() {
+        for (given, written) in [
+            ("https://App.Example", "https://app.example"),
+            ("https://app.example:443", "https://app.example"),
+            ("http://localhost:5173", "http://localhost:5173"),
+            ("http://[::1]:3000", "http://[::1]:3000"),
+        ] {
+            assert_eq!(given.parse::<CorsOrigin>().unwrap().as_str(), written);
+        }
+        for bad in ["*", "app.example", "ftp://x", "https://x/path", "https://"] {
+            assert!(bad.parse::<CorsOrigin>().is_err(), "{bad}");
+        }
+    }
 
     fn check(options: &ApiOptions, host: &str, expected: bool) {
         let authority = Authority::parse(host).unwrap_or_else(|| panic!("`{host}` parses"));

@@ -955,3 +955,82 @@ async fn the_client_sends_its_token() {
     assert_eq!(status["deployments"], json!([]));
     fixture.shutdown().await;
 }
+
+#[tokio::test]
+async fn pages_of_a_cors_origin_may_call_the_api_and_others_may_not() {
+    let fixture = Fixture::new().await;
+    let options = guarded().allow_cors_origin("https://app.example".parse().unwrap());
+    let app = fixture.app(options, LOOPBACK);
+    fixture
+        .deploy_sleeper(
+            &fixture.app(ApiOptions::new(LISTEN.parse().unwrap()), LOOPBACK),
+            "d",
+        )
+        .await;
+
+    // The preflight of a JSON POST with the token: answered without the token.
+    let preflight = |origin: &str| {
+        request("OPTIONS", "/deployments/d/tasks/create")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, headers, _) = call(&app, preflight("https://app.example")).await;
+    assert!(status.is_success(), "{status}");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    assert!(headers.get("access-control-allow-credentials").is_none());
+    let (_, headers, _) = call(&app, preflight("https://evil.example")).await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+
+    // The POST itself, from the page, with the task token.
+    let post = |origin: &str| {
+        with_token(TASK_TOKEN, "POST", "/deployments/d/tasks/create")
+            .header("origin", origin)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"input": "{}"}"#))
+            .unwrap()
+    };
+    let (status, headers, body) = call(&app, post("https://app.example")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let (status, headers, body) = call(&app, post("https://evil.example")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(headers.get("access-control-allow-origin").is_none());
+    // Still no way in without the token.
+    let (status, _, _) = call(
+        &app,
+        request("GET", "/deployments/d")
+            .header("origin", "https://app.example")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Without `--cors-origin`, no CORS answers at all.
+    let plain = fixture.app(guarded(), LOOPBACK);
+    let (_, headers, _) = call(&plain, preflight("https://app.example")).await;
+    assert!(headers.get("access-control-allow-origin").is_none());
+    let (status, _, _) = call(&plain, post("https://app.example")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    fixture.shutdown().await;
+}
