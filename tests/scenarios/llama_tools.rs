@@ -1036,4 +1036,20 @@ fn the_metrics_page_parses_and_its_task_counters_move() {
     assert_eq!(samples[refused], json!(1.0), "{samples}");
     let count = "deployd_http_request_duration_seconds_count{method=POST,route=/deployments/{name}/tasks/run}";
     assert_eq!(samples[count], json!(3.0), "{samples}");
+    // The three tasks in the task duration histogram: each took less than 30 s.
+    let tasks = "deployd_task_duration_seconds_count{deployment=metered,service=svc}";
+    assert_eq!(samples[tasks], json!(3.0), "{samples}");
+    let quick: Vec<&Value> = samples
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(key, _)| {
+            ["30", "30.0"].iter().any(|le| {
+                **key == format!("deployd_task_duration_seconds_bucket{{deployment=metered,le={le},service=svc}}")
+            })
+        })
+        .map(|(_, value)| value)
+        .collect();
+    assert_eq!(quick, [&json!(3.0)], "{samples}");
+    assert_eq!(after["kinds"]["deployd_task_duration_seconds"], "histogram");
 }

@@ -208,3 +208,48 @@ fn llama_deploy_apiserver_settings_by_environment() {
         let _ = child.wait();
     }
 }
+
+#[test]
+fn ended_tasks_are_pruned_after_their_retention_and_waiting_ones_kept() {
+    let project = Project::new();
+    let file = project.deployment("brief", &[("svc", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &["--retention", "1"]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let out = success(&server.cli(&["run", "-d", "brief", "-a", "message", "hi"]));
+    assert_eq!(out, "svc: hi\n");
+    let (status, waiting) = server.post(
+        "/deployments/brief/tasks/create",
+        &json!({ "input": json!({ "wait_for_event": true }).to_string() }),
+    );
+    assert_eq!(status, 200, "{waiting}");
+    let waiting = waiting["task_id"].as_str().unwrap().to_owned();
+    let (_, tasks) = server.get("/deployments/brief/tasks").unwrap();
+    assert_eq!(tasks.as_array().unwrap().len(), 2, "{tasks}");
+    // The ended task goes once it is more than a second old; the waiting one stays.
+    let left = wait_for(
+        "the ended task to be pruned",
+        Duration::from_secs(30),
+        || {
+            let (_, tasks) = server.get("/deployments/brief/tasks").ok()?;
+            let tasks = tasks.as_array()?.clone();
+            (tasks.len() == 1).then_some(tasks)
+        },
+    );
+    assert_eq!(left[0]["task_id"], json!(waiting));
+    assert!(server.log().contains("pruned tasks past their retention"));
+    // Let the waiting task end, so that deployd stops without a drain.
+    let (status, body) = server.post(
+        &format!("/deployments/brief/tasks/{waiting}/events"),
+        &json!({ "service_id": "svc", "event_obj_str": "\"go\"" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    // A retention that is not a number is refused at start.
+    let out = std::process::Command::new(deployd_e2e::binary())
+        .args(["serve", "--retention", "soon", "--data-dir"])
+        .arg(data.path().join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("soon"));
+}

@@ -218,6 +218,15 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1024..)
     )]
     service_log_max: u64,
+    /// How long an ended task, with its events, is kept after it ended; `0` keeps every task.
+    /// Unfinished tasks and sessions are never pruned [default: 604800, 7 days].
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "DEPLOYD_RETENTION",
+        value_parser = parse_retention
+    )]
+    retention: Option<Retention>,
     /// The token every request must carry (`Authorization: Bearer <token>`), with full
     /// access; at least 16 characters. Prefer the variable: an option shows in `ps`.
     #[arg(long, env = "DEPLOYD_TOKEN", hide_env_values = true)]
@@ -252,6 +261,18 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}`: the timeout must be more than 0 seconds"));
     }
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{text}`: {err}"))
+}
+
+/// How long ended tasks are kept: `None` keeps every task.
+#[derive(Debug, Clone, Copy)]
+struct Retention(Option<Duration>);
+
+/// A retention in seconds; `0` keeps every task.
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text.trim() == "0" {
+        return Ok(Retention(None));
+    }
+    parse_seconds(text).map(|d| Retention(Some(d)))
 }
 
 /// The async runtime's worker threads: one fewer than the cores (at least one), since the
@@ -563,6 +584,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unready_timeout(args.unready_timeout)
         .head_timeout(args.head_timeout)
         .log_max_bytes(args.service_log_max)
+        .retention(
+            args.retention
+                .map_or(Some(deployd_manager::DEFAULT_RETENTION), |r| r.0),
+        )
         .variable_prefixes(args.allow_env_prefixes.clone());
     // Draining, then stopping the services, then a margin: the whole shutdown's deadline.
     let shutdown_deadline =

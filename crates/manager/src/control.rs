@@ -896,6 +896,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pruning_deletes_ended_tasks_and_their_events_only() {
+        let (_dir, control, task) = control().await;
+        let mut waiting = task.clone();
+        waiting.id = "w".into();
+        control.store().insert_task(&waiting).await.unwrap();
+        control
+            .event(&task.id, 1, json!({"step": 1}))
+            .await
+            .unwrap();
+        control
+            .finish(&task, Ok(json!("done")), None)
+            .await
+            .unwrap();
+        let store = control.store();
+        // Ended after `before`: kept.
+        assert_eq!(
+            store
+                .prune_ended(crate::store::now_ms() - 60_000, 10)
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(store.task("t").await.unwrap().is_some());
+        // Ended before it: gone with its events; the task still waiting stays.
+        let later = crate::store::now_ms() + 1_000;
+        assert_eq!(store.prune_ended(later, 10).await.unwrap(), 1);
+        assert!(store.task("t").await.unwrap().is_none());
+        assert!(store.events_after("t", 0).await.unwrap().is_none());
+        assert!(store.task("w").await.unwrap().is_some());
+        assert_eq!(store.prune_ended(later, 10).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn a_finished_task_keeps_its_first_outcome() {
         let (_dir, control, task) = control().await;
         control

@@ -147,6 +147,9 @@ pub struct Options {
     /// The size at which a service's log file (`logs/<service>.log`) is rotated to
     /// `<service>.log.1` (10 MiB).
     pub log_max_bytes: u64,
+    /// How long an ended task (with its events) is kept after it ended; `None` keeps every
+    /// task (7 days).
+    pub retention: Option<Duration>,
 }
 
 impl Options {
@@ -164,7 +167,14 @@ impl Options {
             variable_prefixes: Vec::new(),
             python: "python3".to_owned(),
             log_max_bytes: supervisor::DEFAULT_LOG_MAX_BYTES,
+            retention: Some(DEFAULT_RETENTION),
         }
+    }
+
+    /// Sets how long an ended task is kept; `None` keeps every task.
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Sets the size at which a service's log file is rotated (at least 1 KiB).
@@ -358,6 +368,27 @@ pub struct TaskCount {
     /// When the oldest of them was created (ms since the epoch).
     pub oldest_ms: i64,
 }
+
+/// How long the ended tasks of one service took, from creation to their end, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskDurations {
+    /// The deployment.
+    pub deployment: String,
+    /// The service.
+    pub service: String,
+    /// For each bound asked for (seconds), how many took at most that long (cumulative).
+    pub at_most: Vec<u64>,
+    /// How many tasks.
+    pub count: u64,
+    /// Their durations added up, in seconds.
+    pub sum_seconds: f64,
+}
+
+/// How long an ended task is kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Tasks deleted in one transaction when old tasks are pruned.
+const PRUNE_BATCH: usize = 1_000;
 
 /// A task and, once it has ended, its outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -631,7 +662,47 @@ impl Manager {
         };
         manager.restore().await?;
         manager.watch_unready();
+        manager.prune_ended_tasks();
         Ok(manager)
+    }
+
+    /// Deletes the tasks that ended longer than [`Options::retention`] ago, with their events,
+    /// a batch at a time: at start, then every tenth of the retention (at least every second,
+    /// at most every hour), until the Manager shuts down or is dropped.
+    fn prune_ended_tasks(&self) {
+        let Some(retention) = self.inner.options.retention else {
+            return;
+        };
+        let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let before =
+                    store::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                loop {
+                    match inner.control.store().prune_ended(before, PRUNE_BATCH).await {
+                        Ok(0) => break,
+                        Ok(pruned) => {
+                            tracing::info!(tasks = pruned, "pruned tasks past their retention");
+                            if pruned < PRUNE_BATCH {
+                                break;
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot prune old tasks; will retry");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Fails the tasks that wait for a service that cannot take them: at once when the
@@ -1308,6 +1379,12 @@ impl Manager {
     /// table), for metrics.
     pub async fn task_counts(&self) -> Result<Vec<TaskCount>, Error> {
         self.inner.control.store().task_counts().await
+    }
+
+    /// The durations of every service's ended tasks, counted at most each of `bounds` (in
+    /// seconds, ascending): a histogram (a scan of the task table), for metrics.
+    pub async fn task_durations(&self, bounds: &[f64]) -> Result<Vec<TaskDurations>, Error> {
+        self.inner.control.store().task_durations(bounds).await
     }
 
     /// A page of a deployment's tasks, oldest first: at most `limit`, starting after the task

@@ -435,6 +435,79 @@ impl Store {
             .collect()
     }
 
+    pub(crate) async fn task_durations(
+        &self,
+        bounds: &[f64],
+    ) -> Result<Vec<crate::TaskDurations>, Error> {
+        // The bounds are numbers of ours, written into the statement in milliseconds.
+        let columns: String = bounds
+            .iter()
+            .enumerate()
+            .map(|(i, bound)| {
+                format!(
+                    ", SUM(CASE WHEN updated_at - created_at <= {} THEN 1 ELSE 0 END) AS b{i}",
+                    (bound * 1000.0).round() as i64
+                )
+            })
+            .collect();
+        let statement = format!(
+            "SELECT deployment, service, COUNT(*) AS n, SUM(updated_at - created_at) AS total{columns}
+             FROM tasks WHERE status IN ('succeeded', 'failed')
+             GROUP BY deployment, service ORDER BY deployment, service"
+        );
+        // Only numbers of ours are written into it.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .fetch_all(&self.read)
+            .await
+            .map_err(store_error)?;
+        let count = |value: i64| u64::try_from(value).unwrap_or(0);
+        rows.into_iter()
+            .map(|row| {
+                let at_most = (0..bounds.len())
+                    .map(|i| row.try_get::<i64, _>(i + 4).map(count).map_err(store_error))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(crate::TaskDurations {
+                    deployment: row.try_get("deployment").map_err(store_error)?,
+                    service: row.try_get("service").map_err(store_error)?,
+                    at_most,
+                    count: count(row.try_get("n").map_err(store_error)?),
+                    sum_seconds: row.try_get::<i64, _>("total").map_err(store_error)? as f64
+                        / 1000.0,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes up to `limit` tasks that ended before `before` (ms since the epoch), with their
+    /// events; how many.
+    pub(crate) async fn prune_ended(&self, before: i64, limit: usize) -> Result<usize, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.write
+            .transaction(move |tx| {
+                let ids: Vec<String> = tx
+                    .prepare_cached(
+                        "SELECT id FROM tasks WHERE status IN ('succeeded', 'failed')
+                         AND updated_at < ? LIMIT ?",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map(rusqlite::params![before, limit], |row| row.get(0))?
+                            .collect()
+                    })
+                    .map_err(sqlite_error)?;
+                for id in &ids {
+                    tx.prepare_cached("DELETE FROM events WHERE task_id = ?")
+                        .and_then(|mut statement| statement.execute([id]))
+                        .map_err(sqlite_error)?;
+                    tx.prepare_cached("DELETE FROM tasks WHERE id = ?")
+                        .and_then(|mut statement| statement.execute([id]))
+                        .map_err(sqlite_error)?;
+                }
+                Ok(ids.len())
+            })
+            .await
+    }
+
     pub(crate) async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error

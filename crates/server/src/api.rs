@@ -324,6 +324,9 @@ async fn metrics_page(State(state): State<AppState>) -> ApiResult<Response> {
         .filter_map(|name| manager.status(&name).ok())
         .collect();
     let tasks = manager.task_counts().await?;
+    let durations = manager
+        .task_durations(&crate::metrics::TASK_BUCKETS)
+        .await?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -331,6 +334,7 @@ async fn metrics_page(State(state): State<AppState>) -> ApiResult<Response> {
         state.shutting_down.load(Ordering::SeqCst),
         &deployments,
         &tasks,
+        &durations,
         now_ms,
     );
     Ok((

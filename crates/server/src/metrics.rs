@@ -8,6 +8,8 @@
 //! - `deployd_tasks{deployment,service,status}`: the tasks in the store, and
 //!   `deployd_queue_oldest_task_age_seconds{deployment,service}`: how long the oldest queued task
 //!   has waited (the queue's lag), read from the store when the page is asked for;
+//! - `deployd_task_duration_seconds{deployment,service}`: a histogram of how long ended tasks
+//!   took from their creation to their end (queueing included), read from the store too;
 //! - `deployd_service_up{deployment,service}` (1 while ready) and
 //!   `deployd_service_restarts_total{deployment,service}`;
 //! - llama_deploy 0.9's state gauges, with its names and states, so that dashboards built on
@@ -23,7 +25,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::Method;
-use deployd_manager::{DeploymentStatus, Phase, TaskCount};
+use deployd_manager::{DeploymentStatus, Phase, TaskCount, TaskDurations};
+
+/// The upper bounds of the task duration histogram, in seconds.
+pub(crate) const TASK_BUCKETS: [f64; 11] = [
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+];
 
 /// The upper bounds of the request duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -76,6 +83,7 @@ impl Metrics {
         stopping: bool,
         deployments: &[DeploymentStatus],
         tasks: &[TaskCount],
+        durations: &[TaskDurations],
         now_ms: i64,
     ) -> String {
         let mut out = String::new();
@@ -151,6 +159,45 @@ impl Metrics {
                     ("status", count.status.name()),
                 ],
                 count.count as f64,
+            );
+        }
+        family(
+            &mut out,
+            "deployd_task_duration_seconds",
+            "histogram",
+            "How long ended tasks took, from their creation to their end.",
+        );
+        for service in durations {
+            let name = "deployd_task_duration_seconds";
+            let labels = [
+                ("deployment", service.deployment.as_str()),
+                ("service", service.service.as_str()),
+            ];
+            for (bound, count) in TASK_BUCKETS.iter().zip(&service.at_most) {
+                sample(
+                    &mut out,
+                    &format!("{name}_bucket"),
+                    &[labels[0], labels[1], ("le", &bound.to_string())],
+                    *count as f64,
+                );
+            }
+            sample(
+                &mut out,
+                &format!("{name}_bucket"),
+                &[labels[0], labels[1], ("le", "+Inf")],
+                service.count as f64,
+            );
+            sample(
+                &mut out,
+                &format!("{name}_sum"),
+                &labels,
+                service.sum_seconds,
+            );
+            sample(
+                &mut out,
+                &format!("{name}_count"),
+                &labels,
+                service.count as f64,
             );
         }
         family(
@@ -415,7 +462,7 @@ mod tests {
             401,
             Duration::ZERO,
         );
-        let page = metrics.render(false, &[], &[], 0);
+        let page = metrics.render(false, &[], &[], &[], 0);
         assert!(page.contains(
             "deployd_http_requests_total{method=\"GET\",route=\"/status/\",status=\"200\"} 2\n"
         ));
