@@ -218,6 +218,26 @@ struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1024..)
     )]
     service_log_max: u64,
+    /// The largest request body deployd reads, in bytes (larger: 413). Deployment files are
+    /// limited to 4 MiB whatever this says.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "DEPLOYD_MAX_BODY_BYTES",
+        default_value_t = deployd_server::DEFAULT_MAX_BODY_BYTES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..)
+    )]
+    max_body_bytes: usize,
+    /// The most event streams (a task's events, a followed log) open at once; one more is
+    /// answered 429.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "DEPLOYD_MAX_EVENT_STREAMS",
+        default_value_t = deployd_server::DEFAULT_MAX_STREAMS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    max_event_streams: usize,
     /// How long an ended task, with its events, is kept after it ended; `0` keeps every task.
     /// Unfinished tasks and sessions are never pruned [default: 604800, 7 days].
     #[arg(
@@ -616,7 +636,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr().unwrap_or(listen);
     let mut options = ApiOptions::new(address)
         .run_timeout(args.run_timeout)
-        .tokens(full_token, task_token);
+        .tokens(full_token, task_token)
+        .max_body_bytes(args.max_body_bytes)
+        .max_streams(args.max_event_streams);
     for host in args.allow_hosts {
         options = options.allow_host(host);
     }

@@ -35,9 +35,6 @@ use crate::metrics::Metrics;
 use crate::options::ApiOptions;
 use crate::wire::{EventLine, TaskDefinition, TaskResult, result_text};
 
-/// The largest request body accepted.
-const MAX_BODY: usize = deployd_config::MAX_FILE_SIZE + 64 * 1024;
-
 /// The most tasks one page of `GET …/tasks` holds.
 const MAX_PAGE: usize = 1000;
 
@@ -54,6 +51,29 @@ struct AppState {
     /// Set once the server has been told to stop: a wait that ends then is cut by shutdown.
     shutting_down: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// A permit per open event stream (see `ApiOptions::max_streams`).
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    /// A permit for one more event stream, or the 429 that refuses it.
+    fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Box<Response>> {
+        Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many event streams are open ({}, the most this deployd keeps); close \
+                     one or retry later",
+                    self.options.max_streams
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Box::new(response)
+        })
+    }
 }
 
 impl FromRef<AppState> for Manager {
@@ -75,6 +95,8 @@ pub(crate) fn routes(
     shutting_down: Arc<AtomicBool>,
 ) -> Router {
     let cors = cors_layer(&options);
+    let max_body = options.max_body_bytes;
+    let streams = Arc::new(tokio::sync::Semaphore::new(options.max_streams));
     let options = Arc::new(options);
     let metrics = Arc::new(Metrics::default());
     let state = AppState {
@@ -82,6 +104,7 @@ pub(crate) fn routes(
         options: Arc::clone(&options),
         shutting_down,
         metrics: Arc::clone(&metrics),
+        streams,
     };
     let router = Router::new()
         .route("/", get(root))
@@ -121,7 +144,7 @@ pub(crate) fn routes(
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             options,
             crate::guard::guard,
@@ -803,11 +826,12 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 async fn task_events(
-    State(manager): State<Manager>,
+    State(state): State<AppState>,
     P((name, task_id)): P<(String, String)>,
     Q(params): Q<EventParams>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let manager = &state.manager;
     let sse = wants_sse(&headers);
     let mut after = params.after;
     // An EventSource that reconnects names the last event it got.
@@ -823,11 +847,20 @@ async fn task_events(
             })?;
     }
     manager.status(&name)?;
+    let permit = match state.stream_permit() {
+        Ok(permit) => permit,
+        Err(refused) => return Ok(*refused),
+    };
     let events = manager.task_events(&name, &task_id, after).await?;
+    // The permit goes with the stream: released when the answer ends or the client leaves.
+    let events = ReceiverStream::new(events).map(move |event| {
+        let _held = &permit;
+        event
+    });
     if sse {
         // Every entry of the log, its result or error last: `id` is its sequence number,
         // `event` its type, `data` deployd's line.
-        let stream = ReceiverStream::new(events).map(|event: TaskEvent| {
+        let stream = events.map(|event: TaskEvent| {
             let id = event.seq.to_string();
             let kind = event_kind(event.kind);
             Ok::<_, std::convert::Infallible>(
@@ -847,7 +880,7 @@ async fn task_events(
         return Ok(response);
     }
     let (raw, envelope) = (params.raw_event, params.envelope);
-    let lines = ReceiverStream::new(events).filter_map(move |event: TaskEvent| {
+    let lines = events.filter_map(move |event: TaskEvent| {
         let value = if envelope {
             Some(event_line(event))
         } else if event.kind != EventKind::Event {
@@ -911,6 +944,10 @@ async fn service_logs(
     if !params.follow {
         return Ok((content_type, head).into_response());
     }
+    let permit = match state.stream_permit() {
+        Ok(permit) => permit,
+        Err(refused) => return Ok(*refused),
+    };
     let (sender, receiver) = tokio::sync::mpsc::channel::<String>(256);
     logs::follow(
         state.manager.clone(),
@@ -921,7 +958,8 @@ async fn service_logs(
         Arc::clone(&state.shutting_down),
         sender,
     );
-    let rest = ReceiverStream::new(receiver).map(|mut line| {
+    let rest = ReceiverStream::new(receiver).map(move |mut line| {
+        let _held = &permit;
         line.push('\n');
         line
     });

@@ -39,7 +39,8 @@ use tokio::net::TcpListener;
 pub use api::router;
 pub use error::ApiError;
 pub use options::{
-    AllowedHost, ApiOptions, CorsOrigin, DEFAULT_RUN_TIMEOUT, InvalidHost, InvalidOrigin,
+    AllowedHost, ApiOptions, CorsOrigin, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAMS,
+    DEFAULT_RUN_TIMEOUT, InvalidHost, InvalidOrigin,
 };
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the requests in

@@ -32,7 +32,19 @@ pub struct ApiOptions {
     /// Origins of web pages that may call the API from a browser (`--cors-origin`): they get
     /// CORS answers, and their pages may change things as pages of `allowed_hosts` may.
     pub cors_origins: Vec<CorsOrigin>,
+    /// The largest request body read, in bytes (a larger one is a 413).
+    pub max_body_bytes: usize,
+    /// The most event streams (a task's events, a followed log) open at once; one more is a
+    /// 429.
+    pub max_streams: usize,
 }
+
+/// The largest request body by default: a deployment file's limit and room for the rest of a
+/// multipart body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = deployd_config::MAX_FILE_SIZE + 64 * 1024;
+
+/// The most event streams open at once by default.
+pub const DEFAULT_MAX_STREAMS: usize = 1_000;
 
 impl ApiOptions {
     /// The options of a server listening on `listen`: no other host names, no folders for
@@ -45,7 +57,21 @@ impl ApiOptions {
             run_timeout: DEFAULT_RUN_TIMEOUT,
             tokens: Tokens::default(),
             cors_origins: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_streams: DEFAULT_MAX_STREAMS,
         }
+    }
+
+    /// Sets the largest request body read.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Sets the most event streams open at once.
+    pub fn max_streams(mut self, streams: usize) -> Self {
+        self.max_streams = streams;
+        self
     }
 
     /// Lets pages of `origin` call the API from a browser (CORS).

@@ -1034,3 +1034,69 @@ async fn pages_of_a_cors_origin_may_call_the_api_and_others_may_not() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     fixture.shutdown().await;
 }
+
+#[tokio::test]
+async fn event_streams_past_the_limit_get_429_and_bodies_past_theirs_413() {
+    let fixture = Fixture::new().await;
+    fixture.deploy_sleeper(&fixture.local(), "d").await;
+    let (address, _stop) = serve(&fixture.manager, |address| {
+        ApiOptions::new(address).max_streams(2).max_body_bytes(2048)
+    })
+    .await;
+    let base = format!("http://{address}");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let task: Value = http
+        .post(format!("{base}/deployments/d/tasks/create"))
+        .json(&json!({"input": "{}"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = format!(
+        "{base}/deployments/d/tasks/{}/events",
+        task["task_id"].as_str().unwrap()
+    );
+    // The task waits for a service that never gets ready: its streams stay open.
+    let first = http.get(&events).send().await.unwrap();
+    let second = http
+        .get(&events)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = http.get(&events).send().await.unwrap();
+    assert_eq!(third.status().as_u16(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    let body: Value = third.json().await.unwrap();
+    assert!(detail(&body).contains("too many event streams"), "{body}");
+    // A closed stream frees its place.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..100 {
+        let answer = http.get(&events).send().await.unwrap();
+        if answer.status().as_u16() == 200 {
+            reopened = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reopened.is_some(), "a closed stream kept its place");
+
+    let answer = http
+        .post(format!("{base}/deployments/d/tasks/create"))
+        .json(&json!({"input": serde_json::to_string(&json!({"x": "y".repeat(4096)})).unwrap()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 413);
+    let body: Value = answer.json().await.unwrap();
+    assert!(detail(&body).contains("length limit"), "{body}");
+    drop((second, reopened));
+    fixture.shutdown().await;
+}
