@@ -846,26 +846,32 @@ fn deployments_that_name_the_same_port_run_their_own_workflows() {
     assert_eq!(b, json!({"result": "Done."}), "PortB's task ran elsewhere");
 }
 
-/// `sse_client.py`: at most `count` events of `path` as server-sent events, resuming after
-/// `last` when given; (events, whether the stream ended on its own).
-fn sse(server: &Server, path: &str, count: usize, last: Option<&str>) -> (Vec<Value>, bool) {
-    let mut command = Command::new(&tools().python);
-    command
-        .arg(fixture("sse_client.py"))
-        .args([&server.url, path, &count.to_string()]);
-    if let Some(last) = last {
-        command.arg(last);
-    }
-    let output = run_limited(&mut command);
+/// Runs the fixture script `script` with `args` on the tools' interpreter; what it printed last,
+/// as JSON. It must succeed.
+fn fixture_json(script: &str, args: &[&str]) -> Value {
+    let output = run_limited(
+        Command::new(&tools().python)
+            .arg(fixture(script))
+            .args(args),
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "sse_client.py failed: {}\nstdout: {stdout}\nstderr: {}",
+        "{script} failed: {}\nstdout: {stdout}\nstderr: {}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|err| panic!("sse_client.py printed {stdout}: {err}"));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|err| panic!("{script} printed {stdout}: {err}"))
+}
+
+/// `sse_client.py`: at most `count` events of `path` as server-sent events, resuming after
+/// `last` when given; (events, whether the stream ended on its own).
+fn sse(server: &Server, path: &str, count: usize, last: Option<&str>) -> (Vec<Value>, bool) {
+    let count = count.to_string();
+    let mut args = vec![server.url.as_str(), path, count.as_str()];
+    args.extend(last);
+    let report = fixture_json("sse_client.py", &args);
     (
         report["events"].as_array().cloned().unwrap_or_default(),
         report["ended"] == json!(true),
@@ -944,23 +950,10 @@ fn an_sse_client_resumes_a_task_s_events_without_missing_or_repeating_one() {
 
 /// deployd's metrics page as prometheus_client's parser reads it.
 fn metrics(server: &Server, token: Option<&str>) -> Value {
-    let mut command = Command::new(&tools().python);
-    command
-        .arg(fixture("metrics.py"))
-        .arg(format!("{}/status/metrics", server.url));
-    if let Some(token) = token {
-        command.arg(token);
-    }
-    let output = run_limited(&mut command);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "metrics.py failed: {}\nstdout: {stdout}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|err| panic!("metrics.py printed {stdout}: {err}"))
+    let url = format!("{}/status/metrics", server.url);
+    let mut args = vec![url.as_str()];
+    args.extend(token);
+    fixture_json("metrics.py", &args)
 }
 
 #[test]

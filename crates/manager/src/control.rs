@@ -1,8 +1,9 @@
 //! The control plane: the store plus the live fan-out of task events.
 //!
 //! Every write of the task path (a task's create, its running mark, its events, its outcome)
-//! goes through one group commit: what has queued up is handed to the store's writer thread as
-//! one transaction, and that thread hands each committed entry to its task's watches and the
+//! goes through one group commit: what has queued up is committed as one transaction, on the
+//! store's writer thread (or, for a small batch while that thread is idle, right on the async
+//! thread), and whoever committed it hands each committed entry to its task's watches and the
 //! live bus, then answers each writer.
 //!
 //! Invariant: every entry is committed to the store before anyone is told about it.

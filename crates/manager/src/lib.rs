@@ -323,7 +323,8 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// Its name on the wire (`queued`, `running`, `succeeded`, `failed`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
             Self::Running => "running",
@@ -344,13 +345,6 @@ impl TaskStatus {
     /// Whether the task has ended.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)
-    }
-}
-
-impl TaskStatus {
-    /// Its name on the wire (`queued`, `running`, `succeeded`, `failed`).
-    pub fn name(self) -> &'static str {
-        self.as_str()
     }
 }
 
@@ -382,6 +376,13 @@ pub struct TaskDurations {
     pub count: u64,
     /// Their durations added up, in seconds.
     pub sum_seconds: f64,
+}
+
+/// Where a service's log file goes when it is rotated: `<service>.log.1` beside it.
+pub fn rotated_log(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
 }
 
 /// How long an ended task is kept by default.

@@ -469,9 +469,7 @@ impl LogFile {
         self.open()?;
         if self.size > 0 && self.size + bytes.len() as u64 > self.max {
             self.file = None;
-            let mut rotated = self.path.clone().into_os_string();
-            rotated.push(".1");
-            std::fs::rename(&self.path, rotated)?;
+            std::fs::rename(&self.path, crate::rotated_log(&self.path))?;
             self.open()?;
         }
         let file = self.open()?;

@@ -5,7 +5,9 @@
 //! every statement of every write in the batch, `COMMIT`) is one hand-off between the async
 //! world and the database, not one per statement: with sqlx each statement was a round trip
 //! to its connection's thread, two thread wake-ups each, and those wake-ups were most of
-//! deployd's CPU per task.
+//! deployd's CPU per task. `run_here` runs a job on the caller's thread instead when the
+//! writer's thread has nothing queued or running (the order stays the same). Checkpoints of
+//! the write-ahead log run on a second thread with a connection of their own.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

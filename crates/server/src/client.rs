@@ -64,29 +64,42 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    async fn send<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, Error> {
-        let unreachable = |source| Error::Unreachable {
+    fn unreachable(&self, source: reqwest::Error) -> Error {
+        Error::Unreachable {
             url: self.base.clone(),
             source,
-        };
+        }
+    }
+
+    /// Sends `request` with the token, and returns its answer when it is a success, else the
+    /// server's `detail` as an [`Error::Api`].
+    async fn respond(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
         let request = match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
         };
-        let response = request.send().await.map_err(unreachable)?;
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
         let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let detail = body
-                .get("detail")
-                .and_then(Value::as_str)
-                .map_or_else(|| body.to_string(), str::to_owned);
-            return Err(Error::Api { status, detail });
+        if status.is_success() {
+            return Ok(response);
         }
-        response.json().await.map_err(unreachable)
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let detail = body
+            .get("detail")
+            .and_then(Value::as_str)
+            .map_or_else(|| body.to_string(), str::to_owned);
+        Err(Error::Api { status, detail })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, Error> {
+        self.respond(request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| self.unreachable(e))
     }
 
     /// `GET /status/`.
@@ -152,10 +165,6 @@ impl Client {
         follow: bool,
         mut chunk: impl FnMut(&[u8]),
     ) -> Result<(), Error> {
-        let unreachable = |source| Error::Unreachable {
-            url: self.base.clone(),
-            source,
-        };
         let mut request = self
             .http
             .get(self.url(&format!(
@@ -165,20 +174,8 @@ impl Client {
         if let Some(tail) = tail {
             request = request.query(&[("tail", tail)]);
         }
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let mut response = request.send().await.map_err(unreachable)?;
-        let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let detail = body
-                .get("detail")
-                .and_then(Value::as_str)
-                .map_or_else(|| body.to_string(), str::to_owned);
-            return Err(Error::Api { status, detail });
-        }
-        while let Some(piece) = response.chunk().await.map_err(unreachable)? {
+        let mut response = self.respond(request).await?;
+        while let Some(piece) = response.chunk().await.map_err(|e| self.unreachable(e))? {
             chunk(&piece);
         }
         Ok(())

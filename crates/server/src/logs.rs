@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deployd_manager::Manager;
+use deployd_manager::{Manager, rotated_log};
 use tokio::sync::mpsc;
 
 /// Lines answered when `tail` is not given.
@@ -25,13 +25,6 @@ pub(crate) const MAX_TAIL: usize = 10_000;
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 /// How much is read at a time from the end of a file.
 const CHUNK: u64 = 64 * 1024;
-
-/// The rotated file beside `path`.
-fn rotated(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".1");
-    PathBuf::from(name)
-}
 
 /// The last `n` whole lines of the file at `path` (none when it does not exist), and its size.
 fn last_lines(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> {
@@ -66,7 +59,7 @@ fn last_lines(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> {
 pub(crate) fn tail(path: &Path, n: usize) -> std::io::Result<(Vec<String>, u64)> {
     let (mut lines, len) = last_lines(path, n)?;
     if lines.len() < n {
-        let (mut before, _) = last_lines(&rotated(path), n - lines.len())?;
+        let (mut before, _) = last_lines(&rotated_log(path), n - lines.len())?;
         before.append(&mut lines);
         lines = before;
     }
@@ -102,7 +95,7 @@ pub(crate) fn follow(
             let mut fresh = Vec::new();
             if meta.ino() != inode {
                 // Rotated: the rest of the old file (now `.1`), then the new one from its start.
-                let old = rotated(&path);
+                let old = rotated_log(&path);
                 if std::fs::metadata(&old).is_ok_and(|m| m.ino() == inode) {
                     fresh.extend(read_from(&old, offset));
                 }
@@ -153,7 +146,7 @@ mod tests {
         let path = dir.path().join("svc.log");
         assert_eq!(tail(&path, 5).unwrap(), (Vec::<String>::new(), 0));
         let old: String = (0..200_000).map(|i| format!("old {i}\n")).collect();
-        std::fs::write(rotated(&path), old).unwrap();
+        std::fs::write(rotated_log(&path), old).unwrap();
         std::fs::write(&path, "new 0\nnew 1\n").unwrap();
         let (lines, len) = tail(&path, 4).unwrap();
         assert_eq!(lines, ["old 199998", "old 199999", "new 0", "new 1"]);

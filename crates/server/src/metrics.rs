@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::Method;
-use deployd_manager::{DeploymentStatus, Phase, TaskCount, TaskDurations};
+use deployd_manager::{DeploymentStatus, Phase, TaskCount, TaskDurations, TaskStatus};
 
 /// The upper bounds of the task duration histogram, in seconds.
 pub(crate) const TASK_BUCKETS: [f64; 11] = [
@@ -156,7 +156,7 @@ impl Metrics {
                 &[
                     ("deployment", &count.deployment),
                     ("service", &count.service),
-                    ("status", count.status.name()),
+                    ("status", count.status.as_str()),
                 ],
                 count.count as f64,
             );
@@ -206,7 +206,7 @@ impl Metrics {
             "gauge",
             "How long the oldest queued task of a service has waited.",
         );
-        for count in tasks.iter().filter(|c| c.status.name() == "queued") {
+        for count in tasks.iter().filter(|c| c.status == TaskStatus::Queued) {
             sample(
                 &mut out,
                 "deployd_queue_oldest_task_age_seconds",
