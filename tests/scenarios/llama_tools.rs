@@ -1046,3 +1046,100 @@ fn the_metrics_page_parses_and_its_task_counters_move() {
     assert_eq!(quick, [&json!(3.0)], "{samples}");
     assert_eq!(after["kinds"]["deployd_task_duration_seconds"], "histogram");
 }
+
+/// schemathesis (from the same virtualenv) against `/openapi.json` of a deployd that needs a
+/// token: every operation of the document is exercised with generated data, on a running
+/// deployment (`tests/fixtures/schemathesis/schemathesis.toml`), and no answer is a server
+/// error or falls outside what the document describes (status, content type, headers, body).
+#[test]
+fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_document() {
+    const TOKEN: &str = "e2e-schemathesis-token-0123456789";
+    let tools = tools();
+    let project = Project::new();
+    let quickstart = project.deployment("quickstart", &[("echo", &[])]);
+    let doomed = project.deployment("doomed", &[("echo", &[])]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &data.path().join("data"),
+        &[
+            "--token",
+            TOKEN,
+            "--run-timeout",
+            "5",
+            quickstart.to_str().unwrap(),
+            doomed.to_str().unwrap(),
+        ],
+    );
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let get = |path: &str| -> Value {
+        let response = http
+            .get(format!("{}{path}", server.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().unwrap()
+    };
+    for name in ["quickstart", "doomed"] {
+        deployd_e2e::wait_for(
+            &format!("deployment {name} to be ready"),
+            Duration::from_secs(120),
+            || {
+                let status = http
+                    .get(format!("{}/deployments/{name}", server.url))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .ok()?
+                    .json::<Value>()
+                    .ok()?;
+                (status["services"][0]["phase"] == "ready").then_some(())
+            },
+        );
+    }
+    let document = get("/openapi.json");
+    assert_eq!(document["openapi"], "3.1.0");
+    let operations: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert!(operations >= 19, "{operations} operations");
+
+    let schemathesis = tools.python.with_file_name("schemathesis");
+    let work = tempfile::tempdir().unwrap();
+    let output = run_limited(
+        Command::new(&schemathesis)
+            .arg("--config-file")
+            .arg(workspace().join("tests/fixtures/schemathesis/schemathesis.toml"))
+            // Every path, the document's own too (left out unless named).
+            .args(["run", "--no-color", "--include-path-regex", ".*"])
+            .arg(format!("{}/openapi.json", server.url))
+            .env("DEPLOYD_TOKEN", TOKEN)
+            .env("NO_PROXY", "127.0.0.1")
+            // Its example database and reports stay out of the checkout.
+            .current_dir(work.path()),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis found problems:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    // Every operation of the document was selected and tested.
+    let compact: String = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        compact.contains(&format!("Selected: {operations}/{operations}"))
+            && compact.contains(&format!("Tested: {operations}")),
+        "not every operation was tested:\n{stdout}"
+    );
+    assert!(!compact.contains("failed"), "{stdout}");
+    // The deployment the rest ran on is still there; the one the deletes named is gone.
+    let names = get("/deployments/");
+    assert_eq!(names, json!([{"name": "quickstart"}]), "{stdout}");
+}

@@ -1,6 +1,6 @@
 //! The Python tools the end-to-end scenarios drive deployd with: llama-deploy 0.9.2's own
 //! `llamactl` and `llama_deploy.Client`, installed unchanged in a virtualenv of their own under
-//! `target/python-tools/llama-deploy-0.9.2`.
+//! `target/python-tools/llama-deploy-0.9.2`, with schemathesis beside them.
 //!
 //! The virtualenv is made once and reused while its spec (the requirement and the interpreter's
 //! version, kept in `.deployd-spec`) is the same and `llama_deploy` imports; a lock file keeps two
@@ -19,8 +19,9 @@ use anyhow::{Context, bail};
 /// The variable the scenarios read the virtualenv's interpreter from.
 pub(crate) const ENV_VAR: &str = "DEPLOYD_LLAMA_DEPLOY_PYTHON";
 
-/// What the virtualenv holds.
-const REQUIREMENT: &str = "llama-deploy==0.9.2";
+/// What the virtualenv holds: llama_deploy's tools, and schemathesis, which the scenarios run
+/// against deployd's OpenAPI document.
+const REQUIREMENTS: &[&str] = &["llama-deploy==0.9.2", "schemathesis==4.32.5"];
 
 /// The interpreter the virtualenv is made from.
 const INTERPRETER: &str = "python3";
@@ -57,12 +58,12 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
 
     let venv = tools.join("llama-deploy-0.9.2");
     let python = venv.join("bin").join("python");
-    let spec = format!("{REQUIREMENT} | python {}", interpreter_version()?);
+    let spec = format!("{} | python {}", REQUIREMENTS.join(" "), interpreter_version()?);
     let spec_file = venv.join(".deployd-spec");
     if std::fs::read_to_string(&spec_file).is_ok_and(|found| found == spec) && usable(&venv) {
         return Ok(python);
     }
-    eprintln!("xtask: making {} ({REQUIREMENT})", venv.display());
+    eprintln!("xtask: making {} ({})", venv.display(), REQUIREMENTS.join(", "));
     if venv.exists() {
         std::fs::remove_dir_all(&venv)
             .with_context(|| format!("cannot remove {}", venv.display()))?;
@@ -89,7 +90,7 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
                     Command::new(&uv)
                         .args(["pip", "install", "--quiet", "--python"])
                         .arg(&python)
-                        .arg(REQUIREMENT)
+                        .args(REQUIREMENTS)
                         .envs(env),
                 )
             })
@@ -104,7 +105,7 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
                         "--quiet",
                         "--disable-pip-version-check",
                     ])
-                    .arg(REQUIREMENT)
+                    .args(REQUIREMENTS)
                     .env("PIP_CACHE_DIR", cache("PIP_CACHE_DIR", "pip")),
             )
         }),
@@ -112,7 +113,11 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
     if let Err(err) = made {
         // The next run starts over.
         let _ = std::fs::remove_dir_all(&venv);
-        return Err(err.context(format!("cannot make {} with {REQUIREMENT}", venv.display())));
+        return Err(err.context(format!(
+            "cannot make {} with {}",
+            venv.display(),
+            REQUIREMENTS.join(", ")
+        )));
     }
     if !usable(&venv) {
         bail!(
@@ -125,9 +130,11 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
-/// Whether the virtualenv has `llamactl` and imports llama_deploy's client and CLI.
+/// Whether the virtualenv has `llamactl` and `schemathesis` and imports llama_deploy's client
+/// and CLI.
 fn usable(venv: &Path) -> bool {
     venv.join("bin").join("llamactl").is_file()
+        && venv.join("bin").join("schemathesis").is_file()
         && Command::new(venv.join("bin").join("python"))
             .args([
                 "-W",

@@ -547,20 +547,26 @@ impl Control {
                     .take()
                     .unwrap_or_else(|| Self::watch(&watchers, &task_id));
                 // A task deleted before this follower subscribed has no more entries coming.
-                let stored = match store.events_after(&task_id, last).await {
-                    Ok(Some(events)) => events,
+                let (stored, ended) = match store.log_after(&task_id, last).await {
+                    Ok(Some(log)) => log,
                     Ok(None) => return,
                     Err(err) => {
                         tracing::warn!(task = %task_id, error = %err, "cannot read task events");
                         return;
                     }
                 };
+                let caught_up = stored.is_empty();
                 for event in stored {
                     last = event.seq;
                     let terminal = event.kind.is_terminal();
                     if tx.send(event).await.is_err() || terminal {
                         return;
                     }
+                }
+                // Nothing after `after` and the task has ended: the follower asked to resume
+                // after the end (or past it); nothing more will come.
+                if caught_up && ended {
+                    return;
                 }
                 // Then live, until a gap or a lag sends us back to the store.
                 loop {
@@ -576,7 +582,13 @@ impl Control {
                         },
                     };
                     match received {
-                        Some(event) if event.seq <= last => {}
+                        // Already sent, or before where the follower resumes; its end ends
+                        // the stream all the same.
+                        Some(event) if event.seq <= last => {
+                            if event.kind.is_terminal() {
+                                return;
+                            }
+                        }
                         Some(event) if event.seq == last + 1 => {
                             last = event.seq;
                             let terminal = event.kind.is_terminal();
@@ -871,6 +883,24 @@ mod tests {
                 .len(),
             2
         );
+        no_watch_left(&control).await;
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_resumes_past_the_end_ends() {
+        let (_dir, control, task) = control().await;
+        // Live: resumes after 5 while the task runs; its end (entry 2) ends the stream.
+        let past = control.follow("d".into(), "t".into(), 5);
+        control.event("t", 1, json!("one")).await.unwrap();
+        control.finish(&task, Ok(json!("end")), None).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), collect(past)).await;
+        assert_eq!(ended.expect("the stream ends with the task").len(), 0);
+        // Stored: after the last entry, and far past it, of a task that has ended.
+        for after in [2, 100] {
+            let follower = control.follow("d".into(), "t".into(), after);
+            let ended = tokio::time::timeout(Duration::from_secs(5), collect(follower)).await;
+            assert_eq!(ended.expect("the stream ends at once").len(), 0, "after {after}");
+        }
         no_watch_left(&control).await;
     }
 

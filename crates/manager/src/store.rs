@@ -623,13 +623,25 @@ impl Store {
 
     /// The task's events with a sequence number above `after`, in order; `None` when there is
     /// no such task. One query.
+    #[cfg(test)]
     pub(crate) async fn events_after(
         &self,
         task_id: &str,
         after: u64,
     ) -> Result<Option<Vec<TaskEvent>>, Error> {
+        Ok(self.log_after(task_id, after).await?.map(|(events, _)| events))
+    }
+
+    /// The entries of a task's log after `after`, and whether the task had ended, read in one
+    /// statement (so the two agree); `None` when the task is not stored.
+    pub(crate) async fn log_after(
+        &self,
+        task_id: &str,
+        after: u64,
+    ) -> Result<Option<(Vec<TaskEvent>, bool)>, Error> {
         let rows = sqlx::query(
-            "SELECT e.seq AS seq, e.kind AS kind, e.data AS data, e.attempt AS attempt
+            "SELECT t.status AS status, e.seq AS seq, e.kind AS kind, e.data AS data,
+                    e.attempt AS attempt
              FROM tasks t LEFT JOIN events e ON e.task_id = t.id AND e.seq > ?
              WHERE t.id = ? ORDER BY e.seq",
         )
@@ -638,10 +650,13 @@ impl Store {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        if rows.is_empty() {
+        let Some(first) = rows.first() else {
             return Ok(None);
-        }
-        rows.into_iter()
+        };
+        let status: String = first.try_get("status").map_err(store_error)?;
+        let ended = TaskStatus::parse(&status).is_finished();
+        let events = rows
+            .into_iter()
             .filter(|row| matches!(row.try_get::<Option<i64>, _>("seq"), Ok(Some(_))))
             .map(|row| {
                 let seq: i64 = row.try_get("seq").map_err(store_error)?;
@@ -656,8 +671,8 @@ impl Store {
                     data: to_json(Some(data)).unwrap_or(Value::Null),
                 })
             })
-            .collect::<Result<Vec<_>, Error>>()
-            .map(Some)
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Some((events, ended)))
     }
 }
 

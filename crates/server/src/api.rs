@@ -17,10 +17,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
-use deployd_manager::{
-    DeploymentStatus, Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo,
-    TaskStatus,
+use deployd_api::{
+    DeploymentName, DeploymentStatus, Deployed, DeploymentUpload, ErrorBody, EventDefinition,
+    EventLine, Root, SessionDefinition, Status, TaskDefinition, TaskResult, result_text,
 };
+use deployd_manager::{Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -33,7 +34,7 @@ use crate::error::ApiError;
 use crate::logs;
 use crate::metrics::Metrics;
 use crate::options::ApiOptions;
-use crate::wire::{EventLine, TaskDefinition, TaskResult, result_text};
+use crate::openapi::{self, Additions};
 
 /// The most tasks one page of `GET …/tasks` holds.
 const MAX_PAGE: usize = 1000;
@@ -108,6 +109,8 @@ pub(crate) fn routes(
     };
     let router = Router::new()
         .route("/", get(root))
+        .route("/openapi.json", get(openapi_json))
+        .route("/docs", get(docs_page))
         .route("/status", get(status))
         .route("/status/", get(status))
         .route("/status/metrics", get(metrics_page))
@@ -298,26 +301,65 @@ where
     }
 }
 
-async fn root() -> Json<Value> {
-    Json(json!({
-        "name": "deployd",
-        "version": env!("CARGO_PKG_VERSION"),
-        "links": { "status": "/status/", "deployments": "/deployments/" },
-    }))
+#[utoipa::path(get, path = "/", tag = "health",
+    summary = "Where the API's description and health check are",
+    responses((status = 200, description = "Links, as llama_deploy answers them", body = Root)))]
+async fn root(headers: HeaderMap) -> Json<Root> {
+    let base = openapi::base_url(&headers);
+    Json(Root {
+        swagger_docs: format!("{base}docs"),
+        status: format!("{base}status"),
+        openapi: format!("{base}openapi.json"),
+        name: "deployd".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "health",
+    summary = "This document: the API in OpenAPI 3.1",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::document_json(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/docs", tag = "health",
+    summary = "This document as a web page",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String)))]
+async fn docs_page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        openapi::document_page(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/status/", tag = "health",
+    summary = "Health, and the deployments for a caller with a token",
+    description = "Open to every caller: without a token it answers `status` and \
+`status_message` only. `/status` answers the same.",
+    security((), ("token" = [])),
+    responses((status = 200, description = "The server is healthy", body = Status)))]
 /// `GET /status/`: health to anyone; the deployments only to a caller with a token (or to any
 /// caller of an open API).
-async fn status(State(manager): State<Manager>, access: Option<Extension<Access>>) -> Json<Value> {
-    if matches!(access, Some(Extension(Access::Anonymous))) {
-        return Json(json!({ "status": "Healthy", "status_message": "" }));
+async fn status(
+    State(manager): State<Manager>,
+    access: Option<Extension<Access>>,
+) -> Json<Status> {
+    let mut status = Status {
+        status: "Healthy".to_owned(),
+        status_message: String::new(),
+        max_deployments: None,
+        deployments: None,
+    };
+    if !matches!(access, Some(Extension(Access::Anonymous))) {
+        status.max_deployments = u64::try_from(manager.options().max_deployments).ok();
+        status.deployments = Some(manager.list());
     }
-    Json(json!({
-        "status": "Healthy",
-        "status_message": "",
-        "max_deployments": manager.options().max_deployments,
-        "deployments": manager.list(),
-    }))
+    Json(status)
 }
 
 /// Counts a request for `/status/metrics` once its answer's head is ready.
@@ -338,10 +380,13 @@ async fn count_request(
     response
 }
 
+#[utoipa::path(get, path = "/status/metrics", tag = "health",
+    summary = "Metrics in Prometheus's text format",
+    responses((status = 200, description = "Prometheus's text format 0.0.4", content_type = "text/plain", body = String)))]
 /// `GET /status/metrics`: Prometheus's text format (see `metrics.rs`).
 async fn metrics_page(State(state): State<AppState>) -> ApiResult<Response> {
     let manager = &state.manager;
-    let deployments: Vec<DeploymentStatus> = manager
+    let deployments: Vec<deployd_manager::DeploymentStatus> = manager
         .list()
         .into_iter()
         .filter_map(|name| manager.status(&name).ok())
@@ -370,33 +415,47 @@ async fn metrics_page(State(state): State<AppState>) -> ApiResult<Response> {
         .into_response())
 }
 
-async fn list_deployments(State(manager): State<Manager>) -> Json<Value> {
-    Json(Value::Array(
+#[utoipa::path(get, path = "/deployments/", tag = "deployments",
+    summary = "The deployments", description = "`/deployments` answers the same.",
+    responses((status = 200, description = "Each deployment's name", body = Vec<DeploymentName>)))]
+async fn list_deployments(State(manager): State<Manager>) -> Json<Vec<DeploymentName>> {
+    Json(
         manager
             .list()
             .into_iter()
-            .map(|name| json!({ "name": name }))
+            .map(|name| DeploymentName { name })
             .collect(),
-    ))
+    )
 }
 
+#[utoipa::path(get, path = "/deployments/{name}", tag = "deployments",
+    summary = "A deployment's state: its services, their phase, stage and restarts",
+    params(("name" = String, Path, description = "The deployment")),
+    responses((status = 200, description = "The deployment's state", body = DeploymentStatus)))]
 async fn get_deployment(
     State(manager): State<Manager>,
     P(name): P<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentStatus>> {
     let status = manager.status(&name)?;
-    Ok(Json(json!(status)))
+    Ok(Json(openapi::deployment_status(status)))
 }
 
+#[utoipa::path(delete, path = "/deployments/{name}", tag = "deployments",
+    summary = "Stops a deployment's services and removes it, with its tasks and sessions",
+    description = "`DELETE /deployments/{name}/delete` does the same.",
+    params(("name" = String, Path, description = "The deployment")),
+    responses((status = 200, description = "The deployment was removed", body = DeploymentName),
+        (status = 409, description = "A deploy of it is under way", body = ErrorBody)))]
 async fn delete_deployment(
     State(manager): State<Manager>,
     P(name): P<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DeploymentName>> {
     manager.delete(&name).await?;
-    Ok(Json(json!({ "name": name })))
+    Ok(Json(DeploymentName { name }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CreateParams {
     base_path: Option<String>,
     #[serde(default)]
@@ -414,6 +473,20 @@ fn yes() -> bool {
     true
 }
 
+#[utoipa::path(post, path = "/deployments/create", tag = "deployments",
+    summary = "Deploys a deployment file, or reloads a deployment with `reload=true`",
+    description = "The file comes as the multipart field `config_file` (as llamactl sends \
+it), or as the body itself (`application/json`: the deployment as JSON). Local sources are \
+read under `base_path`, which a client on another machine may name only within the folders \
+the operator allowed.",
+    params(CreateParams),
+    request_body(content(
+        (DeploymentUpload = "multipart/form-data"),
+        (Object = "application/json"))),
+    responses((status = 200, description = "Deployed (with `wait=true`, every service serves)", body = Deployed),
+        (status = 409, description = "A deployment of that name exists (send `reload=true`), or too many deployments", body = ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 503, description = "A service did not become ready, or deployd is stopping", body = ErrorBody)))]
 async fn create_deployment(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -467,7 +540,10 @@ async fn create_deployment(
         .await?;
     Ok((
         StatusCode::OK,
-        Json(json!({ "name": deployed.status.name, "warnings": deployed.warnings })),
+        Json(Deployed {
+            name: deployed.status.name,
+            warnings: deployed.warnings,
+        }),
     )
         .into_response())
 }
@@ -508,8 +584,11 @@ fn utf8(bytes: Vec<u8>) -> ApiResult<String> {
     })
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SessionParam {
+    /// The session to run the task in (a `session_id` in the body wins); a new session when
+    /// neither names one.
     session_id: Option<String>,
 }
 
@@ -572,6 +651,14 @@ async fn new_task(
     Ok((task, input))
 }
 
+#[utoipa::path(post, path = "/deployments/{name}/tasks/create", tag = "tasks",
+    summary = "Creates a task and answers at once",
+    params(("name" = String, Path, description = "The deployment"), SessionParam),
+    request_body(content = TaskDefinition, content_type = "application/json"),
+    responses((status = 200, description = "The task, with its ids", body = TaskDefinition),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "Its service or queue is not available", body = ErrorBody)))]
 async fn create_task(
     State(manager): State<Manager>,
     P(name): P<String>,
@@ -582,6 +669,17 @@ async fn create_task(
     Ok(Json(definition(&task, input)))
 }
 
+#[utoipa::path(post, path = "/deployments/{name}/tasks/run", tag = "tasks",
+    summary = "Runs a task and answers with its result",
+    description = "Waits at most `--run-timeout`; the task goes on after a 504.",
+    params(("name" = String, Path, description = "The deployment"), SessionParam),
+    request_body(content = TaskDefinition, content_type = "application/json"),
+    responses((status = 200, description = "The task's result, as the workflow returned it (any JSON)", body = serde_json::Value),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 502, description = "The task failed", body = ErrorBody),
+        (status = 503, description = "Its service or queue is not available, or deployd is stopping", body = ErrorBody),
+        (status = 504, description = "The task has not ended within the run timeout", body = ErrorBody)))]
 /// Runs a task and answers with its result, waiting at most the run timeout.
 async fn run_task(
     State(state): State<AppState>,
@@ -652,12 +750,23 @@ fn task_definition_of(task: &TaskInfo) -> TaskDefinition {
     definition(task, input)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageParams {
+    /// The most tasks in the page (1 to 1,000; 100 when only `after` is given).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The last task of the previous page: the page starts after it.
     after: Option<String>,
 }
 
+#[utoipa::path(get, path = "/deployments/{name}/tasks", tag = "tasks",
+    summary = "A deployment's tasks, oldest first",
+    description = "All of them without `limit` and `after` (llama_deploy's list); with \
+either, one page, with a `Link: <…>; rel=\"next\"` header when it is full.",
+    params(("name" = String, Path, description = "The deployment"), PageParams),
+    responses((status = 200, description = "The tasks", body = Vec<TaskDefinition>,
+        headers(("link" = String, description = "The next page, when this one is full")))))]
 /// The tasks of a deployment, oldest first: all of them (llama_deploy's clients read a plain
 /// list), or with `limit` and/or `after` one page, with a `Link` to the next one when it is
 /// full.
@@ -710,7 +819,8 @@ fn percent_encode(text: &str) -> String {
     encoded
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ResultParams {
     /// Wait for a task that runs (the default, as llama_deploy 0.9 does, at most the run
     /// timeout), or answer `null` at once with `wait=false`.
@@ -718,6 +828,10 @@ struct ResultParams {
     wait: bool,
 }
 
+#[utoipa::path(get, path = "/deployments/{name}/tasks/{task_id}/results", tag = "tasks",
+    summary = "A task's result, once it has ended",
+    params(("name" = String, Path, description = "The deployment"), ("task_id" = String, Path, description = "The task"), ResultParams),
+    responses((status = 200, description = "The result, or `null` while the task runs", body = Option<TaskResult>)))]
 async fn task_result(
     State(state): State<AppState>,
     P((name, task_id)): P<(String, String)>,
@@ -759,7 +873,8 @@ async fn task_result(
     Ok(Json(result))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventParams {
     #[serde(default)]
     #[allow(dead_code)]
@@ -825,6 +940,19 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 /// How often an idle server-sent event stream gets a comment, so that proxies keep it open.
 const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
+#[utoipa::path(get, path = "/deployments/{name}/tasks/{task_id}/events", tag = "tasks",
+    summary = "Streams a task's events until it ends",
+    description = "NDJSON by default, as llama_deploy streams it (each event's value; the \
+stream ends with the task). With `envelope=true` each line is an `EventLine`, the result or \
+error last (see the `EventLine` schema). With `Accept: text/event-stream`, server-sent events: `id` is the line's `seq`, \
+`event` its type, `data` the `EventLine`; `Last-Event-ID` resumes after that event.",
+    params(("name" = String, Path, description = "The deployment"), ("task_id" = String, Path, description = "The task"), EventParams,
+        ("Last-Event-ID" = Option<u64>, Header, description = "With server-sent events: the last `id` seen")),
+    responses((status = 200, description = "The stream", content(
+            (serde_json::Value = "application/x-ndjson"),
+            (String = "text/event-stream"))),
+        (status = 429, description = "Too many event streams are open", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait")))))]
 async fn task_events(
     State(state): State<AppState>,
     P((name, task_id)): P<(String, String)>,
@@ -903,15 +1031,25 @@ async fn task_events(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogParams {
-    /// How many lines from the end (100 by default).
+    /// How many lines from the end (100 by default, at most 10,000).
+    #[param(maximum = 10000)]
     tail: Option<usize>,
     /// Go on with the lines written after.
     #[serde(default)]
     follow: bool,
 }
 
+#[utoipa::path(get, path = "/deployments/{name}/services/{service}/logs", tag = "deployments",
+    summary = "A service's output (stdout and stderr)",
+    description = "The last `tail` lines, then with `follow=true` every line written after, \
+until the deployment is deleted or deployd stops.",
+    params(("name" = String, Path, description = "The deployment"), ("service" = String, Path, description = "The service's id"), LogParams),
+    responses((status = 200, description = "The lines", content_type = "text/plain", body = String),
+        (status = 429, description = "Too many streams are open", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait")))))]
 /// A service's output: see `logs.rs`.
 async fn service_logs(
     State(state): State<AppState>,
@@ -973,40 +1111,57 @@ async fn service_logs(
     Ok(response)
 }
 
-fn session_definition(session: SessionInfo) -> Value {
-    json!({
-        "session_id": session.id,
-        "task_ids": session.task_ids,
-        "state": session.state.unwrap_or_else(|| json!({})),
-    })
+fn session_definition(session: SessionInfo) -> SessionDefinition {
+    SessionDefinition {
+        session_id: session.id,
+        task_ids: session.task_ids,
+        state: session.state.unwrap_or_else(|| json!({})),
+    }
 }
 
+#[utoipa::path(get, path = "/deployments/{name}/sessions", tag = "sessions",
+    summary = "A deployment's sessions", description = "`…/sessions/` answers the same.",
+    params(("name" = String, Path, description = "The deployment")),
+    responses((status = 200, description = "The sessions", body = Vec<SessionDefinition>)))]
 async fn list_sessions(
     State(manager): State<Manager>,
     P(name): P<String>,
-) -> ApiResult<Json<Vec<Value>>> {
+) -> ApiResult<Json<Vec<SessionDefinition>>> {
     let sessions = manager.sessions(&name).await?;
     Ok(Json(sessions.into_iter().map(session_definition).collect()))
 }
 
+#[utoipa::path(get, path = "/deployments/{name}/sessions/{session_id}", tag = "sessions",
+    summary = "A session: its tasks and state",
+    params(("name" = String, Path, description = "The deployment"), ("session_id" = String, Path, description = "The session")),
+    responses((status = 200, description = "The session", body = SessionDefinition)))]
 async fn get_session(
     State(manager): State<Manager>,
     P((name, session_id)): P<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionDefinition>> {
     Ok(Json(session_definition(
         manager.session(&name, &session_id).await?,
     )))
 }
 
+#[utoipa::path(post, path = "/deployments/{name}/sessions/create", tag = "sessions",
+    summary = "Creates a session",
+    params(("name" = String, Path, description = "The deployment")),
+    responses((status = 200, description = "The new session", body = SessionDefinition)))]
 async fn create_session(
     State(manager): State<Manager>,
     P(name): P<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionDefinition>> {
     Ok(Json(session_definition(
         manager.create_session(&name).await?,
     )))
 }
 
+#[utoipa::path(post, path = "/deployments/{name}/sessions/delete", tag = "sessions",
+    summary = "Deletes a session",
+    params(("name" = String, Path, description = "The deployment"),
+        ("session_id" = String, Query, description = "The session to delete")),
+    responses((status = 200, description = "Deleted: `null`", body = Option<Object>)))]
 async fn delete_session(
     State(manager): State<Manager>,
     P(name): P<String>,
@@ -1019,14 +1174,15 @@ async fn delete_session(
     Ok(Json(Value::Null))
 }
 
-/// llama_deploy's `EventDefinition`.
-#[derive(Debug, Deserialize, serde::Serialize)]
-struct EventDefinition {
-    #[serde(default)]
-    service_id: Option<String>,
-    event_obj_str: String,
-}
-
+#[utoipa::path(post, path = "/deployments/{name}/tasks/{task_id}/events", tag = "tasks",
+    summary = "Sends an event into a running task (a human's answer)",
+    params(("name" = String, Path, description = "The deployment"), ("task_id" = String, Path, description = "The task")),
+    request_body(content = EventDefinition, content_type = "application/json"),
+    responses((status = 200, description = "The event as it was sent", body = EventDefinition),
+        (status = 409, description = "The task has ended", body = ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The task's service is not available", body = ErrorBody)))]
 async fn send_event(
     State(manager): State<Manager>,
     P((name, task_id)): P<(String, String)>,
@@ -1038,6 +1194,29 @@ async fn send_event(
     manager.send_event(&name, &task_id, data).await?;
     Ok(Json(event))
 }
+
+/// The OpenAPI document of the routes above (see `openapi.rs` for what is added to it).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "deployd",
+        description = "deployd's HTTP API: llama_deploy 0.9's routes and payloads, and deployd's own."
+    ),
+    paths(
+        root, openapi_json, docs_page, status, metrics_page, list_deployments, create_deployment, get_deployment,
+        delete_deployment, service_logs, list_tasks, create_task, run_task, task_result,
+        task_events, send_event, list_sessions, get_session, create_session, delete_session
+    ),
+    components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine)),
+    modifiers(&Additions),
+    tags(
+        (name = "health", description = "Health, metrics and this description"),
+        (name = "deployments", description = "Deploy, reload, inspect and delete deployments; read their services' logs"),
+        (name = "tasks", description = "Create and run tasks, stream their events, read their results"),
+        (name = "sessions", description = "State carried from one task to the next"),
+    )
+)]
+pub(crate) struct ApiDoc;
 
 #[cfg(test)]
 mod tests {

@@ -144,7 +144,12 @@ pub(crate) fn access(tokens: &Tokens, headers: &HeaderMap) -> Result<Access, Ref
 pub(crate) fn task_scope_allows(method: &Method, path: &str) -> bool {
     let reads = matches!(*method, Method::GET | Method::HEAD);
     let path = path.trim_end_matches('/');
-    if path.is_empty() || path == "/deployments" || path == "/status" {
+    if path.is_empty()
+        || path == "/deployments"
+        || path == "/status"
+        || path == "/openapi.json"
+        || path == "/docs"
+    {
         return reads;
     }
     let Some(rest) = path.strip_prefix("/deployments/") else {

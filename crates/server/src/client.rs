@@ -2,12 +2,11 @@
 
 use std::path::Path;
 
-use deployd_manager::DeploymentStatus;
+use deployd_api::{DeploymentStatus, Deployed, Status, TaskDefinition, TaskResult};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::wire::{TaskDefinition, TaskResult};
 
 /// What can go wrong calling the API.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +102,7 @@ impl Client {
     }
 
     /// `GET /status/`.
-    pub async fn status(&self) -> Result<Value, Error> {
+    pub async fn status(&self) -> Result<Status, Error> {
         self.send(self.http.get(self.url("/status/"))).await
     }
 
@@ -128,7 +127,7 @@ impl Client {
             "config_file",
             reqwest::multipart::Part::bytes(text).file_name(file_name),
         );
-        let answer: Value = self
+        let answer: Deployed = self
             .send(
                 self.http
                     .post(self.url("/deployments/create"))
@@ -141,18 +140,7 @@ impl Client {
                     .multipart(form),
             )
             .await?;
-        let warnings = answer["warnings"]
-            .as_array()
-            .map(|w| {
-                w.iter()
-                    .filter_map(|w| w.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok((
-            answer["name"].as_str().unwrap_or_default().to_owned(),
-            warnings,
-        ))
+        Ok((answer.name, answer.warnings))
     }
 
     /// `GET /deployments/{name}/services/{service}/logs`: hands each piece of the answer to

@@ -25,8 +25,8 @@ mod error;
 mod guard;
 mod logs;
 mod metrics;
+mod openapi;
 mod options;
-pub mod wire;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 
 pub use api::router;
 pub use error::ApiError;
+pub use openapi::document as openapi_document;
 pub use options::{
     AllowedHost, ApiOptions, CorsOrigin, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAMS,
     DEFAULT_RUN_TIMEOUT, InvalidHost, InvalidOrigin,

@@ -783,6 +783,17 @@ async fn with_a_token_every_route_but_the_health_check_needs_it() {
         ("GET", "/deployments/d/sessions/s"),
         ("GET", "/nowhere"),
     ];
+    // And every route of the OpenAPI document but the health check.
+    let documented = documented_routes();
+    let routes = routes
+        .iter()
+        .map(|(method, uri)| ((*method).to_owned(), (*uri).to_owned()))
+        .chain(
+            documented
+                .into_iter()
+                .filter(|(_, uri)| uri != "/status/"),
+        )
+        .collect::<Vec<_>>();
     let wrong = [
         None,
         Some(format!("Bearer {FULL_TOKEN}x")),
@@ -790,7 +801,7 @@ async fn with_a_token_every_route_but_the_health_check_needs_it() {
         Some(format!("Basic {FULL_TOKEN}")),
         Some(FULL_TOKEN.to_owned()),
     ];
-    for (method, uri) in routes {
+    for (method, uri) in &routes {
         for authorization in &wrong {
             let mut builder = request(method, uri).header("content-type", "application/json");
             if let Some(value) = authorization {
@@ -952,7 +963,7 @@ async fn the_client_sends_its_token() {
         .status()
         .await
         .unwrap();
-    assert_eq!(status["deployments"], json!([]));
+    assert_eq!(status.deployments, Some(Vec::new()));
     fixture.shutdown().await;
 }
 
@@ -1098,5 +1109,165 @@ async fn event_streams_past_the_limit_get_429_and_bodies_past_theirs_413() {
     let body: Value = answer.json().await.unwrap();
     assert!(detail(&body).contains("length limit"), "{body}");
     drop((second, reopened));
+    fixture.shutdown().await;
+}
+
+/// Every operation of the OpenAPI document as (method, URI), its parameters filled in: the
+/// deployment `d`, its service `svc`, the task `t`, the session `s`.
+fn documented_routes() -> Vec<(String, String)> {
+    let doc = serde_json::to_value(deployd_server::openapi_document()).unwrap();
+    let mut routes = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let uri = path
+            .replace("{name}", "d")
+            .replace("{service}", "svc")
+            .replace("{task_id}", "t")
+            .replace("{session_id}", "s");
+        assert!(!uri.contains('{'), "a parameter is not filled in: {path}");
+        for method in item.as_object().unwrap().keys() {
+            routes.push((method.to_uppercase(), uri.clone()));
+        }
+    }
+    routes
+}
+
+/// The routes the table of docs/http-api.md lists, as (method, path with `{}` for each
+/// parameter).
+fn routes_in_http_api_md() -> std::collections::BTreeSet<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/http-api.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (method, route) = (cells.get(1)?, cells.get(2)?);
+            if !matches!(*method, "GET" | "POST" | "DELETE") {
+                return None;
+            }
+            Some(((*method).to_owned(), generic(route.trim_matches('`'))))
+        })
+        .collect()
+}
+
+/// A path with each `{parameter}` written `{}`.
+fn generic(path: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            c if !inside => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn the_openapi_document_and_docs_http_api_md_list_the_same_routes() {
+    let doc = serde_json::to_value(deployd_server::openapi_document()).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let documented: std::collections::BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(|method| (method.to_uppercase(), generic(path)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let in_markdown = routes_in_http_api_md();
+    let missing: Vec<_> = documented.difference(&in_markdown).collect();
+    let extra: Vec<_> = in_markdown.difference(&documented).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "docs/http-api.md and the OpenAPI document differ: not in the markdown {missing:?}; \
+         not in the OpenAPI document {extra:?}"
+    );
+    // Every operation says what its errors look like.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(responses.contains_key("200"), "{method} {path}");
+            assert!(responses.contains_key("401"), "{method} {path}");
+            if path.contains('{') {
+                assert_eq!(
+                    responses["404"]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_route_of_the_openapi_document_is_served() {
+    let fixture = Fixture::new().await;
+    let app = fixture.app(
+        ApiOptions::new(LISTEN.parse().unwrap()).run_timeout(Duration::from_millis(200)),
+        LOOPBACK,
+    );
+    fixture.deploy_sleeper(&app, "d").await;
+    let mut routes = documented_routes();
+    // The delete last: the other routes need the deployment.
+    routes.sort_by_key(|(method, _)| method == "DELETE");
+    assert!(routes.len() >= 20, "{routes:?}");
+    for (method, uri) in routes {
+        let uri = match uri.as_str() {
+            "/deployments/create" => fixture.create_url(),
+            _ => uri,
+        };
+        let builder = request(&method, &uri).header("content-type", "application/json");
+        let body = if uri.starts_with("/deployments/create") {
+            "name: other\nservices:\n  svc:\n    command: sleep 600\n"
+        } else {
+            "{}"
+        };
+        let response = app
+            .clone()
+            .oneshot(builder.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        // Not the fallbacks of an unrouted path or method.
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}: {text}");
+        assert!(
+            !(status == StatusCode::NOT_FOUND && text.contains("\"Not Found\"")),
+            "{method} {uri} is not routed: {text}"
+        );
+        assert!(status.as_u16() < 500 || status.as_u16() == 504, "{method} {uri}: {status} {text}");
+        match uri.as_str() {
+            "/docs" => {
+                assert!(content_type.starts_with("text/html"), "{content_type}");
+                assert!(text.contains("/deployments/{name}/tasks/run"), "{text}");
+            }
+            "/openapi.json" => {
+                let doc: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(doc["openapi"], "3.1.0");
+            }
+            "/" => {
+                let root: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(root["swagger_docs"], format!("http://{LISTEN}/docs"));
+                assert_eq!(root["status"], format!("http://{LISTEN}/status"));
+            }
+            _ => {}
+        }
+    }
     fixture.shutdown().await;
 }
