@@ -1081,7 +1081,11 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_document
             .bearer_auth(TOKEN)
             .send()
             .unwrap();
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().unwrap()
     };
     for name in ["quickstart", "doomed"] {

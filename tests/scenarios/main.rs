@@ -10,3 +10,4 @@ mod pipeline;
 mod python;
 mod settings;
 mod skeleton;
+mod ui;

@@ -58,12 +58,20 @@ pub(crate) fn llama_deploy_python(target: &Path) -> anyhow::Result<PathBuf> {
 
     let venv = tools.join("llama-deploy-0.9.2");
     let python = venv.join("bin").join("python");
-    let spec = format!("{} | python {}", REQUIREMENTS.join(" "), interpreter_version()?);
+    let spec = format!(
+        "{} | python {}",
+        REQUIREMENTS.join(" "),
+        interpreter_version()?
+    );
     let spec_file = venv.join(".deployd-spec");
     if std::fs::read_to_string(&spec_file).is_ok_and(|found| found == spec) && usable(&venv) {
         return Ok(python);
     }
-    eprintln!("xtask: making {} ({})", venv.display(), REQUIREMENTS.join(", "));
+    eprintln!(
+        "xtask: making {} ({})",
+        venv.display(),
+        REQUIREMENTS.join(", ")
+    );
     if venv.exists() {
         std::fs::remove_dir_all(&venv)
             .with_context(|| format!("cannot remove {}", venv.display()))?;

@@ -129,6 +129,10 @@ pub struct DeploymentStatus {
     pub message_queue: String,
     /// Its services, in the order of the file.
     pub services: Vec<ServiceStatus>,
+    /// The process of its UI (the file's `ui:` section, served at `/deployments/{name}/ui`),
+    /// when it has one; its `id` is `@ui`.
+    #[serde(default)]
+    pub ui: Option<ServiceStatus>,
 }
 
 /// llama_deploy's `TaskDefinition`: a task to create, and the task created.

@@ -259,4 +259,8 @@ pub struct UiSpec {
     pub port: u16,
     /// Where the UI's code comes from.
     pub source: Option<SourceSpec>,
+    /// deployd's extension: what installs the UI (`pnpm install` when empty, as llama_deploy).
+    pub build: Vec<Command>,
+    /// deployd's extension: what serves it (`pnpm run dev` when absent, as llama_deploy).
+    pub command: Option<Command>,
 }

@@ -1081,15 +1081,9 @@ fn check_ui(
     ports: &mut BTreeMap<u16, String>,
 ) -> Option<UiSpec> {
     let raw = ui.value;
-    c.warning_key(
-        &ui.at,
-        "`ui` is parsed, but deployd does not serve a UI yet".to_owned(),
-    );
-    let ignored: [(&str, Option<&At>); 14] = [
+    let ignored: [(&str, Option<&At>); 12] = [
         ("import-path", at_of(&raw.import_path)),
         ("runtime", at_of(&raw.runtime)),
-        ("command", at_of(&raw.command)),
-        ("build", at_of(&raw.build)),
         ("host", at_of(&raw.host)),
         ("replicas", at_of(&raw.replicas)),
         ("health", at_of(&raw.health)),
@@ -1124,11 +1118,25 @@ fn check_ui(
     let source = raw
         .source
         .and_then(|source| check_source(c, source.value, &source.at));
+    let command = raw
+        .command
+        .and_then(|command| check_command(c, command.value, &command.at));
+    let build = raw
+        .build
+        .map(|build| {
+            let RawCommands(list) = build.value;
+            list.into_iter()
+                .filter_map(|command| check_command(c, command.value, &command.at))
+                .collect()
+        })
+        .unwrap_or_default();
     let errors_after = c.errors();
     (errors_after == errors_before).then(|| UiSpec {
         name: raw.name.map(|n| n.value),
         port: port.unwrap_or(UI_PORT),
         source,
+        build,
+        command,
     })
 }
 

@@ -46,6 +46,15 @@ impl DeploymentSpec {
             if let Some(source) = &ui.source {
                 write_source(&mut out, "  ", source);
             }
+            if let Some(command) = &ui.command {
+                let _ = writeln!(out, "  command: {}", command_text(command));
+            }
+            if !ui.build.is_empty() {
+                out.push_str("  build:\n");
+                for command in &ui.build {
+                    let _ = writeln!(out, "    - {}", command_text(command));
+                }
+            }
         }
         out
     }
@@ -505,6 +514,8 @@ mod tests {
                         name,
                         port: if ports.contains(&port) { 3000 } else { port },
                         source,
+                        build: Vec::new(),
+                        command: None,
                     });
                     let ui = ui.filter(|ui| !ports.contains(&ui.port));
                     let default_service = default.get(&services).id.clone();

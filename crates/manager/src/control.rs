@@ -899,7 +899,11 @@ mod tests {
         for after in [2, 100] {
             let follower = control.follow("d".into(), "t".into(), after);
             let ended = tokio::time::timeout(Duration::from_secs(5), collect(follower)).await;
-            assert_eq!(ended.expect("the stream ends at once").len(), 0, "after {after}");
+            assert_eq!(
+                ended.expect("the stream ends at once").len(),
+                0,
+                "after {after}"
+            );
         }
         no_watch_left(&control).await;
     }

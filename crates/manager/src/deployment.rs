@@ -27,7 +27,7 @@ use crate::queues::task_topic;
 use crate::runtime::{self, Prepare, Prepared};
 use crate::supervisor::{self, Policy, Supervisor};
 use crate::worker::{self, WorkerContext};
-use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus};
+use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus, UI_ID};
 
 /// Tasks one instance of a service is handed at once when its `max-concurrency` is not set:
 /// enough for an asyncio or threaded service, few enough not to flood a small one.
@@ -232,7 +232,7 @@ impl Deployment {
                 .map_err(|err| Error::io("cannot create", &dir, err))?;
         }
         let context = Arc::new(context);
-        let total = context.spec.services.len();
+        let total = context.spec.services.len() + usize::from(context.spec.ui.is_some());
         let (synced_tx, mut synced) = watch::channel(0usize);
         // The ports the running instances hold: a new instance may take its old one's port.
         let held: Vec<(String, u16)> = {
@@ -243,10 +243,16 @@ impl Deployment {
                 .map(|(id, instance)| (id.clone(), instance.supervisor.status().port))
                 .collect()
         };
+        let ui = context
+            .spec
+            .ui
+            .as_ref()
+            .map(|ui| ui_service(&context.spec.name, ui));
         let items: Vec<Item> = context
             .spec
             .services
             .iter()
+            .chain(ui.iter())
             .map(|service| Item {
                 workdir: context.dir.join("src").join(&service.id),
                 service: service.clone(),
@@ -293,6 +299,11 @@ impl Deployment {
                         let deployment = Arc::clone(&deployment);
                         let context = Arc::clone(&launch_context);
                         async move {
+                            // The UI's port is its file's: the running UI leaves it first (as
+                            // llama_deploy stops its UI before starting the new one).
+                            if item.service.id == UI_ID {
+                                deployment.stop_instance(UI_ID).await;
+                            }
                             let item = launch_stage(context, item).await?;
                             if let Some(supervisor) = &item.supervisor {
                                 deployment
@@ -378,14 +389,22 @@ impl Deployment {
 
     /// Brings a new instance in and stops the one it replaces.
     async fn switch(&self, context: &Context, mut item: Item) -> Result<(), Error> {
-        let (Some(supervisor), Some(consumer)) = (item.supervisor.take(), item.consumer.take())
-        else {
+        let Some(supervisor) = item.supervisor.take() else {
             return Err(Error::BadRequest(format!(
                 "service `{}` reached switch without a process",
                 item.service.id
             )));
         };
         let (worker_stop, stop_rx) = watch::channel(false);
+        // The UI takes no tasks: its instance is its process alone.
+        let Some(consumer) = item.consumer.take() else {
+            let instance = Arc::new(Instance {
+                supervisor,
+                worker_stop,
+                worker: Mutex::new(None),
+            });
+            return self.swap_in(&item.service.id, instance).await;
+        };
         let worker = tokio::spawn(worker::run(
             WorkerContext {
                 service: item.service.id.clone(),
@@ -408,6 +427,11 @@ impl Deployment {
             worker_stop,
             worker: Mutex::new(Some(worker)),
         });
+        self.swap_in(&item.service.id, instance).await
+    }
+
+    /// Puts `instance` in the place of service `id`'s running one, which is stopped.
+    async fn swap_in(&self, id: &str, instance: Arc<Instance>) -> Result<(), Error> {
         // `Err(instance)`: the deployment was stopped meanwhile; the new instance goes too.
         let switched = {
             let mut state = self.state();
@@ -417,10 +441,10 @@ impl Deployment {
                 let previous = state
                     .instances
                     .iter()
-                    .position(|(id, _)| *id == item.service.id)
+                    .position(|(held, _)| held == id)
                     .map(|index| state.instances.remove(index).1);
-                state.instances.push((item.service.id.clone(), instance));
-                self.launching().remove(&item.service.id);
+                state.instances.push((id.to_owned(), instance));
+                self.launching().remove(id);
                 Ok(previous)
             }
         };
@@ -438,6 +462,21 @@ impl Deployment {
         }
     }
 
+    /// Stops the running instance of `id`, if there is one.
+    async fn stop_instance(&self, id: &str) {
+        let instance = {
+            let mut state = self.state();
+            state
+                .instances
+                .iter()
+                .position(|(held, _)| held == id)
+                .map(|index| state.instances.remove(index).1)
+        };
+        if let Some(instance) = instance {
+            instance.stop().await;
+        }
+    }
+
     /// After a deploy: instances of services the spec no longer has are stopped.
     async fn finish(&self, spec: &DeploymentSpec, completed: bool) {
         let removed: Vec<Arc<Instance>> = {
@@ -448,7 +487,9 @@ impl Deployment {
             }
             let (keep, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut state.instances)
                 .into_iter()
-                .partition(|(id, _)| spec.service(id).is_some());
+                .partition(|(id, _)| {
+                    spec.service(id).is_some() || (id == UI_ID && spec.ui.is_some())
+                });
             state.instances = keep;
             removed.into_iter().map(|(_, instance)| instance).collect()
         };
@@ -503,65 +544,65 @@ impl Deployment {
     pub(crate) fn status(&self) -> DeploymentStatus {
         let state = self.state();
         let snapshot = state.progress.as_ref().map(Progress::snapshot);
+        let service_status = |id: &str| {
+            let stage = snapshot
+                .as_ref()
+                .and_then(|s| s.item(id))
+                .map(|item| StageStatus {
+                    stage: item.stage.clone(),
+                    state: match &item.state {
+                        ItemState::Waiting => "waiting",
+                        ItemState::Running => "running",
+                        ItemState::Done => "done",
+                        ItemState::Failed { .. } => "failed",
+                        _ => "unknown",
+                    }
+                    .to_owned(),
+                    error: match &item.state {
+                        ItemState::Failed { error } => Some(error.clone()),
+                        _ => None,
+                    },
+                });
+            let instance = state.instances.iter().find(|(held, _)| held == id);
+            let launching = self.launching().get(id).map(|w| w.borrow().clone());
+            let mut status = match (instance, launching) {
+                (Some((_, instance)), _) => instance.supervisor.status(),
+                (None, Some(launching)) => launching,
+                (None, None) => ServiceStatus {
+                    id: id.to_owned(),
+                    phase: Phase::Pending,
+                    pid: None,
+                    port: 0,
+                    restarts: 0,
+                    last_exit: None,
+                    stage: None,
+                },
+            };
+            if instance.is_none()
+                && let Some(StageStatus {
+                    error: Some(error), ..
+                }) = &stage
+            {
+                status.phase = Phase::Failed;
+                status.last_exit = Some(error.clone());
+            }
+            status.stage = stage;
+            status
+        };
         let services = state
             .spec
             .services
             .iter()
-            .map(|service| {
-                let stage = snapshot
-                    .as_ref()
-                    .and_then(|s| s.item(&service.id))
-                    .map(|item| StageStatus {
-                        stage: item.stage.clone(),
-                        state: match &item.state {
-                            ItemState::Waiting => "waiting",
-                            ItemState::Running => "running",
-                            ItemState::Done => "done",
-                            ItemState::Failed { .. } => "failed",
-                            _ => "unknown",
-                        }
-                        .to_owned(),
-                        error: match &item.state {
-                            ItemState::Failed { error } => Some(error.clone()),
-                            _ => None,
-                        },
-                    });
-                let instance = state.instances.iter().find(|(id, _)| *id == service.id);
-                let launching = self
-                    .launching()
-                    .get(&service.id)
-                    .map(|w| w.borrow().clone());
-                let mut status = match (instance, launching) {
-                    (Some((_, instance)), _) => instance.supervisor.status(),
-                    (None, Some(launching)) => launching,
-                    (None, None) => ServiceStatus {
-                        id: service.id.clone(),
-                        phase: Phase::Pending,
-                        pid: None,
-                        port: 0,
-                        restarts: 0,
-                        last_exit: None,
-                        stage: None,
-                    },
-                };
-                if instance.is_none()
-                    && let Some(StageStatus {
-                        error: Some(error), ..
-                    }) = &stage
-                {
-                    status.phase = Phase::Failed;
-                    status.last_exit = Some(error.clone());
-                }
-                status.stage = stage;
-                status
-            })
+            .map(|service| service_status(&service.id))
             .collect();
+        let ui = state.spec.ui.as_ref().map(|_| service_status(UI_ID));
         DeploymentStatus {
             name: self.name.clone(),
             default_service: state.spec.default_service.clone(),
             deploying: state.deploying,
             message_queue: crate::queues::describe(&state.queue_config),
             services,
+            ui,
         }
     }
 
@@ -594,6 +635,9 @@ fn pipeline_error(err: deployd_pipeline::Error) -> Error {
 
 async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
     sync_source(context, &item.service, &item.workdir).await?;
+    if item.service.id == UI_ID {
+        return Ok(item);
+    }
     let ack_deadline = item
         .service
         .timeout
@@ -822,6 +866,57 @@ async fn sync_source(
         "source synced"
     );
     BuildMarks::new(&context.dir, &service.id).record_sync(&synced.digest.to_string())
+}
+
+/// The command llama_deploy 0.9 installs a UI with, and the one it serves it with.
+const UI_INSTALL: &str = "pnpm install";
+const UI_SERVE: &str = "pnpm run dev";
+
+/// How long a UI has to answer at its base path: a Next.js dev server compiles its first page
+/// on that request.
+const UI_READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A deployment's `ui:` as the service deployd supervises for it (as llama_deploy 0.9 runs it:
+/// `pnpm install`, then `pnpm run dev` with `PORT` and the Next.js base path set; `build` and
+/// `command` replace those two). It is ready once `GET /deployments/<name>/ui` answers 2xx.
+fn ui_service(deployment: &str, ui: &deployd_config::UiSpec) -> ServiceSpec {
+    let base_path = format!("/deployments/{deployment}/ui");
+    let mut health = deployd_config::HealthSpec::default();
+    health.path.clone_from(&base_path);
+    health.timeout = UI_READY_TIMEOUT;
+    ServiceSpec {
+        id: UI_ID.to_owned(),
+        name: ui.name.clone(),
+        source: ui.source.clone(),
+        import_path: None,
+        command: Some(
+            ui.command
+                .clone()
+                .unwrap_or_else(|| deployd_config::Command::Shell(UI_SERVE.to_owned())),
+        ),
+        port: Some(ui.port),
+        env: [
+            ("LLAMA_DEPLOY_NEXTJS_BASE_PATH".to_owned(), base_path),
+            (
+                "LLAMA_DEPLOY_NEXTJS_DEPLOYMENT_NAME".to_owned(),
+                deployment.to_owned(),
+            ),
+        ]
+        .into(),
+        runtime: deployd_config::Runtime::Process,
+        build: if ui.build.is_empty() {
+            vec![deployd_config::Command::Shell(UI_INSTALL.to_owned())]
+        } else {
+            ui.build.clone()
+        },
+        replicas: 1,
+        health,
+        restart: deployd_config::RestartSpec::default(),
+        max_concurrency: None,
+        timeout: None,
+        env_files: Vec::new(),
+        python_dependencies: Vec::new(),
+    }
 }
 
 fn sync_policy(policy: deployd_config::SyncPolicy) -> SyncPolicy {

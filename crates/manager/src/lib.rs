@@ -306,7 +306,14 @@ pub struct DeploymentStatus {
     pub message_queue: String,
     /// Its services, in the order of the file.
     pub services: Vec<ServiceStatus>,
+    /// Its UI's process (the file's `ui:` section), when it has one; its id is [`UI_ID`].
+    #[serde(default)]
+    pub ui: Option<ServiceStatus>,
 }
+
+/// The id under which a deployment's UI is supervised, logged (`logs/@ui.log`) and shown: not
+/// a valid service id, so it never clashes with one.
+pub const UI_ID: &str = "@ui";
 
 /// Where a task is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1155,7 +1162,8 @@ impl Manager {
     /// `<service>.log.1`), once the service is known to exist.
     pub fn service_log(&self, deployment: &str, service: &str) -> Result<PathBuf, Error> {
         let status = self.status(deployment)?;
-        if !status.services.iter().any(|s| s.id == service) {
+        let is_ui = service == UI_ID && status.ui.is_some();
+        if !is_ui && !status.services.iter().any(|s| s.id == service) {
             return Err(Error::not_found("service", service));
         }
         Ok(self
@@ -1166,6 +1174,12 @@ impl Manager {
             .join(deployment)
             .join("logs")
             .join(format!("{service}.log")))
+    }
+
+    /// The port the UI of deployment `name` listens on (on 127.0.0.1), when its file has a
+    /// `ui:` section.
+    pub fn ui_port(&self, name: &str) -> Result<Option<u16>, Error> {
+        Ok(self.deployment(name)?.spec().ui.map(|ui| ui.port))
     }
 
     fn deployment(&self, name: &str) -> Result<Arc<Deployment>, Error> {

@@ -629,7 +629,10 @@ impl Store {
         task_id: &str,
         after: u64,
     ) -> Result<Option<Vec<TaskEvent>>, Error> {
-        Ok(self.log_after(task_id, after).await?.map(|(events, _)| events))
+        Ok(self
+            .log_after(task_id, after)
+            .await?
+            .map(|(events, _)| events))
     }
 
     /// The entries of a task's log after `after`, and whether the task had ended, read in one

@@ -15,13 +15,15 @@ use axum::extract::{
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Extension, Json, Router};
 use deployd_api::{
-    DeploymentName, DeploymentStatus, Deployed, DeploymentUpload, ErrorBody, EventDefinition,
+    Deployed, DeploymentName, DeploymentStatus, DeploymentUpload, ErrorBody, EventDefinition,
     EventLine, Root, SessionDefinition, Status, TaskDefinition, TaskResult, result_text,
 };
-use deployd_manager::{Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
+use deployd_manager::{
+    Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus,
+};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -33,8 +35,8 @@ use crate::auth::Access;
 use crate::error::ApiError;
 use crate::logs;
 use crate::metrics::Metrics;
-use crate::options::ApiOptions;
 use crate::openapi::{self, Additions};
+use crate::options::ApiOptions;
 
 /// The most tasks one page of `GET …/tasks` holds.
 const MAX_PAGE: usize = 1000;
@@ -54,6 +56,8 @@ struct AppState {
     metrics: Arc<Metrics>,
     /// A permit per open event stream (see `ApiOptions::max_streams`).
     streams: Arc<tokio::sync::Semaphore>,
+    /// The client the UI proxy sends requests upstream with.
+    ui_client: reqwest::Client,
 }
 
 impl AppState {
@@ -106,6 +110,7 @@ pub(crate) fn routes(
         shutting_down,
         metrics: Arc::clone(&metrics),
         streams,
+        ui_client: crate::ui_proxy::client(),
     };
     let router = Router::new()
         .route("/", get(root))
@@ -137,6 +142,9 @@ pub(crate) fn routes(
             "/deployments/{name}/services/{service}/logs",
             get(service_logs),
         )
+        .route("/deployments/{name}/ui", any(ui))
+        .route("/deployments/{name}/ui/", any(ui))
+        .route("/deployments/{name}/ui/{*path}", any(ui))
         .route("/deployments/{name}/sessions", get(list_sessions))
         .route("/deployments/{name}/sessions/", get(list_sessions))
         .route("/deployments/{name}/sessions/create", post(create_session))
@@ -345,10 +353,7 @@ async fn docs_page() -> Response {
     responses((status = 200, description = "The server is healthy", body = Status)))]
 /// `GET /status/`: health to anyone; the deployments only to a caller with a token (or to any
 /// caller of an open API).
-async fn status(
-    State(manager): State<Manager>,
-    access: Option<Extension<Access>>,
-) -> Json<Status> {
+async fn status(State(manager): State<Manager>, access: Option<Extension<Access>>) -> Json<Status> {
     let mut status = Status {
         status: "Healthy".to_owned(),
         status_message: String::new(),
@@ -1119,6 +1124,46 @@ fn session_definition(session: SessionInfo) -> SessionDefinition {
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct UiParams {
+    name: String,
+}
+
+/// `/deployments/{name}/ui[/...]`, every method and WebSockets: the deployment's UI (see
+/// `ui_proxy.rs`).
+#[utoipa::path(get, path = "/deployments/{name}/ui/{path}", tag = "deployments",
+    summary = "The deployment's UI (its file's `ui:` section), proxied",
+    description = "Every method, and WebSocket upgrades, are passed to the UI's process as \
+they come (bodies streamed both ways, hop-by-hop headers left out, redirects passed back). \
+`/deployments/{name}/ui` answers the same.",
+    params(("name" = String, Path, description = "The deployment"),
+        ("path" = String, Path, description = "The page or file of the UI")),
+    responses((status = 200, description = "The UI's answer, whatever it is", content_type = "text/html", body = String),
+        (status = 502, description = "The UI does not answer", body = ErrorBody),
+        (status = 504, description = "The UI did not begin its answer in time", body = ErrorBody)))]
+async fn ui(
+    State(state): State<AppState>,
+    P(params): P<UiParams>,
+    request: Request,
+) -> ApiResult<Response> {
+    let Some(port) = state.manager.ui_port(&params.name)? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "Deployment has no ui configured",
+        ));
+    };
+    let strip_authorization =
+        state.options.tokens.full.is_some() || state.options.tokens.task.is_some();
+    crate::ui_proxy::proxy(
+        &state.ui_client,
+        &params.name,
+        port,
+        strip_authorization,
+        request,
+    )
+    .await
+}
+
 #[utoipa::path(get, path = "/deployments/{name}/sessions", tag = "sessions",
     summary = "A deployment's sessions", description = "`…/sessions/` answers the same.",
     params(("name" = String, Path, description = "The deployment")),
@@ -1204,7 +1249,7 @@ async fn send_event(
     ),
     paths(
         root, openapi_json, docs_page, status, metrics_page, list_deployments, create_deployment, get_deployment,
-        delete_deployment, service_logs, list_tasks, create_task, run_task, task_result,
+        delete_deployment, service_logs, ui, list_tasks, create_task, run_task, task_result,
         task_events, send_event, list_sessions, get_session, create_session, delete_session
     ),
     components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine)),

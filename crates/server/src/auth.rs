@@ -157,7 +157,8 @@ pub(crate) fn task_scope_allows(method: &Method, path: &str) -> bool {
     };
     match rest.split('/').collect::<Vec<_>>().as_slice() {
         [name] => reads && *name != "create",
-        [_name, "tasks" | "sessions", ..] => true,
+        // A deployment's UI is a front end for its tasks.
+        [_name, "tasks" | "sessions" | "ui", ..] => true,
         _ => false,
     }
 }

@@ -2,11 +2,10 @@
 
 use std::path::Path;
 
-use deployd_api::{DeploymentStatus, Deployed, Status, TaskDefinition, TaskResult};
+use deployd_api::{Deployed, DeploymentStatus, Status, TaskDefinition, TaskResult};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-
 
 /// What can go wrong calling the API.
 #[derive(Debug, thiserror::Error)]

@@ -86,11 +86,21 @@ pub(crate) fn check(options: &ApiOptions, request: &Request) -> Result<(), ApiEr
         let what = format!("{method} {}", request.uri().path());
         check_origin(options, request.headers(), &what)?;
         let has_body = request.body().size_hint().exact() != Some(0);
-        if has_body {
+        // A deployment's UI takes what its pages send (forms too); its pages come from this
+        // server, so the origin check above still keeps other sites' pages out.
+        if has_body && !is_ui_path(request.uri().path()) {
             check_content_type(request.headers(), &what)?;
         }
     }
     Ok(())
+}
+
+/// Whether `path` is under a deployment's UI (`/deployments/{name}/ui[/...]`).
+pub(crate) fn is_ui_path(path: &str) -> bool {
+    let mut segments = path.trim_start_matches('/').split('/');
+    segments.next() == Some("deployments")
+        && segments.next().is_some_and(|name| !name.is_empty())
+        && segments.next() == Some("ui")
 }
 
 fn check_host(options: &ApiOptions, request: &Request) -> Result<(), ApiError> {

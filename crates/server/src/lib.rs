@@ -27,6 +27,7 @@ mod logs;
 mod metrics;
 mod openapi;
 mod options;
+mod ui_proxy;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;

@@ -53,23 +53,24 @@ pub(crate) fn deployment_status(
         default_service: status.default_service,
         deploying: status.deploying,
         message_queue: status.message_queue,
-        services: status
-            .services
-            .into_iter()
-            .map(|service| deployd_api::ServiceStatus {
-                id: service.id,
-                phase: phase(service.phase),
-                pid: service.pid,
-                port: service.port,
-                restarts: service.restarts,
-                last_exit: service.last_exit,
-                stage: service.stage.map(|stage| deployd_api::StageStatus {
-                    stage: stage.stage,
-                    state: stage.state,
-                    error: stage.error,
-                }),
-            })
-            .collect(),
+        services: status.services.into_iter().map(service_status).collect(),
+        ui: status.ui.map(service_status),
+    }
+}
+
+fn service_status(service: deployd_manager::ServiceStatus) -> deployd_api::ServiceStatus {
+    deployd_api::ServiceStatus {
+        id: service.id,
+        phase: phase(service.phase),
+        pid: service.pid,
+        port: service.port,
+        restarts: service.restarts,
+        last_exit: service.last_exit,
+        stage: service.stage.map(|stage| deployd_api::StageStatus {
+            stage: stage.stage,
+            state: stage.state,
+            error: stage.error,
+        }),
     }
 }
 
@@ -130,9 +131,18 @@ impl utoipa::Modify for Additions {
 /// refuses), 401 and 403 (tokens), 404 (an unknown deployment, task, session or service).
 fn add_shared_errors(operation: &mut Operation, method: &str, has_params: bool) {
     let mut shared = vec![
-        ("400", "The request is malformed: a parameter, the body, or its headers"),
-        ("401", "No token, or a wrong one (when the server was given tokens)"),
-        ("403", "The token may not do this, or the request's Host or Origin is refused"),
+        (
+            "400",
+            "The request is malformed: a parameter, the body, or its headers",
+        ),
+        (
+            "401",
+            "No token, or a wrong one (when the server was given tokens)",
+        ),
+        (
+            "403",
+            "The token may not do this, or the request's Host or Origin is refused",
+        ),
     ];
     if has_params {
         shared.push(("404", "No such deployment, task, session or service"));
@@ -252,7 +262,10 @@ fn render_operation(page: &mut String, method: &str, path: &str, op: &serde_json
         page.push_str("</table>");
     }
     if let Some(body) = op["requestBody"]["content"].as_object() {
-        let kinds: Vec<String> = body.keys().map(|k| format!("<code>{}</code>", escape(k))).collect();
+        let kinds: Vec<String> = body
+            .keys()
+            .map(|k| format!("<code>{}</code>", escape(k)))
+            .collect();
         let _ = write!(page, "<p>Body: {}</p>", kinds.join(", "));
     }
     page.push_str("<table><tr><th>status</th><th></th></tr>");

@@ -788,11 +788,7 @@ async fn with_a_token_every_route_but_the_health_check_needs_it() {
     let routes = routes
         .iter()
         .map(|(method, uri)| ((*method).to_owned(), (*uri).to_owned()))
-        .chain(
-            documented
-                .into_iter()
-                .filter(|(_, uri)| uri != "/status/"),
-        )
+        .chain(documented.into_iter().filter(|(_, uri)| uri != "/status/"))
         .collect::<Vec<_>>();
     let wrong = [
         None,
@@ -1122,7 +1118,8 @@ fn documented_routes() -> Vec<(String, String)> {
             .replace("{name}", "d")
             .replace("{service}", "svc")
             .replace("{task_id}", "t")
-            .replace("{session_id}", "s");
+            .replace("{session_id}", "s")
+            .replace("{path}", "index.html");
         assert!(!uri.contains('{'), "a parameter is not filled in: {path}");
         for method in item.as_object().unwrap().keys() {
             routes.push((method.to_uppercase(), uri.clone()));
@@ -1246,12 +1243,19 @@ async fn every_route_of_the_openapi_document_is_served() {
             .unwrap();
         let text = String::from_utf8_lossy(&bytes);
         // Not the fallbacks of an unrouted path or method.
-        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}: {text}");
+        assert_ne!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {uri}: {text}"
+        );
         assert!(
             !(status == StatusCode::NOT_FOUND && text.contains("\"Not Found\"")),
             "{method} {uri} is not routed: {text}"
         );
-        assert!(status.as_u16() < 500 || status.as_u16() == 504, "{method} {uri}: {status} {text}");
+        assert!(
+            status.as_u16() < 500 || status.as_u16() == 504,
+            "{method} {uri}: {status} {text}"
+        );
         match uri.as_str() {
             "/docs" => {
                 assert!(content_type.starts_with("text/html"), "{content_type}");
@@ -1269,5 +1273,50 @@ async fn every_route_of_the_openapi_document_is_served() {
             _ => {}
         }
     }
+    fixture.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ui_that_does_not_answer_is_a_502_and_a_deployment_without_one_a_404() {
+    let fixture = Fixture::new().await;
+    let app = fixture.local();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = format!(
+        "name: d\nservices:\n  svc:\n    command: sleep 600\nui:\n  port: {port}\n  build: [\"true\"]\n  command: sleep 600\n"
+    );
+    let (status, _, body) = call(&app, post_json(&fixture.create_url(), &file)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        !body["warnings"].to_string().contains("UI"),
+        "the UI is served: {body}"
+    );
+    for method in ["GET", "POST"] {
+        let request = request(method, "/deployments/d/ui/page?x=1")
+            .header("content-type", "text/plain")
+            .body(Body::from("form"))
+            .unwrap();
+        let (status, _, body) = call(&app, request).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{method}: {body}");
+        assert!(
+            detail(&body).contains("UI of deployment `d`")
+                && detail(&body).contains(&port.to_string()),
+            "{body}"
+        );
+    }
+    fixture.deploy_sleeper(&app, "plain").await;
+    let (status, _, body) = call(&app, get("/deployments/plain/ui")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(detail(&body), "Deployment has no ui configured");
+    // A body of a type the API refuses is still refused outside the UI.
+    let request = request("POST", "/deployments/plain/tasks/create")
+        .header("content-type", "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, _, _) = call(&app, request).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
     fixture.shutdown().await;
 }
