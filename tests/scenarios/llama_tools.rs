@@ -1147,3 +1147,143 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_document
     let names = get("/deployments/");
     assert_eq!(names, json!([{"name": "quickstart"}]), "{stdout}");
 }
+
+/// One span of what the OTLP receiver (`tests/fixtures/llama_tools/otlp_collector.py`) got.
+fn spans_of(file: &Path, trace_id: &str) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|span| span["trace_id"] == trace_id)
+        .collect()
+}
+
+/// `--otlp-endpoint`: a task's trace (its request's span, its time in the queue, its service
+/// call) reaches an OTLP collector, continues the client's `traceparent`, and the service gets
+/// the `traceparent` of its call.
+#[test]
+fn a_task_s_trace_reaches_an_otlp_collector_and_its_service() {
+    let tools = tools();
+    let dir = tempfile::tempdir().unwrap();
+    let received = dir.path().join("spans.jsonl");
+    let collector_port = deployd_e2e::free_port();
+    let mut collector = std::process::Command::new(&tools.python)
+        .arg(fixture("otlp_collector.py"))
+        .arg(collector_port.to_string())
+        .arg(&received)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(collector.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening");
+    }
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _collector = Kill(collector);
+
+    let project = Project::new();
+    let file = project.deployment("traced", &[("echo", &[])]);
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--otlp-endpoint",
+            &format!("http://127.0.0.1:{collector_port}"),
+        ],
+    );
+    deployd_e2e::success(&server.cli(&["deploy", file.to_str().unwrap()]));
+
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    // The client's own trace, which deployd continues.
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let run = |traceparent: Option<String>| -> (String, String) {
+        let mut request = http
+            .post(format!("{}/deployments/traced/tasks/create", server.url))
+            .json(&json!({"input": "{\"message\": \"hi\", \"report_headers\": true}"}));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let task: Value = request.send().unwrap().json().unwrap();
+        let task_id = task["task_id"].as_str().unwrap().to_owned();
+        let lines = server.read_lines_until(
+            &format!("/deployments/traced/tasks/{task_id}/events?envelope=true"),
+            |line| line["type"] != "event",
+        );
+        assert_eq!(lines.last().unwrap()["type"], "result", "{lines:?}");
+        let sent = lines
+            .iter()
+            .find(|line| line["data"]["step"] == "headers")
+            .and_then(|line| line["data"]["traceparent"].as_str())
+            .unwrap_or_else(|| panic!("the service got no traceparent: {lines:?}"))
+            .to_owned();
+        (task_id, sent)
+    };
+    let (task_id, sent) = run(Some(format!("00-{client_trace}-{client_span}-01")));
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{sent}");
+    assert_eq!(
+        parts[1], client_trace,
+        "the service's call is in the client's trace"
+    );
+
+    // The spans arrive in the exporter's next batch (every 5 s).
+    let spans = deployd_e2e::wait_for("the task's spans", Duration::from_secs(60), || {
+        let spans = spans_of(&received, client_trace);
+        (spans.len() >= 3).then_some(spans)
+    });
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|span| span["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name}: {spans:#?}"))
+    };
+    let request = named("POST /deployments/{name}/tasks/create");
+    let queued = named("task queued");
+    let call = named("service call echo");
+    for span in [request, queued, call] {
+        assert_eq!(span["service"], "deployd");
+        assert!(span["end"].as_u64() >= span["start"].as_u64(), "{span}");
+    }
+    // SERVER, CONSUMER, CLIENT (OTLP's span kinds).
+    assert_eq!(
+        (&request["kind"], &queued["kind"], &call["kind"]),
+        (&json!(2), &json!(5), &json!(3))
+    );
+    assert_eq!(request["parent_span_id"], client_span);
+    assert_eq!(request["attributes"]["http.response.status_code"], 200);
+    assert_eq!(queued["parent_span_id"], request["span_id"]);
+    assert_eq!(call["parent_span_id"], request["span_id"]);
+    assert_eq!(call["attributes"]["deployd.task_id"], task_id.as_str());
+    assert_eq!(call["span_id"], parts[2], "the service got its call's span");
+    assert!(queued["start"].as_u64() <= call["start"].as_u64());
+
+    // Without a client's traceparent the task's trace starts at its request.
+    let (_, sent) = run(None);
+    let trace = sent.split('-').nth(1).unwrap().to_owned();
+    assert_ne!(trace, client_trace);
+    let spans = deployd_e2e::wait_for("the second task's spans", Duration::from_secs(60), || {
+        let spans = spans_of(&received, &trace);
+        (spans.len() >= 3).then_some(spans)
+    });
+    let request = spans
+        .iter()
+        .find(|span| span["kind"] == 2)
+        .expect("a server span");
+    assert_eq!(request["parent_span_id"], "", "{request}");
+}

@@ -19,9 +19,14 @@ use anyhow::{Context, bail};
 /// The variable the scenarios read the virtualenv's interpreter from.
 pub(crate) const ENV_VAR: &str = "DEPLOYD_LLAMA_DEPLOY_PYTHON";
 
-/// What the virtualenv holds: llama_deploy's tools, and schemathesis, which the scenarios run
-/// against deployd's OpenAPI document.
-const REQUIREMENTS: &[&str] = &["llama-deploy==0.9.2", "schemathesis==4.32.5"];
+/// What the virtualenv holds: llama_deploy's tools, schemathesis, which the scenarios run
+/// against deployd's OpenAPI document, and OpenTelemetry's protobuf definitions, with which
+/// the traces scenario's OTLP receiver decodes what deployd exports.
+const REQUIREMENTS: &[&str] = &[
+    "llama-deploy==0.9.2",
+    "schemathesis==4.32.5",
+    "opentelemetry-proto==1.45.2",
+];
 
 /// The interpreter the virtualenv is made from.
 const INTERPRETER: &str = "python3";

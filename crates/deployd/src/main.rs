@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod telemetry;
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use deployd_manager::{FileOrigin, Manager, Options};
@@ -259,6 +261,11 @@ struct ServeArgs {
     /// code on this machine. Only behind something that authenticates for deployd.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Export traces (one per task: its request, its time in the queue, its service call)
+    /// with OTLP over HTTP to this collector (`http://127.0.0.1:4318`); services get the
+    /// W3C `traceparent` of their call.
+    #[arg(long, value_name = "URL", env = "DEPLOYD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Deployment files to deploy at start.
     files: Vec<PathBuf>,
 }
@@ -593,6 +600,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let guarded = full_token.is_some();
+    let telemetry = match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => Some(telemetry::start(endpoint)?),
+        None => None,
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -684,6 +695,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await;
     if drained.is_err() {
         tracing::warn!("shutdown deadline passed; exiting");
+    }
+    if let Some(telemetry) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
     Ok(())
 }

@@ -33,6 +33,7 @@ mod queues;
 mod runtime;
 mod store;
 mod supervisor;
+pub mod trace;
 mod worker;
 mod writer;
 
@@ -1292,10 +1293,12 @@ impl Manager {
             }
         };
         let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
-        let published = running
-            .queue()
-            .publish(&topic, Message::new(info.id.clone()))
-            .await;
+        let mut message = Message::new(info.id.clone());
+        // The request's trace goes with the task (see `trace.rs`).
+        for (key, value) in trace::message_headers().into_iter().flatten() {
+            message = message.with_header(key, value);
+        }
+        let published = running.queue().publish(&topic, message).await;
         if let Err(err) = stored.done().await {
             self.inner.control.take_fresh(&info.id);
             return Err(err);

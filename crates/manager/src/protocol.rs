@@ -78,7 +78,8 @@ fn tasks_url(port: u16) -> Result<reqwest::Url, CallError> {
     })
 }
 
-/// Sends a task to the service on `port` and hands every event to `on_event` as it comes.
+/// Sends a task to the service on `port` and hands every event to `on_event` as it comes;
+/// with `traceparent`, the W3C trace context of the call goes with it.
 ///
 /// The service must start its answer (send the response head) within `head_timeout`; a service
 /// that takes the connection and never answers is then given up on (and the task retried).
@@ -87,13 +88,18 @@ pub(crate) async fn call<F, Fut>(
     port: u16,
     head_timeout: Duration,
     request: &TaskRequest<'_>,
+    traceparent: Option<&str>,
     mut on_event: F,
 ) -> Result<Outcome, CallError>
 where
     F: FnMut(Value) -> Fut,
     Fut: Future<Output = Result<(), crate::Error>>,
 {
-    let send = client.post(tasks_url(port)?).json(request).send();
+    let mut send = client.post(tasks_url(port)?).json(request);
+    if let Some(traceparent) = traceparent {
+        send = send.header(crate::trace::TRACEPARENT, traceparent);
+    }
+    let send = send.send();
     let response = tokio::time::timeout(head_timeout, send)
         .await
         .map_err(|_| {
@@ -251,6 +257,7 @@ mod tests {
             port,
             Duration::from_secs(5),
             &request,
+            None,
             move |data| {
                 sink.lock().unwrap().push(data);
                 async { Ok(()) }
@@ -371,6 +378,7 @@ mod tests {
             port,
             Duration::from_millis(200),
             &request,
+            None,
             |_| async { Ok(()) },
         )
         .await;
@@ -436,9 +444,14 @@ mod tests {
         let input = json!({});
         let request = request(&input);
         for _ in 0..3 {
-            let outcome = call(&client, port, Duration::from_secs(5), &request, |_| async {
-                Ok(())
-            })
+            let outcome = call(
+                &client,
+                port,
+                Duration::from_secs(5),
+                &request,
+                None,
+                |_| async { Ok(()) },
+            )
             .await;
             assert!(matches!(outcome, Ok(Outcome::Result { .. })), "{outcome:?}");
         }
@@ -458,6 +471,7 @@ mod tests {
             port,
             Duration::from_secs(5),
             &request,
+            None,
             |_| async { Ok(()) },
         )
         .await;

@@ -189,9 +189,23 @@ async fn handle(
         input: &task.input,
         state: state.as_ref(),
     };
-    let call = protocol::call(client, port, context.head_timeout, &request, |data| {
-        control.event(&task.id, attempt, data)
-    });
+    let trace = crate::trace::TaskTrace::start(
+        &delivery.message.headers,
+        &task.id,
+        &context.service,
+        attempt,
+    );
+    let traceparent = trace
+        .as_ref()
+        .and_then(crate::trace::TaskTrace::traceparent);
+    let call = protocol::call(
+        client,
+        port,
+        context.head_timeout,
+        &request,
+        traceparent.as_deref(),
+        |data| control.event(&task.id, attempt, data),
+    );
     let called = match context.timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(called) => called,
@@ -201,6 +215,14 @@ async fn handle(
         },
         None => call.await,
     };
+    if let Some(trace) = trace {
+        let error = match &called {
+            Ok(Outcome::Error(message)) => Some(message.clone()),
+            Err(err) => Some(err.to_string()),
+            Ok(Outcome::Result { .. }) => None,
+        };
+        trace.end(error.as_deref());
+    }
     let (outcome, state) = match called {
         Ok(Outcome::Result { data, state }) => (Ok(data), state),
         Ok(Outcome::Error(message)) => (Err(message), None),

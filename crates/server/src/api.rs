@@ -160,7 +160,8 @@ pub(crate) fn routes(
             options,
             crate::guard::guard,
         ))
-        // Outside the guard: refused requests are counted too.
+        // Outside the guard: refused requests are traced and counted too.
+        .layer(axum::middleware::from_fn(trace_request))
         .layer(axum::middleware::from_fn_with_state(metrics, count_request))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
@@ -382,6 +383,50 @@ async fn count_request(
         response.status().as_u16(),
         started.elapsed(),
     );
+    response
+}
+
+/// With tracing on (`--otlp-endpoint`), a server span per request: a child of the client's
+/// `traceparent` when it sends one, and the parent of what the request does (a task it creates
+/// carries it through the queue; see `deployd_manager::trace`).
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use deployd_manager::trace;
+    use opentelemetry::context::FutureExt as _;
+    use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
+    use opentelemetry::{Context, KeyValue};
+    if !trace::enabled() {
+        return next.run(request).await;
+    }
+    let parent = request
+        .headers()
+        .get(trace::TRACEPARENT)
+        .and_then(|value| value.to_str().ok())
+        .and_then(trace::context_of)
+        .unwrap_or_else(Context::new);
+    let route = crate::metrics::route_of(request.uri().path());
+    let method = request.method().as_str().to_owned();
+    let tracer = opentelemetry::global::tracer(trace::TRACER);
+    let span = tracer
+        .span_builder(format!("{method} {route}"))
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.route", route),
+            KeyValue::new("url.path", request.uri().path().to_owned()),
+        ])
+        .start_with_context(&tracer, &parent);
+    let cx = parent.with_span(span);
+    let response = next.run(request).with_context(cx.clone()).await;
+    let span = cx.span();
+    let status = response.status().as_u16();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    if status >= 500 {
+        span.set_status(Status::error(format!("answered {status}")));
+    }
+    span.end();
     response
 }
 

@@ -376,6 +376,8 @@ pub(crate) fn route_of(path: &str) -> &'static str {
         [] => "/",
         ["status"] => "/status/",
         ["status", "metrics"] => "/status/metrics",
+        ["openapi.json"] => "/openapi.json",
+        ["docs"] => "/docs",
         ["deployments"] => "/deployments/",
         ["deployments", "create"] => "/deployments/create",
         ["deployments", _] => "/deployments/{name}",
@@ -390,6 +392,7 @@ pub(crate) fn route_of(path: &str) -> &'static str {
         ["deployments", _, "sessions", "create"] => "/deployments/{name}/sessions/create",
         ["deployments", _, "sessions", "delete"] => "/deployments/{name}/sessions/delete",
         ["deployments", _, "sessions", _] => "/deployments/{name}/sessions/{session_id}",
+        ["deployments", _, "ui", ..] => "/deployments/{name}/ui/{path}",
         _ => "unmatched",
     }
 }

@@ -191,10 +191,10 @@ fn render_page(doc: &OpenApi) -> String {
          </style></head><body>\n",
     );
     let info = &json["info"];
-    let _ = write!(
+    let _ = writeln!(
         page,
         "<h1>{} {}</h1><p>{}</p><p>The machine-readable document: \
-         <a href=\"openapi.json\"><code>/openapi.json</code></a> (OpenAPI {}).</p>\n",
+         <a href=\"openapi.json\"><code>/openapi.json</code></a> (OpenAPI {}).</p>",
         escape(info["title"].as_str().unwrap_or("deployd")),
         escape(info["version"].as_str().unwrap_or("")),
         escape(info["description"].as_str().unwrap_or("")),
@@ -204,9 +204,9 @@ fn render_page(doc: &OpenApi) -> String {
     let paths = json["paths"].as_object().unwrap_or(&empty);
     for tag in json["tags"].as_array().into_iter().flatten() {
         let name = tag["name"].as_str().unwrap_or_default();
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<h2 id=\"{0}\">{0}</h2><p>{1}</p>\n",
+            "<h2 id=\"{0}\">{0}</h2><p>{1}</p>",
             escape(name),
             escape(tag["description"].as_str().unwrap_or(""))
         );
@@ -225,9 +225,9 @@ fn render_page(doc: &OpenApi) -> String {
     page.push_str("<h2 id=\"schemas\">Schemas</h2>\n");
     let schemas = json["components"]["schemas"].as_object().unwrap_or(&empty);
     for (name, schema) in schemas {
-        let _ = write!(
+        let _ = writeln!(
             page,
-            "<h3 id=\"schema-{0}\">{0}</h3><pre>{1}</pre>\n",
+            "<h3 id=\"schema-{0}\">{0}</h3><pre>{1}</pre>",
             escape(name),
             escape(&serde_json::to_string_pretty(schema).unwrap_or_default())
         );

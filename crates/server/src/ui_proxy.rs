@@ -58,7 +58,8 @@ pub(crate) fn client() -> reqwest::Client {
 
 fn passed_on(name: &HeaderName, strip_authorization: bool) -> bool {
     let name = name.as_str();
-    !HOP_BY_HOP.contains(&name) && !(strip_authorization && name == header::AUTHORIZATION.as_str())
+    let token = strip_authorization && name == header::AUTHORIZATION.as_str();
+    !(HOP_BY_HOP.contains(&name) || token)
 }
 
 /// Whether a request asks to become a WebSocket.
