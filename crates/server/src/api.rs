@@ -535,7 +535,7 @@ the operator allowed.",
         (Object = "application/json"))),
     responses((status = 200, description = "Deployed (with `wait=true`, every service serves)", body = Deployed),
         (status = 409, description = "A deployment of that name exists (send `reload=true`), or too many deployments", body = ErrorBody),
-        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes`, or the file than `--max-deployment-file-bytes`", body = ErrorBody),
         (status = 503, description = "A service did not become ready, or deployd is stopping", body = ErrorBody)))]
 async fn create_deployment(
     State(state): State<AppState>,
@@ -575,6 +575,17 @@ async fn create_deployment(
         return Err(ApiError::bad_request(
             "no deployment file: send it as the multipart field `config_file` (or as an \
              `application/json` body)",
+        ));
+    }
+    if text.len() > state.options.max_file_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the deployment file `{origin}` is {} bytes; this server takes files of at most \
+                 {} bytes (--max-deployment-file-bytes)",
+                text.len(),
+                state.options.max_file_bytes
+            ),
         ));
     }
     let deployed = state

@@ -37,6 +37,9 @@ pub struct ApiOptions {
     /// The most event streams (a task's events, a followed log) open at once; one more is a
     /// 429.
     pub max_streams: usize,
+    /// The largest deployment file taken, in bytes (a larger one is a 413); at most
+    /// [`deployd_config::MAX_FILE_SIZE`].
+    pub max_file_bytes: usize,
 }
 
 /// The largest request body by default: a deployment file's limit and room for the rest of a
@@ -59,7 +62,14 @@ impl ApiOptions {
             cors_origins: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_streams: DEFAULT_MAX_STREAMS,
+            max_file_bytes: deployd_config::MAX_FILE_SIZE,
         }
+    }
+
+    /// Sets the largest deployment file taken (at most [`deployd_config::MAX_FILE_SIZE`]).
+    pub fn max_file_bytes(mut self, bytes: usize) -> Self {
+        self.max_file_bytes = bytes.min(deployd_config::MAX_FILE_SIZE);
+        self
     }
 
     /// Sets the largest request body read.

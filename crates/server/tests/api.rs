@@ -1320,3 +1320,27 @@ async fn a_ui_that_does_not_answer_is_a_502_and_a_deployment_without_one_a_404()
     assert_eq!(status, StatusCode::FORBIDDEN);
     fixture.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_deployment_file_past_the_limit_is_a_413_naming_it() {
+    let fixture = Fixture::new().await;
+    let app = fixture.app(
+        ApiOptions::new(LISTEN.parse().unwrap()).max_file_bytes(2048),
+        LOOPBACK,
+    );
+    let mut file = "name: big\nservices:\n  svc:\n    command: sleep 600\n".to_owned();
+    let small = file.clone();
+    file.push_str(&format!("# {}\n", "x".repeat(4096)));
+    let (status, _, body) = call(&app, post_json(&fixture.create_url(), &file)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        detail(&body).contains("deployment.yaml") && detail(&body).contains("2048"),
+        "{body}"
+    );
+    // Nothing was deployed; a file within the limit is.
+    let (status, _, _) = call(&app, get("/deployments/big")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, body) = call(&app, post_json(&fixture.create_url(), &small)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    fixture.shutdown().await;
+}
