@@ -209,3 +209,65 @@ fn unreachable_broker_is_refused_at_deploy() {
     let (_, body) = server.get("/deployments/").unwrap();
     assert_eq!(body, json!([]));
 }
+
+/// The keys on Redis that name `needle` (redis-cli's `--scan`).
+fn redis_keys(url: &str, needle: &str) -> Vec<String> {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-u", url, "--scan", "--pattern", &format!("*{needle}*")])
+        .output()
+        .expect("cannot run redis-cli");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Deleting a deployment removes its topics from the broker, and a reload that drops a service
+/// removes that service's topic: nothing is left behind on Redis.
+#[test]
+fn deleting_a_deployment_removes_its_topics_from_the_broker() {
+    let url = env_or("DEPLOYD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0");
+    let project = Project::new();
+    let name = format!("cleanup-{}", std::process::id());
+    let file = |services: &[&str]| {
+        let mut text =
+            format!("name: {name}\nmessage-queue:\n  type: redis\n  url: {url}\nservices:\n");
+        for service in services {
+            text.push_str(&format!(
+                "  {service}:\n    source:\n      type: local\n      location: src\n    command: python3 echo.py\n"
+            ));
+        }
+        project.write("deployment.yaml", &text)
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    let path = file(&["one", "two"]);
+    success(&server.cli(&["deploy", path.to_str().unwrap()]));
+    for service in ["one", "two"] {
+        let out = success(&server.cli(&["run", "-d", &name, "-s", service, "-a", "message", "hi"]));
+        assert_eq!(out, format!("{service}: hi\n"));
+    }
+    let keys = redis_keys(&url, &format!(".{name}."));
+    assert!(
+        keys.iter().any(|k| k.contains(&format!(".{name}.one")))
+            && keys.iter().any(|k| k.contains(&format!(".{name}.two"))),
+        "the topics are on Redis while the deployment runs: {keys:?}"
+    );
+
+    // A reload without `two` removes its topic and keeps `one`'s.
+    let path = file(&["one"]);
+    success(&server.cli(&["deploy", "--reload", path.to_str().unwrap()]));
+    let keys = wait_for("service two's topic to go", Duration::from_secs(30), || {
+        let keys = redis_keys(&url, &format!(".{name}."));
+        (!keys.iter().any(|k| k.contains(&format!(".{name}.two")))).then_some(keys)
+    });
+    assert!(
+        keys.iter().any(|k| k.contains(&format!(".{name}.one"))),
+        "{keys:?}"
+    );
+
+    success(&server.cli(&["delete", &name]));
+    let keys = redis_keys(&url, &format!(".{name}."));
+    assert!(keys.is_empty(), "left on Redis after the delete: {keys:?}");
+}

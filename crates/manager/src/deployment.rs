@@ -342,10 +342,13 @@ impl Deployment {
         }
         let deployment = Arc::clone(self);
         let new_spec = context.spec.clone();
+        let node_id = context.node_id.clone();
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
         let mut run = tokio::spawn(async move {
             let outcome = pipeline.collect().await;
-            deployment.finish(&new_spec, outcome.is_ok()).await;
+            deployment
+                .finish(&new_spec, &node_id, outcome.is_ok())
+                .await;
             let _ = ended_tx.send(());
             outcome
         });
@@ -478,8 +481,9 @@ impl Deployment {
     }
 
     /// After a deploy: instances of services the spec no longer has are stopped.
-    async fn finish(&self, spec: &DeploymentSpec, completed: bool) {
-        let removed: Vec<Arc<Instance>> = {
+    /// Their topics are removed from the broker.
+    async fn finish(&self, spec: &DeploymentSpec, node_id: &str, completed: bool) {
+        let removed: Vec<(String, Arc<Instance>)> = {
             let mut state = self.state();
             state.deploying = false;
             if !completed {
@@ -491,10 +495,18 @@ impl Deployment {
                     spec.service(id).is_some() || (id == UI_ID && spec.ui.is_some())
                 });
             state.instances = keep;
-            removed.into_iter().map(|(_, instance)| instance).collect()
+            removed
         };
-        for instance in removed {
+        let queue = self.queue();
+        for (id, instance) in removed {
             instance.stop().await;
+            if id == UI_ID {
+                continue;
+            }
+            let topic = task_topic(node_id, &self.name, &id);
+            if let Err(err) = queue.delete_topic(&topic).await {
+                tracing::warn!(deployment = %self.name, topic = %topic, error = %err, "cannot remove the topic of a removed service");
+            }
         }
     }
 

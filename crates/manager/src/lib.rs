@@ -1135,6 +1135,15 @@ impl Manager {
             .remove(name)
             .ok_or_else(|| Error::not_found("deployment", name))?;
         deployment.stop().await;
+        // Its topics go from the broker with it (its consumers are closed now); a broker that
+        // refuses leaves them, which is logged and does not keep the deployment.
+        let queue = deployment.queue();
+        for service in deployment.spec().services {
+            let topic = queues::task_topic(&self.inner.node_id, name, &service.id);
+            if let Err(err) = queue.delete_topic(&topic).await {
+                tracing::warn!(deployment = %name, topic = %topic, error = %err, "cannot remove the topic from the broker");
+            }
+        }
         self.inner.control.store().delete_deployment(name).await?;
         // Whoever waits for a task of it (a `tasks/run` caller, an event stream) is answered
         // now: the task is gone.

@@ -50,10 +50,24 @@
 //! `{partition}@{offset}` and attempt 1. Payloads up to [`MAX_MESSAGE_BYTES`] are accepted;
 //! the topics are created with that `max.message.bytes`.
 //!
+//! [`MessageQueue::delete_topic`] first stops this process's group members of the topic (their
+//! local members end with [`Error::Closed`], and what they hold settles as nothing), then
+//! deletes the Kafka topic `p.t` with the admin client, then the Kafka consumer groups `p.t.*`:
+//! those this process joined, and those the broker lists (`ListGroups`) under that prefix,
+//! except a group whose name could belong to another existing topic (`p.t.x.g` while topic
+//! `p.t.x` exists). Kafka refuses to delete a group that still has members: the members of
+//! this process leave at once (the deletion waits for them within the publish timeout), a
+//! group with members in other processes is left (with a warning) for Kafka to drop once it
+//! is empty and its offsets expire. Those members see no more messages of the deleted topic.
+//! This process's members are closed, not only unsubscribed, before the topic goes: against
+//! tansu 0.6, a librdkafka consumer that still knew the deleted topic crashed the process
+//! (tansu answered its metadata request with a topic without a name).
+//!
 //! Order: Kafka keeps publish order per partition. With one partition (the default) a single
 //! member receives a topic's messages in publish order; redeliveries go first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -119,6 +133,8 @@ struct Shared {
     topics: Mutex<HashSet<String>>,
     /// The group members of this process, by Kafka topic and group id.
     groups: tokio::sync::Mutex<HashMap<(String, String), Weak<Group>>>,
+    /// The group ids this process joined, by Kafka topic, for `delete_topic`.
+    joined: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
@@ -192,6 +208,7 @@ impl KafkaQueue {
                 admin,
                 topics: Mutex::new(HashSet::new()),
                 groups: tokio::sync::Mutex::new(HashMap::new()),
+                joined: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -292,9 +309,182 @@ impl Shared {
             return Ok(group);
         }
         let group = Group::join(self, kafka_topic, &key.1).await?;
+        lock(&self.joined)
+            .entry(key.0.clone())
+            .or_default()
+            .insert(key.1.clone());
         groups.insert(key, Arc::downgrade(&group));
         Ok(group)
     }
+
+    /// Stops this process's members of `kafka_topic`, then deletes the topic and its groups.
+    async fn delete_topic(&self, kafka_topic: &str) -> Result<(), Error> {
+        let limit = self.options.bounds.publish_timeout;
+        let bounds = &self.options.bounds;
+        let mut members = Vec::new();
+        self.groups.lock().await.retain(|(topic, _), group| {
+            if topic != kafka_topic {
+                return true;
+            }
+            members.extend(group.upgrade());
+            false
+        });
+        for group in members {
+            group.close(limit).await;
+        }
+        lock(&self.topics).remove(kafka_topic);
+        retry::bounded(bounds, limit, "deleting a kafka topic", || {
+            self.delete_kafka_topic(kafka_topic, limit)
+        })
+        .await?;
+        let joined = lock(&self.joined)
+            .get(kafka_topic)
+            .cloned()
+            .unwrap_or_default();
+        let mut group_ids = joined.clone();
+        match self.list_groups(kafka_topic, limit).await {
+            Ok(listed) => group_ids.extend(listed),
+            Err(err) => {
+                tracing::warn!(
+                    topic = kafka_topic,
+                    error = %err,
+                    "cannot list the kafka groups; deleting those this process joined"
+                );
+            }
+        }
+        if !group_ids.is_empty() {
+            retry::bounded(bounds, limit, "deleting kafka groups", || {
+                self.delete_groups(&group_ids, &joined, limit)
+            })
+            .await?;
+        }
+        lock(&self.joined).remove(kafka_topic);
+        Ok(())
+    }
+
+    async fn delete_kafka_topic(&self, kafka_topic: &str, limit: Duration) -> Result<(), Error> {
+        let admin_options = AdminOptions::new().operation_timeout(Some(limit));
+        let results = self
+            .admin
+            .delete_topics(&[kafka_topic], &admin_options)
+            .await
+            .map_err(|err| unavailable("deleting a topic", err))?;
+        for result in results {
+            match result {
+                Ok(_)
+                | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))
+                | Err((_, RDKafkaErrorCode::UnknownTopic)) => {}
+                Err((name, code @ RDKafkaErrorCode::TopicAuthorizationFailed))
+                | Err((name, code @ RDKafkaErrorCode::TopicDeletionDisabled)) => {
+                    return Err(Error::Backend(format!(
+                        "kafka: cannot delete topic `{name}`: {code}"
+                    )));
+                }
+                Err((name, code)) => {
+                    return Err(unavailable(&format!("deleting topic `{name}`"), code));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups the broker lists for `kafka_topic`: named `{kafka_topic}.{group}`, and not
+    /// possibly a group of another existing topic whose name starts with `{kafka_topic}.`.
+    async fn list_groups(&self, kafka_topic: &str, limit: Duration) -> Result<Vec<String>, Error> {
+        let producer = self.producer.clone();
+        let topic = kafka_topic.to_owned();
+        let listing = tokio::task::spawn_blocking(move || {
+            let client = producer.client();
+            let groups = client
+                .fetch_group_list(None, limit)
+                .map_err(|err| unavailable("listing groups", err))?;
+            let metadata = client
+                .fetch_metadata(None, limit)
+                .map_err(|err| unavailable("listing topics", err))?;
+            let topics: Vec<String> = metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect();
+            let names: Vec<String> = groups
+                .groups()
+                .iter()
+                .map(|g| g.name().to_owned())
+                .collect();
+            Ok::<_, Error>(groups_of(&topic, &names, &topics))
+        });
+        match tokio::time::timeout(limit + Duration::from_secs(1), listing).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(err)) => Err(Error::Backend(format!("kafka: listing groups: {err}"))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "kafka: listing groups did not complete within {limit:?}"
+            ))),
+        }
+    }
+
+    /// Deletes `group_ids`. A group that still has members is waited for (as unavailable) if
+    /// this process joined it (its members are leaving), else left with a warning.
+    async fn delete_groups(
+        &self,
+        group_ids: &BTreeSet<String>,
+        joined: &BTreeSet<String>,
+        limit: Duration,
+    ) -> Result<(), Error> {
+        let names: Vec<&str> = group_ids.iter().map(String::as_str).collect();
+        let admin_options = AdminOptions::new().operation_timeout(Some(limit));
+        let results = self
+            .admin
+            .delete_groups(&names, &admin_options)
+            .await
+            .map_err(|err| unavailable("deleting groups", err))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                Err((name, RDKafkaErrorCode::NonEmptyGroup)) if joined.contains(&name) => {
+                    return Err(Error::Unavailable(format!(
+                        "kafka: group `{name}` still has members of this process"
+                    )));
+                }
+                Err((name, RDKafkaErrorCode::NonEmptyGroup)) => {
+                    tracing::warn!(
+                        group = %name,
+                        "the kafka group has members in other processes; left for Kafka to \
+                         remove once it is empty"
+                    );
+                }
+                Err((name, code @ RDKafkaErrorCode::GroupAuthorizationFailed)) => {
+                    return Err(Error::Backend(format!(
+                        "kafka: cannot delete group `{name}`: {code}"
+                    )));
+                }
+                Err((name, code)) => {
+                    return Err(unavailable(&format!("deleting group `{name}`"), code));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The groups of `kafka_topic` among `groups`: those named `{kafka_topic}.{group}` with a valid
+/// group name, except those that could be a group of another topic of `topics` whose name
+/// starts with `{kafka_topic}.`.
+fn groups_of(kafka_topic: &str, groups: &[String], topics: &[String]) -> Vec<String> {
+    let prefix = format!("{kafka_topic}.");
+    let longer: Vec<String> = topics
+        .iter()
+        .filter(|t| t.starts_with(&prefix))
+        .map(|t| format!("{t}."))
+        .collect();
+    groups
+        .iter()
+        .filter(|g| {
+            g.strip_prefix(&prefix)
+                .is_some_and(|group| crate::validate_name("group", group).is_ok())
+                && !longer.iter().any(|l| g.starts_with(l.as_str()))
+        })
+        .cloned()
+        .collect()
 }
 
 fn encode(message: &Message) -> OwnedHeaders {
@@ -412,6 +602,15 @@ impl MessageQueue for KafkaQueue {
             watcher,
         }))
     }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        let kafka_topic = self.shared.kafka_topic(topic);
+        self.shared
+            .delete_topic(&kafka_topic)
+            .await
+            .map_err(|err| self.shared.secrets.scrub_error(err))
+    }
 }
 
 /// A received record, not acked yet.
@@ -459,7 +658,8 @@ impl PartitionOffsets {
 
 /// The Kafka group member of this process for one group; shared by its local members.
 struct Group {
-    consumer: Arc<StreamConsumer<Logging>>,
+    /// `None` once closed (its topic was removed): the rdkafka consumer is gone then.
+    consumer: Mutex<Option<Arc<StreamConsumer<Logging>>>>,
     kafka_topic: String,
     /// Received records, in order, for the local members.
     fresh: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
@@ -467,12 +667,17 @@ struct Group {
     redeliveries: Mutex<VecDeque<Pending>>,
     redelivered: Notify,
     offsets: Arc<Mutex<HashMap<i32, PartitionOffsets>>>,
-    receiver: JoinHandle<()>,
+    /// The task receiving from the rdkafka consumer; `None` once closed.
+    receiver: Mutex<Option<JoinHandle<()>>>,
+    /// Set when its topic was removed: it left the Kafka group and hands out nothing more.
+    closed: AtomicBool,
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        self.receiver.abort();
+        if let Some(receiver) = lock(&self.receiver).take() {
+            receiver.abort();
+        }
     }
 }
 
@@ -523,18 +728,56 @@ impl Group {
         let offsets = Arc::new(Mutex::new(HashMap::new()));
         let receiving = tokio::spawn(receive(Arc::clone(&consumer), Arc::clone(&offsets), sender));
         Ok(Arc::new(Self {
-            consumer,
+            consumer: Mutex::new(Some(consumer)),
             kafka_topic: kafka_topic.to_owned(),
             fresh: tokio::sync::Mutex::new(receiver),
             redeliveries: Mutex::new(VecDeque::new()),
             redelivered: Notify::new(),
             offsets,
-            receiver: receiving,
+            receiver: Mutex::new(Some(receiving)),
+            closed: AtomicBool::new(false),
         }))
+    }
+
+    /// Its topic is being removed: ends the local members (what they hold settles as
+    /// nothing), stops receiving, and closes the rdkafka consumer, which leaves the Kafka group
+    /// and forgets the topic, within `limit`.
+    async fn close(&self, limit: Duration) {
+        self.closed.store(true, Ordering::SeqCst);
+        lock(&self.redeliveries).clear();
+        self.redelivered.notify_waiters();
+        let receiver = lock(&self.receiver).take();
+        if let Some(receiver) = receiver {
+            receiver.abort();
+            // Drops the task's handle on the consumer.
+            let _ = receiver.await;
+        }
+        let consumer = lock(&self.consumer).take();
+        if let Some(consumer) = consumer {
+            // The last handle: dropping it closes the consumer, which blocks until it left the
+            // group.
+            let closing = tokio::task::spawn_blocking(move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            });
+            if tokio::time::timeout(limit, closing).await.is_err() {
+                tracing::warn!(
+                    topic = %self.kafka_topic,
+                    "a kafka group member did not leave its group within {limit:?}"
+                );
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Hands `pending` to the local members again, with `attempt + 1`.
     fn redeliver(&self, mut pending: Pending) {
+        if self.is_closed() {
+            return;
+        }
         pending.message.attempt = pending.message.attempt.saturating_add(1);
         lock(&self.redeliveries).push_back(pending);
         self.redelivered.notify_waiters();
@@ -542,6 +785,9 @@ impl Group {
 
     /// The record at `partition`/`offset` is acked: its offset may be committed.
     fn done(&self, partition: i32, offset: i64) {
+        if self.is_closed() {
+            return;
+        }
         let store = lock(&self.offsets)
             .get_mut(&partition)
             .and_then(|state| state.acked(offset));
@@ -558,9 +804,12 @@ impl Group {
         {
             return;
         }
+        let Some(consumer) = lock(&self.consumer).clone() else {
+            return;
+        };
         // Fails for a partition no longer assigned to this process; its new owner reads
         // from the last commit.
-        if let Err(err) = self.consumer.store_offsets(&list) {
+        if let Err(err) = consumer.store_offsets(&list) {
             tracing::debug!(partition, offset, error = %err, "cannot store a kafka offset");
         }
     }
@@ -797,6 +1046,9 @@ impl Consumer for KafkaConsumer {
             let redelivered = group.redelivered.notified();
             let mut redelivered = std::pin::pin!(redelivered);
             redelivered.as_mut().enable();
+            if group.is_closed() {
+                return Err(Error::Closed);
+            }
             if let Some(pending) = lock(&group.redeliveries).pop_front() {
                 return Ok(self.hand_out(pending));
             }
@@ -808,6 +1060,8 @@ impl Consumer for KafkaConsumer {
                 biased;
                 () = &mut redelivered => {}
                 received = fresh => match received {
+                    // What was received before the topic's removal went with it.
+                    Some(_) if group.is_closed() => return Err(Error::Closed),
                     Some(pending) => return Ok(self.hand_out(pending)),
                     None => return Err(Error::Closed),
                 },
@@ -871,6 +1125,32 @@ mod tests {
         }
         let stored: Vec<Option<i64>> = acked.iter().map(|&o| offsets.acked(o)).collect();
         assert_eq!(stored, expected, "received {received:?}, acked {acked:?}");
+    }
+
+    #[test]
+    fn the_groups_of_a_topic_are_those_no_longer_topic_may_own() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let groups = names(&[
+            "deployd.t.workers",
+            "deployd.t.audit.eu",
+            "deployd.t.x.g",
+            "deployd.t2.workers",
+            "deployd.t.",
+            "deployd.tx",
+            "other",
+        ]);
+        // Topic `t.x` exists: `deployd.t.x.g` may be its group `g`, and is left.
+        let topics = names(&["deployd.t", "deployd.t.x", "deployd.t2"]);
+        assert_eq!(
+            super::groups_of("deployd.t", &groups, &topics),
+            names(&["deployd.t.workers", "deployd.t.audit.eu"])
+        );
+        // Without it, `deployd.t.x.g` can only be group `x.g` of `t`.
+        let topics = names(&["deployd.t"]);
+        assert_eq!(
+            super::groups_of("deployd.t", &groups, &topics),
+            names(&["deployd.t.workers", "deployd.t.audit.eu", "deployd.t.x.g"])
+        );
     }
 
     #[test]

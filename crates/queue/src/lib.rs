@@ -18,6 +18,11 @@
 //! - A lost connection is retried with exponential backoff (`backon`) between
 //!   [`Bounds::reconnect_min_delay`] and [`Bounds::reconnect_max_delay`]; reconnecting is
 //!   invisible to callers, and a consumer waiting in [`Consumer::next`] waits through it.
+//! - [`MessageQueue::delete_topic`] removes a topic with its groups and every message they
+//!   hold, on the broker too; the queue's consumers of it end with [`Error::Closed`], and the
+//!   topic starts again empty when it is next used. Each backend's docs say what it deletes
+//!   and what it leaves (NATS's large payloads to their TTL; Kafka groups that other processes
+//!   still belong to).
 //!
 //! This crate does not know what a task is: messages are bytes plus headers.
 //!
@@ -102,6 +107,14 @@ mod retry;
     feature = "sqs"
 ))]
 mod deadline;
+
+#[cfg(any(
+    feature = "redis",
+    feature = "rabbitmq",
+    feature = "nats",
+    feature = "sqs"
+))]
+mod removal;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
@@ -235,6 +248,20 @@ pub trait MessageQueue: Send + Sync + 'static {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Consumer>, Error>;
+
+    /// Removes `topic` and every group on it from the queue: the messages it holds, its
+    /// groups' pending and delayed messages, and what the broker keeps for it (streams,
+    /// exchanges, queues, consumers, Kafka topics and consumer groups; each backend's docs say
+    /// what it removes and what it leaves). Consumers of it that this queue opened end with
+    /// [`Error::Closed`], and a delivery they still hold settles as nothing: no old message
+    /// comes back from them. Removing a topic that does not exist is `Ok`; a name the backend
+    /// cannot use is [`Error::InvalidName`]. A topic published to or subscribed to after its
+    /// removal is created again, empty.
+    ///
+    /// Members of the topic's groups in other processes are not told: depending on the
+    /// backend they see no more messages, fail and retry, or create their group again (empty)
+    /// when they reconnect. Stop them before removing the topic.
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error>;
 }
 
 /// A member of a consumer group. Dropping it redelivers every message it holds unacked.

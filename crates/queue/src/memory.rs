@@ -15,8 +15,13 @@
 //! [`Consumer::next`]; there is no background task, but `next` needs a tokio runtime with its
 //! time driver enabled.
 //!
-//! A group lives as long as the queue: messages published while a group has no member are kept
-//! for it until a member acks them.
+//! A group lives as long as the queue, or until its topic is removed: messages published while
+//! a group has no member are kept for it until a member acks them.
+//!
+//! [`MessageQueue::delete_topic`] drops the topic with its groups and every message they hold
+//! (ready, delayed, delivered and not settled). The consumers of the removed topic end with
+//! [`Error::Closed`], and settling what they hold changes nothing; the name is free for a new,
+//! empty topic at once.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -126,21 +131,33 @@ impl MessageQueue for MemoryQueue {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        self.with_topic(topic, |topic| {
-            let mut state = topic.lock();
-            if state.closed {
-                return Err(Error::Closed);
-            }
-            // A topic without groups drops the message: every group starts with the messages
-            // published after its creation.
-            if let Some((last, others)) = state.groups.split_last_mut() {
-                for group in others {
-                    group.push(message.clone());
+        let mut message = Some(message);
+        loop {
+            let published = self.with_topic(topic, |topic| {
+                let mut state = topic.lock();
+                if state.closed {
+                    return Err(Error::Closed);
                 }
-                last.push(message);
+                if state.removed {
+                    // Removed since it was looked up: publish to the topic that replaces it.
+                    return Ok(false);
+                }
+                // A topic without groups drops the message: every group starts with the
+                // messages published after its creation.
+                if let Some((last, others)) = state.groups.split_last_mut()
+                    && let Some(message) = message.take()
+                {
+                    for group in others {
+                        group.push(message.clone());
+                    }
+                    last.push(message);
+                }
+                Ok(true)
+            })??;
+            if published {
+                return Ok(());
             }
-            Ok(())
-        })?
+        }
     }
 
     async fn subscribe(
@@ -153,11 +170,15 @@ impl MessageQueue for MemoryQueue {
             return Err(Error::Closed);
         }
         crate::validate_name("group", group)?;
-        let topic = self.with_topic(topic, Arc::clone)?;
-        let (index, notify, member, deadline_queue) = {
+        let (topic, index, notify, member, deadline_queue) = loop {
+            let topic = self.with_topic(topic, Arc::clone)?;
             let mut state = topic.lock();
             if state.closed {
                 return Err(Error::Closed);
+            }
+            if state.removed {
+                // Removed since it was looked up: join the topic that replaces it.
+                continue;
             }
             let index = match state.groups.iter().position(|g| g.name == group) {
                 Some(index) => index,
@@ -170,7 +191,9 @@ impl MessageQueue for MemoryQueue {
             let member = group.next_member;
             group.next_member += 1;
             let deadline_queue = group.deadline_queue(options.ack_deadline);
-            (index, Arc::clone(&group.notify), member, deadline_queue)
+            let notify = Arc::clone(&group.notify);
+            drop(state);
+            break (topic, index, notify, member, deadline_queue);
         };
         Ok(Box::new(MemoryConsumer {
             topic,
@@ -179,6 +202,29 @@ impl MessageQueue for MemoryQueue {
             member,
             deadline_queue,
         }))
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        crate::validate_name("topic", topic)?;
+        let removed = self
+            .shared
+            .topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        if let Some(removed) = removed {
+            // Its consumers and ackers keep the `Arc`: closing it ends the consumers, and what
+            // the ackers settle stays in a topic nobody reads.
+            let mut state = removed.lock();
+            state.removed = true;
+            for group in &state.groups {
+                group.notify.notify_waiters();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -200,6 +246,7 @@ impl Topic {
             name: name.to_owned(),
             state: Mutex::new(TopicState {
                 closed,
+                removed: false,
                 groups: Vec::new(),
             }),
         }
@@ -214,6 +261,8 @@ impl Topic {
 
 struct TopicState {
     closed: bool,
+    /// Removed by `delete_topic`: no longer in the queue's map; its consumers end.
+    removed: bool,
     /// Groups are never removed, so an index into this vector names a group for good.
     groups: Vec<Group>,
 }
@@ -497,7 +546,7 @@ impl Consumer for MemoryConsumer {
             let mut notified = std::pin::pin!(notified);
             let wake_at = {
                 let mut state = self.topic.lock();
-                if state.closed {
+                if state.closed || state.removed {
                     return Err(Error::Closed);
                 }
                 let now = Instant::now();

@@ -23,6 +23,14 @@
 //! stored in the object store bucket `p-payloads`, kept for
 //! [`NatsOptions::large_payload_ttl`], and the message carries a reference.
 //!
+//! [`MessageQueue::delete_topic`] deletes the durable consumers of the stream whose filter is
+//! `p.t` (listed with the stream's consumers: the groups of every process) and purges subject
+//! `p.t` from the stream, so the groups' pending and NAKed messages go with them. Large payloads
+//! of the topic in the object store are left to expire after
+//! [`NatsOptions::large_payload_ttl`]. The topic's members in this process end with
+//! [`Error::Closed`](crate::Error::Closed); members in other processes find their consumer
+//! gone, and their pulls fail (and are retried) until they are dropped.
+//!
 //! While the connection is down, the client buffers what is published: a `publish` that failed
 //! with [`Error::Unavailable`] after its bound may still reach the stream once the connection is
 //! back (at-least-once; a retried publish within two minutes is stored once, by its id).
@@ -52,6 +60,7 @@ use crate::address::NatsAuth;
 pub use crate::config::NatsOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
 use crate::redact::Secrets;
+use crate::removal::{Removal, Removals};
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -86,6 +95,8 @@ struct Shared {
     options: NatsOptions,
     stream_name: String,
     payloads: tokio::sync::OnceCell<ObjectStore>,
+    /// The topics this queue removed, for its members.
+    removals: Removals,
 }
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> Error {
@@ -164,6 +175,7 @@ impl NatsQueue {
             stream_name,
             options,
             payloads: tokio::sync::OnceCell::new(),
+            removals: Removals::default(),
         });
         retry::bounded(
             &bounds,
@@ -195,6 +207,38 @@ impl Shared {
 
     fn subject(&self, topic: &str) -> String {
         format!("{}.{topic}", self.options.stream_prefix)
+    }
+
+    /// Deletes the consumers filtered on `topic`'s subject and purges the subject.
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        let subject = self.subject(topic);
+        let stream = self.stream().await?;
+        let mut consumers = stream.consumers();
+        let mut names = Vec::new();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(|err| unavailable("listing consumers", err))?;
+            let config = &info.config;
+            if config.filter_subject == subject {
+                names.push(info.name);
+            }
+        }
+        for name in names {
+            match stream.delete_consumer(&name).await {
+                Ok(_) => {}
+                Err(err) => match err.kind() {
+                    // Deleted meanwhile, by another process removing the topic too.
+                    stream::ConsumerErrorKind::JetStream(js)
+                        if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND => {}
+                    _ => return Err(unavailable("deleting a consumer", err)),
+                },
+            }
+        }
+        stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|err| unavailable("purging a topic", err))?;
+        Ok(())
     }
 
     async fn payloads(&self) -> Result<&ObjectStore, Error> {
@@ -326,6 +370,7 @@ impl MessageQueue for NatsQueue {
         crate::validate_name("topic", topic)?;
         crate::validate_name("group", group)?;
         let name = consumer_name(topic, group);
+        let removal = self.shared.removals.watch(topic);
         let deadline = options.ack_deadline;
         let server_ack_wait = (deadline * 2).max(deadline + Duration::from_secs(1));
         let group_expiry = self.shared.options.group_expiry;
@@ -366,6 +411,7 @@ impl MessageQueue for NatsQueue {
             ack_deadline: deadline,
             ack_wait,
             deadlines: Arc::new(Deadlines::new()),
+            removal,
         });
         let watcher = tokio::spawn(
             Arc::clone(&member.deadlines).watch(|held: Arc<Held>| held.deadline_reached()),
@@ -375,6 +421,19 @@ impl MessageQueue for NatsQueue {
             fetch: None,
             watcher,
         }))
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        self.shared.removals.remove(topic);
+        let bounds = &self.shared.options.bounds;
+        retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "deleting a topic on nats",
+            || self.shared.delete_topic(topic),
+        )
+        .await
     }
 }
 
@@ -387,6 +446,8 @@ struct Member {
     ack_wait: Duration,
     /// What this member handed out and has not settled.
     deadlines: Arc<Deadlines<Held>>,
+    /// Fires when this queue removes the member's topic.
+    removal: Removal,
 }
 
 type Fetched = Result<Option<jetstream::Message>, Error>;
@@ -502,6 +563,11 @@ impl Settles for Held {
 }
 
 impl Held {
+    /// Whether the topic was removed, and the delivery with it.
+    fn removed(&self) -> bool {
+        self.member.removal.is_removed()
+    }
+
     /// Watches the delivery until its deadline, or until the next "in progress" beat when the
     /// server's ack wait is shorter.
     fn schedule(self: &Arc<Self>, now: Instant) {
@@ -539,7 +605,7 @@ struct NatsDeliveryAcker(Arc<Held>);
 #[async_trait]
 impl Acker for NatsDeliveryAcker {
     async fn ack(self: Box<Self>) -> Result<(), Error> {
-        if !self.0.claim() {
+        if !self.0.claim() || self.0.removed() {
             return Ok(());
         }
         self.0
@@ -550,7 +616,7 @@ impl Acker for NatsDeliveryAcker {
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<(), Error> {
-        if !self.0.claim() {
+        if !self.0.claim() || self.0.removed() {
             return Ok(());
         }
         let delay = delay.filter(|d| !d.is_zero());
@@ -562,7 +628,7 @@ impl Acker for NatsDeliveryAcker {
     }
 
     fn abandon(self: Box<Self>) {
-        if !self.0.claim() {
+        if !self.0.claim() || self.0.removed() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -585,6 +651,14 @@ struct NatsConsumer {
 #[async_trait]
 impl Consumer for NatsConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
+        let removal = self.member.removal.clone();
+        removal.or_closed(self.next_message()).await
+    }
+}
+
+impl NatsConsumer {
+    /// `next` until the topic is removed; cancel safe.
+    async fn next_message(&mut self) -> Result<Delivery, Error> {
         let mut reconnect = Reconnect::new(&self.member.shared.options.bounds);
         loop {
             let fetch = self
@@ -615,6 +689,11 @@ impl Drop for NatsConsumer {
             return;
         };
         runtime.spawn(async move {
+            if member.removal.is_removed() {
+                // What it held went with the topic.
+                member.deadlines.drain_unsettled();
+                return;
+            }
             for held in member.deadlines.drain_unsettled() {
                 let _ = held.acker.ack_with(AckKind::Nak(None)).await;
             }

@@ -21,10 +21,26 @@
 //! member that stopped asking does not sit on messages. A consumer that is dropped closes its
 //! channel, and the broker requeues what it held.
 //!
+//! Removing a topic ([`MessageQueue::delete_topic`]) deletes the exchange, the groups' queues
+//! and their delay queues. AMQP 0-9-1 cannot list an exchange's bindings, so the groups and
+//! delay queues of a topic are recorded on the broker, in two durable queues of the topic:
+//! `p.t:groups` gets the group's name at every `subscribe` (the newest 10,000 are kept),
+//! `p.t:delays` gets `{ms} {group}` when a process first uses a delay queue and again at most
+//! once a minute while it does (the newest 1,000 are kept: a delay queue outlives its last use
+//! by a minute only). `delete_topic` reads both records (the names are checked and the queue names
+//! recomputed, so nothing outside the topic's layout is deleted), adds what this process
+//! declared, and deletes the delay queues, the group queues, the exchange and the two record
+//! queues. With [`RabbitMqOptions::group_expiry`] the record queues expire like the groups:
+//! a group subscribed to last longer ago than that may be missed by another process (not by
+//! the one that subscribed), and is then left to expire by itself. The topic's members in this
+//! process end with [`Error::Closed`](crate::Error::Closed); members in other processes see
+//! their queue deleted (the broker cancels their consumers) and declare it again, empty, when
+//! they reconnect.
+//!
 //! Order: RabbitMQ keeps publish order within a queue; a single member receives a topic's
 //! messages in order; redeliveries go to the back of the queue.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +48,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -46,6 +63,7 @@ use tokio::time::Instant;
 pub use crate::config::RabbitMqOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
 use crate::redact::Secrets;
+use crate::removal::{Removal, Removals};
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -53,6 +71,40 @@ const ATTEMPT_HEADER: &str = "x-deployd-attempt";
 const HEADER_PREFIX: &str = "h:";
 /// How long an unused delay queue outlives its delay.
 const DELAY_QUEUE_LINGER: Duration = Duration::from_secs(60);
+
+/// The durable records of a topic's groups and delay queues on the broker; see the module docs.
+#[derive(Debug, Clone, Copy)]
+enum Registry {
+    /// `p.t:groups`: a group name per `subscribe`.
+    Groups,
+    /// `p.t:delays`: `{ms} {group}` per delay queue in use, at most once a minute per process.
+    Delays,
+}
+
+impl Registry {
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Groups => ":groups",
+            Self::Delays => ":delays",
+        }
+    }
+
+    /// The records kept at most; the oldest go first.
+    fn max_length(self) -> i64 {
+        match self {
+            Self::Groups => 10_000,
+            Self::Delays => 1_000,
+        }
+    }
+}
+
+/// What this process declared for one topic.
+#[derive(Default, Clone)]
+struct Known {
+    groups: BTreeSet<String>,
+    /// Delay queues by group and delay (ms), with when they were last recorded.
+    delays: HashMap<(String, u64), Instant>,
+}
 
 /// A [`MessageQueue`] on RabbitMQ. See the [module docs](self).
 ///
@@ -76,6 +128,10 @@ struct Shared {
     uri: AMQPUri,
     secrets: Secrets,
     link: tokio::sync::Mutex<Option<Link>>,
+    /// What this process declared, by topic, for `delete_topic`.
+    known: Mutex<HashMap<String, Known>>,
+    /// The topics this queue removed, for its members.
+    removals: Removals,
 }
 
 /// A live connection and its publishing channel (with publisher confirms).
@@ -111,6 +167,8 @@ impl RabbitMqQueue {
             uri,
             secrets,
             link: tokio::sync::Mutex::new(None),
+            known: Mutex::default(),
+            removals: Removals::default(),
         });
         let bounds = shared.options.bounds.clone();
         retry::bounded(
@@ -234,20 +292,224 @@ impl Shared {
         .await
     }
 
-    /// Hands `message` back to the group's queue `queue` with `attempt`, after `delay`.
+    /// The delay queue of group queue `queue` for a delay of `ms`.
+    fn delay_queue(queue: &str, ms: u64) -> String {
+        amqp_name(&[queue], &format!(".delay.{ms}"))
+    }
+
+    /// The queue of `topic`'s records of `registry`.
+    fn registry(&self, topic: &str, registry: Registry) -> String {
+        amqp_name(&[&self.options.exchange_prefix, topic], registry.suffix())
+    }
+
+    /// Declares `topic`'s record queue of `registry` on `channel`; returns how many records it
+    /// holds.
+    async fn declare_registry(
+        &self,
+        channel: &Channel,
+        topic: &str,
+        registry: Registry,
+    ) -> Result<u32, Error> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(registry.max_length()),
+        );
+        if let Some(expiry) = self.options.group_expiry {
+            let ms = i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX).max(1);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        let declared = channel
+            .queue_declare(
+                self.registry(topic, registry).as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .map_err(|err| unavailable("declaring a topic's records", err))?;
+        Ok(declared.message_count())
+    }
+
+    /// Adds `record` to `topic`'s records of `registry`, within the publish timeout.
+    async fn record(&self, topic: &str, registry: Registry, record: &str) -> Result<(), Error> {
+        let bounds = &self.options.bounds;
+        retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "declaring a topic's records",
+            || async {
+                let link = self.link().await?;
+                let channel = link
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|err| unavailable("opening a channel", err))?;
+                let declared = self.declare_registry(&channel, topic, registry).await;
+                let _ = channel.close(200, "done".into()).await;
+                declared.map(|_| ())
+            },
+        )
+        .await?;
+        let name = self.registry(topic, registry);
+        self.send("", &name, &Message::new(record.to_owned()), None)
+            .await
+    }
+
+    /// `topic`'s group `group` was subscribed to: known here, and recorded on the broker.
+    async fn note_group(&self, topic: &str, group: &str) -> Result<(), Error> {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(topic.to_owned())
+            .or_default()
+            .groups
+            .insert(group.to_owned());
+        self.record(topic, Registry::Groups, group).await
+    }
+
+    /// `member`'s delay queue for `ms` is in use: known here, and recorded on the broker unless
+    /// this process did within the last minute.
+    async fn note_delay(&self, member: &MemberState, ms: u64) {
+        let due = {
+            let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            let delays = &mut known.entry(member.topic.clone()).or_default().delays;
+            let key = (member.group.clone(), ms);
+            let due = delays
+                .get(&key)
+                .is_none_or(|recorded| recorded.elapsed() >= DELAY_QUEUE_LINGER);
+            if due {
+                delays.insert(key, Instant::now());
+            }
+            due
+        };
+        if due {
+            let record = format!("{ms} {}", member.group);
+            if let Err(err) = self.record(&member.topic, Registry::Delays, &record).await {
+                tracing::warn!(
+                    queue = %member.queue,
+                    error = %err,
+                    "cannot record a delay queue; removing the topic from another process may \
+                     leave it to expire by itself"
+                );
+            }
+        }
+    }
+
+    /// Reads and holds (unacked, on `channel`) every record of `topic`'s `registry`.
+    async fn read_registry(
+        &self,
+        channel: &Channel,
+        topic: &str,
+        registry: Registry,
+    ) -> Result<Vec<String>, Error> {
+        let count = self.declare_registry(channel, topic, registry).await?;
+        let name = self.registry(topic, registry);
+        let mut records = Vec::new();
+        // Bounded by the count seen, so that records added meanwhile cannot keep it going.
+        for _ in 0..count {
+            let got = channel
+                .basic_get(name.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(|err| unavailable("reading a topic's records", err))?;
+            let Some(got) = got else {
+                break;
+            };
+            records.push(String::from_utf8_lossy(&got.delivery.data).into_owned());
+        }
+        Ok(records)
+    }
+
+    /// Deletes `topic`'s delay queues, group queues, exchange and records.
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        let link = self.link().await?;
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|err| unavailable("opening a channel", err))?;
+        let deleted = self.delete_topic_on(&channel, topic).await;
+        let _ = channel.close(200, "done".into()).await;
+        deleted?;
+        let exchange = self.exchange(topic);
+        link.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&exchange);
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        Ok(())
+    }
+
+    async fn delete_topic_on(&self, channel: &Channel, topic: &str) -> Result<(), Error> {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .cloned()
+            .unwrap_or_default();
+        let mut groups = known.groups;
+        let mut delays: BTreeSet<(String, u64)> = known.delays.into_keys().collect();
+        for group in self.read_registry(channel, topic, Registry::Groups).await? {
+            if crate::validate_name("group", &group).is_ok() {
+                groups.insert(group);
+            }
+        }
+        for record in self.read_registry(channel, topic, Registry::Delays).await? {
+            let parsed = record.split_once(' ').and_then(|(ms, group)| {
+                let ms = ms.parse::<u64>().ok()?;
+                crate::validate_name("group", group).ok()?;
+                Some((group.to_owned(), ms))
+            });
+            if let Some(delay) = parsed {
+                delays.insert(delay);
+            }
+        }
+        let delete_queue = |name: String| async move {
+            channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|err| unavailable(&format!("deleting queue `{name}`"), err))
+        };
+        // The delay queues first: what expires meanwhile goes to a group queue still there.
+        for (group, ms) in &delays {
+            delete_queue(Self::delay_queue(&self.queue(topic, group), *ms)).await?;
+        }
+        for group in &groups {
+            delete_queue(self.queue(topic, group)).await?;
+        }
+        let exchange = self.exchange(topic);
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(|err| unavailable(&format!("deleting exchange `{exchange}`"), err))?;
+        for registry in [Registry::Groups, Registry::Delays] {
+            // With the records this channel holds.
+            delete_queue(self.registry(topic, registry)).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands `message` back to `member`'s group queue with `attempt`, after `delay`.
     async fn hand_back(
         &self,
-        queue: &str,
+        member: &MemberState,
         message: &Message,
         delay: Option<Duration>,
     ) -> Result<(), Error> {
+        let queue = member.queue.as_str();
         match delay.filter(|d| !d.is_zero()) {
             None => self.send("", queue, message, None).await,
             Some(delay) => {
                 let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                 // A TTL is at most 2^32 - 1 ms in RabbitMQ.
                 let ms = ms.min(u64::from(u32::MAX) - DELAY_QUEUE_LINGER.as_millis() as u64);
-                let delay_queue = amqp_name(&[queue], &format!(".delay.{ms}"));
+                let delay_queue = Self::delay_queue(queue, ms);
                 let bounds = &self.options.bounds;
                 retry::bounded(
                     bounds,
@@ -295,6 +557,7 @@ impl Shared {
                     },
                 )
                 .await?;
+                self.note_delay(member, ms).await;
                 self.send("", &delay_queue, message, None).await
             }
         }
@@ -423,8 +686,13 @@ impl MessageQueue for RabbitMqQueue {
     ) -> Result<Box<dyn Consumer>, Error> {
         crate::validate_name("topic", topic)?;
         crate::validate_name("group", group)?;
+        // Recorded before the queue is declared: a failure leaves no consuming channel behind.
+        self.shared.note_group(topic, group).await?;
         let state = Arc::new(MemberState {
             shared: Arc::clone(&self.shared),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            removal: self.shared.removals.watch(topic),
             exchange: self.shared.exchange(topic),
             queue: self.shared.queue(topic, group),
             ack_deadline: options.ack_deadline,
@@ -459,6 +727,21 @@ impl MessageQueue for RabbitMqQueue {
             watcher,
         }))
     }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        // First, so that no member of this process declares its queue again meanwhile.
+        self.shared.removals.remove(topic);
+        let bounds = &self.shared.options.bounds;
+        retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "deleting a topic on rabbitmq",
+            || self.shared.delete_topic(topic),
+        )
+        .await
+        .map_err(|err| self.shared.secrets.scrub_error(err))
+    }
 }
 
 /// A delivery the broker pushed, not yet handed out.
@@ -470,6 +753,10 @@ struct Pushed {
 /// One member: its queue, what the broker pushed to it, and what it handed out.
 struct MemberState {
     shared: Arc<Shared>,
+    topic: String,
+    group: String,
+    /// Fires when this queue removes the topic: the member ends, and hands nothing back.
+    removal: Removal,
     exchange: String,
     queue: String,
     ack_deadline: Duration,
@@ -562,6 +849,10 @@ impl MemberState {
         }
         let mut reconnect = Reconnect::new(&self.shared.options.bounds);
         loop {
+            if self.removal.is_removed() {
+                // The queue went with the topic: do not declare it again.
+                return;
+            }
             match self.open().await {
                 Ok(new_stream) => {
                     *stream = Some(new_stream);
@@ -591,6 +882,11 @@ impl MemberState {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            if self.removal.is_removed() {
+                // What the broker pushed went with the topic.
+                self.forget_channel();
+                return;
+            }
             if let Ok(mut stream) = self.stream.try_lock()
                 && let Some(consumer) = stream.as_mut()
             {
@@ -635,7 +931,7 @@ impl MemberState {
         };
         for pushed in stale {
             let message = decode(&pushed.delivery);
-            if let Err(err) = self.shared.hand_back(&self.queue, &message, None).await {
+            if let Err(err) = self.shared.hand_back(self, &message, None).await {
                 tracing::warn!(queue = %self.queue, error = %err, "cannot hand back a prefetched message; the broker keeps it for this member");
                 continue;
             }
@@ -683,13 +979,17 @@ impl Held {
         self.state.deadlines.claim(self)
     }
 
-    /// Publishes a copy with `attempt + 1`, then acks the original.
+    /// Publishes a copy with `attempt + 1`, then acks the original; nothing once the topic
+    /// was removed (the message went with it).
     async fn redeliver(&self, delay: Option<Duration>) -> Result<(), Error> {
+        if self.state.removal.is_removed() {
+            return Ok(());
+        }
         let mut copy = self.message.clone();
         copy.attempt = copy.attempt.saturating_add(1);
         self.state
             .shared
-            .hand_back(&self.state.queue, &copy, delay)
+            .hand_back(&self.state, &copy, delay)
             .await?;
         self.settle_ack("acking a redelivered message").await
     }
@@ -714,7 +1014,7 @@ struct RabbitMqAcker(Arc<Held>);
 #[async_trait]
 impl Acker for RabbitMqAcker {
     async fn ack(self: Box<Self>) -> Result<(), Error> {
-        if !self.0.claim() {
+        if !self.0.claim() || self.0.state.removal.is_removed() {
             return Ok(());
         }
         self.0
@@ -754,7 +1054,18 @@ struct RabbitMqConsumer {
 #[async_trait]
 impl Consumer for RabbitMqConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
+        let removal = self.state.removal.clone();
+        removal.or_closed(self.next_delivery()).await
+    }
+}
+
+impl RabbitMqConsumer {
+    /// `next` until the topic is removed; cancel safe.
+    async fn next_delivery(&mut self) -> Result<Delivery, Error> {
         loop {
+            if self.state.removal.is_removed() {
+                return Err(Error::Closed);
+            }
             if let Some(delivery) = self.state.take() {
                 return Ok(delivery);
             }
@@ -792,6 +1103,10 @@ impl Drop for RabbitMqConsumer {
             // What was handed out and not settled comes back from the broker, flagged
             // redelivered, once the channel closes; disarm its deadlines first.
             state.deadlines.drain_unsettled();
+            if state.removal.is_removed() {
+                // What it buffered went with the topic.
+                state.forget_channel();
+            }
             // What was pushed and never handed out goes back unchanged.
             let buffered: Vec<Pushed> = state
                 .buffer
@@ -801,12 +1116,7 @@ impl Drop for RabbitMqConsumer {
                 .collect();
             for pushed in buffered {
                 let message = decode(&pushed.delivery);
-                if state
-                    .shared
-                    .hand_back(&state.queue, &message, None)
-                    .await
-                    .is_ok()
-                {
+                if state.shared.hand_back(&state, &message, None).await.is_ok() {
                     let _ = pushed.delivery.acker.ack(BasicAckOptions::default()).await;
                 }
             }

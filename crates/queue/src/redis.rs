@@ -20,6 +20,13 @@
 //! holder's deadline and moves due delayed messages to the retry stream, using the server's
 //! clock. A dropped consumer hands back its entries at once and leaves the group.
 //!
+//! [`MessageQueue::delete_topic`] deletes the topic's stream `p:{t}` and every key under
+//! `p:{t}:` (the groups' retry streams and delay sets), found with `SCAN ... MATCH` (the
+//! pattern escapes the glob characters of the prefix), and so the consumer groups with their
+//! pending entries and delayed messages. Its members in this process end with
+//! [`Error::Closed`](crate::Error::Closed); members in other processes find their group gone
+//! and create it again (empty, from the next message published) at their next read.
+//!
 //! Order: a single member receives a topic's messages in publish order; redeliveries come
 //! before new messages. Acked entries of the topic stream stay in it (several groups read
 //! it) unless [`RedisOptions::max_stream_length`] caps it.
@@ -38,6 +45,7 @@ use tokio::time::Instant;
 
 pub use crate::config::RedisOptions;
 use crate::redact::Secrets;
+use crate::removal::{Removal, Removals};
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -142,6 +150,8 @@ struct Shared {
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     redeliver: Script,
     maintain: Script,
+    /// The topics this queue removed, for its members.
+    removals: Removals,
 }
 
 impl RedisQueue {
@@ -161,6 +171,7 @@ impl RedisQueue {
             connection: tokio::sync::Mutex::new(None),
             redeliver: Script::new(REDELIVER),
             maintain: Script::new(MAINTAIN),
+            removals: Removals::default(),
         });
         let bounds = shared.options.bounds.clone();
         retry::bounded(
@@ -174,17 +185,21 @@ impl RedisQueue {
     }
 
     fn keys(&self, topic: &str, group: &str) -> Keys {
-        let prefix = &self.shared.options.key_prefix;
         Keys {
-            stream: format!("{prefix}:{{{topic}}}"),
-            retry: format!("{prefix}:{{{topic}}}:retry:{group}"),
-            delay: format!("{prefix}:{{{topic}}}:delay:{group}"),
+            stream: self.shared.stream_key(topic),
+            retry: format!("{}:retry:{group}", self.shared.stream_key(topic)),
+            delay: format!("{}:delay:{group}", self.shared.stream_key(topic)),
             group: group.to_owned(),
         }
     }
 }
 
 impl Shared {
+    /// The key of `topic`'s stream; its other keys start with it and `:`.
+    fn stream_key(&self, topic: &str) -> String {
+        format!("{}:{{{topic}}}", self.options.key_prefix)
+    }
+
     fn connection_config(&self, response_timeout: Duration) -> AsyncConnectionConfig {
         AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.options.bounds.connect_timeout))
@@ -312,6 +327,47 @@ impl Shared {
         Ok(())
     }
 
+    /// Deletes `topic`'s stream and every key under it.
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        let stream = self.stream_key(topic);
+        let pattern = format!("{}:*", escape_glob(&stream));
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .run("listing a topic's keys on redis", || {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000);
+                    cmd
+                })
+                .await?;
+            if !keys.is_empty() {
+                let _: Value = self
+                    .run("deleting a topic's keys on redis", || {
+                        let mut cmd = redis::cmd("UNLINK");
+                        cmd.arg(&keys);
+                        cmd
+                    })
+                    .await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let _: Value = self
+            .run("deleting a topic's stream on redis", || {
+                let mut cmd = redis::cmd("UNLINK");
+                cmd.arg(&stream);
+                cmd
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Hands back every entry `consumer` holds and removes it from the group.
     async fn release(&self, keys: &Keys, consumer: &str) -> Result<(), Error> {
         let limit = MAINTENANCE_BATCH.to_string();
@@ -338,6 +394,18 @@ struct Keys {
     retry: String,
     delay: String,
     group: String,
+}
+
+/// `text` with the characters Redis's glob patterns give a meaning escaped.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 fn is_connection_error(err: &RedisError) -> bool {
@@ -411,6 +479,8 @@ impl MessageQueue for RedisQueue {
         crate::validate_name("topic", topic)?;
         crate::validate_name("group", group)?;
         let keys = Arc::new(self.keys(topic, group));
+        // Watched from before the group exists: a removal that comes after ends this member.
+        let removal = self.shared.removals.watch(topic);
         self.shared.create_group(&keys).await?;
         let deadline_ms = u64::try_from(options.ack_deadline.as_millis()).unwrap_or(u64::MAX);
         let name = format!("{deadline_ms}.{}", uuid::Uuid::new_v4().simple());
@@ -419,12 +489,20 @@ impl MessageQueue for RedisQueue {
                 shared: Arc::clone(&self.shared),
                 keys,
                 name,
+                removal,
                 connection: tokio::sync::Mutex::new(None),
                 last_maintenance: Mutex::new(None),
             }),
             buffer: VecDeque::new(),
             read: None,
         }))
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        // First, so that no member of this process creates its group again meanwhile.
+        self.shared.removals.remove(topic);
+        self.shared.delete_topic(topic).await
     }
 }
 
@@ -433,6 +511,8 @@ struct Reader {
     shared: Arc<Shared>,
     keys: Arc<Keys>,
     name: String,
+    /// Fires when this queue removes the member's topic.
+    removal: Removal,
     /// The member's own connection for blocking reads.
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     last_maintenance: Mutex<Option<Instant>>,
@@ -448,6 +528,9 @@ struct Entry {
 impl Reader {
     /// One round: maintenance if due, then one blocking read of both streams.
     async fn read(self: Arc<Self>) -> Result<Vec<Entry>, Error> {
+        if self.removal.is_removed() {
+            return Err(Error::Closed);
+        }
         let interval = self.shared.options.poll_interval;
         let due = {
             let mut last = self
@@ -512,7 +595,12 @@ impl Reader {
                     *self.connection.lock().await = None;
                 }
                 if err.code() == Some("NOGROUP") {
-                    // The server lost the group (restarted without persistence): recreate it.
+                    if self.removal.is_removed() {
+                        // This queue removed the topic: do not bring the group back.
+                        return Err(Error::Closed);
+                    }
+                    // The server lost the group (restarted without persistence, or another
+                    // process removed the topic): recreate it.
                     self.shared.create_group(&self.keys).await?;
                     return Ok(Vec::new());
                 }
@@ -537,6 +625,14 @@ struct RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
+        let removal = self.reader.removal.clone();
+        removal.or_closed(self.next_entry()).await
+    }
+}
+
+impl RedisConsumer {
+    /// `next` until the topic is removed; cancel safe.
+    async fn next_entry(&mut self) -> Result<Delivery, Error> {
         let mut reconnect = Reconnect::new(&self.reader.shared.options.bounds);
         loop {
             if let Some(entry) = self.buffer.pop_front() {
@@ -579,6 +675,10 @@ impl Drop for RedisConsumer {
             // so that the hand-back sees it.
             if let Some(read) = read {
                 let _ = read.await;
+            }
+            if reader.removal.is_removed() {
+                // Its entries went with the topic.
+                return;
             }
             let shared = &reader.shared;
             if let Err(err) = shared.release(&reader.keys, &reader.name).await {
@@ -721,7 +821,11 @@ impl RedisAcker {
         }
     }
 
+    /// Hands the entry back; nothing once the topic was removed (the entry went with it).
     async fn redeliver(&self, delay: Option<Duration>) -> Result<(), Error> {
+        if self.reader.removal.is_removed() {
+            return Ok(());
+        }
         let delay_ms = delay.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let keys = Keys {
             stream: self.key().to_owned(),
@@ -744,6 +848,9 @@ impl RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<(), Error> {
+        if self.reader.removal.is_removed() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("XACK")
             .arg(self.key())
@@ -779,5 +886,21 @@ impl Acker for RedisAcker {
                 tracing::warn!(error = %err, "cannot hand back an abandoned redis delivery");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_glob;
+
+    fn check(text: &str, expected: &str) {
+        assert_eq!(escape_glob(text), expected, "{text:?}");
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        check("deployd:{a.b-c_d}", "deployd:{a.b-c_d}");
+        check("p*?:{t}", "p\\*\\?:{t}");
+        check("[x]\\", "\\[x\\]\\\\");
     }
 }

@@ -31,6 +31,15 @@
 //! the same group holds is put back for two seconds, and a copy of one acked lately (the last
 //! 65,536 per process) is deleted; across processes the copy is delivered (at-least-once).
 //!
+//! [`MessageQueue::delete_topic`] deletes every queue whose name starts with
+//! `{prefix}-{hash(t)}-` (`ListQueues` with that prefix: the groups of every process) with
+//! what they hold, in flight and delayed messages too, and drops the topic's cached list of
+//! groups. The topic's members in this process end with [`Error::Closed`](crate::Error::Closed);
+//! members in other processes fail to receive from the deleted queue (and retry), and receive
+//! again once their group's queue is created anew. AWS lets a queue be created again under its
+//! name only 60 seconds after its deletion: a `subscribe` to a group of the topic fails with
+//! [`Error::Unavailable`](crate::Error::Unavailable) until then (moto has no such wait).
+//!
 //! Order: standard queues do not keep order (SQS delivers in about publish order).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -50,6 +59,7 @@ use tokio::task::JoinHandle;
 pub use crate::config::SqsOptions;
 use crate::deadline::{Deadlines, Settlement, Settles};
 use crate::redact::Secrets;
+use crate::removal::{Removal, Removals};
 use crate::retry::{self, Reconnect};
 use crate::{Acker, Consumer, Delivery, Error, Message, MessageQueue, SubscribeOptions};
 
@@ -89,6 +99,8 @@ struct Shared {
     groups: Mutex<HashMap<String, (Instant, Vec<String>)>>,
     /// The messages this process holds or acked lately, by group queue and message id.
     recent: Mutex<Recent>,
+    /// The topics this queue removed, for its members.
+    removals: Removals,
 }
 
 /// How long a copy of a held message stays invisible before it is looked at again.
@@ -268,6 +280,7 @@ impl SqsQueue {
             options,
             groups: Mutex::new(HashMap::new()),
             recent: Mutex::default(),
+            removals: Removals::default(),
         });
         retry::bounded(&bounds, bounds.connect_timeout, "reaching sqs", || async {
             shared
@@ -312,6 +325,16 @@ impl Shared {
         {
             return Ok(urls.clone());
         }
+        let urls = self.list_groups(topic).await?;
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned(), (Instant::now(), urls.clone()));
+        Ok(urls)
+    }
+
+    /// The queue URLs of `topic`'s groups, as SQS lists them now.
+    async fn list_groups(&self, topic: &str) -> Result<Vec<String>, Error> {
         let prefix = self.topic_prefix(topic);
         let mut urls = Vec::new();
         let mut token: Option<String> = None;
@@ -331,11 +354,22 @@ impl Shared {
                 _ => break,
             }
         }
-        self.groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(topic.to_owned(), (Instant::now(), urls.clone()));
         Ok(urls)
+    }
+
+    /// Deletes the queue at `url`; one that is gone already is not an error.
+    async fn delete_queue(&self, url: &str) -> Result<(), Error> {
+        match self.client.delete_queue().queue_url(url).send().await {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_queue_does_not_exist()) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(unavailable("deleting a queue", err)),
+        }
     }
 
     fn remember_group(&self, topic: &str, url: &str) {
@@ -477,6 +511,7 @@ impl MessageQueue for SqsQueue {
         crate::validate_name("topic", topic)?;
         crate::validate_name("group", group)?;
         let name = self.shared.queue_name(topic, group);
+        let removal = self.shared.removals.watch(topic);
         let bounds = &self.shared.options.bounds;
         let url = retry::bounded(
             bounds,
@@ -509,6 +544,7 @@ impl MessageQueue for SqsQueue {
             url,
             ack_deadline: options.ack_deadline,
             deadlines: Arc::new(Deadlines::new()),
+            removal,
         });
         let watcher = tokio::spawn(Arc::clone(&member.deadlines).watch(
             |held: Arc<Held>| async move {
@@ -526,6 +562,34 @@ impl MessageQueue for SqsQueue {
             watcher,
         }))
     }
+
+    async fn delete_topic(&self, topic: &str) -> Result<(), Error> {
+        crate::validate_name("topic", topic)?;
+        self.shared.removals.remove(topic);
+        let bounds = &self.shared.options.bounds;
+        let urls = retry::bounded(
+            bounds,
+            bounds.publish_timeout,
+            "deleting a topic on sqs",
+            || self.shared.list_groups(topic),
+        )
+        .await?;
+        for url in &urls {
+            retry::bounded(
+                bounds,
+                bounds.publish_timeout,
+                "deleting a topic on sqs",
+                || self.shared.delete_queue(url),
+            )
+            .await?;
+        }
+        self.shared
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+        Ok(())
+    }
 }
 
 /// One member of a group.
@@ -535,6 +599,8 @@ struct Member {
     ack_deadline: Duration,
     /// What this member handed out and has not settled.
     deadlines: Arc<Deadlines<Held>>,
+    /// Fires when this queue removes the member's topic.
+    removal: Removal,
 }
 
 type Received = Result<Option<aws_sdk_sqs::types::Message>, Error>;
@@ -614,9 +680,17 @@ impl Settles for Held {
 }
 
 impl Held {
-    /// True for the first of the acker, the deadline and the consumer's drop.
+    /// True for the first of the acker, the deadline and the consumer's drop, unless the
+    /// topic was removed with the message.
     fn claim(&self) -> bool {
-        self.member.deadlines.claim(self)
+        if !self.member.deadlines.claim(self) {
+            return false;
+        }
+        if self.member.removal.is_removed() {
+            self.settled(false);
+            return false;
+        }
+        true
     }
 
     /// Records how the delivery ended: deleted (`acked`), or let go to come back.
@@ -717,6 +791,14 @@ struct SqsConsumer {
 #[async_trait]
 impl Consumer for SqsConsumer {
     async fn next(&mut self) -> Result<Delivery, Error> {
+        let removal = self.member.removal.clone();
+        removal.or_closed(self.next_message()).await
+    }
+}
+
+impl SqsConsumer {
+    /// `next` until the topic is removed; cancel safe.
+    async fn next_message(&mut self) -> Result<Delivery, Error> {
         let mut reconnect = Reconnect::new(&self.member.shared.options.bounds);
         loop {
             let receive = self
@@ -749,6 +831,11 @@ impl Drop for SqsConsumer {
             return;
         };
         runtime.spawn(async move {
+            if member.removal.is_removed() {
+                // What it held went with the topic.
+                member.deadlines.drain_unsettled();
+                return;
+            }
             for held in member.deadlines.drain_unsettled() {
                 let _ = held.make_visible(0).await;
             }

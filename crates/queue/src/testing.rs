@@ -64,6 +64,14 @@ pub const SHORT_ACK_DEADLINE: Duration = Duration::from_millis(200);
 /// The delay of the delayed-nack case.
 pub const NACK_DELAY: Duration = Duration::from_millis(500);
 
+/// The delay of the message nacked before its topic is removed in
+/// [`delete_topic_removes_its_messages`]: whole seconds, as SQS counts them.
+pub const REMOVED_NACK_DELAY: Duration = Duration::from_secs(1);
+
+/// How long [`delete_topic_removes_its_messages`] watches a new group for old messages: past
+/// the end of [`REMOVED_NACK_DELAY`] by as much again.
+pub const REMOVED_WATCH: Duration = Duration::from_secs(2);
+
 /// The number of messages of [`many_messages_through_four_consumers`].
 pub const MANY_MESSAGES: usize = 100_000;
 
@@ -108,6 +116,7 @@ macro_rules! conformance_tests {
         }
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] fifo_for_one_consumer);
         $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] invalid_names_rejected);
+        $crate::conformance_tests!(@case [$(#[$attr])+] [$queue] delete_topic_removes_its_messages);
     };
     (@case [$(#[$attr:meta])+] [$queue:expr] $case:ident) => {
         $(#[$attr])+
@@ -136,6 +145,7 @@ pub async fn run_all(queue: &dyn MessageQueue, prefix: &str) {
     many_messages_through_four_consumers(queue, &format!("{prefix}.many")).await;
     fifo_for_one_consumer(queue, &format!("{prefix}.fifo")).await;
     invalid_names_rejected(queue, &format!("{prefix}.names")).await;
+    delete_topic_removes_its_messages(queue, &format!("{prefix}.delete")).await;
 }
 
 /// A message published on a topic arrives unchanged: id, headers and payload, with attempt 1;
@@ -694,6 +704,94 @@ pub async fn invalid_names_rejected(queue: &dyn MessageQueue, prefix: &str) {
     ack(delivery).await;
 }
 
+/// [`MessageQueue::delete_topic`] removes a topic with what its groups hold. A group `workers`
+/// with one message nacked with a delay, one delivered and held, one never delivered, and a
+/// group `audit` that nobody reads, are removed: the held delivery's consumer ends with
+/// [`Error::Closed`] or receives nothing more; new subscriptions of both groups receive none of
+/// the old messages, also past the end of the nack delay and after the old delivery and
+/// consumer are dropped; a message published after the removal is delivered to them. Removing
+/// a topic that never existed, or the same topic twice, is `Ok`; an invalid name is
+/// [`Error::InvalidName`].
+pub async fn delete_topic_removes_its_messages(queue: &dyn MessageQueue, prefix: &str) {
+    let topic = format!("{prefix}.tasks");
+    let mut old = subscribe(queue, &topic, "workers", SubscribeOptions::default()).await;
+    drop(subscribe(queue, &topic, "audit", SubscribeOptions::default()).await);
+    let sent = publish_numbered(queue, &topic, 3).await;
+    // Standard SQS queues do not keep order: whichever comes first is nacked, the next held.
+    let nacked = receive(&mut *old, "a message to nack with a delay").await;
+    let nacked_at = Instant::now();
+    let nacked_id = nacked.message.id.clone();
+    nack(nacked, Some(REMOVED_NACK_DELAY)).await;
+    let held = receive(&mut *old, "a message to hold").await;
+    if held.message.id == nacked_id {
+        let waited = nacked_at.elapsed();
+        assert!(
+            waited >= REMOVED_NACK_DELAY,
+            "redelivered {waited:?} after a nack with a delay of {REMOVED_NACK_DELAY:?}"
+        );
+    }
+
+    delete_topic(queue, &topic).await;
+    match timeout(QUIET_PERIOD, old.next()).await {
+        Err(_) | Ok(Err(Error::Closed)) => {}
+        Ok(Ok(delivery)) => panic!(
+            "a consumer of the removed topic received message {} (attempt {})",
+            delivery.message.id, delivery.message.attempt
+        ),
+        Ok(Err(err)) => panic!(
+            "a consumer of the removed topic must end with Error::Closed or receive nothing, \
+             got: {err:?}"
+        ),
+    }
+
+    let mut fresh = vec![
+        subscribe(queue, &topic, "workers", SubscribeOptions::default()).await,
+        subscribe(queue, &topic, "audit", SubscribeOptions::default()).await,
+    ];
+    let watch_until = nacked_at + REMOVED_WATCH;
+    match tokio::time::timeout_at(watch_until, next_from_any(&mut fresh)).await {
+        Err(_) => {}
+        Ok((index, Ok(delivery))) => panic!(
+            "group {} of the topic created again received message {} (attempt {}); published \
+             before the removal: {}",
+            ["workers", "audit"][index],
+            delivery.message.id,
+            delivery.message.attempt,
+            sent.contains(&delivery.message.id),
+        ),
+        Ok((index, Err(err))) => panic!("member {index} of the topic created again failed: {err}"),
+    }
+    // What the old consumer held is settled as nothing: neither the abandoned delivery nor the
+    // dropped consumer brings a message back.
+    drop(held);
+    drop(old);
+    expect_nothing_on_any(
+        &mut fresh,
+        "after the old delivery and consumer of the removed topic were dropped",
+    )
+    .await;
+
+    let after = Message::new("published after the removal");
+    publish(queue, &topic, after.clone()).await;
+    for (index, consumer) in fresh.iter_mut().enumerate() {
+        let delivery = receive(&mut **consumer, "the message published after the removal").await;
+        assert_eq!(
+            delivery.message,
+            after,
+            "group {} of the topic created again must receive the new message unchanged",
+            ["workers", "audit"][index]
+        );
+        ack(delivery).await;
+    }
+    expect_nothing_on_any(&mut fresh, "after the new message was acked").await;
+
+    delete_topic(queue, &format!("{prefix}.never")).await;
+    delete_topic(queue, &topic).await;
+    delete_topic(queue, &topic).await;
+    let result = bounded("delete_topic", queue.delete_topic("has space")).await;
+    expect_invalid(result, "topic", "has space", "delete_topic");
+}
+
 /// With the broker stopped, `publish` fails with [`Error::Unavailable`] within `bound` (the
 /// queue's publish timeout) plus a margin for the machine's noise, instead of hanging; once
 /// the broker is back, publishing and receiving work again without a new queue.
@@ -902,6 +1000,14 @@ pub async fn subscribe(
     match bounded(&what, queue.subscribe(topic, group, options)).await {
         Ok(consumer) => consumer,
         Err(err) => panic!("{what} failed: {err}"),
+    }
+}
+
+/// Removes `topic`; panics on failure.
+pub async fn delete_topic(queue: &dyn MessageQueue, topic: &str) {
+    let what = format!("deleting topic `{topic}`");
+    if let Err(err) = bounded(&what, queue.delete_topic(topic)).await {
+        panic!("{what} failed: {err}");
     }
 }
 

@@ -166,3 +166,88 @@ async fn bad_options_are_rejected() {
         }
     }
 }
+
+/// A removed topic is gone from the broker's metadata, and so are its groups, whichever
+/// process joined them (as far as the broker lists its groups); another topic stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_leaves_no_topic_and_no_group() {
+    use deployd_queue::{Message, SubscribeOptions};
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    let queue = connect(KafkaOptions::new(brokers())).await;
+    let other_process = connect(KafkaOptions::new(brokers())).await;
+    let prefix = testing::unique_prefix("delete_kafka");
+    let topic = format!("{prefix}.tasks");
+    let neighbour = format!("{prefix}.tasks2");
+    let mut consumer =
+        testing::subscribe(&queue, &topic, "workers", SubscribeOptions::default()).await;
+    // Joined by another process, which has left it since.
+    drop(testing::subscribe(&other_process, &topic, "audit", SubscribeOptions::default()).await);
+    let _neighbour =
+        testing::subscribe(&queue, &neighbour, "workers", SubscribeOptions::default()).await;
+    testing::publish(&queue, &topic, Message::new("removed with its topic")).await;
+    testing::publish(&queue, &neighbour, Message::new("stays")).await;
+    let held = testing::receive(&mut *consumer, "a message to hold").await;
+
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("a kafka client");
+    let client = std::sync::Arc::new(client);
+    let listing = |client: std::sync::Arc<BaseConsumer>| async move {
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let topics: Vec<String> = client
+                .fetch_metadata(None, timeout)
+                .expect("the broker's metadata")
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect();
+            let groups: Vec<String> = client
+                .fetch_group_list(None, timeout)
+                .expect("the broker's groups")
+                .groups()
+                .iter()
+                .map(|g| g.name().to_owned())
+                .collect();
+            (topics, groups)
+        })
+        .await
+        .expect("no panic")
+    };
+    let kafka_topic = format!("deployd.{topic}");
+    let kafka_neighbour = format!("deployd.{neighbour}");
+    let (topics, groups) = listing(std::sync::Arc::clone(&client)).await;
+    assert!(topics.contains(&kafka_topic), "{topics:?}");
+    let before: Vec<&String> = groups
+        .iter()
+        .filter(|g| g.starts_with(&format!("{kafka_topic}.")))
+        .collect();
+    assert_eq!(before.len(), 2, "both groups exist before: {groups:?}");
+
+    testing::delete_topic(&queue, &topic).await;
+    drop(held);
+    drop(consumer);
+    let (topics, groups) = listing(client).await;
+    assert!(
+        !topics.contains(&kafka_topic),
+        "the removed topic is still in the metadata"
+    );
+    let left: Vec<&String> = groups
+        .iter()
+        .filter(|g| g.starts_with(&format!("{kafka_topic}.")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "groups left by the removed topic: {left:?}"
+    );
+    assert!(
+        topics.contains(&kafka_neighbour),
+        "the topic `{kafka_neighbour}` must stay"
+    );
+    assert!(
+        groups.contains(&format!("{kafka_neighbour}.workers")),
+        "the group of `{kafka_neighbour}` must stay"
+    );
+}

@@ -123,3 +123,81 @@ async fn a_server_list_authenticates_with_the_credentials_of_its_entries() {
     assert!(!shown.contains("wrong-secret"), "{shown}");
     assert!(shown.contains("authorization violation"), "{shown}");
 }
+
+/// A removed topic leaves no consumer filtered on its subject and no message on it in the
+/// stream, whichever process created the consumers; another topic keeps its consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_leaves_no_consumer_and_no_message() {
+    use deployd_queue::{Message, SubscribeOptions};
+    use futures::StreamExt;
+
+    let queue = connect(options(url())).await;
+    let other_process = connect(options(url())).await;
+    let prefix = testing::unique_prefix("delete_consumers");
+    let topic = format!("{prefix}.tasks");
+    let neighbour = format!("{prefix}.tasks2");
+    let mut consumer =
+        testing::subscribe(&queue, &topic, "workers", SubscribeOptions::default()).await;
+    let _other =
+        testing::subscribe(&other_process, &topic, "audit", SubscribeOptions::default()).await;
+    let _neighbour =
+        testing::subscribe(&queue, &neighbour, "workers", SubscribeOptions::default()).await;
+    for i in 0..3 {
+        testing::publish(&queue, &topic, Message::new(i.to_string())).await;
+    }
+    let delayed = testing::receive(&mut *consumer, "a message to delay").await;
+    delayed
+        .nack(Some(Duration::from_secs(60)))
+        .await
+        .expect("nack with a delay");
+
+    let client = async_nats::connect(url()).await.expect("a NATS connection");
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream
+        .get_stream("deployd-conformance")
+        .await
+        .expect("the suite's stream");
+    let filtered_on = |subject: String| {
+        let stream = stream.clone();
+        async move {
+            let mut names = Vec::new();
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                let info = info.expect("listing consumers");
+                if info.config.filter_subject == subject {
+                    names.push(info.name);
+                }
+            }
+            names
+        }
+    };
+    let subject = format!("deployd-conformance.{topic}");
+    assert_eq!(
+        filtered_on(subject.clone()).await.len(),
+        2,
+        "both groups exist before"
+    );
+
+    testing::delete_topic(&queue, &topic).await;
+    drop(consumer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = filtered_on(subject.clone()).await;
+    assert!(
+        left.is_empty(),
+        "consumers left on the removed topic: {left:?}"
+    );
+    assert!(
+        stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .is_err(),
+        "a message of the removed topic is left in the stream"
+    );
+    assert_eq!(
+        filtered_on(format!("deployd-conformance.{neighbour}"))
+            .await
+            .len(),
+        1,
+        "the consumer of `{neighbour}` must stay"
+    );
+}

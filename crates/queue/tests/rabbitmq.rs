@@ -93,3 +93,124 @@ async fn reconnects_after_restart() {
     let prefix = testing::unique_prefix("restart");
     testing::reconnects_after_restart(&queue, &proxy, true, &prefix).await;
 }
+
+/// Whether `declare` on a fresh channel of `connection` succeeds; a passive declare of what
+/// does not exist fails (and closes its channel).
+async fn exists<F, Fut>(connection: &lapin::Connection, declare: F) -> bool
+where
+    F: FnOnce(lapin::Channel) -> Fut,
+    Fut: std::future::Future<Output = lapin::Result<()>>,
+{
+    let channel = connection.create_channel().await.expect("a channel");
+    declare(channel).await.is_ok()
+}
+
+/// A removed topic's exchange, group queues (those of another process too, found through the
+/// topic's records) and delay queues are gone from the broker, as passive declares show;
+/// another topic keeps its exchange and queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_leaves_no_exchange_and_no_queue() {
+    use deployd_queue::{Message, SubscribeOptions};
+    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let queue = connect(options(url())).await;
+    let other_process = connect(options(url())).await;
+    let prefix = testing::unique_prefix("delete_exchange");
+    let topic = format!("{prefix}.tasks");
+    let neighbour = format!("{prefix}.tasks2");
+    // A group of another process, with a message in its delay queue.
+    let mut remote = testing::subscribe(
+        &other_process,
+        &topic,
+        "remote",
+        SubscribeOptions::default(),
+    )
+    .await;
+    let mut consumer =
+        testing::subscribe(&queue, &topic, "workers", SubscribeOptions::default()).await;
+    let _neighbour =
+        testing::subscribe(&queue, &neighbour, "workers", SubscribeOptions::default()).await;
+    testing::publish(&queue, &topic, Message::new("removed with its topic")).await;
+    let delayed = testing::receive(&mut *remote, "a message to delay").await;
+    delayed
+        .nack(Some(Duration::from_secs(60)))
+        .await
+        .expect("nack with a delay");
+    let held = testing::receive(&mut *consumer, "a message to hold").await;
+
+    let connection = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("a connection to RabbitMQ");
+    let exchange_exists = |name: String| {
+        exists(&connection, |channel| async move {
+            let options = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    lapin::ExchangeKind::Fanout,
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+        })
+    };
+    let queue_exists = |name: String| {
+        exists(&connection, |channel| async move {
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(name.as_str().into(), options, FieldTable::default())
+                .await
+                .map(|_| ())
+        })
+    };
+    let exchange = format!("deployd.{topic}");
+    let queues = [
+        format!("{exchange}.workers"),
+        format!("{exchange}.remote"),
+        format!("{exchange}.remote.delay.60000"),
+    ];
+    assert!(
+        exchange_exists(exchange.clone()).await,
+        "the exchange exists before"
+    );
+    for name in &queues {
+        assert!(
+            queue_exists(name.clone()).await,
+            "queue `{name}` exists before"
+        );
+    }
+
+    // A member of another process that is still running would declare its queue again when
+    // the broker cancels it: that process is done with the topic.
+    drop(remote);
+    testing::delete_topic(&queue, &topic).await;
+    drop(held);
+    drop(consumer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !exchange_exists(exchange.clone()).await,
+        "the exchange of the removed topic is left"
+    );
+    for name in &queues {
+        assert!(
+            !queue_exists(name.clone()).await,
+            "queue `{name}` of the removed topic is left"
+        );
+    }
+    for suffix in [":groups", ":delays"] {
+        assert!(
+            !queue_exists(format!("{exchange}{suffix}")).await,
+            "the records `{suffix}` of the removed topic are left"
+        );
+    }
+    let neighbour_exchange = format!("deployd.{neighbour}");
+    assert!(exchange_exists(neighbour_exchange.clone()).await);
+    assert!(queue_exists(format!("{neighbour_exchange}.workers")).await);
+}

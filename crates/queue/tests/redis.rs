@@ -100,3 +100,79 @@ async fn connect_fails_within_bound_when_nothing_listens() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Every key of a removed topic is gone from Redis (its stream, its groups' retry streams and
+/// delay sets), also after its old consumer and delivery are dropped; another topic whose name
+/// starts with the same characters keeps its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_leaves_no_key() {
+    use deployd_queue::{Message, SubscribeOptions};
+
+    let queue = queue().await;
+    let prefix = testing::unique_prefix("delete_keys");
+    let topic = format!("{prefix}.tasks");
+    let neighbour = format!("{prefix}.tasks2");
+    let mut consumer =
+        testing::subscribe(&queue, &topic, "workers", SubscribeOptions::default()).await;
+    let _neighbour =
+        testing::subscribe(&queue, &neighbour, "workers", SubscribeOptions::default()).await;
+    for i in 0..3 {
+        testing::publish(&queue, &topic, Message::new(i.to_string())).await;
+    }
+    testing::publish(&queue, &neighbour, Message::new("stays")).await;
+    let delayed = testing::receive(&mut *consumer, "a message to delay").await;
+    delayed
+        .nack(Some(Duration::from_secs(60)))
+        .await
+        .expect("nack with a delay");
+    let retried = testing::receive(&mut *consumer, "a message to nack").await;
+    retried.nack(None).await.expect("nack");
+    let held = testing::receive(&mut *consumer, "a message to hold").await;
+    let pattern = |topic: &str| format!("deployd:{{{topic}}}*");
+    let mut redis = redis::Client::open(url())
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to Redis");
+    let before: Vec<String> = scan(&mut redis, &pattern(&topic)).await;
+    assert!(
+        before.iter().any(|key| key.contains(":delay:")) && before.len() >= 3,
+        "the topic's stream, retry stream and delay set exist before: {before:?}"
+    );
+
+    testing::delete_topic(&queue, &topic).await;
+    drop(held);
+    drop(consumer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = scan(&mut redis, &pattern(&topic)).await;
+    assert!(
+        after.is_empty(),
+        "keys left by the removed topic: {after:?}"
+    );
+    let neighbour_keys = scan(&mut redis, &pattern(&neighbour)).await;
+    assert!(
+        !neighbour_keys.is_empty(),
+        "the keys of `{neighbour}` must stay"
+    );
+}
+
+async fn scan(redis: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await
+            .expect("SCAN");
+        keys.extend(page);
+        cursor = next;
+        if cursor == 0 {
+            return keys;
+        }
+    }
+}

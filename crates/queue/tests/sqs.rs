@@ -85,3 +85,79 @@ async fn reconnects_after_restart() {
     let prefix = testing::unique_prefix("restart");
     testing::reconnects_after_restart(&queue, &proxy, true, &prefix).await;
 }
+
+/// A removed topic leaves no queue with its name prefix, whichever process created them;
+/// another topic keeps its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_leaves_no_queue() {
+    use deployd_queue::{Message, SubscribeOptions};
+
+    let queue = connect(options(endpoint())).await;
+    let other_process = connect(options(endpoint())).await;
+    let prefix = testing::unique_prefix("delete_queues");
+    let topic = format!("{prefix}.tasks");
+    let neighbour = format!("{prefix}.tasks2");
+    let mut consumer =
+        testing::subscribe(&queue, &topic, "workers", SubscribeOptions::default()).await;
+    let _other =
+        testing::subscribe(&other_process, &topic, "audit", SubscribeOptions::default()).await;
+    let _neighbour =
+        testing::subscribe(&queue, &neighbour, "workers", SubscribeOptions::default()).await;
+    testing::publish(&queue, &topic, Message::new("removed with its topic")).await;
+    let held = testing::receive(&mut *consumer, "a message to hold").await;
+
+    let options = options(endpoint());
+    let config = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new(options.region.clone()))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            options
+                .access_key_id
+                .clone()
+                .unwrap_or_else(|| std::env::var("AWS_ACCESS_KEY_ID").expect("SQS credentials")),
+            options.secret_access_key.clone().unwrap_or_else(|| {
+                std::env::var("AWS_SECRET_ACCESS_KEY").expect("SQS credentials")
+            }),
+            None,
+            None,
+            "test",
+        ))
+        .endpoint_url(endpoint())
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .build();
+    let sqs = aws_sdk_sqs::Client::from_conf(config);
+    // A topic's queues are named `deployd-{hash of the topic}-...`, the hash being FNV-1a.
+    let listed = |topic: &str| {
+        let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let prefix = format!("deployd-{hash:016x}-");
+        let sqs = sqs.clone();
+        async move {
+            sqs.list_queues()
+                .queue_name_prefix(prefix)
+                .max_results(1000)
+                .send()
+                .await
+                .expect("ListQueues")
+                .queue_urls()
+                .to_vec()
+        }
+    };
+    assert_eq!(listed(&topic).await.len(), 2, "both groups exist before");
+
+    testing::delete_topic(&queue, &topic).await;
+    drop(held);
+    drop(consumer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = listed(&topic).await;
+    assert!(
+        left.is_empty(),
+        "queues left by the removed topic: {left:?}"
+    );
+    assert_eq!(
+        listed(&neighbour).await.len(),
+        1,
+        "the queue of `{neighbour}` must stay"
+    );
+}
