@@ -253,3 +253,47 @@ fn ended_tasks_are_pruned_after_their_retention_and_waiting_ones_kept() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("soon"));
 }
+
+/// A bare `deployd` (no command) is `deployd serve` with its environment: `DEPLOYD_LISTEN` and
+/// `DEPLOYD_DATA_DIR` decide where it answers and what it keeps.
+#[test]
+fn a_bare_deployd_honours_deployd_listen_and_deployd_data_dir() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("bare");
+    let port = deployd_e2e::free_port();
+    let mut child = std::process::Command::new(deployd_e2e::binary())
+        .env("DEPLOYD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DEPLOYD_DATA_DIR", &data_dir)
+        .env_remove("DEPLOYD_TOKEN")
+        .env_remove("DEPLOYD_TASK_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot start deployd");
+    let http = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let status: serde_json::Value = wait_for(
+        "the bare deployd to answer",
+        Duration::from_secs(30),
+        || {
+            http.get(format!("http://127.0.0.1:{port}/status/"))
+                .send()
+                .ok()?
+                .json()
+                .ok()
+        },
+    );
+    assert_eq!(status["status"], "Healthy");
+    let _ = child.kill();
+    let _ = child.wait();
+    let kept: Vec<_> = std::fs::read_dir(&data_dir)
+        .expect("the data directory was made")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!kept.is_empty(), "nothing kept in {}", data_dir.display());
+}

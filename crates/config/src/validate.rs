@@ -634,18 +634,7 @@ fn check_service(
             }
         }
     });
-    let command = raw
-        .command
-        .and_then(|command| check_command(c, command.value, &command.at));
-    let build = raw
-        .build
-        .map(|build| {
-            let RawCommands(list) = build.value;
-            list.into_iter()
-                .filter_map(|command| check_command(c, command.value, &command.at))
-                .collect()
-        })
-        .unwrap_or_default();
+    let (command, build) = check_commands(c, raw.command, raw.build);
 
     let runtime = match raw.runtime {
         Some(runtime) => {
@@ -888,6 +877,24 @@ fn check_restart(c: &mut Checker<'_, '_>, raw: RawRestart) -> RestartSpec {
     spec
 }
 
+/// A service's (or the UI's) `command` and `build`.
+fn check_commands(
+    c: &mut Checker<'_, '_>,
+    command: Option<Located<RawCommand>>,
+    build: Option<Located<RawCommands>>,
+) -> (Option<Command>, Vec<Command>) {
+    let command = command.and_then(|command| check_command(c, command.value, &command.at));
+    let build = build
+        .map(|build| {
+            let RawCommands(list) = build.value;
+            list.into_iter()
+                .filter_map(|command| check_command(c, command.value, &command.at))
+                .collect()
+        })
+        .unwrap_or_default();
+    (command, build)
+}
+
 fn check_command(c: &mut Checker<'_, '_>, command: RawCommand, at: &At) -> Option<Command> {
     match command {
         RawCommand::Shell(line) if line.trim().is_empty() => {
@@ -1118,18 +1125,7 @@ fn check_ui(
     let source = raw
         .source
         .and_then(|source| check_source(c, source.value, &source.at));
-    let command = raw
-        .command
-        .and_then(|command| check_command(c, command.value, &command.at));
-    let build = raw
-        .build
-        .map(|build| {
-            let RawCommands(list) = build.value;
-            list.into_iter()
-                .filter_map(|command| check_command(c, command.value, &command.at))
-                .collect()
-        })
-        .unwrap_or_default();
+    let (command, build) = check_commands(c, raw.command, raw.build);
     let errors_after = c.errors();
     (errors_after == errors_before).then(|| UiSpec {
         name: raw.name.map(|n| n.value),
