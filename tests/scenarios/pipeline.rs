@@ -168,3 +168,94 @@ fn a_reload_whose_build_fails_keeps_the_previous_instance() {
     let out = success(&server.cli(&["run", "-d", "keep", "-a", "message", "still"]));
     assert_eq!(out, "svc: still\n");
 }
+
+/// `replicas: 3` runs three supervised processes on their own ports; tasks are spread across
+/// them (one at a time each, with `max-concurrency: 1`); each replica's output is its own log;
+/// a replica that dies is restarted on its own while the others go on.
+#[test]
+fn replicas_run_as_separate_processes_and_share_the_tasks() {
+    let project = Project::new();
+    let file = project.write(
+        "replicated.yaml",
+        "name: replicated\nservices:\n  svc:\n    source:\n      type: local\n      location: src\n    \
+         command: python3 echo.py\n    replicas: 3\n    max-concurrency: 1\n",
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    let out = success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    assert!(!out.contains("not supported"), "{out}");
+    let (_, status) = server.get("/deployments/replicated").unwrap();
+    let service = &status["services"][0];
+    assert_eq!(service["phase"], "ready", "{status}");
+    let replicas = service["replicas"].as_array().expect("replicas").clone();
+    assert_eq!(replicas.len(), 3, "{status}");
+    let pids: BTreeSet<u64> = replicas
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect();
+    let ports: BTreeSet<u64> = replicas
+        .iter()
+        .map(|r| r["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!((pids.len(), ports.len()), (3, 3), "{status}");
+    assert!(replicas.iter().all(|r| r["phase"] == "ready"), "{status}");
+
+    // Nine tasks of 0.3 s at once: with one task per replica, all three take some.
+    let tasks: Vec<String> = (0..9)
+        .map(|n| {
+            let (code, task) = server.post(
+                "/deployments/replicated/tasks/create",
+                &serde_json::json!({"input": serde_json::json!({
+                    "message": format!("m{n}"), "sleep": 0.3, "report_process": true
+                }).to_string()}),
+            );
+            assert_eq!(code, 200, "{task}");
+            task["task_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut used = BTreeSet::new();
+    for task in &tasks {
+        let lines = server.read_lines_until(
+            &format!("/deployments/replicated/tasks/{task}/events?envelope=true"),
+            |line| line["type"] != "event",
+        );
+        assert_eq!(lines.last().unwrap()["type"], "result", "{lines:?}");
+        let process = lines
+            .iter()
+            .find(|line| line["data"]["step"] == "process")
+            .expect("the process event");
+        used.insert(process["data"]["port"].as_u64().unwrap());
+    }
+    assert_eq!(used, ports, "every replica ran tasks");
+
+    // Each replica writes its own log.
+    for replica in ["0", "1", "2"] {
+        let (code, text) = server.get_text(&format!(
+            "/deployments/replicated/services/svc/logs?replica={replica}"
+        ));
+        assert_eq!(code, 200, "{text}");
+        assert!(text.contains("--- deployd:"), "replica {replica}: {text}");
+    }
+    let (code, _) = server.get_text("/deployments/replicated/services/svc/logs?replica=3");
+    assert_eq!(code, 400);
+
+    // One replica killed: it comes back on its own; the others kept running.
+    let victim = *pids.iter().next().unwrap();
+    deployd_e2e::sigkill(u32::try_from(victim).unwrap());
+    let status = wait_for(
+        "the killed replica to restart",
+        Duration::from_secs(60),
+        || {
+            let (_, status) = server.get("/deployments/replicated").ok()?;
+            let replicas = status["services"][0]["replicas"].as_array()?.clone();
+            let now: BTreeSet<u64> = replicas.iter().filter_map(|r| r["pid"].as_u64()).collect();
+            (replicas.iter().all(|r| r["phase"] == "ready")
+                && now.len() == 3
+                && !now.contains(&victim))
+            .then_some(status)
+        },
+    );
+    assert_eq!(status["services"][0]["restarts"], 1, "{status}");
+    let out = success(&server.cli(&["run", "-d", "replicated", "-a", "message", "after"]));
+    assert_eq!(out, "svc: after\n");
+}

@@ -100,6 +100,26 @@ pub struct ServiceStatus {
     /// Where the service is in its latest deploy.
     #[serde(default)]
     pub stage: Option<StageStatus>,
+    /// With `replicas` above 1, each replica's process; the fields above are then the first
+    /// replica's, except `phase` (`ready` while any replica is) and `restarts` (added up).
+    /// Empty for a single process.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaStatus {
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// Its process id, if one runs.
+    pub pid: Option<u32>,
+    /// The port it listens on (on 127.0.0.1).
+    pub port: u16,
+    /// How many times it has been restarted.
+    pub restarts: u32,
+    /// Why its last process ended, if one did.
+    pub last_exit: Option<String>,
 }
 
 /// Where a service is in the deploy pipeline (sync → prepare → launch → ready → switch).

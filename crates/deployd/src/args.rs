@@ -73,6 +73,9 @@ pub(crate) enum Command {
         /// How many lines from the end [default: 100].
         #[arg(short = 'n', long)]
         tail: Option<usize>,
+        /// Which replica's output, from 0 (a service with `replicas` runs several).
+        #[arg(short, long, default_value_t = 0)]
+        replica: usize,
     },
     /// Stops and deletes a deployment.
     Delete {

@@ -99,6 +99,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             service,
             follow,
             tail,
+            replica,
         }) => {
             let service = match service {
                 Some(service) => service,
@@ -106,7 +107,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             let mut stdout = std::io::stdout();
             client
-                .logs(&deployment, &service, tail, follow, |chunk| {
+                .logs(&deployment, &service, tail, follow, replica, |chunk| {
                     use std::io::Write;
                     let _ = stdout.write_all(chunk);
                     let _ = stdout.flush();

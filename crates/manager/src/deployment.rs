@@ -27,7 +27,7 @@ use crate::queues::task_topic;
 use crate::runtime::{self, Prepare, Prepared};
 use crate::supervisor::{self, Policy, Supervisor};
 use crate::worker::{self, WorkerContext};
-use crate::{DeploymentStatus, Error, Phase, ServiceStatus, StageStatus, UI_ID};
+use crate::{DeploymentStatus, Error, Phase, ReplicaStatus, ServiceStatus, StageStatus, UI_ID};
 
 /// Tasks one instance of a service is handed at once when its `max-concurrency` is not set:
 /// enough for an asyncio or threaded service, few enough not to flood a small one.
@@ -68,14 +68,70 @@ pub(crate) struct Context {
     pub(crate) runtime: runtime::Settings,
 }
 
-/// A service's instance that takes tasks: its process and its worker.
-struct Instance {
+/// One process of a service's instance and the worker that hands it tasks.
+struct Replica {
     supervisor: Supervisor,
     worker_stop: watch::Sender<bool>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// A service's instance that takes tasks: its replicas (one unless `replicas` says more).
+struct Instance {
+    replicas: Vec<Replica>,
+}
+
 impl Instance {
+    /// Stops every replica at once.
+    async fn stop(&self) {
+        futures::future::join_all(self.replicas.iter().map(Replica::stop)).await;
+    }
+
+    /// The port of the first replica (a service with a fixed `port` has one replica).
+    fn port(&self) -> u16 {
+        self.replicas
+            .first()
+            .map_or(0, |replica| replica.supervisor.status().port)
+    }
+
+    /// The instance's state: the first replica's, `ready` while any replica is, its restarts
+    /// added up, and with several replicas each one's.
+    fn status(&self) -> ServiceStatus {
+        let statuses: Vec<ServiceStatus> = self
+            .replicas
+            .iter()
+            .map(|replica| replica.supervisor.status())
+            .collect();
+        let mut status = statuses.first().cloned().unwrap_or(ServiceStatus {
+            id: String::new(),
+            phase: Phase::Pending,
+            pid: None,
+            port: 0,
+            restarts: 0,
+            last_exit: None,
+            stage: None,
+            replicas: Vec::new(),
+        });
+        if statuses.len() > 1 {
+            if statuses.iter().any(|s| s.phase == Phase::Ready) {
+                status.phase = Phase::Ready;
+            }
+            status.restarts = statuses.iter().map(|s| s.restarts).sum();
+            status.replicas = statuses
+                .into_iter()
+                .map(|s| ReplicaStatus {
+                    phase: s.phase,
+                    pid: s.pid,
+                    port: s.port,
+                    restarts: s.restarts,
+                    last_exit: s.last_exit,
+                })
+                .collect();
+        }
+        status
+    }
+}
+
+impl Replica {
     /// Stops taking tasks, lets the tasks in flight finish (the worker bounds that by its
     /// drain deadline), then stops the process.
     async fn stop(&self) {
@@ -179,6 +235,26 @@ struct Item {
     /// The service's log file.
     log: PathBuf,
     supervisor: Option<Supervisor>,
+    /// The replicas after the first (`replicas: N` makes N - 1 of them).
+    more: Vec<MoreReplica>,
+}
+
+/// A replica after the first, going through the pipeline with its service.
+struct MoreReplica {
+    consumer: Option<Box<dyn Consumer>>,
+    port: u16,
+    log: PathBuf,
+    supervisor: Option<Supervisor>,
+}
+
+/// The log file of a service's replica: `<service>.log` for the first, `<service>.<n>.log`
+/// for replica `n` after it.
+pub(crate) fn log_name(service: &str, replica: usize) -> String {
+    if replica == 0 {
+        format!("{service}.log")
+    } else {
+        format!("{service}.{replica}.log")
+    }
 }
 
 impl Deployment {
@@ -240,7 +316,7 @@ impl Deployment {
             state
                 .instances
                 .iter()
-                .map(|(id, instance)| (id.clone(), instance.supervisor.status().port))
+                .map(|(id, instance)| (id.clone(), instance.port()))
                 .collect()
         };
         let ui = context
@@ -262,8 +338,16 @@ impl Deployment {
                     .iter()
                     .find(|(id, _)| *id == service.id)
                     .map_or(0, |(_, port)| *port),
-                log: context.dir.join("logs").join(format!("{}.log", service.id)),
+                log: context.dir.join("logs").join(log_name(&service.id, 0)),
                 supervisor: None,
+                more: (1..usize::try_from(service.replicas).unwrap_or(1))
+                    .map(|n| MoreReplica {
+                        consumer: None,
+                        port: 0,
+                        log: context.dir.join("logs").join(log_name(&service.id, n)),
+                        supervisor: None,
+                    })
+                    .collect(),
             })
             .collect();
 
@@ -398,39 +482,37 @@ impl Deployment {
                 item.service.id
             )));
         };
-        let (worker_stop, stop_rx) = watch::channel(false);
         // The UI takes no tasks: its instance is its process alone.
         let Some(consumer) = item.consumer.take() else {
+            let (worker_stop, _) = watch::channel(false);
             let instance = Arc::new(Instance {
-                supervisor,
-                worker_stop,
-                worker: Mutex::new(None),
+                replicas: vec![Replica {
+                    supervisor,
+                    worker_stop,
+                    worker: Mutex::new(None),
+                }],
             });
             return self.swap_in(&item.service.id, instance).await;
         };
-        let worker = tokio::spawn(worker::run(
-            WorkerContext {
-                service: item.service.id.clone(),
-                control: Arc::clone(&context.control),
-                service_state: supervisor.watch(),
-                max_concurrency: item
-                    .service
-                    .max_concurrency
-                    .and_then(|n| usize::try_from(n).ok())
-                    .unwrap_or(DEFAULT_CONCURRENCY),
-                timeout: item.service.timeout,
-                head_timeout: context.head_timeout,
-                drain_timeout: context.drain_timeout,
-            },
-            consumer,
-            stop_rx,
-        ));
-        let instance = Arc::new(Instance {
-            supervisor,
-            worker_stop,
-            worker: Mutex::new(Some(worker)),
-        });
-        self.swap_in(&item.service.id, instance).await
+        let mut processes = vec![(supervisor, consumer)];
+        for more in &mut item.more {
+            let (Some(supervisor), Some(consumer)) = (more.supervisor.take(), more.consumer.take())
+            else {
+                return Err(Error::BadRequest(format!(
+                    "a replica of service `{}` reached switch without a process",
+                    item.service.id
+                )));
+            };
+            processes.push((supervisor, consumer));
+        }
+        let replicas = processes
+            .into_iter()
+            .map(|(supervisor, consumer)| {
+                start_worker(context, &item.service, supervisor, consumer)
+            })
+            .collect();
+        self.swap_in(&item.service.id, Arc::new(Instance { replicas }))
+            .await
     }
 
     /// Puts `instance` in the place of service `id`'s running one, which is stopped.
@@ -522,7 +604,7 @@ impl Deployment {
         let state = self.state();
         let id = requested.unwrap_or(&state.spec.default_service);
         let (_, instance) = state.instances.iter().find(|(service, _)| service == id)?;
-        (instance.supervisor.status().phase != Phase::Failed).then(|| id.to_owned())
+        (instance.status().phase != Phase::Failed).then(|| id.to_owned())
     }
 
     pub(crate) fn spec(&self) -> DeploymentSpec {
@@ -578,7 +660,7 @@ impl Deployment {
             let instance = state.instances.iter().find(|(held, _)| held == id);
             let launching = self.launching().get(id).map(|w| w.borrow().clone());
             let mut status = match (instance, launching) {
-                (Some((_, instance)), _) => instance.supervisor.status(),
+                (Some((_, instance)), _) => instance.status(),
                 (None, Some(launching)) => launching,
                 (None, None) => ServiceStatus {
                     id: id.to_owned(),
@@ -588,6 +670,7 @@ impl Deployment {
                     restarts: 0,
                     last_exit: None,
                     stage: None,
+                    replicas: Vec::new(),
                 },
             };
             if instance.is_none()
@@ -634,6 +717,38 @@ impl Deployment {
     }
 }
 
+/// A replica's worker: it hands the tasks `consumer` receives to the process `supervisor`
+/// keeps.
+fn start_worker(
+    context: &Context,
+    service: &ServiceSpec,
+    supervisor: Supervisor,
+    consumer: Box<dyn Consumer>,
+) -> Replica {
+    let (worker_stop, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(worker::run(
+        WorkerContext {
+            service: service.id.clone(),
+            control: Arc::clone(&context.control),
+            service_state: supervisor.watch(),
+            max_concurrency: service
+                .max_concurrency
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(DEFAULT_CONCURRENCY),
+            timeout: service.timeout,
+            head_timeout: context.head_timeout,
+            drain_timeout: context.drain_timeout,
+        },
+        consumer,
+        stop_rx,
+    ));
+    Replica {
+        supervisor,
+        worker_stop,
+        worker: Mutex::new(Some(worker)),
+    }
+}
+
 /// The error a failed pipeline carries: the Manager's own when a stage returned one.
 fn pipeline_error(err: deployd_pipeline::Error) -> Error {
     match err {
@@ -657,16 +772,18 @@ async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
             t + Duration::from_secs(60)
         });
     let topic = task_topic(&context.node_id, &context.spec.name, &item.service.id);
-    item.consumer = Some(
-        context
-            .queue
-            .subscribe(
-                &topic,
-                "workers",
-                SubscribeOptions::default().ack_deadline(ack_deadline),
-            )
-            .await?,
-    );
+    // Every replica's worker is a member of the one group: each task goes to one of them.
+    let subscribe = || {
+        context.queue.subscribe(
+            &topic,
+            "workers",
+            SubscribeOptions::default().ack_deadline(ack_deadline),
+        )
+    };
+    item.consumer = Some(subscribe().await?);
+    for more in &mut item.more {
+        more.consumer = Some(subscribe().await?);
+    }
     Ok(item)
 }
 
@@ -737,6 +854,9 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
         .await?;
     item.prepared = Some(prepared);
     item.port = port;
+    for more in &mut item.more {
+        more.port = free_port().map_err(|err| Error::io("cannot allocate a port", &data, err))?;
+    }
     Ok(item)
 }
 
@@ -747,13 +867,32 @@ async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Err
             item.service.id
         )));
     };
-    item.supervisor = Some(runtime::of(&item.service, &context.runtime).launch(
+    let runtime = runtime::of(&item.service, &context.runtime);
+    let policy = Policy::of(&item.service, context.stop_timeout, context.log_max_bytes);
+    // Each replica after the first is the same process on its own port.
+    for more in &mut item.more {
+        let mut replica = prepared.clone();
+        for (key, value) in &mut replica.env {
+            if key == "PORT" {
+                *value = more.port.to_string();
+            }
+        }
+        more.supervisor = Some(runtime.launch(
+            &item.service,
+            replica,
+            item.workdir.clone(),
+            more.port,
+            more.log.clone(),
+            policy.clone(),
+        ));
+    }
+    item.supervisor = Some(runtime.launch(
         &item.service,
         prepared,
         item.workdir.clone(),
         item.port,
         item.log.clone(),
-        Policy::of(&item.service, context.stop_timeout, context.log_max_bytes),
+        policy,
     ));
     Ok(item)
 }
@@ -767,9 +906,51 @@ async fn ready_stage(mut item: Item) -> Result<Item, Error> {
             item.service.id
         )));
     };
-    let mut state = supervisor.watch();
     // Enough for the health timeout and a few restarts in between.
     let limit = item.service.health.timeout * 3 + Duration::from_secs(10);
+    // Every replica must get ready; the first that does not fails the service.
+    let mut waits = vec![(supervisor, item.log.as_path())];
+    waits.extend(
+        item.more
+            .iter()
+            .filter_map(|more| more.supervisor.as_ref().map(|s| (s, more.log.as_path()))),
+    );
+    let outcomes = futures::future::join_all(
+        waits
+            .iter()
+            .map(|(supervisor, log)| async move { (wait_ready(supervisor, limit).await, *log) }),
+    )
+    .await;
+    let failed = outcomes
+        .into_iter()
+        .find_map(|(outcome, log)| outcome.err().map(|reason| (reason, log.to_owned())));
+    let Some((reason, log)) = failed else {
+        return Ok(item);
+    };
+    let supervisors = item.supervisor.take().into_iter().chain(
+        item.more
+            .iter_mut()
+            .filter_map(|more| more.supervisor.take()),
+    );
+    futures::future::join_all(supervisors.map(|supervisor| async move { supervisor.stop().await }))
+        .await;
+    // What the process said last says why (a Python traceback's last line, say).
+    let said = log_tail(&log, LOG_LINES_SHOWN);
+    let reason = if said.is_empty() {
+        reason
+    } else {
+        format!("{reason}; its last output:\n{said}")
+    };
+    Err(Error::NotReady {
+        service: item.service.id.clone(),
+        reason,
+    })
+}
+
+/// Waits until one process is healthy; why not, when it fails or never gets healthy within
+/// `limit`.
+async fn wait_ready(supervisor: &Supervisor, limit: Duration) -> Result<(), String> {
+    let mut state = supervisor.watch();
     let reached = tokio::time::timeout(
         limit,
         state.wait_for(|s| {
@@ -779,7 +960,7 @@ async fn ready_stage(mut item: Item) -> Result<Item, Error> {
     )
     .await
     .map(|seen| seen.map(|status| status.clone()));
-    let outcome = match reached {
+    match reached {
         Ok(Ok(status)) if status.phase == Phase::Ready => Ok(()),
         Ok(Ok(status)) if status.restarts >= CRASHES_BEFORE_READY => Err(format!(
             "it ended {} times before it was ever ready (last: {})",
@@ -791,25 +972,6 @@ async fn ready_stage(mut item: Item) -> Result<Item, Error> {
             .unwrap_or_else(|| "the process ended".to_owned())),
         Ok(Err(_)) => Err("the supervisor ended".to_owned()),
         Err(_) => Err(format!("not ready after {limit:?}")),
-    };
-    match outcome {
-        Ok(()) => Ok(item),
-        Err(reason) => {
-            if let Some(supervisor) = item.supervisor.take() {
-                supervisor.stop().await;
-            }
-            // What the process said last says why (a Python traceback's last line, say).
-            let said = log_tail(&item.log, LOG_LINES_SHOWN);
-            let reason = if said.is_empty() {
-                reason
-            } else {
-                format!("{reason}; its last output:\n{said}")
-            };
-            Err(Error::NotReady {
-                service: item.service.id.clone(),
-                reason,
-            })
-        }
     }
 }
 

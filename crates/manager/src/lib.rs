@@ -278,6 +278,26 @@ pub struct ServiceStatus {
     /// Where the service is in its latest deploy.
     #[serde(default)]
     pub stage: Option<StageStatus>,
+    /// With `replicas` above 1, each replica's process (the fields above are then the first
+    /// replica's, but `phase`, which is `ready` while any replica is, and `restarts`, which
+    /// adds them up); empty for a single process.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// Its process id, if one runs.
+    pub pid: Option<u32>,
+    /// The port it listens on.
+    pub port: u16,
+    /// How many times it has been restarted.
+    pub restarts: u32,
+    /// Why its last process ended, if one did.
+    pub last_exit: Option<String>,
 }
 
 /// Where a service is in the deploy pipeline (sync → prepare → launch → ready → switch).
@@ -580,12 +600,6 @@ fn unsupported(loaded: &deployd_config::Loaded) -> Result<Vec<String>, Error> {
     let mut warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
     for service in &spec.services {
         let id = &service.id;
-        if service.replicas > 1 {
-            warnings.push(format!(
-                "services.{id}.replicas: {} replicas are not supported yet; one process runs",
-                service.replicas
-            ));
-        }
         if service.port.is_some() && service.runtime == deployd_config::Runtime::Python {
             warnings.push(format!(
                 "services.{id}.port: ignored for a python service, as llama_deploy 0.9 ignores \
@@ -1170,11 +1184,28 @@ impl Manager {
 
     /// The log file of a service's instances (`<service>.log`; the rotated one before it is
     /// `<service>.log.1`), once the service is known to exist.
-    pub fn service_log(&self, deployment: &str, service: &str) -> Result<PathBuf, Error> {
+    pub fn service_log(
+        &self,
+        deployment: &str,
+        service: &str,
+        replica: usize,
+    ) -> Result<PathBuf, Error> {
         let status = self.status(deployment)?;
-        let is_ui = service == UI_ID && status.ui.is_some();
-        if !is_ui && !status.services.iter().any(|s| s.id == service) {
-            return Err(Error::not_found("service", service));
+        let replicas = if service == UI_ID && status.ui.is_some() {
+            1
+        } else {
+            let found = status
+                .services
+                .iter()
+                .find(|s| s.id == service)
+                .ok_or_else(|| Error::not_found("service", service))?;
+            found.replicas.len().max(1)
+        };
+        if replica >= replicas {
+            return Err(Error::BadRequest(format!(
+                "service `{service}` has {replicas} replica(s), numbered from 0; there is no \
+                 replica {replica}"
+            )));
         }
         Ok(self
             .inner
@@ -1183,7 +1214,7 @@ impl Manager {
             .join("deployments")
             .join(deployment)
             .join("logs")
-            .join(format!("{service}.log")))
+            .join(deployment::log_name(service, replica)))
     }
 
     /// The port the UI of deployment `name` listens on (on 127.0.0.1), when its file has a

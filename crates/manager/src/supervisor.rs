@@ -134,6 +134,7 @@ impl Supervisor {
             restarts: 0,
             last_exit: None,
             stage: None,
+            replicas: Vec::new(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(supervise(spec, policy, state_tx, stop_rx));

@@ -1101,6 +1101,9 @@ struct LogParams {
     /// Go on with the lines written after.
     #[serde(default)]
     follow: bool,
+    /// Which replica's output, from 0 (the first; a service has several with `replicas`).
+    #[serde(default)]
+    replica: usize,
 }
 
 #[utoipa::path(get, path = "/deployments/{name}/services/{service}/logs", tag = "deployments",
@@ -1124,7 +1127,7 @@ async fn service_logs(
             logs::MAX_TAIL
         )));
     }
-    let path = state.manager.service_log(&name, &service)?;
+    let path = state.manager.service_log(&name, &service, params.replica)?;
     let read = path.clone();
     let (lines, offset) = tokio::task::spawn_blocking(move || logs::tail(&read, n))
         .await

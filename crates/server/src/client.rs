@@ -150,6 +150,7 @@ impl Client {
         service: &str,
         tail: Option<usize>,
         follow: bool,
+        replica: usize,
         mut chunk: impl FnMut(&[u8]),
     ) -> Result<(), Error> {
         let mut request = self
@@ -157,7 +158,8 @@ impl Client {
             .get(self.url(&format!(
                 "/deployments/{deployment}/services/{service}/logs"
             )))
-            .query(&[("follow", if follow { "true" } else { "false" })]);
+            .query(&[("follow", if follow { "true" } else { "false" })])
+            .query(&[("replica", replica)]);
         if let Some(tail) = tail {
             request = request.query(&[("tail", tail)]);
         }

@@ -85,7 +85,7 @@ pub(crate) fn follow(
             tokio::time::sleep(FOLLOW_EVERY).await;
             if lines.is_closed()
                 || stopping.load(Ordering::SeqCst)
-                || manager.service_log(&deployment, &service).is_err()
+                || manager.service_log(&deployment, &service, 0).is_err()
             {
                 return;
             }

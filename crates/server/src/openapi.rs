@@ -71,6 +71,17 @@ fn service_status(service: deployd_manager::ServiceStatus) -> deployd_api::Servi
             state: stage.state,
             error: stage.error,
         }),
+        replicas: service
+            .replicas
+            .into_iter()
+            .map(|replica| deployd_api::ReplicaStatus {
+                phase: phase(replica.phase),
+                pid: replica.pid,
+                port: replica.port,
+                restarts: replica.restarts,
+                last_exit: replica.last_exit,
+            })
+            .collect(),
     }
 }
 
