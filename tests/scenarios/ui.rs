@@ -97,6 +97,16 @@ fn a_deployment_s_ui_is_supervised_and_proxied_with_its_websocket() {
         "{headers}"
     );
 
+    // A request without a body reaches the UI without one; a body keeps its length.
+    let plain: Value = http.get(url("/echo")).send().unwrap().json().unwrap();
+    assert_eq!(plain["method"], "GET");
+    assert!(
+        plain["headers"].get("transfer-encoding").is_none(),
+        "{plain}"
+    );
+    assert_eq!(plain["body"], "");
+    assert_eq!(headers["content-length"], "18", "{headers}");
+
     // A streamed answer comes in pieces, as the UI writes them.
     let mut streamed = http.get(url("/stream")).send().unwrap();
     let started = Instant::now();

@@ -135,7 +135,12 @@ pub(crate) async fn proxy(
     if let Some(host) = parts.headers.get(header::HOST) {
         upstream = upstream.header("x-forwarded-host", host);
     }
-    let upstream = upstream.body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    // A request without a body goes on without one (not as an empty chunked body).
+    let upstream = if axum::body::HttpBody::size_hint(&body).exact() == Some(0) {
+        upstream
+    } else {
+        upstream.body(reqwest::Body::wrap_stream(body.into_data_stream()))
+    };
     let answer = tokio::time::timeout(HEAD_TIMEOUT, upstream.send())
         .await
         .map_err(|_| timeout(deployment))?

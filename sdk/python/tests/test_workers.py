@@ -79,7 +79,14 @@ def test_workers_share_the_port_and_each_serves(site, logs):
     adapter = start(site, logs, "src/whoami:whoami_workflow", 3)
     try:
         workers = set(children(adapter.proc.pid))
+        # The adapter answers once its first worker listens; the others may bind a moment
+        # later (a slow library's import), and until they do the first takes every
+        # connection. So a few rounds at most, 10 s in all, until the spread shows.
+        deadline = time.monotonic() + 10
         served = pids_serving(adapter.port)
+        while len(served) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            served |= pids_serving(adapter.port)
         # Every answer came from a worker, never from the process that supervises them, and
         # the kernel spread the connections over more than one of them.
         assert served <= workers, (served, workers)
