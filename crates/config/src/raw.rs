@@ -47,8 +47,9 @@ pub(crate) struct RawDeployment {
     /// Default: the server's own store.
     #[schemars(rename = "state-store", example = &"sqlite:state.db")]
     pub(crate) state_store: Field<String>,
-    /// llama_deploy's UI service: `name`, `port` (default 3000) and `source`. Parsed; deployd
-    /// does not serve it yet.
+    /// llama_deploy's UI service: `name`, `port` (default 3000) and `source`; deployd runs it
+    /// (`pnpm install`, then `pnpm run dev`, or `build` and `command`) and serves it at
+    /// `/deployments/<name>/ui`.
     pub(crate) ui: Field<RawService>,
 }
 

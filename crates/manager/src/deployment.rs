@@ -101,16 +101,10 @@ impl Instance {
             .iter()
             .map(|replica| replica.supervisor.status())
             .collect();
-        let mut status = statuses.first().cloned().unwrap_or(ServiceStatus {
-            id: String::new(),
-            phase: Phase::Pending,
-            pid: None,
-            port: 0,
-            restarts: 0,
-            last_exit: None,
-            stage: None,
-            replicas: Vec::new(),
-        });
+        let mut status = statuses
+            .first()
+            .cloned()
+            .unwrap_or_else(|| ServiceStatus::pending(""));
         if statuses.len() > 1 {
             if statuses.iter().any(|s| s.phase == Phase::Ready) {
                 status.phase = Phase::Ready;
@@ -662,16 +656,7 @@ impl Deployment {
             let mut status = match (instance, launching) {
                 (Some((_, instance)), _) => instance.status(),
                 (None, Some(launching)) => launching,
-                (None, None) => ServiceStatus {
-                    id: id.to_owned(),
-                    phase: Phase::Pending,
-                    pid: None,
-                    port: 0,
-                    restarts: 0,
-                    last_exit: None,
-                    stage: None,
-                    replicas: Vec::new(),
-                },
+                (None, None) => ServiceStatus::pending(id),
             };
             if instance.is_none()
                 && let Some(StageStatus {

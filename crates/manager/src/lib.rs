@@ -285,6 +285,22 @@ pub struct ServiceStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
+impl ServiceStatus {
+    /// A service with no process yet.
+    pub(crate) fn pending(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            phase: Phase::Pending,
+            pid: None,
+            port: 0,
+            restarts: 0,
+            last_exit: None,
+            stage: None,
+            replicas: Vec::new(),
+        }
+    }
+}
+
 /// One replica of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
