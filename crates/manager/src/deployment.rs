@@ -598,7 +598,12 @@ impl Deployment {
         let state = self.state();
         let id = requested.unwrap_or(&state.spec.default_service);
         let (_, instance) = state.instances.iter().find(|(service, _)| service == id)?;
-        (instance.status().phase != Phase::Failed).then(|| id.to_owned())
+        // On the task path: each replica's phase, without building the whole state.
+        instance
+            .replicas
+            .iter()
+            .any(|replica| replica.supervisor.status().phase != Phase::Failed)
+            .then(|| id.to_owned())
     }
 
     pub(crate) fn spec(&self) -> DeploymentSpec {
