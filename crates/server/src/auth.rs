@@ -249,6 +249,10 @@ mod tests {
             (Method::POST, "/deployments/d/sessions/create"),
             (Method::POST, "/deployments/d/sessions/delete"),
             (Method::GET, "/deployments/d/sessions/s"),
+            (Method::GET, "/openapi.json"),
+            (Method::GET, "/docs"),
+            (Method::GET, "/deployments/d/ui"),
+            (Method::POST, "/deployments/d/ui/api/chat"),
         ] {
             assert!(task_scope_allows(&method, path), "{method} {path}");
         }
@@ -262,6 +266,8 @@ mod tests {
             (Method::GET, "/deployments/d/other"),
             (Method::GET, "/somewhere"),
             (Method::GET, "/status/metrics"),
+            (Method::POST, "/openapi.json"),
+            (Method::GET, "/deployments/d/services/s/logs"),
         ] {
             assert!(!task_scope_allows(&method, path), "{method} {path}");
         }
