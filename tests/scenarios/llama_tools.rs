@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use deployd_e2e::{Project, Server, copy_python_fixtures, workspace};
+use deployd_e2e::{Project, Server, copy_dir, copy_python_fixtures, workspace};
 use serde_json::{Value, json};
 
 /// The variable that names the virtualenv's interpreter.
@@ -572,20 +572,6 @@ fn the_llama_deploy_client_runs_streams_and_answers() {
             json!({"status": "Down", "status_message": "API Server is down", "deployments": null}),
             "{status}"
         );
-    }
-}
-
-/// Copies a folder, hidden files included.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
-        let path = entry.path();
-        let dest = to.join(entry.file_name());
-        if path.is_dir() {
-            copy_dir(&path, &dest);
-        } else {
-            std::fs::copy(&path, &dest).expect("copy");
-        }
     }
 }
 

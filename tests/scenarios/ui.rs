@@ -6,16 +6,8 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use deployd_e2e::{Project, Server, free_port, success, wait_for};
+use deployd_e2e::{Project, Server, copy_dir, free_port, success, wait_for};
 use serde_json::Value;
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
 
 #[test]
 fn a_deployment_s_ui_is_supervised_and_proxied_with_its_websocket() {

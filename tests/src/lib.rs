@@ -338,6 +338,20 @@ pub struct Project {
     pub dir: tempfile::TempDir,
 }
 
+/// Copies the folder `from` (and everything in it, hidden files included) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let path = entry.path();
+        let dest = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy");
+        }
+    }
+}
+
 /// Copies the Python scenarios' workflows and their requirements (`tests/fixtures/python`) into
 /// `dir`.
 pub fn copy_python_fixtures(dir: &Path) {

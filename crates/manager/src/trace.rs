@@ -10,7 +10,7 @@
 //! makes a span or a header.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
@@ -88,10 +88,10 @@ pub(crate) fn message_headers() -> Option<[(&'static str, String); 2]> {
         return None;
     }
     let traceparent = traceparent_of(&Context::current())?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    Some([(TRACEPARENT, traceparent), (ENQUEUED_AT, now.to_string())])
+    Some([
+        (TRACEPARENT, traceparent),
+        (ENQUEUED_AT, crate::store::now_ms().to_string()),
+    ])
 }
 
 /// The spans of one delivery of a task: `task queued` is recorded at once (from publication

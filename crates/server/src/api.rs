@@ -1211,8 +1211,7 @@ async fn ui(
             "Deployment has no ui configured",
         ));
     };
-    let strip_authorization =
-        state.options.tokens.full.is_some() || state.options.tokens.task.is_some();
+    let strip_authorization = state.options.tokens.required();
     crate::ui_proxy::proxy(
         &state.ui_client,
         &params.name,
