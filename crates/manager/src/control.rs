@@ -11,12 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::store::{Store, Write, Written};
+use crate::store::{CommitJob, ControlStore, Write, Written};
 use crate::{Error, TaskEvent, TaskInfo};
 
 /// Capacity of the live event bus (every entry of every task, for live views).
@@ -68,7 +67,9 @@ const INLINE_BATCH: usize = 4;
 const WRITE_QUEUE: usize = 8192;
 
 pub(crate) struct Control {
-    store: Store,
+    store: Arc<dyn ControlStore>,
+    /// This node's id: the owner its workers write on the tasks they run.
+    node: Arc<str>,
     bus: broadcast::Sender<Arc<TaskEvent>>,
     watchers: Watchers,
     closed: watch::Sender<bool>,
@@ -105,37 +106,6 @@ impl Drop for Claim<'_> {
 struct Pending {
     write: Write,
     done: oneshot::Sender<Result<Written, Error>>,
-}
-
-/// Commits `writes` on the writer's thread, retrying with backoff while the store fails (a
-/// full disk, an I/O error), until it succeeds or the control plane closes: an outcome a service
-/// returned is never thrown away because one commit failed. The writer takes no other job
-/// meanwhile, so writes are committed in the order they were queued, retries included.
-fn commit_until_closed(
-    conn: &mut rusqlite::Connection,
-    writes: &[Write],
-    closed: &watch::Receiver<bool>,
-    failures: &AtomicU64,
-) -> Result<Vec<Written>, Error> {
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match crate::store::write_in(conn, writes) {
-            Ok(written) => return Ok(written),
-            Err(err) if *closed.borrow() => return Err(err),
-            Err(err) => {
-                failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
-                let until = std::time::Instant::now() + pause;
-                while std::time::Instant::now() < until {
-                    if *closed.borrow() {
-                        return Err(err);
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// What the writer's thread does once a batch is committed: each entry goes to its task's
@@ -216,6 +186,7 @@ impl Control {
         self.enqueue(Write::Running {
             task_id: task_id.to_owned(),
             attempt,
+            node: Arc::clone(&self.node),
         })
         .await
         .map(drop)
@@ -226,7 +197,7 @@ impl Control {
     /// as one transaction, with at most [`BATCHES_IN_FLIGHT`] batches handed over and not yet
     /// committed (while they commit, the next batch fills up). The writer's thread answers the
     /// writers and the followers itself.
-    pub(crate) fn new(store: Store) -> Self {
+    pub(crate) fn new(store: Arc<dyn ControlStore>, node: &str) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
         let watchers: Watchers = Arc::default();
         let (closed, _) = watch::channel(false);
@@ -265,8 +236,7 @@ impl Control {
                     // right here: no hand-off to that thread and back. A failure goes to the
                     // thread, which retries it before anything queued after it.
                     if writes.len() <= INLINE_BATCH
-                        && let Some(written) =
-                            store.run_here(|conn| crate::store::write_in(conn, &writes))
+                        && let Some(written) = store.commit_here(&writes)
                     {
                         match written {
                             Ok(written) => {
@@ -282,13 +252,16 @@ impl Control {
                         }
                     }
                     let (bus, watchers) = (bus.clone(), Arc::clone(&watchers));
-                    let (commits, failed) = (Arc::clone(&commits), Arc::clone(&failed));
-                    let closed = closed.clone();
-                    let handed = store.on_writer(move |conn| {
-                        let written = commit_until_closed(conn, &writes, &closed, &failed);
-                        commits.fetch_add(1, Ordering::Relaxed);
-                        answer(writers, written, &watchers, &bus);
-                        drop(permit);
+                    let commits = Arc::clone(&commits);
+                    let handed = store.commit(CommitJob {
+                        writes,
+                        closed: closed.clone(),
+                        failures: Arc::clone(&failed),
+                        done: Box::new(move |written| {
+                            commits.fetch_add(1, Ordering::Relaxed);
+                            answer(writers, written, &watchers, &bus);
+                            drop(permit);
+                        }),
                     });
                     if handed.is_err() {
                         tracing::error!("the store's writer has stopped; task writes fail");
@@ -300,6 +273,7 @@ impl Control {
         let (deleted, _) = broadcast::channel(64);
         Self {
             store,
+            node: Arc::from(node),
             bus,
             watchers,
             closed,
@@ -312,8 +286,13 @@ impl Control {
         }
     }
 
-    pub(crate) fn store(&self) -> &Store {
-        &self.store
+    pub(crate) fn store(&self) -> &dyn ControlStore {
+        &*self.store
+    }
+
+    /// This node's id.
+    pub(crate) fn node(&self) -> &Arc<str> {
+        &self.node
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
@@ -363,6 +342,7 @@ impl Control {
         self.commit(Write::Running {
             task_id: task_id.to_owned(),
             attempt,
+            node: Arc::clone(&self.node),
         })
         .await
         .map(|written| written.started)
@@ -532,7 +512,7 @@ impl Control {
         // Taken before this returns: an entry committed from now on comes to it.
         let mut first = Some(Self::watch(&watchers, &task_id));
         let mut deleted = self.deleted.subscribe();
-        let store = self.store.clone();
+        let store = Arc::clone(&self.store);
         let mut closed = self.closed.subscribe();
         tokio::spawn(async move {
             let _unwatch = Unwatch {
@@ -662,6 +642,8 @@ impl Drop for Unwatch {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
@@ -682,7 +664,9 @@ mod tests {
 
     async fn control() -> (tempfile::TempDir, Control, TaskInfo) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
         store.create_session("s", "d").await.unwrap();
         let task = TaskInfo {
             id: "t".into(),
@@ -696,7 +680,7 @@ mod tests {
             error: None,
         };
         store.insert_task(&task).await.unwrap();
-        (dir, Control::new(store), task)
+        (dir, Control::new(Arc::new(store), "node"), task)
     }
 
     /// Waits (at most 5 s) until no watch of any task is left.
@@ -791,8 +775,10 @@ mod tests {
     #[tokio::test]
     async fn a_new_task_s_outcome_comes_to_its_watch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let control = Control::new(store);
+        let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let control = Control::new(Arc::new(store), "node");
         let task = |id: &str| TaskInfo {
             id: id.into(),
             deployment: "d".into(),
@@ -1027,6 +1013,8 @@ mod tests {
 
 #[cfg(test)]
 mod batching {
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
@@ -1038,9 +1026,11 @@ mod batching {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_task_lifecycles_never_fail_a_write() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
         store.create_session("s", "d").await.unwrap();
-        let control = Arc::new(Control::new(store));
+        let control = Arc::new(Control::new(Arc::new(store), "node"));
         let mut workers = Vec::new();
         for w in 0..32 {
             let control = Arc::clone(&control);
@@ -1090,8 +1080,10 @@ mod batching {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_share_transactions_and_keep_each_log_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-        let control = Arc::new(Control::new(store));
+        let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let control = Arc::new(Control::new(Arc::new(store), "node"));
         const TASKS: usize = 50;
         const EVENTS: usize = 20;
         let mut writers = Vec::new();

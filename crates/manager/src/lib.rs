@@ -39,7 +39,8 @@ mod writer;
 
 use control::Control;
 use deployment::Deployment;
-use store::{Store, StoredDeployment};
+use store::StoredDeployment;
+pub use store::{StoreLocation, redact as redact_url};
 
 /// What can go wrong in the Manager.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,8 @@ pub struct Options {
     /// How long an ended task (with its events) is kept after it ended; `None` keeps every
     /// task (7 days).
     pub retention: Option<Duration>,
+    /// Where the control store is: SQLite in the data directory (the default) or PostgreSQL.
+    pub store: StoreLocation,
 }
 
 impl Options {
@@ -169,7 +172,14 @@ impl Options {
             python: "python3".to_owned(),
             log_max_bytes: supervisor::DEFAULT_LOG_MAX_BYTES,
             retention: Some(DEFAULT_RETENTION),
+            store: StoreLocation::DataDir,
         }
+    }
+
+    /// Sets where the control store is.
+    pub fn store(mut self, store: StoreLocation) -> Self {
+        self.store = store;
+        self
     }
 
     /// Sets how long an ended task is kept; `None` keeps every task.
@@ -685,8 +695,8 @@ impl Manager {
         let node_id = orphans::node_id(&data_dir)?;
         orphans::stop_leftovers(&node_id, options.stop_timeout).await;
 
-        let store = Store::open(&data_dir.join("deployd.db")).await?;
-        let control = Arc::new(Control::new(store));
+        let store = store::open(&options.store, &data_dir).await?;
+        let control = Arc::new(Control::new(store, &node_id));
         let manager = Self {
             inner: Arc::new(Inner {
                 options,

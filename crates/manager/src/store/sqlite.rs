@@ -1,17 +1,21 @@
-//! The control plane's durable state in SQLite: deployments, tasks, their events and sessions.
-//!
-//! Invariant: an event is in the store before anyone is told about it, so a reader that catches
-//! up from the store after a notification never misses one.
+//! [`SqliteStore`]: the control store in a SQLite file of the data directory (one node).
 
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use async_trait::async_trait;
 use rusqlite::OptionalExtension;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::watch;
 
+use super::{
+    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
+    finish_columns, now_ms, restrict, to_json,
+};
 use crate::writer::{Writer, sqlite_error};
 use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 
@@ -58,6 +62,15 @@ const SCHEMA: &[&str] = &[
     // small as the work in flight, and a task's writes touch one index entry, not two.
     "CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (deployment, service, status, updated_at)
        WHERE status IN ('queued', 'running')",
+    // The leases of the nodes that use the store: one, with SQLite.
+    "CREATE TABLE IF NOT EXISTS nodes (
+        id TEXT PRIMARY KEY,
+        address TEXT,
+        version TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        lease_until INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
 ];
 
 /// Columns added after a table was first created: `(table, column, definition)`, added to a
@@ -70,44 +83,15 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
         "origin_kind",
         "TEXT NOT NULL DEFAULT 'operator'",
     ),
+    // The node a running task runs on.
+    ("tasks", "owner", "TEXT"),
 ];
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
 
 fn store_error(err: sqlx::Error) -> Error {
     Error::Store(err.to_string())
 }
 
-/// Makes `path` readable and writable by its owner only, if it exists.
-pub(crate) fn restrict(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists()
-        && let Err(err) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-    {
-        tracing::warn!(path = %path.display(), error = %err, "cannot restrict permissions");
-    }
-}
-
-fn to_json(text: Option<String>) -> Option<Value> {
-    text.map(|t| serde_json::from_str(&t).unwrap_or(Value::String(t)))
-}
-
-/// A deployment as persisted: enough to bring it back after a restart.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredDeployment {
-    pub(crate) name: String,
-    pub(crate) spec: String,
-    pub(crate) origin: String,
-    pub(crate) base_path: String,
-    /// Where the file came from (`client` or `operator`), which decides what its `${VAR}` read.
-    pub(crate) from: String,
-}
-
-/// The SQLite control-plane store.
+/// The SQLite control store.
 ///
 /// Every write goes through one connection, on the writer's own thread ([`Writer`]), and every
 /// transaction on it starts with `BEGIN IMMEDIATE`: deployd never has two writers racing for
@@ -115,12 +99,12 @@ pub(crate) struct StoredDeployment {
 /// writes after another connection committed, fails with `SQLITE_BUSY_SNAPSHOT`, which no busy
 /// timeout retries). Reads use their own small pool (sqlx) and never block the writer (WAL).
 #[derive(Debug, Clone)]
-pub(crate) struct Store {
+pub(crate) struct SqliteStore {
     read: SqlitePool,
     write: Writer,
 }
 
-impl Store {
+impl SqliteStore {
     pub(crate) async fn open(path: &Path) -> Result<Self, Error> {
         let write = Writer::open(path)?;
         // The database holds literal secrets of deployment files: only its owner reads it.
@@ -156,6 +140,26 @@ impl Store {
                         .map_err(failed)?;
                     }
                 }
+                let version: Option<i64> = conn
+                    .query_row("SELECT MAX(version) FROM schema_version", [], |row| {
+                        row.get(0)
+                    })
+                    .map_err(failed)?;
+                match version {
+                    Some(version) if version > SCHEMA_VERSION => {
+                        return Err(Error::Store(format!(
+                            "the store {shown} has schema version {version}, written by a newer \
+                             deployd; this one knows versions up to {SCHEMA_VERSION}"
+                        )));
+                    }
+                    Some(version) if version == SCHEMA_VERSION => {}
+                    _ => {
+                        conn.execute("DELETE FROM schema_version", [])
+                            .map_err(failed)?;
+                        conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+                            .map_err(failed)?;
+                    }
+                }
                 Ok(())
             })
             .await?;
@@ -172,12 +176,19 @@ impl Store {
             .map_err(|err| Error::Store(format!("cannot open {}: {err}", path.display())))?;
         Ok(Self { read, write })
     }
+}
 
-    pub(crate) async fn close(&self) {
+#[async_trait]
+impl ControlStore for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn close(&self) {
         self.read.close().await;
     }
 
-    pub(crate) async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
+    async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
         let d = d.clone();
         self.write
             .call(move |conn| {
@@ -204,7 +215,7 @@ impl Store {
             .await
     }
 
-    pub(crate) async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
+    async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
         let rows = sqlx::query(
             "SELECT name, spec, origin, base_path, origin_kind FROM deployments
              ORDER BY created_at, name",
@@ -226,7 +237,7 @@ impl Store {
     }
 
     /// Removes a deployment with its tasks, events and sessions, in one transaction.
-    pub(crate) async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
+    async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
         let name = name.to_owned();
         self.write
             .transaction(move |tx| {
@@ -244,7 +255,7 @@ impl Store {
             .await
     }
 
-    pub(crate) async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
+    async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
         let (id, deployment) = (id.to_owned(), deployment.to_owned());
         self.write
             .call(move |conn| {
@@ -262,7 +273,7 @@ impl Store {
     }
 
     /// The session's deployment and state, if the session exists.
-    pub(crate) async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error> {
+    async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error> {
         let row = sqlx::query("SELECT deployment, state FROM sessions WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.read)
@@ -277,7 +288,7 @@ impl Store {
     }
 
     /// The sessions of a deployment with their task ids and state, oldest first.
-    pub(crate) async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error> {
+    async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error> {
         let rows = sqlx::query(
             "SELECT s.id AS id, s.state AS state, t.id AS task_id
              FROM sessions s LEFT JOIN tasks t ON t.session_id = s.id
@@ -308,7 +319,7 @@ impl Store {
     }
 
     /// Deletes a session; its tasks stay readable. Returns whether it existed.
-    pub(crate) async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
+    async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
         let (id, deployment) = (id.to_owned(), deployment.to_owned());
         self.write
             .call(move |conn| {
@@ -323,17 +334,7 @@ impl Store {
             .await
     }
 
-    #[cfg(test)]
-    pub(crate) async fn insert_task(&self, task: &TaskInfo) -> Result<(), Error> {
-        self.write(&[Write::Create {
-            task: task.clone(),
-            new_session: false,
-        }])
-        .await
-        .map(drop)
-    }
-
-    pub(crate) async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error> {
+    async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error> {
         let row = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error
              FROM tasks WHERE id = ?",
@@ -345,7 +346,7 @@ impl Store {
         row.map(task_from_row).transpose()
     }
 
-    pub(crate) async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+    async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error
              FROM tasks WHERE deployment = ? ORDER BY created_at, id",
@@ -359,7 +360,7 @@ impl Store {
 
     /// At most `limit` tasks of a deployment, oldest first, starting after the task `after`
     /// (in the same order); `None` when `after` names no task of the deployment.
-    pub(crate) async fn tasks_page(
+    async fn tasks_page(
         &self,
         deployment: &str,
         after: Option<&str>,
@@ -410,7 +411,7 @@ impl Store {
     }
 
     /// Tasks that had not finished, oldest first: to be queued again after a restart.
-    pub(crate) async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
+    async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
         let rows = sqlx::query(
             "SELECT deployment, service, status, COUNT(*) AS n, MIN(created_at) AS oldest
              FROM tasks GROUP BY deployment, service, status
@@ -435,10 +436,7 @@ impl Store {
             .collect()
     }
 
-    pub(crate) async fn task_durations(
-        &self,
-        bounds: &[f64],
-    ) -> Result<Vec<crate::TaskDurations>, Error> {
+    async fn task_durations(&self, bounds: &[f64]) -> Result<Vec<crate::TaskDurations>, Error> {
         // The bounds are numbers of ours, written into the statement in milliseconds.
         let columns: String = bounds
             .iter()
@@ -480,7 +478,7 @@ impl Store {
 
     /// Deletes up to `limit` tasks that ended before `before` (ms since the epoch), with their
     /// events; how many.
-    pub(crate) async fn prune_ended(&self, before: i64, limit: usize) -> Result<usize, Error> {
+    async fn prune_ended(&self, before: i64, limit: usize) -> Result<usize, Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write
             .transaction(move |tx| {
@@ -508,7 +506,7 @@ impl Store {
             .await
     }
 
-    pub(crate) async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+    async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
         let rows = sqlx::query(
             "SELECT id, deployment, service, session_id, input, status, attempt, result, error
              FROM tasks INDEXED BY tasks_unfinished
@@ -522,7 +520,7 @@ impl Store {
         rows.into_iter().map(task_from_row).collect()
     }
 
-    pub(crate) async fn set_task_status(
+    async fn set_task_status(
         &self,
         id: &str,
         status: TaskStatus,
@@ -552,7 +550,7 @@ impl Store {
     }
 
     /// Puts a task that was cut off while running back to `queued`, keeping its attempt.
-    pub(crate) async fn requeue(&self, id: &str) -> Result<(), Error> {
+    async fn requeue(&self, id: &str) -> Result<(), Error> {
         let id = id.to_owned();
         self.write
             .call(move |conn| {
@@ -567,36 +565,9 @@ impl Store {
             .await
     }
 
-    /// Commits `writes` in one transaction, in order; returns, for each, whether it applied and
-    /// the log entry it appended (a conditional write that did not apply appends nothing). The
-    /// whole batch is one job of the writer's thread.
-    #[cfg(test)]
-    pub(crate) async fn write(&self, writes: &[Write]) -> Result<Vec<Written>, Error> {
-        let writes = writes.to_vec();
-        self.write.call(move |conn| write_in(conn, &writes)).await
-    }
-
-    /// Runs `job` on the writer's thread after the jobs handed over before it, without
-    /// waiting for it.
-    pub(crate) fn on_writer(
-        &self,
-        job: impl FnOnce(&mut rusqlite::Connection) + Send + 'static,
-    ) -> Result<(), Error> {
-        self.write.spawn(job)
-    }
-
-    /// Runs `job` on the write connection from the calling thread when the writer is idle
-    /// (see [`Writer::run_here`]).
-    pub(crate) fn run_here<T>(
-        &self,
-        job: impl FnOnce(&mut rusqlite::Connection) -> T,
-    ) -> Option<T> {
-        self.write.run_here(job)
-    }
-
     /// Tasks of a service that have waited in `queued` since before `before` (ms since the
     /// epoch), oldest first, at most `limit`.
-    pub(crate) async fn waiting_tasks(
+    async fn waiting_tasks(
         &self,
         deployment: &str,
         service: &str,
@@ -621,23 +592,9 @@ impl Store {
         rows.into_iter().map(task_from_row).collect()
     }
 
-    /// The task's events with a sequence number above `after`, in order; `None` when there is
-    /// no such task. One query.
-    #[cfg(test)]
-    pub(crate) async fn events_after(
-        &self,
-        task_id: &str,
-        after: u64,
-    ) -> Result<Option<Vec<TaskEvent>>, Error> {
-        Ok(self
-            .log_after(task_id, after)
-            .await?
-            .map(|(events, _)| events))
-    }
-
     /// The entries of a task's log after `after`, and whether the task had ended, read in one
     /// statement (so the two agree); `None` when the task is not stored.
-    pub(crate) async fn log_after(
+    async fn log_after(
         &self,
         task_id: &str,
         after: u64,
@@ -677,53 +634,231 @@ impl Store {
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Some((events, ended)))
     }
-}
 
-/// What one [`Write`] did.
-#[derive(Debug)]
-pub(crate) struct Written {
-    /// Whether it applied (a conditional write may not).
-    pub(crate) applied: bool,
-    /// The log entry it appended.
-    pub(crate) event: Option<TaskEvent>,
-    /// Of a [`Write::Running`] that applied: the task and its session's state.
-    pub(crate) started: Option<(TaskInfo, Option<Value>)>,
-}
+    async fn insert_deployment(&self, d: &StoredDeployment) -> Result<bool, Error> {
+        let d = d.clone();
+        self.write
+            .call(move |conn| {
+                let inserted = conn
+                    .prepare_cached(
+                        "INSERT INTO deployments (name, spec, origin, base_path, origin_kind,
+                           created_at) VALUES (?, ?, ?, ?, ?, ?)
+                         ON CONFLICT (name) DO NOTHING",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(rusqlite::params![
+                            d.name,
+                            d.spec,
+                            d.origin,
+                            d.base_path,
+                            d.from,
+                            now_ms()
+                        ])
+                    })
+                    .map_err(sqlite_error)?;
+                Ok(inserted > 0)
+            })
+            .await
+    }
 
-impl Written {
-    fn applied(event: Option<TaskEvent>) -> Self {
-        Self {
-            applied: true,
-            event,
-            started: None,
-        }
+    async fn deployment(&self, name: &str) -> Result<Option<StoredDeployment>, Error> {
+        let row = sqlx::query(
+            "SELECT name, spec, origin, base_path, origin_kind FROM deployments WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.map(deployment_from_row).transpose()
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error> {
+        self.write.call(move |conn| write_in(conn, &writes)).await
+    }
+
+    fn commit(&self, job: CommitJob) -> Result<(), Error> {
+        self.write.spawn(move |conn| {
+            let written = commit_until_closed(conn, &job.writes, &job.closed, &job.failures);
+            (job.done)(written);
+        })
+    }
+
+    fn commit_here(&self, writes: &[Write]) -> Option<Result<Vec<Written>, Error>> {
+        self.write.run_here(|conn| write_in(conn, writes))
+    }
+
+    async fn hold_lease(
+        &self,
+        id: &str,
+        address: Option<&str>,
+        version: &str,
+        ttl_ms: i64,
+    ) -> Result<(), Error> {
+        let (id, address, version) = (
+            id.to_owned(),
+            address.map(str::to_owned),
+            version.to_owned(),
+        );
+        self.write
+            .transaction(move |tx| {
+                let now = now_ms();
+                let other: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT id, version FROM nodes
+                         WHERE id <> ? AND version <> ? AND lease_until >= ? LIMIT 1",
+                        rusqlite::params![id, version, now],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(sqlite_error)?;
+                if let Some((other, theirs)) = other {
+                    return Err(Error::Store(version_conflict(&version, &other, &theirs)));
+                }
+                tx.execute(
+                    "INSERT INTO nodes (id, address, version, started_at, lease_until)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (id) DO UPDATE SET address = excluded.address,
+                       version = excluded.version, lease_until = excluded.lease_until,
+                       started_at = CASE WHEN nodes.lease_until < ?4 THEN excluded.started_at
+                         ELSE nodes.started_at END",
+                    rusqlite::params![id, address, version, now, now.saturating_add(ttl_ms)],
+                )
+                .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn release_lease(&self, id: &str) -> Result<(), Error> {
+        let id = id.to_owned();
+        self.write
+            .call(move |conn| {
+                conn.execute("DELETE FROM nodes WHERE id = ?", [id])
+                    .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn nodes(&self) -> Result<(Vec<NodeRecord>, i64), Error> {
+        let rows = sqlx::query(
+            "SELECT id, address, version, started_at, lease_until FROM nodes ORDER BY id",
+        )
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        let nodes = rows
+            .into_iter()
+            .map(|row| {
+                Ok(NodeRecord {
+                    id: row.try_get("id").map_err(store_error)?,
+                    address: row.try_get("address").map_err(store_error)?,
+                    version: row.try_get("version").map_err(store_error)?,
+                    started_ms: row.try_get("started_at").map_err(store_error)?,
+                    lease_until_ms: row.try_get("lease_until").map_err(store_error)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok((nodes, now_ms()))
+    }
+
+    async fn owner(&self, task_id: &str) -> Result<Option<String>, Error> {
+        let row = sqlx::query("SELECT owner FROM tasks WHERE id = ? AND status = 'running'")
+            .bind(task_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(store_error)?;
+        Ok(row.and_then(|row| row.try_get("owner").ok().flatten()))
+    }
+
+    async fn take_orphans(&self) -> Result<Vec<TaskInfo>, Error> {
+        self.write
+            .transaction(move |tx| {
+                let now = now_ms();
+                let mut statement = tx
+                    .prepare(
+                        "UPDATE tasks SET status = 'queued', owner = NULL, updated_at = ?1
+                         WHERE status = 'running' AND (owner IS NULL OR NOT EXISTS
+                           (SELECT 1 FROM nodes WHERE nodes.id = tasks.owner
+                              AND nodes.lease_until >= ?1))
+                         RETURNING id, deployment, service, session_id, input, status, attempt,
+                           result, error",
+                    )
+                    .map_err(sqlite_error)?;
+                let tasks = statement
+                    .query_map([now], |row| {
+                        let input: String = row.get(4)?;
+                        let status: String = row.get(5)?;
+                        let attempt: i64 = row.get(6)?;
+                        Ok(TaskInfo {
+                            id: row.get(0)?,
+                            deployment: row.get(1)?,
+                            service: row.get(2)?,
+                            session_id: row.get(3)?,
+                            input: serde_json::from_str(&input).unwrap_or(Value::String(input)),
+                            status: TaskStatus::parse(&status),
+                            attempt: u32::try_from(attempt).unwrap_or(0),
+                            result: to_json(row.get(7)?),
+                            error: row.get(8)?,
+                        })
+                    })
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .map_err(sqlite_error)?;
+                Ok(tasks)
+            })
+            .await
     }
 }
 
-/// One write to the task tables.
-#[derive(Debug, Clone)]
-pub(crate) enum Write {
-    /// A new task, `queued`, and its session when it is new.
-    Create { task: TaskInfo, new_session: bool },
-    /// The task runs its attempt `attempt`; applies only to a task that is `queued` or
-    /// `running`, and gives back the task and its session's state.
-    Running { task_id: String, attempt: u32 },
-    /// An event the service streamed during attempt `attempt`.
-    Event {
-        task_id: String,
-        attempt: u32,
-        data: Value,
-    },
-    /// The task's end: its final entry, its outcome and its session's new state. With
-    /// `only_if_queued`, nothing is written unless the task is still `queued`.
-    Finish {
-        task_id: String,
-        session_id: String,
-        attempt: u32,
-        outcome: Result<Value, String>,
-        state: Option<Value>,
-        only_if_queued: bool,
-    },
+/// The error of a node that would join a cluster whose live node `other` runs another
+/// deployd version.
+pub(super) fn version_conflict(ours: &str, other: &str, theirs: &str) -> String {
+    format!(
+        "this node runs deployd {ours}, but node `{other}` of the same cluster runs deployd \
+         {theirs}: the nodes of a cluster must run one version (stop the others, or use \
+         another cluster or store)"
+    )
+}
+
+fn deployment_from_row(row: sqlx::sqlite::SqliteRow) -> Result<StoredDeployment, Error> {
+    Ok(StoredDeployment {
+        name: row.try_get("name").map_err(store_error)?,
+        spec: row.try_get("spec").map_err(store_error)?,
+        origin: row.try_get("origin").map_err(store_error)?,
+        base_path: row.try_get("base_path").map_err(store_error)?,
+        from: row.try_get("origin_kind").map_err(store_error)?,
+    })
+}
+
+/// Commits `writes` on the writer's thread, retrying with backoff while the store fails (a
+/// full disk, an I/O error), until it succeeds or the control plane closes: an outcome a service
+/// returned is never thrown away because one commit failed. The writer takes no other job
+/// meanwhile, so writes are committed in the order they were queued, retries included.
+fn commit_until_closed(
+    conn: &mut rusqlite::Connection,
+    writes: &[Write],
+    closed: &watch::Receiver<bool>,
+    failures: &AtomicU64,
+) -> Result<Vec<Written>, Error> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match write_in(conn, writes) {
+            Ok(written) => return Ok(written),
+            Err(err) if *closed.borrow() => return Err(err),
+            Err(err) => {
+                failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, writes = writes.len(), "cannot commit task log writes; retrying");
+                let until = std::time::Instant::now() + pause;
+                while std::time::Instant::now() < until {
+                    if *closed.borrow() {
+                        return Err(err);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Commits `writes` in one `BEGIN IMMEDIATE` transaction on the writer's connection, in order.
@@ -776,13 +911,22 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
             .map_err(sqlite_error)?;
             Ok(Written::applied(None))
         }
-        Write::Running { task_id, attempt } => {
-            // A task that has ended stays as it ended. The task and its session's state come
-            // back with the update: a worker needs no read of its own.
+        Write::Running {
+            task_id,
+            attempt,
+            node,
+        } => {
+            // A task that has ended stays as it ended, and one that runs on a live node stays
+            // there. The task and its session's state come back with the update: a worker
+            // needs no read of its own.
+            let now = now_ms();
             let started = tx
                 .prepare_cached(
-                    "UPDATE tasks SET status = 'running', attempt = ?, updated_at = ?
-                     WHERE id = ? AND status IN ('queued', 'running')
+                    "UPDATE tasks SET status = 'running', attempt = ?1, updated_at = ?2,
+                       owner = ?4
+                     WHERE id = ?3 AND (status = 'queued' OR (status = 'running' AND
+                       (owner IS NULL OR owner = ?4 OR NOT EXISTS (SELECT 1 FROM nodes
+                         WHERE nodes.id = tasks.owner AND nodes.lease_until >= ?2))))
                      RETURNING id, deployment, service, session_id, input, status, attempt,
                        result, error,
                        (SELECT state FROM sessions WHERE sessions.id = tasks.session_id)",
@@ -790,7 +934,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
                 .and_then(|mut statement| {
                     statement
                         .query_row(
-                            rusqlite::params![i64::from(*attempt), now_ms(), task_id],
+                            rusqlite::params![i64::from(*attempt), now, task_id, &**node],
                             |row| {
                                 let input: String = row.get(4)?;
                                 let status: String = row.get(5)?;
@@ -827,13 +971,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
             task_id,
             attempt,
             data,
-        } => Ok(Written::applied(Some(append_in(
-            tx,
-            task_id,
-            *attempt,
-            EventKind::Event,
-            data.clone(),
-        )?))),
+        } => Ok(
+            match append_in(tx, task_id, *attempt, EventKind::Event, data.clone())? {
+                Some(event) => Written::applied(Some(event)),
+                None => Written::not_applied(),
+            },
+        ),
         Write::Finish {
             task_id,
             session_id,
@@ -869,26 +1012,11 @@ fn finish_in(
     state: Option<&Value>,
     only_if_queued: bool,
 ) -> Result<Option<TaskEvent>, Error> {
-    let (kind, data, status, result, error) = match outcome {
-        Ok(result) => (
-            EventKind::Result,
-            result.clone(),
-            TaskStatus::Succeeded,
-            Some(result.to_string()),
-            None,
-        ),
-        Err(message) => (
-            EventKind::Error,
-            Value::String(message.clone()),
-            TaskStatus::Failed,
-            None,
-            Some(message.as_str()),
-        ),
-    };
+    let (kind, data, status, result, error) = finish_columns(outcome);
     // A finished task stays as it ended: its first outcome is the one kept.
     let updated = tx
         .prepare_cached(
-            "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ?
+            "UPDATE tasks SET status = ?, result = ?, error = ?, updated_at = ?, owner = NULL
              WHERE id = ? AND status IN (?, 'queued')",
         )
         .and_then(|mut statement| {
@@ -906,6 +1034,9 @@ fn finish_in(
         return Ok(None);
     }
     let event = append_in(tx, task_id, attempt, kind, data)?;
+    let Some(event) = event else {
+        return Ok(None);
+    };
     if let Some(state) = state {
         tx.prepare_cached("UPDATE sessions SET state = ? WHERE id = ?")
             .and_then(|mut statement| {
@@ -922,28 +1053,34 @@ fn append_in(
     attempt: u32,
     kind: EventKind,
     data: Value,
-) -> Result<TaskEvent, Error> {
+) -> Result<Option<TaskEvent>, Error> {
     // One statement: the next sequence number of the task's log and the entry.
-    let seq: i64 = tx
+    let seq: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO events (task_id, seq, kind, data, attempt)
              SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM events WHERE task_id = ?1
+             HAVING EXISTS (SELECT 1 FROM tasks WHERE id = ?1)
              RETURNING seq",
         )
         .and_then(|mut statement| {
-            statement.query_row(
-                rusqlite::params![task_id, kind.as_str(), data.to_string(), i64::from(attempt)],
-                |row| row.get(0),
-            )
+            statement
+                .query_row(
+                    rusqlite::params![task_id, kind.as_str(), data.to_string(), i64::from(attempt)],
+                    |row| row.get(0),
+                )
+                .optional()
         })
         .map_err(sqlite_error)?;
-    Ok(TaskEvent {
+    let Some(seq) = seq else {
+        return Ok(None);
+    };
+    Ok(Some(TaskEvent {
         task_id: task_id.to_owned(),
         seq: u64::try_from(seq).unwrap_or(0),
         kind,
         attempt,
         data,
-    })
+    }))
 }
 
 fn task_from_row(row: sqlx::sqlite::SqliteRow) -> Result<TaskInfo, Error> {
@@ -973,7 +1110,9 @@ mod tests {
     #[tokio::test]
     async fn unfinished_and_waiting_tasks_use_the_index_of_unfinished_tasks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
         let task = |id: &str| TaskInfo {
             id: id.into(),
             deployment: "d".into(),
@@ -988,7 +1127,7 @@ mod tests {
         store.insert_task(&task("waits")).await.unwrap();
         store.insert_task(&task("ended")).await.unwrap();
         store
-            .write(&[Write::Finish {
+            .write(vec![Write::Finish {
                 task_id: "ended".into(),
                 session_id: "s".into(),
                 attempt: 1,
@@ -1053,7 +1192,7 @@ mod tests {
                 .unwrap();
             pool.close().await;
         }
-        let store = Store::open(&path).await.unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
         // Stores of that age had their tasks table too.
         let task = TaskInfo {
             id: "t".into(),

@@ -1,0 +1,1021 @@
+//! [`PostgresStore`]: the control store in PostgreSQL, shared by the nodes of a cluster.
+//!
+//! Every time it writes is the database's clock (`clock_timestamp()`), not a node's: leases
+//! and waits compare times written by different machines.
+//!
+//! Invariant: a task's log grows through its row (`tasks.last_seq`), so two nodes appending to
+//! one task's log serialize on the row's lock and never take the same sequence number.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use tokio::sync::mpsc;
+
+use super::{
+    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
+    finish_columns, redact, to_json,
+};
+use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
+
+/// The database's clock in milliseconds since the epoch.
+macro_rules! now {
+    () => {
+        "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
+/// The columns of a task, in the order [`task_from_row`] reads them by name.
+macro_rules! task_columns {
+    () => {
+        "id, deployment, service, session_id, input, status, attempt, result, error"
+    };
+}
+
+/// The schema's migrations: `MIGRATIONS[n]` takes a store from version `n` to `n + 1`.
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE deployments (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        base_path TEXT NOT NULL,
+        origin_kind TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    )",
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        state TEXT,
+        created_at BIGINT NOT NULL
+    )",
+    "CREATE INDEX sessions_by_deployment ON sessions (deployment, created_at, id)",
+    "CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        deployment TEXT NOT NULL,
+        service TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        input TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt BIGINT NOT NULL DEFAULT 0,
+        result TEXT,
+        error TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        owner TEXT,
+        last_seq BIGINT NOT NULL DEFAULT 0
+    )",
+    "CREATE INDEX tasks_by_deployment ON tasks (deployment, created_at, id)",
+    "CREATE INDEX tasks_by_session ON tasks (session_id)",
+    "CREATE INDEX tasks_unfinished ON tasks (deployment, service, status, updated_at)
+       WHERE status IN ('queued', 'running')",
+    "CREATE INDEX tasks_ended ON tasks (updated_at) WHERE status IN ('succeeded', 'failed')",
+    "CREATE TABLE events (
+        task_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        attempt BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, seq)
+    )",
+    "CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        address TEXT,
+        version TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        lease_until BIGINT NOT NULL
+    )",
+]];
+
+/// The advisory lock taken while the schema is migrated, so that nodes starting together do
+/// not race on it.
+const SCHEMA_LOCK: i64 = 0x6465_706c_6f79_6402;
+
+fn store_error(err: sqlx::Error) -> Error {
+    Error::Store(err.to_string())
+}
+
+/// Splits `?schema=NAME` off a store URL; the schema must be a plain lowercase identifier.
+pub(super) fn split_schema(url: &str) -> Result<(String, String), String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, query),
+        None => (url, ""),
+    };
+    let mut schema = "public".to_owned();
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("schema", name)) => schema = name.to_owned(),
+            _ => rest.push(pair),
+        }
+    }
+    let valid = schema
+        .bytes()
+        .enumerate()
+        .all(|(i, c)| c == b'_' || c.is_ascii_lowercase() || (i > 0 && c.is_ascii_digit()));
+    if schema.is_empty() || schema.len() > 63 || !valid {
+        return Err(format!(
+            "store {}: schema {schema:?} is not a plain lowercase identifier",
+            redact(url)
+        ));
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, schema))
+}
+
+/// The control store in PostgreSQL, in one schema of one database. Several nodes share it:
+/// every conditional write is one statement whose condition PostgreSQL re-checks on the row it
+/// locked, so of two nodes racing on a task, one wins.
+#[derive(Debug, Clone)]
+pub(crate) struct PostgresStore {
+    pool: PgPool,
+    jobs: mpsc::UnboundedSender<CommitJob>,
+    schema: Arc<str>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` and keeps the tables in `schema`, created or migrated as needed.
+    /// Fails, naming the URL without its password, when PostgreSQL cannot be reached; and when
+    /// the schema was written by a newer deployd.
+    pub(crate) async fn connect(url: &str, schema: &str) -> Result<Self, Error> {
+        let shown = redact(url);
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|err| Error::Store(format!("invalid store URL {shown}: {err}")))?
+            .options([("search_path", schema)])
+            .application_name("deployd");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|err| {
+                Error::Store(format!("cannot connect to PostgreSQL at {shown}: {err}"))
+            })?;
+        migrate(&pool, schema).await.map_err(|err| {
+            Error::Store(format!(
+                "cannot prepare the store at {shown} (schema {schema}): {err}"
+            ))
+        })?;
+        let (jobs, queued) = mpsc::unbounded_channel();
+        tokio::spawn(commit_jobs(pool.clone(), queued));
+        Ok(Self {
+            pool,
+            jobs,
+            schema: Arc::from(schema),
+        })
+    }
+
+    /// The pool, for the notifier's listener.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema the tables are in.
+    pub(crate) fn schema(&self) -> &str {
+        &self.schema
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] under an advisory lock, in one transaction.
+async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
+    let mut tx = pool.begin().await.map_err(store_error)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SCHEMA_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    // The schema name was checked to be a plain identifier.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(store_error)?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    let version: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    let version = version.unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(Error::Store(format!(
+            "its schema version is {version}, written by a newer deployd; this one knows \
+             versions up to {SCHEMA_VERSION}"
+        )));
+    }
+    for migration in &MIGRATIONS[usize::try_from(version).unwrap_or(0)..] {
+        for statement in *migration {
+            sqlx::query(*statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+    }
+    if version < SCHEMA_VERSION {
+        sqlx::query("DELETE FROM schema_version")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        sqlx::query("INSERT INTO schema_version VALUES ($1)")
+            .bind(SCHEMA_VERSION)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+    }
+    tx.commit().await.map_err(store_error)
+}
+
+/// The writer: commits each job in turn (so jobs commit in the order they were handed over),
+/// retrying a failing one with backoff until it succeeds or the control plane closes.
+async fn commit_jobs(pool: PgPool, mut queued: mpsc::UnboundedReceiver<CommitJob>) {
+    while let Some(job) = queued.recv().await {
+        let mut pause = Duration::from_millis(50);
+        let written = loop {
+            match write_all(&pool, &job.writes).await {
+                Ok(written) => break Ok(written),
+                Err(err) if *job.closed.borrow() => break Err(err),
+                Err(err) => {
+                    job.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %err, writes = job.writes.len(), "cannot commit task log writes; retrying");
+                    let mut closed = job.closed.clone();
+                    let stop = tokio::select! {
+                        () = tokio::time::sleep(pause) => false,
+                        _ = closed.wait_for(|closed| *closed) => true,
+                    };
+                    if stop {
+                        break Err(err);
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        (job.done)(written);
+    }
+}
+
+/// Commits `writes` in one transaction, in order.
+async fn write_all(pool: &PgPool, writes: &[Write]) -> Result<Vec<Written>, Error> {
+    let mut tx = pool.begin().await.map_err(store_error)?;
+    let mut written = Vec::with_capacity(writes.len());
+    for write in writes {
+        written.push(apply(&mut tx, write).await?);
+    }
+    tx.commit().await.map_err(store_error)?;
+    Ok(written)
+}
+
+async fn apply(tx: &mut Transaction<'_, Postgres>, write: &Write) -> Result<Written, Error> {
+    match write {
+        Write::Create { task, new_session } => {
+            if *new_session {
+                sqlx::query(concat!(
+                    "INSERT INTO sessions (id, deployment, state, created_at) VALUES ($1, $2, NULL, ",
+                    now!(),
+                    ")"
+                ))
+                .bind(&task.session_id)
+                .bind(&task.deployment)
+                .execute(&mut **tx)
+                .await
+                .map_err(store_error)?;
+            }
+            sqlx::query(concat!(
+                "INSERT INTO tasks (id, deployment, service, session_id, input, status, attempt,
+                   created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'queued', 0, ",
+                now!(),
+                ", ",
+                now!(),
+                ")"
+            ))
+            .bind(&task.id)
+            .bind(&task.deployment)
+            .bind(&task.service)
+            .bind(&task.session_id)
+            .bind(task.input.to_string())
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            Ok(Written::applied(None))
+        }
+        Write::Running {
+            task_id,
+            attempt,
+            node,
+        } => {
+            let row = sqlx::query(concat!(
+                "UPDATE tasks SET status = 'running', attempt = $1, updated_at = ",
+                now!(),
+                ", owner = $3
+                 WHERE id = $2 AND (status = 'queued' OR (status = 'running' AND
+                   (owner IS NULL OR owner = $3 OR NOT EXISTS (SELECT 1 FROM nodes
+                     WHERE nodes.id = tasks.owner AND nodes.lease_until >= ",
+                now!(),
+                "))))
+                 RETURNING ",
+                task_columns!(),
+                ", (SELECT state FROM sessions WHERE sessions.id = tasks.session_id) AS state"
+            ))
+            .bind(i64::from(*attempt))
+            .bind(task_id)
+            .bind(&**node)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(store_error)?;
+            let started = match row {
+                Some(row) => {
+                    let state: Option<String> = row.try_get("state").map_err(store_error)?;
+                    Some((task_from_row(&row)?, to_json(state)))
+                }
+                None => None,
+            };
+            Ok(Written {
+                applied: started.is_some(),
+                event: None,
+                started,
+            })
+        }
+        Write::Event {
+            task_id,
+            attempt,
+            data,
+        } => Ok(
+            match append(tx, task_id, *attempt, EventKind::Event, data.clone()).await? {
+                Some(event) => Written::applied(Some(event)),
+                None => Written::not_applied(),
+            },
+        ),
+        Write::Finish {
+            task_id,
+            session_id,
+            attempt,
+            outcome,
+            state,
+            only_if_queued,
+        } => {
+            let (kind, data, status, result, error) = finish_columns(outcome);
+            // A finished task stays as it ended: its first outcome is the one kept.
+            let updated = sqlx::query(concat!(
+                "UPDATE tasks SET status = $1, result = $2, error = $3, owner = NULL,
+                   updated_at = ",
+                now!(),
+                " WHERE id = $4 AND status IN ($5, 'queued')"
+            ))
+            .bind(status.as_str())
+            .bind(result)
+            .bind(error)
+            .bind(task_id)
+            .bind(if *only_if_queued { "queued" } else { "running" })
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+            if updated == 0 {
+                return Ok(Written::not_applied());
+            }
+            let event = append(tx, task_id, *attempt, kind, data).await?;
+            if let Some(state) = state {
+                sqlx::query("UPDATE sessions SET state = $1 WHERE id = $2")
+                    .bind(state.to_string())
+                    .bind(session_id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(store_error)?;
+            }
+            Ok(match event {
+                Some(event) => Written::applied(Some(event)),
+                None => Written::not_applied(),
+            })
+        }
+    }
+}
+
+/// Appends an entry to a stored task's log; `None` when the task is not stored.
+async fn append(
+    tx: &mut Transaction<'_, Postgres>,
+    task_id: &str,
+    attempt: u32,
+    kind: EventKind,
+    data: Value,
+) -> Result<Option<TaskEvent>, Error> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "WITH next AS (UPDATE tasks SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq)
+         INSERT INTO events (task_id, seq, kind, data, attempt)
+         SELECT $1, last_seq, $2, $3, $4 FROM next RETURNING seq",
+    )
+    .bind(task_id)
+    .bind(kind.as_str())
+    .bind(data.to_string())
+    .bind(i64::from(attempt))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(store_error)?;
+    Ok(seq.map(|seq| TaskEvent {
+        task_id: task_id.to_owned(),
+        seq: u64::try_from(seq).unwrap_or(0),
+        kind,
+        attempt,
+        data,
+    }))
+}
+
+fn task_from_row(row: &PgRow) -> Result<TaskInfo, Error> {
+    let input: String = row.try_get("input").map_err(store_error)?;
+    let status: String = row.try_get("status").map_err(store_error)?;
+    let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
+    Ok(TaskInfo {
+        id: row.try_get("id").map_err(store_error)?,
+        deployment: row.try_get("deployment").map_err(store_error)?,
+        service: row.try_get("service").map_err(store_error)?,
+        session_id: row.try_get("session_id").map_err(store_error)?,
+        input: serde_json::from_str(&input).unwrap_or(Value::String(input)),
+        status: TaskStatus::parse(&status),
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        result: to_json(row.try_get("result").map_err(store_error)?),
+        error: row.try_get("error").map_err(store_error)?,
+    })
+}
+
+fn deployment_from_row(row: &PgRow) -> Result<StoredDeployment, Error> {
+    Ok(StoredDeployment {
+        name: row.try_get("name").map_err(store_error)?,
+        spec: row.try_get("spec").map_err(store_error)?,
+        origin: row.try_get("origin").map_err(store_error)?,
+        base_path: row.try_get("base_path").map_err(store_error)?,
+        from: row.try_get("origin_kind").map_err(store_error)?,
+    })
+}
+
+fn tasks_from_rows(rows: &[PgRow]) -> Result<Vec<TaskInfo>, Error> {
+    rows.iter().map(task_from_row).collect()
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl ControlStore for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
+        sqlx::query(concat!(
+            "INSERT INTO deployments (name, spec, origin, base_path, origin_kind, created_at)
+             VALUES ($1, $2, $3, $4, $5, ",
+            now!(),
+            ") ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, origin = excluded.origin,
+               base_path = excluded.base_path, origin_kind = excluded.origin_kind"
+        ))
+        .bind(&d.name)
+        .bind(&d.spec)
+        .bind(&d.origin)
+        .bind(&d.base_path)
+        .bind(&d.from)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn insert_deployment(&self, d: &StoredDeployment) -> Result<bool, Error> {
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO deployments (name, spec, origin, base_path, origin_kind, created_at)
+             VALUES ($1, $2, $3, $4, $5, ",
+            now!(),
+            ") ON CONFLICT (name) DO NOTHING"
+        ))
+        .bind(&d.name)
+        .bind(&d.spec)
+        .bind(&d.origin)
+        .bind(&d.base_path)
+        .bind(&d.from)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(inserted > 0)
+    }
+
+    async fn deployment(&self, name: &str) -> Result<Option<StoredDeployment>, Error> {
+        let row = sqlx::query(
+            "SELECT name, spec, origin, base_path, origin_kind FROM deployments WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
+    async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
+        let rows = sqlx::query(
+            "SELECT name, spec, origin, base_path, origin_kind FROM deployments
+             ORDER BY created_at, name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        for statement in [
+            "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE deployment = $1)",
+            "DELETE FROM tasks WHERE deployment = $1",
+            "DELETE FROM sessions WHERE deployment = $1",
+            "DELETE FROM deployments WHERE name = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn create_session(&self, id: &str, deployment: &str) -> Result<(), Error> {
+        sqlx::query(concat!(
+            "INSERT INTO sessions (id, deployment, state, created_at) VALUES ($1, $2, NULL, ",
+            now!(),
+            ")"
+        ))
+        .bind(id)
+        .bind(deployment)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error> {
+        let row = sqlx::query("SELECT deployment, state FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        row.map(|row| {
+            let deployment: String = row.try_get("deployment").map_err(store_error)?;
+            let state: Option<String> = row.try_get("state").map_err(store_error)?;
+            Ok((deployment, to_json(state)))
+        })
+        .transpose()
+    }
+
+    async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error> {
+        let rows = sqlx::query(
+            "SELECT s.id AS id, s.state AS state, t.id AS task_id
+             FROM sessions s LEFT JOIN tasks t ON t.session_id = s.id
+             WHERE s.deployment = $1
+             ORDER BY s.created_at, s.id, t.created_at, t.id",
+        )
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let mut sessions: Vec<SessionInfo> = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id").map_err(store_error)?;
+            let task: Option<String> = row.try_get("task_id").map_err(store_error)?;
+            if sessions.last().is_none_or(|s| s.id != id) {
+                let state: Option<String> = row.try_get("state").map_err(store_error)?;
+                sessions.push(SessionInfo {
+                    id,
+                    task_ids: Vec::new(),
+                    state: to_json(state),
+                });
+            }
+            if let (Some(task), Some(session)) = (task, sessions.last_mut()) {
+                session.task_ids.push(task);
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
+        let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND deployment = $2")
+            .bind(id)
+            .bind(deployment)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE deployment = $1 ORDER BY created_at, id"
+        ))
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        tasks_from_rows(&rows)
+    }
+
+    async fn tasks_page(
+        &self,
+        deployment: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Option<Vec<TaskInfo>>, Error> {
+        let rows = match after {
+            None => sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE deployment = $1 ORDER BY created_at, id LIMIT $2"
+            ))
+            .bind(deployment)
+            .bind(limit(count))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?,
+            Some(after) => {
+                let cursor: Option<i64> = sqlx::query_scalar(
+                    "SELECT created_at FROM tasks WHERE id = $1 AND deployment = $2",
+                )
+                .bind(after)
+                .bind(deployment)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+                let Some(created_at) = cursor else {
+                    return Ok(None);
+                };
+                sqlx::query(concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM tasks WHERE deployment = $1 AND (created_at, id) > ($2, $3)
+                     ORDER BY created_at, id LIMIT $4"
+                ))
+                .bind(deployment)
+                .bind(created_at)
+                .bind(after)
+                .bind(limit(count))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?
+            }
+        };
+        tasks_from_rows(&rows).map(Some)
+    }
+
+    async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
+        let rows = sqlx::query(
+            "SELECT deployment, service, status, COUNT(*) AS n, MIN(created_at) AS oldest
+             FROM tasks GROUP BY deployment, service, status
+             ORDER BY deployment, service, status",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(crate::TaskCount {
+                    deployment: row.try_get("deployment").map_err(store_error)?,
+                    service: row.try_get("service").map_err(store_error)?,
+                    status: TaskStatus::parse(
+                        &row.try_get::<String, _>("status").map_err(store_error)?,
+                    ),
+                    count: u64::try_from(row.try_get::<i64, _>("n").map_err(store_error)?)
+                        .unwrap_or(0),
+                    oldest_ms: row.try_get("oldest").map_err(store_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn task_durations(&self, bounds: &[f64]) -> Result<Vec<crate::TaskDurations>, Error> {
+        // The bounds are numbers of ours, written into the statement in milliseconds.
+        let columns: String = bounds
+            .iter()
+            .enumerate()
+            .map(|(i, bound)| {
+                format!(
+                    ", COUNT(*) FILTER (WHERE updated_at - created_at <= {}) AS b{i}",
+                    (bound * 1000.0).round() as i64
+                )
+            })
+            .collect();
+        let statement = format!(
+            "SELECT deployment, service, COUNT(*) AS n,
+               COALESCE(SUM(updated_at - created_at), 0)::BIGINT AS total{columns}
+             FROM tasks WHERE status IN ('succeeded', 'failed')
+             GROUP BY deployment, service ORDER BY deployment, service"
+        );
+        let rows = sqlx::query(AssertSqlSafe(statement))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let count = |value: i64| u64::try_from(value).unwrap_or(0);
+        rows.into_iter()
+            .map(|row| {
+                let at_most = (0..bounds.len())
+                    .map(|i| row.try_get::<i64, _>(i + 4).map(count).map_err(store_error))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(crate::TaskDurations {
+                    deployment: row.try_get("deployment").map_err(store_error)?,
+                    service: row.try_get("service").map_err(store_error)?,
+                    at_most,
+                    count: count(row.try_get("n").map_err(store_error)?),
+                    sum_seconds: row.try_get::<i64, _>("total").map_err(store_error)? as f64
+                        / 1000.0,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_ended(&self, before: i64, count: usize) -> Result<usize, Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
+               WHERE status IN ('succeeded', 'failed') AND updated_at < $1
+               LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+        )
+        .bind(before)
+        .bind(limit(count))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        sqlx::query("DELETE FROM events WHERE task_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(ids.len())
+    }
+
+    async fn unfinished_tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE deployment = $1 AND status IN ('queued', 'running')
+             ORDER BY created_at, id"
+        ))
+        .bind(deployment)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        tasks_from_rows(&rows)
+    }
+
+    async fn set_task_status(
+        &self,
+        id: &str,
+        status: TaskStatus,
+        attempt: u32,
+    ) -> Result<bool, Error> {
+        let updated = sqlx::query(concat!(
+            "UPDATE tasks SET status = $1, attempt = $2, updated_at = ",
+            now!(),
+            " WHERE id = $3 AND status IN ('queued', 'running')"
+        ))
+        .bind(status.as_str())
+        .bind(i64::from(attempt))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?
+        .rows_affected();
+        Ok(updated > 0)
+    }
+
+    async fn requeue(&self, id: &str) -> Result<(), Error> {
+        sqlx::query(concat!(
+            "UPDATE tasks SET status = 'queued', updated_at = ",
+            now!(),
+            " WHERE id = $1 AND status = 'running'"
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn waiting_tasks(
+        &self,
+        deployment: &str,
+        service: &str,
+        before: i64,
+        count: usize,
+    ) -> Result<Vec<TaskInfo>, Error> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE deployment = $1 AND service = $2 AND status = 'queued'
+               AND status IN ('queued', 'running') AND updated_at < $3
+             ORDER BY updated_at, id LIMIT $4"
+        ))
+        .bind(deployment)
+        .bind(service)
+        .bind(before)
+        .bind(limit(count))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        tasks_from_rows(&rows)
+    }
+
+    async fn log_after(
+        &self,
+        task_id: &str,
+        after: u64,
+    ) -> Result<Option<(Vec<TaskEvent>, bool)>, Error> {
+        let rows = sqlx::query(
+            "SELECT t.status AS status, e.seq AS seq, e.kind AS kind, e.data AS data,
+                    e.attempt AS attempt
+             FROM tasks t LEFT JOIN events e ON e.task_id = t.id AND e.seq > $1
+             WHERE t.id = $2 ORDER BY e.seq",
+        )
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let status: String = first.try_get("status").map_err(store_error)?;
+        let ended = TaskStatus::parse(&status).is_finished();
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let Some(seq) = row.try_get::<Option<i64>, _>("seq").map_err(store_error)? else {
+                continue;
+            };
+            let kind: String = row.try_get("kind").map_err(store_error)?;
+            let data: String = row.try_get("data").map_err(store_error)?;
+            let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
+            events.push(TaskEvent {
+                task_id: task_id.to_owned(),
+                seq: u64::try_from(seq).unwrap_or(0),
+                kind: EventKind::parse(&kind),
+                attempt: u32::try_from(attempt).unwrap_or(0),
+                data: to_json(Some(data)).unwrap_or(Value::Null),
+            });
+        }
+        Ok(Some((events, ended)))
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error> {
+        write_all(&self.pool, &writes).await
+    }
+
+    fn commit(&self, job: CommitJob) -> Result<(), Error> {
+        self.jobs
+            .send(job)
+            .map_err(|_| Error::Store("the store's writer has stopped".to_owned()))
+    }
+
+    async fn hold_lease(
+        &self,
+        id: &str,
+        address: Option<&str>,
+        version: &str,
+        ttl_ms: i64,
+    ) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        // Nodes joining at once check each other's versions one after the other.
+        sqlx::query("LOCK TABLE nodes IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let other: Option<(String, String)> = sqlx::query_as(concat!(
+            "SELECT id, version FROM nodes WHERE id <> $1 AND version <> $2 AND lease_until >= ",
+            now!(),
+            " LIMIT 1"
+        ))
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        if let Some((other, theirs)) = other {
+            return Err(Error::Store(super::sqlite::version_conflict(
+                version, &other, &theirs,
+            )));
+        }
+        sqlx::query(concat!(
+            "INSERT INTO nodes (id, address, version, started_at, lease_until)
+             VALUES ($1, $2, $3, ",
+            now!(),
+            ", ",
+            now!(),
+            " + $4)
+             ON CONFLICT (id) DO UPDATE SET address = excluded.address,
+               version = excluded.version, lease_until = excluded.lease_until,
+               started_at = CASE WHEN nodes.lease_until < excluded.started_at
+                 THEN excluded.started_at ELSE nodes.started_at END"
+        ))
+        .bind(id)
+        .bind(address)
+        .bind(version)
+        .bind(ttl_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn release_lease(&self, id: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<(Vec<NodeRecord>, i64), Error> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let rows = sqlx::query(
+            "SELECT id, address, version, started_at, lease_until FROM nodes ORDER BY id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        let now: i64 = sqlx::query_scalar(concat!("SELECT ", now!()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        let nodes = rows
+            .into_iter()
+            .map(|row| {
+                Ok(NodeRecord {
+                    id: row.try_get("id").map_err(store_error)?,
+                    address: row.try_get("address").map_err(store_error)?,
+                    version: row.try_get("version").map_err(store_error)?,
+                    started_ms: row.try_get("started_at").map_err(store_error)?,
+                    lease_until_ms: row.try_get("lease_until").map_err(store_error)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok((nodes, now))
+    }
+
+    async fn owner(&self, task_id: &str) -> Result<Option<String>, Error> {
+        let owner: Option<Option<String>> =
+            sqlx::query_scalar("SELECT owner FROM tasks WHERE id = $1 AND status = 'running'")
+                .bind(task_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(owner.flatten())
+    }
+
+    async fn take_orphans(&self) -> Result<Vec<TaskInfo>, Error> {
+        // `SKIP LOCKED`: of two nodes taking orphans at once, each task goes to one.
+        let rows = sqlx::query(concat!(
+            "UPDATE tasks SET status = 'queued', owner = NULL, updated_at = ",
+            now!(),
+            " WHERE id IN (SELECT id FROM tasks WHERE status = 'running' AND (owner IS NULL OR
+               NOT EXISTS (SELECT 1 FROM nodes WHERE nodes.id = tasks.owner
+                 AND nodes.lease_until >= ",
+            now!(),
+            ")) FOR UPDATE SKIP LOCKED)
+             RETURNING ",
+            task_columns!()
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        tasks_from_rows(&rows)
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
