@@ -42,6 +42,41 @@ pub struct Status {
     /// The names of the deployments (absent for an anonymous caller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployments: Option<Vec<String>>,
+    /// The cluster this node is part of, with its nodes (absent for a node alone, and for an
+    /// anonymous caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The cluster a node is part of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    /// The cluster's name.
+    pub name: String,
+    /// The id of the node that answers.
+    pub node: String,
+    /// Every node with a lease in the store, live or not, by id.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// A node of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub id: String,
+    /// Where its HTTP API is reached, when it said (`--advertise`).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Its deployd version (and store schema version).
+    pub version: String,
+    /// Whether its lease holds: it renewed it within the lease's length.
+    pub live: bool,
+    /// Whether it is the node that answers.
+    pub this_node: bool,
+    /// When it joined, in ms since the Unix epoch (the store's clock).
+    pub started_ms: i64,
+    /// How long its lease still holds, in ms (negative: expired that long ago).
+    pub lease_left_ms: i64,
 }
 
 /// A deployment named in a list, or the deployment a delete removed.

@@ -263,8 +263,41 @@ pub(crate) struct ServeArgs {
     /// W3C `traceparent` of their call.
     #[arg(long, value_name = "URL", env = "DEPLOYD_OTLP_ENDPOINT")]
     pub(crate) otlp_endpoint: Option<String>,
+    /// Where deployments, tasks, their events and sessions are kept: `sqlite` (a file in the
+    /// data directory, the default) or a PostgreSQL URL (`postgres://user:pw@host/db`, with
+    /// `?schema=NAME` for the schema; default `deployd_<cluster>`, or `deployd`).
+    #[arg(long, value_name = "URL", env = "DEPLOYD_STORE", hide_env_values = true,
+          value_parser = parse_store)]
+    pub(crate) store: Option<deployd_manager::StoreLocation>,
+    /// Make this node part of the cluster NAME: every node of it shares the PostgreSQL
+    /// `--store` and a broker, runs every deployment and takes any task.
+    #[arg(long, value_name = "NAME", env = "DEPLOYD_CLUSTER")]
+    pub(crate) cluster: Option<String>,
+    /// The message queue of deployments whose file names none (or `simple`): `redis://…`,
+    /// `amqp://…`, `nats://…`, `kafka://host:port` or `sqs://region`. A cluster needs one
+    /// of these (here or in every file).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DEPLOYD_QUEUE",
+        hide_env_values = true
+    )]
+    pub(crate) queue: Option<String>,
+    /// The URL the other nodes of the cluster and its operators reach this node at, shown on
+    /// `/status/` [default: http://<listen address>].
+    #[arg(long, value_name = "URL", env = "DEPLOYD_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
+    /// How long a node of a cluster that stops renewing its lease (dead, or cut off from the
+    /// store) keeps its tasks before the other nodes run them again [default: 10].
+    #[arg(long, value_name = "SECS", env = "DEPLOYD_LEASE", value_parser = parse_seconds)]
+    pub(crate) lease: Option<Duration>,
     /// Deployment files to deploy at start.
     pub(crate) files: Vec<PathBuf>,
+}
+
+/// `--store`: `sqlite` or a PostgreSQL URL.
+pub(crate) fn parse_store(text: &str) -> Result<deployd_manager::StoreLocation, String> {
+    deployd_manager::StoreLocation::parse(text)
 }
 
 /// `deployd` with no command: `deployd serve` with its defaults and environment.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use deployd_manager::{FileOrigin, Manager, Options};
+use deployd_manager::{ClusterOptions, FileOrigin, Manager, Options, StoreLocation};
 use deployd_server::ApiOptions;
 use deployd_server::auth::Token;
 
@@ -67,13 +67,21 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.retention
                 .map_or(Some(deployd_manager::DEFAULT_RETENTION), |r| r.0),
         )
-        .variable_prefixes(args.allow_env_prefixes.clone());
+        .variable_prefixes(args.allow_env_prefixes.clone())
+        .store(args.store.clone().unwrap_or(StoreLocation::DataDir))
+        .queue(args.queue.clone().filter(|q| !q.is_empty()))
+        .map_err(anyhow::Error::msg)?
+        .cluster(cluster_options(&args, listen)?);
+    let store_shown = manager_options.store.shown();
     // Draining, then stopping the services, then a margin: the whole shutdown's deadline.
     let shutdown_deadline =
         manager_options.drain_timeout + manager_options.stop_timeout + Duration::from_secs(5);
-    let manager = Manager::start(manager_options)
-        .await
-        .with_context(|| format!("cannot start on data directory {}", data_dir.display()))?;
+    let manager = Manager::start(manager_options).await.with_context(|| {
+        format!(
+            "cannot start on data directory {} with store {store_shown}",
+            data_dir.display()
+        )
+    })?;
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -245,4 +253,28 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The node's part in a cluster, from `--cluster`, `--advertise` and `--lease`.
+fn cluster_options(
+    args: &ServeArgs,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<Option<ClusterOptions>> {
+    let Some(name) = args.cluster.as_deref().filter(|n| !n.is_empty()) else {
+        if args.advertise.is_some() || args.lease.is_some() {
+            bail!("--advertise and --lease are for a node of a cluster: add --cluster NAME");
+        }
+        return Ok(None);
+    };
+    let address = args
+        .advertise
+        .clone()
+        .or_else(|| (listen.port() != 0).then(|| format!("http://{listen}")));
+    let mut options = ClusterOptions::new(name)
+        .map_err(anyhow::Error::msg)?
+        .address(address);
+    if let Some(lease) = args.lease {
+        options = options.lease(lease);
+    }
+    Ok(Some(options))
 }

@@ -11,10 +11,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::notifier::{Note, Notifier};
 use crate::store::{CommitJob, ControlStore, Write, Written};
 use crate::{Error, TaskEvent, TaskInfo};
 
@@ -51,6 +53,19 @@ fn notify(watchers: &Watchers, event: &Arc<TaskEvent>) {
     }
 }
 
+/// How long a follower of a task in a cluster waits without news before it reads the store
+/// (a note lost with a connection to the database).
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// Sleeps [`RESYNC`] when `shared`, forever otherwise.
+async fn resync(shared: bool) {
+    if shared {
+        tokio::time::sleep(RESYNC).await;
+    } else {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Writes of task logs are committed in batches: one transaction for what has queued up while
 /// the previous one committed (group commit), at most this many.
 const MAX_BATCH: usize = 256;
@@ -70,6 +85,11 @@ pub(crate) struct Control {
     store: Arc<dyn ControlStore>,
     /// This node's id: the owner its workers write on the tasks they run.
     node: Arc<str>,
+    /// Carries notes between the nodes of a cluster.
+    notifier: Arc<Notifier>,
+    /// Whether other nodes write to the store too: a follower then also reads the store
+    /// after [`RESYNC`] without news, in case a note went missing.
+    shared: bool,
     bus: broadcast::Sender<Arc<TaskEvent>>,
     watchers: Watchers,
     closed: watch::Sender<bool>,
@@ -82,8 +102,9 @@ pub(crate) struct Control {
     /// Commits that failed (and were retried); for tests of the single writer.
     #[cfg_attr(not(test), allow(dead_code))]
     failed_commits: Arc<AtomicU64>,
-    /// Tasks a worker of this server is running now; see [`Control::claim`].
-    running: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Tasks a worker of this server is running now, with the port of the replica it calls
+    /// (0 until it calls one); see [`Control::claim`].
+    running: std::sync::Mutex<HashMap<String, u16>>,
     /// Tasks created here in a new session and not taken by a worker yet; see
     /// [`Control::take_fresh`].
     fresh: std::sync::Mutex<HashMap<String, TaskInfo>>,
@@ -93,6 +114,15 @@ pub(crate) struct Control {
 pub(crate) struct Claim<'a> {
     control: &'a Control,
     task: String,
+}
+
+impl Claim<'_> {
+    /// Records the port of the replica the task is handed to.
+    pub(crate) fn calls(&self, port: u16) {
+        if let Some(entry) = self.control.running_tasks().get_mut(&self.task) {
+            *entry = port;
+        }
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -138,8 +168,53 @@ fn answer(
     }
 }
 
+/// Hands the entries other nodes commit (their notes) to this node's followers: a note with the
+/// entry goes as it is; one without (too large for a note) is read from the store.
+fn relay_entries(
+    notifier: &Notifier,
+    store: &Arc<dyn ControlStore>,
+    watchers: &Watchers,
+    bus: &broadcast::Sender<Arc<TaskEvent>>,
+) {
+    let mut notes = notifier.subscribe();
+    let store = Arc::downgrade(store);
+    let watchers = Arc::downgrade(watchers);
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        loop {
+            let note = match notes.recv().await {
+                Ok(note) => note,
+                // Followers read the store after a while without news.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Note::Entry { t, s, .. } = &*note else {
+                continue;
+            };
+            let (Some(store), Some(watchers)) = (store.upgrade(), watchers.upgrade()) else {
+                return;
+            };
+            let event = match note.event() {
+                Some(event) => event,
+                None => match store.log_after(t, s.saturating_sub(1)).await {
+                    Ok(Some((events, _))) => match events.into_iter().find(|e| e.seq == *s) {
+                        Some(event) => event,
+                        None => continue,
+                    },
+                    _ => continue,
+                },
+            };
+            let event = Arc::new(event);
+            notify(&watchers, &event);
+            if bus.receiver_count() > 0 {
+                let _ = bus.send(event);
+            }
+        }
+    });
+}
+
 impl Control {
-    fn running_tasks(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    fn running_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, u16>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -149,10 +224,23 @@ impl Control {
     /// a queue delivers at least once, and a requeue after a restart or a queue change can
     /// deliver a task whose earlier message the broker still holds.
     pub(crate) fn claim(&self, task: &str) -> Option<Claim<'_>> {
-        self.running_tasks().insert(task.to_owned()).then(|| Claim {
+        let mut running = self.running_tasks();
+        if running.contains_key(task) {
+            return None;
+        }
+        running.insert(task.to_owned(), 0);
+        Some(Claim {
             control: self,
             task: task.to_owned(),
         })
+    }
+
+    /// The port of the replica that runs `task` here, if a worker of this node runs it.
+    pub(crate) fn running_port(&self, task: &str) -> Option<u16> {
+        self.running_tasks()
+            .get(task)
+            .copied()
+            .filter(|port| *port != 0)
     }
 
     fn fresh_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskInfo>> {
@@ -197,7 +285,7 @@ impl Control {
     /// as one transaction, with at most [`BATCHES_IN_FLIGHT`] batches handed over and not yet
     /// committed (while they commit, the next batch fills up). The writer's thread answers the
     /// writers and the followers itself.
-    pub(crate) fn new(store: Arc<dyn ControlStore>, node: &str) -> Self {
+    pub(crate) fn new(store: Arc<dyn ControlStore>, node: &str, notifier: Arc<Notifier>) -> Self {
         let (bus, _) = broadcast::channel(BUS_CAPACITY);
         let watchers: Watchers = Arc::default();
         let (closed, _) = watch::channel(false);
@@ -271,9 +359,15 @@ impl Control {
             });
         }
         let (deleted, _) = broadcast::channel(64);
+        let shared = notifier.is_shared();
+        if shared {
+            relay_entries(&notifier, &store, &watchers, &bus);
+        }
         Self {
             store,
             node: Arc::from(node),
+            notifier,
+            shared,
             bus,
             watchers,
             closed,
@@ -290,9 +384,9 @@ impl Control {
         &*self.store
     }
 
-    /// This node's id.
-    pub(crate) fn node(&self) -> &Arc<str> {
-        &self.node
+    /// The notifier between the nodes of the cluster.
+    pub(crate) fn notifier(&self) -> &Notifier {
+        &self.notifier
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TaskEvent>> {
@@ -454,6 +548,7 @@ impl Control {
             let received = tokio::select! {
                 received = live.recv() => received,
                 _ = closed.wait_for(|closed| *closed) => break Some(None),
+                () = resync(self.shared) => break None,
                 gone = deleted.recv() => match gone {
                     Ok(name) if *name == *deployment => break Some(None),
                     Ok(_) => continue,
@@ -514,6 +609,7 @@ impl Control {
         let mut deleted = self.deleted.subscribe();
         let store = Arc::clone(&self.store);
         let mut closed = self.closed.subscribe();
+        let shared = self.shared;
         tokio::spawn(async move {
             let _unwatch = Unwatch {
                 watchers: Arc::clone(&watchers),
@@ -554,6 +650,7 @@ impl Control {
                         received = live.recv() => received,
                         _ = closed.wait_for(|closed| *closed) => return,
                         () = tx.closed() => return,
+                        () = resync(shared) => break,
                         gone = deleted.recv() => match gone {
                             Ok(name) if *name == *deployment => return,
                             Ok(_) => continue,
@@ -680,7 +777,11 @@ mod tests {
             error: None,
         };
         store.insert_task(&task).await.unwrap();
-        (dir, Control::new(Arc::new(store), "node"), task)
+        (
+            dir,
+            Control::new(Arc::new(store), "node", Arc::new(Notifier::local("node"))),
+            task,
+        )
     }
 
     /// Waits (at most 5 s) until no watch of any task is left.
@@ -778,7 +879,7 @@ mod tests {
         let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
             .await
             .unwrap();
-        let control = Control::new(Arc::new(store), "node");
+        let control = Control::new(Arc::new(store), "node", Arc::new(Notifier::local("node")));
         let task = |id: &str| TaskInfo {
             id: id.into(),
             deployment: "d".into(),
@@ -1030,7 +1131,11 @@ mod batching {
             .await
             .unwrap();
         store.create_session("s", "d").await.unwrap();
-        let control = Arc::new(Control::new(Arc::new(store), "node"));
+        let control = Arc::new(Control::new(
+            Arc::new(store),
+            "node",
+            Arc::new(Notifier::local("node")),
+        ));
         let mut workers = Vec::new();
         for w in 0..32 {
             let control = Arc::clone(&control);
@@ -1083,7 +1188,11 @@ mod batching {
         let store = crate::store::SqliteStore::open(&dir.path().join("db.sqlite"))
             .await
             .unwrap();
-        let control = Arc::new(Control::new(Arc::new(store), "node"));
+        let control = Arc::new(Control::new(
+            Arc::new(store),
+            "node",
+            Arc::new(Notifier::local("node")),
+        ));
         const TASKS: usize = 50;
         const EVENTS: usize = 20;
         let mut writers = Vec::new();

@@ -53,6 +53,9 @@ pub(crate) struct Context {
     /// Sync the sources (a deploy) or reuse the synced copies when present (a restore).
     pub(crate) sync: bool,
     pub(crate) node_id: String,
+    /// What the topics of the deployment's services are named after: the cluster, or the node
+    /// alone (see `queues::task_topic`).
+    pub(crate) topic_scope: String,
     pub(crate) control: Arc<Control>,
     /// The queue the deployment file names, and a connection to it.
     pub(crate) queue_config: QueueConfig,
@@ -420,13 +423,11 @@ impl Deployment {
         }
         let deployment = Arc::clone(self);
         let new_spec = context.spec.clone();
-        let node_id = context.node_id.clone();
+        let scope = context.topic_scope.clone();
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
         let mut run = tokio::spawn(async move {
             let outcome = pipeline.collect().await;
-            deployment
-                .finish(&new_spec, &node_id, outcome.is_ok())
-                .await;
+            deployment.finish(&new_spec, &scope, outcome.is_ok()).await;
             let _ = ended_tx.send(());
             outcome
         });
@@ -558,7 +559,7 @@ impl Deployment {
 
     /// After a deploy: instances of services the spec no longer has are stopped.
     /// Their topics are removed from the broker.
-    async fn finish(&self, spec: &DeploymentSpec, node_id: &str, completed: bool) {
+    async fn finish(&self, spec: &DeploymentSpec, scope: &str, completed: bool) {
         let removed: Vec<(String, Arc<Instance>)> = {
             let mut state = self.state();
             state.deploying = false;
@@ -579,7 +580,7 @@ impl Deployment {
             if id == UI_ID {
                 continue;
             }
-            let topic = task_topic(node_id, &self.name, &id);
+            let topic = task_topic(scope, &self.name, &id);
             if let Err(err) = queue.delete_topic(&topic).await {
                 tracing::warn!(deployment = %self.name, topic = %topic, error = %err, "cannot remove the topic of a removed service");
             }
@@ -761,7 +762,7 @@ async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
         .map_or(Duration::from_secs(24 * 3600), |t| {
             t + Duration::from_secs(60)
         });
-    let topic = task_topic(&context.node_id, &context.spec.name, &item.service.id);
+    let topic = task_topic(&context.topic_scope, &context.spec.name, &item.service.id);
     // Every replica's worker is a member of the one group: each task goes to one of them.
     let subscribe = || {
         context.queue.subscribe(

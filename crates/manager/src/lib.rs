@@ -24,8 +24,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 
+mod cluster;
 mod control;
 mod deployment;
+mod notifier;
 mod orphans;
 mod prepare;
 mod protocol;
@@ -37,6 +39,7 @@ pub mod trace;
 mod worker;
 mod writer;
 
+pub use cluster::NodeStatus;
 use control::Control;
 use deployment::Deployment;
 use store::StoredDeployment;
@@ -154,6 +157,58 @@ pub struct Options {
     pub retention: Option<Duration>,
     /// Where the control store is: SQLite in the data directory (the default) or PostgreSQL.
     pub store: StoreLocation,
+    /// The cluster this node is part of; `None`: the node is alone.
+    pub cluster: Option<ClusterOptions>,
+    /// The message queue of the deployments whose file names none (or the embedded
+    /// `simple` one), as a URL (see [`Options::queue`]); `None`: the embedded queue.
+    pub queue: Option<String>,
+}
+
+/// How a node takes part in a cluster (see `cluster.rs`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClusterOptions {
+    /// The cluster's name: lowercase letters, digits, `-` and `_`, at most 32.
+    pub name: String,
+    /// Where the other nodes and operators reach this node's HTTP API, shown on `/status/`.
+    pub address: Option<String>,
+    /// How long a node's lease lasts without renewal: a node silent that long is taken for
+    /// dead, and the tasks it was running are queued again (10 s).
+    pub lease: Duration,
+}
+
+impl ClusterOptions {
+    /// A node of cluster `name`; fails when the name is not lowercase letters, digits, `-`
+    /// and `_` (at most 32).
+    pub fn new(name: &str) -> Result<Self, String> {
+        let valid = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_');
+        if !valid {
+            return Err(format!(
+                "cluster name {name:?}: use 1 to 32 lowercase letters, digits, `-` and `_`"
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            address: None,
+            lease: Duration::from_secs(10),
+        })
+    }
+
+    /// Sets the address shown to others.
+    pub fn address(mut self, address: Option<String>) -> Self {
+        self.address = address;
+        self
+    }
+
+    /// Sets how long a lease lasts (at least 1 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_secs(1));
+        self
+    }
 }
 
 impl Options {
@@ -173,7 +228,26 @@ impl Options {
             log_max_bytes: supervisor::DEFAULT_LOG_MAX_BYTES,
             retention: Some(DEFAULT_RETENTION),
             store: StoreLocation::DataDir,
+            cluster: None,
+            queue: None,
         }
+    }
+
+    /// Makes the node part of a cluster.
+    pub fn cluster(mut self, cluster: Option<ClusterOptions>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Sets the message queue of the deployments whose file names none: a `redis://`,
+    /// `rediss://`, `amqp://`, `amqps://`, `nats://`, `kafka://host:port` or `sqs://region`
+    /// URL. Fails, naming it without its password, when it is none of those.
+    pub fn queue(mut self, url: Option<String>) -> Result<Self, String> {
+        if let Some(url) = &url {
+            queues::config_from_url(url)?;
+        }
+        self.queue = url;
+        Ok(self)
     }
 
     /// Sets where the control store is.
@@ -660,6 +734,10 @@ struct Inner {
     options: Options,
     control: Arc<Control>,
     node_id: String,
+    /// What this node's topics are named after (see `queues::topic_scope`).
+    topic_scope: String,
+    /// The cluster's state as this node sees it, when it is part of one.
+    cluster: Option<cluster::State>,
     deployments: RwLock<BTreeMap<String, Arc<Deployment>>>,
     /// Serializes deploy, delete and shutdown.
     ops: tokio::sync::Mutex<bool>,
@@ -667,7 +745,26 @@ struct Inner {
     closing: std::sync::atomic::AtomicBool,
     /// Where `uv` is, once the python runtime has looked for it.
     uv: runtime::python::UvCell,
+    /// Deployments an API deploy of this node is deploying now (a cluster's reconcile leaves
+    /// them to it).
+    deploying: std::sync::Mutex<std::collections::HashSet<String>>,
     _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes a deployment's name out of [`Inner::deploying`] when its deploy ends.
+struct DeployingHere<'a> {
+    inner: &'a Inner,
+    name: String,
+}
+
+impl Drop for DeployingHere<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .deploying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.name);
+    }
 }
 
 impl Manager {
@@ -695,21 +792,37 @@ impl Manager {
         let node_id = orphans::node_id(&data_dir)?;
         orphans::stop_leftovers(&node_id, options.stop_timeout).await;
 
-        let store = store::open(&options.store, &data_dir).await?;
-        let control = Arc::new(Control::new(store, &node_id));
+        if options.cluster.is_some() && options.store == StoreLocation::DataDir {
+            return Err(Error::BadRequest(
+                "a cluster needs a store its nodes share: start every node with \
+                 --store postgres://..."
+                    .to_owned(),
+            ));
+        }
+        let cluster_name = options.cluster.as_ref().map(|c| c.name.as_str());
+        let topic_scope = queues::topic_scope(cluster_name, &node_id);
+        let (store, notifier) =
+            store::open(&options.store, &data_dir, &node_id, cluster_name).await?;
+        let control = Arc::new(Control::new(store, &node_id, Arc::new(notifier)));
+        let cluster = options.cluster.as_ref().map(cluster::State::new);
         let manager = Self {
             inner: Arc::new(Inner {
                 options,
                 control,
                 node_id,
+                topic_scope,
+                cluster,
                 deployments: RwLock::new(BTreeMap::new()),
                 ops: tokio::sync::Mutex::new(false),
                 closing: std::sync::atomic::AtomicBool::new(false),
                 uv: runtime::python::UvCell::default(),
+                deploying: std::sync::Mutex::default(),
                 _lock: lock,
             }),
         };
+        let orphans = manager.join_cluster().await?;
         manager.restore().await?;
+        manager.run_cluster(orphans);
         manager.watch_unready();
         manager.prune_ended_tasks();
         Ok(manager)
@@ -801,15 +914,21 @@ impl Manager {
                 let since = *unready.entry(key).or_insert(now);
                 let reason = service.last_exit.as_deref().unwrap_or("no exit reason yet");
                 let (wait, message) = match service.phase {
-                    Phase::Failed | Phase::Exited | Phase::Stopped => (
-                        Duration::ZERO,
-                        format!(
-                            "service `{}` cannot run tasks: it is {} ({reason}); the task was \
+                    // In a cluster another node may run the task: only a wait that long
+                    // fails it.
+                    Phase::Failed | Phase::Exited | Phase::Stopped
+                        if self.inner.cluster.is_none() =>
+                    {
+                        (
+                            Duration::ZERO,
+                            format!(
+                                "service `{}` cannot run tasks: it is {} ({reason}); the task was \
                              not run",
-                            service.id,
-                            phase_name(service.phase)
-                        ),
-                    ),
+                                service.id,
+                                phase_name(service.phase)
+                            ),
+                        )
+                    }
                     _ => (
                         bound,
                         format!(
@@ -894,13 +1013,17 @@ impl Manager {
         .map_err(Error::Invalid)?
         .spec;
         let base = PathBuf::from(&stored.base_path);
-        let queue_config = queues::config_of(spec.message_queue.as_ref());
+        let queue_config = self.queue_config(spec.message_queue.as_ref())?;
         let queue = queues::connect(&queue_config).await?;
         let context = self.context(spec, &stored.spec, &base, false, queue_config, queue);
         let deployment = Deployment::new(&context);
         drop(deployment.deploy(context).await?);
-        // Every service's topic is subscribed now: nothing requeued is lost.
-        if let Err(err) = self.requeue_unfinished(&deployment).await {
+        // Every service's topic is subscribed now: nothing requeued is lost. In a cluster the
+        // broker holds the queued tasks, and the running ones of dead nodes are taken back
+        // with their lease (see `cluster.rs`).
+        if self.inner.cluster.is_none()
+            && let Err(err) = self.requeue_unfinished(&deployment).await
+        {
             // The tasks stay `queued` in the store; the next start publishes them again.
             tracing::error!(deployment = %stored.name, error = %err, "cannot queue the unfinished tasks again");
         }
@@ -955,7 +1078,8 @@ impl Manager {
         {
             let mut message = Message::new(task.id.clone());
             message.attempt = task.attempt + 1;
-            let topic = queues::task_topic(&self.inner.node_id, deployment.name(), &task.service);
+            let topic =
+                queues::task_topic(&self.inner.topic_scope, deployment.name(), &task.service);
             queue.publish(&topic, message).await?;
         }
         Ok(())
@@ -1036,6 +1160,39 @@ impl Manager {
         from: FileOrigin,
         wait: bool,
     ) -> Result<Deployed, Error> {
+        self.deploy_inner(text, origin, base, reload, from, wait, true)
+            .await
+    }
+
+    /// Runs the stored deployment `file` here as it is, without storing it (a cluster's
+    /// reconcile: the node that took the deploy stored it).
+    pub(crate) async fn deploy_here(&self, file: &StoredDeployment) -> Result<(), Error> {
+        self.deploy_inner(
+            &file.spec,
+            &file.origin,
+            Path::new(&file.base_path),
+            true,
+            FileOrigin::parse(&file.from),
+            false,
+            false,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A deploy; `api` when it comes through the API (it is stored and told to the cluster),
+    /// not from a cluster's reconcile.
+    #[allow(clippy::too_many_arguments)]
+    async fn deploy_inner(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+        from: FileOrigin,
+        wait: bool,
+        api: bool,
+    ) -> Result<Deployed, Error> {
         // Parsing a large file takes CPU time: not on the async runtime's threads.
         let loaded = {
             let (text, origin) = (text.to_owned(), origin.to_owned());
@@ -1056,6 +1213,38 @@ impl Manager {
         }
         let name = spec.name.clone();
         let existing = self.read_deployments().get(&name).cloned();
+        let stored = StoredDeployment {
+            name: name.clone(),
+            spec: text.to_owned(),
+            origin: origin.to_owned(),
+            base_path: base.to_string_lossy().into_owned(),
+            from: from.as_str().to_owned(),
+        };
+        // A node of a cluster marks the deploy as its own (the reconcile leaves it alone), and
+        // a new deployment is stored first: of two nodes creating one name at once, one wins.
+        let _deploying = self.inner.cluster.as_ref().map(|_| {
+            self.inner
+                .deploying
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.clone());
+            DeployingHere {
+                inner: &self.inner,
+                name: name.clone(),
+            }
+        });
+        let mut inserted = false;
+        if api && self.inner.cluster.is_some() && existing.is_none() {
+            inserted = self
+                .inner
+                .control
+                .store()
+                .insert_deployment(&stored)
+                .await?;
+            if !inserted && !reload {
+                return Err(Error::AlreadyExists(name));
+            }
+        }
         match &existing {
             Some(_) if !reload => return Err(Error::AlreadyExists(name)),
             // A file the operator gives `serve` that runs already (deployd restarted) is left
@@ -1075,7 +1264,7 @@ impl Manager {
         }
         // Each deployment has its own connection to its queue, kept across reloads that leave
         // `message-queue` as it is.
-        let queue_config = queues::config_of(spec.message_queue.as_ref());
+        let queue_config = self.queue_config(spec.message_queue.as_ref())?;
         let (queue, queue_changed) = match &existing {
             Some(current) if current.queue_config() == queue_config => (current.queue(), false),
             _ => (queues::connect(&queue_config).await?, existing.is_some()),
@@ -1099,24 +1288,21 @@ impl Manager {
                     self.write_deployments().remove(&name);
                     deployment.stop().await;
                 }
+                if inserted {
+                    self.inner.control.store().delete_deployment(&name).await?;
+                    self.note_deployment(&name).await;
+                }
                 return Err(err);
             }
         };
-        if queue_changed {
+        if queue_changed && self.inner.cluster.is_none() {
             // Tasks waiting in the previous queue move to the new one.
             self.requeue_unfinished(&deployment).await?;
         }
-        self.inner
-            .control
-            .store()
-            .put_deployment(&StoredDeployment {
-                name: name.clone(),
-                spec: text.to_owned(),
-                origin: origin.to_owned(),
-                base_path: base.to_string_lossy().into_owned(),
-                from: from.as_str().to_owned(),
-            })
-            .await?;
+        if api {
+            self.inner.control.store().put_deployment(&stored).await?;
+            self.note_deployment(&name).await;
+        }
         if wait || !is_new {
             // A reload answers once the new version serves (as llama_deploy's does), so that a
             // task sent right after the answer runs the new code; a service whose new
@@ -1128,6 +1314,29 @@ impl Manager {
             status: deployment.status(),
             warnings,
         })
+    }
+
+    /// The queue of a deployment whose file names `spec`: the node's `--queue` when it names
+    /// none (or the embedded one). In a cluster the embedded queue is refused: the nodes share
+    /// tasks through a broker.
+    fn queue_config(
+        &self,
+        spec: Option<&deployd_config::MessageQueueSpec>,
+    ) -> Result<deployd_queue::QueueConfig, Error> {
+        let config = match (spec, &self.inner.options.queue) {
+            (None | Some(deployd_config::MessageQueueSpec::Simple), Some(url)) => {
+                queues::config_from_url(url).map_err(Error::BadRequest)?
+            }
+            _ => queues::config_of(spec),
+        };
+        if self.inner.cluster.is_some() && config == deployd_queue::QueueConfig::Memory {
+            return Err(Error::BadRequest(
+                "message-queue: the nodes of a cluster share tasks through a broker; name one \
+                 in the file's `message-queue`, or start the nodes with --queue URL"
+                    .to_owned(),
+            ));
+        }
+        Ok(config)
     }
 
     fn context(
@@ -1152,6 +1361,7 @@ impl Manager {
             dir,
             sync,
             node_id: self.inner.node_id.clone(),
+            topic_scope: self.inner.topic_scope.clone(),
             control: Arc::clone(&self.inner.control),
             queue_config,
             queue,
@@ -1167,24 +1377,36 @@ impl Manager {
         }
     }
 
-    /// Stops a deployment's services and forgets it with its tasks and sessions.
+    /// Stops a deployment's services and forgets it with its tasks and sessions (in a
+    /// cluster: on every node).
     pub async fn delete(&self, name: &str) -> Result<(), Error> {
         let _ops = self.inner.ops.lock().await;
-        let deployment = self
-            .write_deployments()
-            .remove(name)
-            .ok_or_else(|| Error::not_found("deployment", name))?;
+        let deployment = self.write_deployments().remove(name);
+        let deployment = match deployment {
+            Some(deployment) => deployment,
+            // In a cluster, a deployment stored and not running here yet is deleted all the
+            // same.
+            None if self.inner.cluster.is_some()
+                && self.inner.control.store().deployment(name).await?.is_some() =>
+            {
+                self.inner.control.store().delete_deployment(name).await?;
+                self.note_deployment(name).await;
+                return Ok(());
+            }
+            None => return Err(Error::not_found("deployment", name)),
+        };
         deployment.stop().await;
         // Its topics go from the broker with it (its consumers are closed now); a broker that
         // refuses leaves them, which is logged and does not keep the deployment.
         let queue = deployment.queue();
         for service in deployment.spec().services {
-            let topic = queues::task_topic(&self.inner.node_id, name, &service.id);
+            let topic = queues::task_topic(&self.inner.topic_scope, name, &service.id);
             if let Err(err) = queue.delete_topic(&topic).await {
                 tracing::warn!(deployment = %name, topic = %topic, error = %err, "cannot remove the topic from the broker");
             }
         }
         self.inner.control.store().delete_deployment(name).await?;
+        self.note_deployment(name).await;
         // Whoever waits for a task of it (a `tasks/run` caller, an event stream) is answered
         // now: the task is gone.
         self.inner.control.deleted(name);
@@ -1196,6 +1418,24 @@ impl Manager {
             .and_then(Result::err)
             .inspect(|err| tracing::warn!(deployment = %name, error = %err, "cannot remove files"));
         Ok(())
+    }
+
+    /// Stops and forgets a deployment that another node of the cluster deleted (it deleted
+    /// the stored file, the tasks and the topics).
+    pub(crate) async fn forget_here(&self, name: &str) {
+        let _ops = self.inner.ops.lock().await;
+        let Some(deployment) = self.write_deployments().remove(name) else {
+            return;
+        };
+        tracing::info!(
+            deployment = name,
+            "stopping a deployment deleted on another node"
+        );
+        deployment.stop().await;
+        self.inner.control.deleted(name);
+        self.inner.control.forget_fresh(name);
+        let dir = deployment.dir().to_owned();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
     }
 
     /// The names of the deployments.
@@ -1358,17 +1598,28 @@ impl Manager {
                 return Err(err);
             }
         };
-        let topic = queues::task_topic(&self.inner.node_id, deployment, &info.service);
+        let topic = queues::task_topic(&self.inner.topic_scope, deployment, &info.service);
         let mut message = Message::new(info.id.clone());
         // The request's trace goes with the task (see `trace.rs`).
         for (key, value) in trace::message_headers().into_iter().flatten() {
             message = message.with_header(key, value);
         }
-        let published = running.queue().publish(&topic, message).await;
-        if let Err(err) = stored.done().await {
-            self.inner.control.take_fresh(&info.id);
-            return Err(err);
-        }
+        // In a cluster the task may run on another node, which must find it stored: the
+        // message goes once the task is committed.
+        let published = if self.inner.cluster.is_some() {
+            if let Err(err) = stored.done().await {
+                self.inner.control.take_fresh(&info.id);
+                return Err(err);
+            }
+            running.queue().publish(&topic, message).await
+        } else {
+            let published = running.queue().publish(&topic, message).await;
+            if let Err(err) = stored.done().await {
+                self.inner.control.take_fresh(&info.id);
+                return Err(err);
+            }
+            published
+        };
         published?;
         Ok((info, before))
     }
@@ -1434,6 +1685,30 @@ impl Manager {
                 "task `{task_id}` is not running (it is {}); events go to running tasks",
                 task.status.as_str()
             )));
+        }
+        // The replica whose worker runs the task takes it.
+        if let Some(port) = self.inner.control.running_port(task_id) {
+            return protocol::send_event(port, task_id, data).await;
+        }
+        if self.inner.cluster.is_some() {
+            // Another node runs it: the note goes to that node, which hands it to its service.
+            return match self.inner.control.store().owner(task_id).await? {
+                Some(owner) if owner != self.inner.node_id => {
+                    self.inner
+                        .control
+                        .notifier()
+                        .publish(&notifier::Note::TaskEvent {
+                            to: owner,
+                            deployment: deployment.to_owned(),
+                            task: task_id.to_owned(),
+                            data,
+                        })
+                        .await
+                }
+                _ => Err(Error::Conflict(format!(
+                    "task `{task_id}` is between two attempts; send the event again"
+                ))),
+            };
         }
         let status = self.status(deployment)?;
         let port = status
@@ -1566,6 +1841,18 @@ impl Manager {
         // A process launched by a deploy that was cancelled half-way is not in any deployment
         // any more; whatever carries this node's mark still is stopped here.
         orphans::stop_leftovers(&self.inner.node_id, self.inner.options.stop_timeout).await;
+        // The tasks cut off by the drain went back to `queued`; the others ended. The lease
+        // goes, so nothing waits for it to expire.
+        if self.inner.cluster.is_some()
+            && let Err(err) = self
+                .inner
+                .control
+                .store()
+                .release_lease(&self.inner.node_id)
+                .await
+        {
+            tracing::warn!(error = %err, "cannot give up the node's lease; it expires");
+        }
         self.inner.control.close().await;
     }
 }

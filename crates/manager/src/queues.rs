@@ -88,12 +88,44 @@ pub(crate) async fn connect(config: &QueueConfig) -> Result<Arc<dyn MessageQueue
     })
 }
 
-/// The topic of a service's tasks: `deployd.{node}.{deployment}.{service}`, where `node` is the
-/// first twelve characters of the data directory's node id. Deployment names and service ids
-/// are letters, digits, `-` and `_`, so the topic suits every broker's naming rules.
-pub(crate) fn task_topic(node_id: &str, deployment: &str, service: &str) -> String {
-    let node: String = node_id.chars().take(12).collect();
-    format!("deployd.{node}.{deployment}.{service}")
+/// The topic of a service's tasks: `deployd.{scope}.{deployment}.{service}`, where the scope
+/// is [`topic_scope`]'s. Deployment names, service ids and cluster names are letters, digits,
+/// `-` and `_`, so the topic suits every broker's naming rules.
+pub(crate) fn task_topic(scope: &str, deployment: &str, service: &str) -> String {
+    format!("deployd.{scope}.{deployment}.{service}")
+}
+
+/// What a node's topics are named after: its cluster's name, which every node of the cluster
+/// consumes; or, alone, the first twelve characters of its node id.
+pub(crate) fn topic_scope(cluster: Option<&str>, node_id: &str) -> String {
+    match cluster {
+        Some(name) => name.to_owned(),
+        None => node_id.chars().take(12).collect(),
+    }
+}
+
+/// The queue a `--queue` URL names: `redis://` or `rediss://` (Redis Streams), `amqp://` or
+/// `amqps://` (RabbitMQ), `nats://` (NATS JetStream), `kafka://host:port,...` (Kafka's
+/// bootstrap servers) or `sqs://region` (Amazon SQS).
+pub(crate) fn config_from_url(url: &str) -> Result<QueueConfig, String> {
+    use deployd_queue::config::{
+        KafkaOptions, NatsOptions, RabbitMqOptions, RedisOptions, SqsOptions,
+    };
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    Ok(match scheme {
+        Some("redis" | "rediss") => QueueConfig::Redis(RedisOptions::new(url)),
+        Some("amqp" | "amqps") => QueueConfig::RabbitMq(RabbitMqOptions::new(url)),
+        Some("nats" | "tls") => QueueConfig::Nats(NatsOptions::new(url)),
+        Some("kafka") => QueueConfig::Kafka(KafkaOptions::new(&url["kafka://".len()..])),
+        Some("sqs") => QueueConfig::Sqs(SqsOptions::new(&url["sqs://".len()..])),
+        _ => {
+            return Err(format!(
+                "queue {}: expected a redis://, rediss://, amqp://, amqps://, nats://, \
+                 kafka:// or sqs:// URL",
+                deployd_queue::redact_url(url)
+            ));
+        }
+    })
 }
 
 #[cfg(test)]

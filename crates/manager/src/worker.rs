@@ -137,7 +137,7 @@ async fn handle(
     let store = control.store();
     let task_id = String::from_utf8_lossy(&delivery.message.payload).into_owned();
     let attempt = delivery.message.attempt;
-    let Some(_claim) = control.claim(&task_id) else {
+    let Some(claim) = control.claim(&task_id) else {
         // Another delivery of the same task is running here; it acks or redelivers the task.
         tracing::debug!(task = %task_id, "duplicate delivery of a running task");
         let _ = delivery.ack().await;
@@ -177,6 +177,7 @@ async fn handle(
         }
     };
     task.attempt = attempt;
+    claim.calls(port);
     lock(in_flight).insert(task.id.clone());
     let _in_flight = InFlight {
         set: in_flight,

@@ -351,21 +351,56 @@ async fn docs_page() -> Response {
     description = "Open to every caller: without a token it answers `status` and \
 `status_message` only. `/status` answers the same.",
     security((), ("token" = [])),
-    responses((status = 200, description = "The server is healthy", body = Status)))]
-/// `GET /status/`: health to anyone; the deployments only to a caller with a token (or to any
-/// caller of an open API).
-async fn status(State(manager): State<Manager>, access: Option<Extension<Access>>) -> Json<Status> {
+    responses(
+        (status = 200, description = "The server is healthy", body = Status),
+        (status = 503, description = "A node of a cluster that does not hold its lease in the \
+cluster's store (the store is unreachable): `status` is `Unhealthy` and `status_message` says \
+why", body = Status)))]
+/// `GET /status/`: health to anyone; the deployments and the cluster's nodes only to a caller
+/// with a token (or to any caller of an open API).
+async fn status(State(manager): State<Manager>, access: Option<Extension<Access>>) -> Response {
     let mut status = Status {
         status: "Healthy".to_owned(),
         status_message: String::new(),
         max_deployments: None,
         deployments: None,
+        cluster: None,
     };
+    let health = manager.cluster_health();
+    if let Some((_, Some(problem))) = &health {
+        status.status = "Unhealthy".to_owned();
+        status.status_message.clone_from(problem);
+    }
     if !matches!(access, Some(Extension(Access::Anonymous))) {
         status.max_deployments = u64::try_from(manager.options().max_deployments).ok();
         status.deployments = Some(manager.list());
+        if let Some((name, _)) = &health {
+            // The nodes are read from the store, which may be what fails.
+            let nodes = manager.nodes().await.ok().flatten().unwrap_or_default();
+            status.cluster = Some(deployd_api::ClusterStatus {
+                name: name.clone(),
+                node: manager.node_id().to_owned(),
+                nodes: nodes
+                    .into_iter()
+                    .map(|node| deployd_api::NodeStatus {
+                        id: node.id,
+                        address: node.address,
+                        version: node.version,
+                        live: node.live,
+                        this_node: node.this_node,
+                        started_ms: node.started_ms,
+                        lease_left_ms: node.lease_left_ms,
+                    })
+                    .collect(),
+            });
+        }
     }
-    Json(status)
+    let code = if status.status == "Healthy" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(status)).into_response()
 }
 
 /// Counts a request for `/status/metrics` once its answer's head is ready.

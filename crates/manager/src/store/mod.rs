@@ -177,9 +177,6 @@ pub(crate) struct CommitJob {
 /// `store/conformance.rs`.
 #[async_trait]
 pub(crate) trait ControlStore: Send + Sync + std::fmt::Debug {
-    /// `sqlite` or `postgres`.
-    fn kind(&self) -> &'static str;
-
     /// Creates or replaces a deployment's file.
     async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error>;
     /// Creates a deployment's file; `false` when one of that name is stored already.
@@ -246,6 +243,8 @@ pub(crate) trait ControlStore: Send + Sync + std::fmt::Debug {
 
     /// Commits `writes` in one transaction, in order; returns, for each, whether it applied
     /// and the log entry it appended (a conditional write that did not apply appends nothing).
+    /// The task path uses [`ControlStore::commit`]; this is for one-off writes (and tests).
+    #[cfg_attr(not(test), allow(dead_code))]
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error>;
     /// Hands a batch to the store's writer, which commits it after every batch handed over
     /// before it, retrying while the store fails until `closed`, then calls `done`.
@@ -307,8 +306,10 @@ pub(crate) trait ControlStore: Send + Sync + std::fmt::Debug {
 pub enum StoreLocation {
     /// The SQLite file `deployd.db` in the data directory.
     DataDir,
-    /// A PostgreSQL database (`postgres://user:password@host:port/db`), in `schema`.
-    Postgres { url: String, schema: String },
+    /// A PostgreSQL database (`postgres://user:password@host:port/db`), in `schema`: the
+    /// URL's `?schema=`, else `deployd_<cluster>` (`-` as `_`) for a node of a cluster, else
+    /// `deployd`.
+    Postgres { url: String, schema: Option<String> },
 }
 
 impl StoreLocation {
@@ -333,7 +334,11 @@ impl StoreLocation {
     pub fn shown(&self) -> String {
         match self {
             Self::DataDir => "sqlite (the data directory)".to_owned(),
-            Self::Postgres { url, schema } => format!("{} (schema {schema})", redact(url)),
+            Self::Postgres {
+                url,
+                schema: Some(schema),
+            } => format!("{} (schema {schema})", redact(url)),
+            Self::Postgres { url, schema: None } => redact(url),
         }
     }
 }
@@ -354,15 +359,36 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Opens the store at `location` (the SQLite file lives in `data_dir`).
+/// Opens the store at `location` (the SQLite file lives in `data_dir`) for node `node`, with
+/// the notifier that goes with it.
 pub(crate) async fn open(
     location: &StoreLocation,
     data_dir: &std::path::Path,
-) -> Result<Arc<dyn ControlStore>, Error> {
+    node: &str,
+    cluster: Option<&str>,
+) -> Result<(Arc<dyn ControlStore>, crate::notifier::Notifier), Error> {
     Ok(match location {
-        StoreLocation::DataDir => Arc::new(SqliteStore::open(&data_dir.join("deployd.db")).await?),
+        StoreLocation::DataDir => (
+            Arc::new(SqliteStore::open(&data_dir.join("deployd.db")).await?),
+            crate::notifier::Notifier::local(node),
+        ),
         StoreLocation::Postgres { url, schema } => {
-            Arc::new(PostgresStore::connect(url, schema).await?)
+            let schema = match (schema, cluster) {
+                (Some(schema), _) => schema.clone(),
+                (None, Some(cluster)) => {
+                    format!("deployd_{}", cluster.to_ascii_lowercase().replace('-', "_"))
+                }
+                (None, None) => "deployd".to_owned(),
+            };
+            let store = PostgresStore::connect(url, &schema).await?;
+            store.notify_as(node);
+            let notifier = crate::notifier::Notifier::postgres(
+                node,
+                store.pool().clone(),
+                crate::notifier::channel(store.schema()),
+            )
+            .await?;
+            (Arc::new(store), notifier)
         }
     })
 }
@@ -384,7 +410,7 @@ mod tests {
             location,
             StoreLocation::Postgres {
                 url: "postgres://me:pw@h/db".into(),
-                schema: "c1".into()
+                schema: Some("c1".into())
             }
         );
         assert!(!location.shown().contains("pw"));

@@ -100,19 +100,23 @@ fn store_error(err: sqlx::Error) -> Error {
 }
 
 /// Splits `?schema=NAME` off a store URL; the schema must be a plain lowercase identifier.
-pub(super) fn split_schema(url: &str) -> Result<(String, String), String> {
+pub(super) fn split_schema(url: &str) -> Result<(String, Option<String>), String> {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, query),
         None => (url, ""),
     };
-    let mut schema = "public".to_owned();
+    let mut schema = None;
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("schema", name)) => schema = name.to_owned(),
+            Some(("schema", name)) => schema = Some(name.to_owned()),
             _ => rest.push(pair),
         }
     }
+    let Some(name) = schema else {
+        return Ok((join_query(base, &rest), None));
+    };
+    let schema = name;
     let valid = schema
         .bytes()
         .enumerate()
@@ -123,12 +127,15 @@ pub(super) fn split_schema(url: &str) -> Result<(String, String), String> {
             redact(url)
         ));
     }
-    let url = if rest.is_empty() {
+    Ok((join_query(base, &rest), Some(schema)))
+}
+
+fn join_query(base: &str, pairs: &[&str]) -> String {
+    if pairs.is_empty() {
         base.to_owned()
     } else {
-        format!("{base}?{}", rest.join("&"))
-    };
-    Ok((url, schema))
+        format!("{base}?{}", pairs.join("&"))
+    }
 }
 
 /// The control store in PostgreSQL, in one schema of one database. Several nodes share it:
@@ -139,7 +146,12 @@ pub(crate) struct PostgresStore {
     pool: PgPool,
     jobs: mpsc::UnboundedSender<CommitJob>,
     schema: Arc<str>,
+    /// Once set (see [`PostgresStore::notify_as`]): the notes channel and this node's id; the
+    /// writer then notes every entry it commits, in the same transaction.
+    notes: Notes,
 }
+
+type Notes = Arc<std::sync::OnceLock<(String, String)>>;
 
 impl PostgresStore {
     /// Connects to `url` and keeps the tables in `schema`, created or migrated as needed.
@@ -166,12 +178,22 @@ impl PostgresStore {
             ))
         })?;
         let (jobs, queued) = mpsc::unbounded_channel();
-        tokio::spawn(commit_jobs(pool.clone(), queued));
+        let notes = Notes::default();
+        tokio::spawn(commit_jobs(pool.clone(), queued, Arc::clone(&notes)));
         Ok(Self {
             pool,
             jobs,
             schema: Arc::from(schema),
+            notes,
         })
+    }
+
+    /// From now on, the entries the group commit writes are noted on the schema's notes
+    /// channel as node `node`'s (see `notifier.rs`).
+    pub(crate) fn notify_as(&self, node: &str) {
+        let _ = self
+            .notes
+            .set((crate::notifier::channel(&self.schema), node.to_owned()));
     }
 
     /// The pool, for the notifier's listener.
@@ -239,11 +261,11 @@ async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
 
 /// The writer: commits each job in turn (so jobs commit in the order they were handed over),
 /// retrying a failing one with backoff until it succeeds or the control plane closes.
-async fn commit_jobs(pool: PgPool, mut queued: mpsc::UnboundedReceiver<CommitJob>) {
+async fn commit_jobs(pool: PgPool, mut queued: mpsc::UnboundedReceiver<CommitJob>, notes: Notes) {
     while let Some(job) = queued.recv().await {
         let mut pause = Duration::from_millis(50);
         let written = loop {
-            match write_all(&pool, &job.writes).await {
+            match write_all(&pool, &job.writes, notes.get()).await {
                 Ok(written) => break Ok(written),
                 Err(err) if *job.closed.borrow() => break Err(err),
                 Err(err) => {
@@ -265,12 +287,32 @@ async fn commit_jobs(pool: PgPool, mut queued: mpsc::UnboundedReceiver<CommitJob
     }
 }
 
-/// Commits `writes` in one transaction, in order.
-async fn write_all(pool: &PgPool, writes: &[Write]) -> Result<Vec<Written>, Error> {
+/// Commits `writes` in one transaction, in order; with `notes` (channel, node), notes the
+/// entries appended in the same transaction.
+async fn write_all(
+    pool: &PgPool,
+    writes: &[Write],
+    notes: Option<&(String, String)>,
+) -> Result<Vec<Written>, Error> {
     let mut tx = pool.begin().await.map_err(store_error)?;
     let mut written = Vec::with_capacity(writes.len());
     for write in writes {
         written.push(apply(&mut tx, write).await?);
+    }
+    if let Some((channel, node)) = notes {
+        let payloads: Vec<String> = written
+            .iter()
+            .filter_map(|w| w.event.as_ref())
+            .map(|event| crate::notifier::encode(node, &crate::notifier::Note::entry(event)))
+            .collect();
+        if !payloads.is_empty() {
+            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::TEXT[]) AS payload")
+                .bind(channel)
+                .bind(&payloads)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+        }
     }
     tx.commit().await.map_err(store_error)?;
     Ok(written)
@@ -467,10 +509,6 @@ fn limit(n: usize) -> i64 {
 
 #[async_trait]
 impl ControlStore for PostgresStore {
-    fn kind(&self) -> &'static str {
-        "postgres"
-    }
-
     async fn put_deployment(&self, d: &StoredDeployment) -> Result<(), Error> {
         sqlx::query(concat!(
             "INSERT INTO deployments (name, spec, origin, base_path, origin_kind, created_at)
@@ -890,7 +928,7 @@ impl ControlStore for PostgresStore {
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error> {
-        write_all(&self.pool, &writes).await
+        write_all(&self.pool, &writes, self.notes.get()).await
     }
 
     fn commit(&self, job: CommitJob) -> Result<(), Error> {

@@ -180,10 +180,6 @@ impl SqliteStore {
 
 #[async_trait]
 impl ControlStore for SqliteStore {
-    fn kind(&self) -> &'static str {
-        "sqlite"
-    }
-
     async fn close(&self) {
         self.read.close().await;
     }
