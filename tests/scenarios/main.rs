@@ -2,6 +2,7 @@
 
 mod auth;
 mod brokers;
+mod cluster;
 mod faults;
 mod git;
 mod llama_tools;

@@ -472,6 +472,8 @@ pub struct TcpTap {
     pub port: u16,
     sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The relayed connections, so that closing the tap cuts them too.
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl TcpTap {
@@ -488,6 +490,8 @@ impl TcpTap {
         let target = target.to_owned();
         let seen = std::sync::Arc::clone(&sent);
         let is_open = std::sync::Arc::clone(&open);
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let relayed = std::sync::Arc::clone(&live);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
@@ -503,6 +507,12 @@ impl TcpTap {
                 else {
                     continue;
                 };
+                if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone()) {
+                    relayed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend([a, b]);
+                }
                 let seen = std::sync::Arc::clone(&seen);
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 16 * 1024];
@@ -523,12 +533,31 @@ impl TcpTap {
                 });
             }
         });
-        Self { port, sent, open }
+        Self {
+            port,
+            sent,
+            open,
+            live,
+        }
     }
 
     /// Plays a broker that is down (new connections are closed at once), or up again.
     pub fn set_open(&self, open: bool) {
         self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Plays a server that went away: cuts every relayed connection and closes the tap
+    /// (until [`TcpTap::set_open`]).
+    pub fn cut(&self) {
+        self.set_open(false);
+        for stream in self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Whether a client sent `needle` to the broker.

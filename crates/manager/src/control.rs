@@ -1114,7 +1114,6 @@ mod tests {
 
 #[cfg(test)]
 mod batching {
-    use std::time::Duration;
 
     use serde_json::json;
 

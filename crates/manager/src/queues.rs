@@ -142,14 +142,51 @@ mod tests {
     }
 
     #[test]
-    fn topics_are_namespaced_by_node() {
+    fn topics_are_namespaced_by_node_or_by_cluster() {
+        let alone = topic_scope(None, "0123456789abcdef0123");
         assert_eq!(
-            task_topic("0123456789abcdef0123", "quickstart", "echo_workflow"),
+            task_topic(&alone, "quickstart", "echo_workflow"),
             "deployd.0123456789ab.quickstart.echo_workflow"
         );
         assert_ne!(
-            task_topic("aaaaaaaaaaaa0", "d", "s"),
-            task_topic("bbbbbbbbbbbb0", "d", "s")
+            topic_scope(None, "aaaaaaaaaaaa0"),
+            topic_scope(None, "bbbbbbbbbbbb0")
+        );
+        // Every node of a cluster consumes the same topics.
+        let clustered = topic_scope(Some("prod-eu"), "0123456789abcdef0123");
+        assert_eq!(
+            task_topic(&clustered, "d", "s"),
+            task_topic(&topic_scope(Some("prod-eu"), "ffff"), "d", "s")
+        );
+        assert_eq!(task_topic(&clustered, "d", "s"), "deployd.prod-eu.d.s");
+    }
+
+    #[test]
+    fn a_queue_url_names_its_broker() {
+        assert!(matches!(
+            config_from_url("redis://127.0.0.1:6379/0"),
+            Ok(QueueConfig::Redis(_))
+        ));
+        assert!(matches!(
+            config_from_url("amqps://u:p@host/vhost"),
+            Ok(QueueConfig::RabbitMq(_))
+        ));
+        assert!(matches!(
+            config_from_url("nats://127.0.0.1:4222"),
+            Ok(QueueConfig::Nats(_))
+        ));
+        assert!(matches!(
+            config_from_url("kafka://127.0.0.1:9092"),
+            Ok(QueueConfig::Kafka(_))
+        ));
+        assert!(matches!(
+            config_from_url("sqs://eu-west-1"),
+            Ok(QueueConfig::Sqs(_))
+        ));
+        let err = config_from_url("mqtt://user:hunter2@broker").unwrap_err();
+        assert!(
+            err.contains("redis://") && !err.contains("hunter2"),
+            "{err}"
         );
     }
 

@@ -43,7 +43,11 @@ impl From<Error> for ApiError {
             | Error::BadRequest(_)
             | Error::Source { .. }
             | Error::Build { .. } => StatusCode::BAD_REQUEST,
-            Error::ShuttingDown | Error::Queue(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // The store (a PostgreSQL server cut off, a full disk) is a dependency that is
+            // down for now, like a broker.
+            Error::ShuttingDown | Error::Queue(_) | Error::Store(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let detail = match &err {
