@@ -259,3 +259,37 @@ fn replicas_run_as_separate_processes_and_share_the_tasks() {
     let out = success(&server.cli(&["run", "-d", "replicated", "-a", "message", "after"]));
     assert_eq!(out, "svc: after\n");
 }
+
+/// A reload is a diff: a service whose settings, code and environment are unchanged keeps its
+/// running processes (its tasks go on undisturbed), a changed one gets new ones; a reload that
+/// changes nothing restarts nothing.
+#[test]
+fn a_reload_replaces_only_the_services_that_changed() {
+    let project = Project::new();
+    let file = |greeting: &str| {
+        project.deployment(
+            "diffed",
+            &[
+                ("steady", &[("GREETING", "same ")]),
+                ("changing", &[("GREETING", greeting)]),
+            ],
+        )
+    };
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file("one ").to_str().unwrap()]));
+    server.wait_ready("diffed");
+    let pid = |index| server.service("diffed", index).1.expect("a pid");
+    let (steady, changing) = (pid(0), pid(1));
+
+    success(&server.cli(&["deploy", "--reload", file("one ").to_str().unwrap()]));
+    assert_eq!((pid(0), pid(1)), (steady, changing), "nothing changed");
+
+    success(&server.cli(&["deploy", "--reload", file("two ").to_str().unwrap()]));
+    assert_eq!(pid(0), steady, "the unchanged service keeps its process");
+    assert_ne!(pid(1), changing, "the changed service runs anew");
+    let out = success(&server.cli(&[
+        "run", "-d", "diffed", "-s", "changing", "-a", "message", "hi",
+    ]));
+    assert!(out.contains("two changing: hi"), "{out}");
+}

@@ -162,10 +162,18 @@ fn a_deployment_s_ui_is_supervised_and_proxied_with_its_websocket() {
     );
     socket.close(None).unwrap();
 
-    // A reload replaces the UI: the new one serves on the same port.
+    // A reload that changes nothing leaves the UI (and the service) running as they are.
     let before = server.get("/deployments/withui").unwrap().1["ui"]["pid"].clone();
+    let echo_before = server.get("/deployments/withui").unwrap().1["services"][0]["pid"].clone();
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("# reloaded\n{text}")).unwrap();
+    success(&server.cli(&["deploy", "--reload", file.to_str().unwrap()]));
+    let (_, status) = server.get("/deployments/withui").unwrap();
+    assert_eq!(status["ui"]["pid"], before, "{status}");
+    assert_eq!(status["services"][0]["pid"], echo_before, "{status}");
+
+    // A reload of changed UI code replaces the UI: the new one serves on the same port.
+    std::fs::write(project.path().join("ui/CHANGED"), "a change").unwrap();
     success(&server.cli(&["deploy", "--reload", file.to_str().unwrap()]));
     let status = wait_for("the new UI to be ready", Duration::from_secs(240), || {
         let (_, status) = server.get("/deployments/withui").ok()?;

@@ -22,8 +22,10 @@ tasks:
            to its baseline measured in the same run, and fails when it misses its target
            (the queue's bench runs against every broker, started as for e2e; the Python echo
            workflow runs through deployd, the adapter alone and llama_deploy 0.9.2; the task
-           path runs deployd with a native and a Python echo service against llama_deploy)
+           path runs deployd with a native and a Python echo service against llama_deploy; a
+           cluster of 1, 2 and 3 nodes on PostgreSQL and Redis runs a 20 ms service)
   bench tasks          only the task path (the same as bench-tasks)
+  bench cluster        only the cluster benchmark (throughput of 1, 2 and 3 nodes)
   bench python         only the Python workflow benchmark (the same as bench-python)
   bench-python [--without-deployd]
                        only the Python workflow benchmark (without deployd: only the adapter
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Some("bench") => match std::env::args().nth(2).as_deref() {
             None => bench(),
             Some("tasks") => python_bench::tasks::run(),
+            Some("cluster") => bench_cluster(),
             Some("python") => python_bench::run(true),
             Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}`\n\n{USAGE}")),
         },
@@ -220,6 +223,16 @@ const BENCHED: &[&str] = &[
     "deployd-manager",
 ];
 
+/// The cluster benchmark, with PostgreSQL and Redis running.
+fn bench_cluster() -> anyhow::Result<()> {
+    brokers::ensure_postgres()?;
+    brokers::with_brokers(|env| {
+        let postgres = std::env::var("DEPLOYD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        python_bench::cluster::run(&postgres, &env.redis_url)
+    })
+}
+
 fn bench() -> anyhow::Result<()> {
     brokers::ensure_postgres()?;
     let mut missed = Vec::new();
@@ -250,6 +263,11 @@ fn bench() -> anyhow::Result<()> {
     if let Err(err) = python_bench::tasks::run() {
         eprintln!("xtask: {err:#}");
         missed.push("task path (bench-tasks)");
+    }
+    // A cluster of 1, 2 and 3 nodes on PostgreSQL and Redis.
+    if let Err(err) = bench_cluster() {
+        eprintln!("xtask: {err:#}");
+        missed.push("cluster (bench cluster)");
     }
     if missed.is_empty() {
         eprintln!("xtask: every benchmark met its targets");

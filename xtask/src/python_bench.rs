@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub(crate) mod cluster;
 pub(crate) mod tasks;
 
 /// The deployment's name.

@@ -81,6 +81,9 @@ struct Replica {
 /// A service's instance that takes tasks: its replicas (one unless `replicas` says more).
 struct Instance {
     replicas: Vec<Replica>,
+    /// What the instance runs (see [`Item::fingerprint`]): a reload that would run the same
+    /// keeps it.
+    fingerprint: String,
 }
 
 impl Instance {
@@ -234,6 +237,12 @@ struct Item {
     supervisor: Option<Supervisor>,
     /// The replicas after the first (`replicas: N` makes N - 1 of them).
     more: Vec<MoreReplica>,
+    /// A digest of everything the service's processes are made of: its settings in the file,
+    /// the tree its sync produced, and its environment (env files included) but the port.
+    fingerprint: String,
+    /// Whether the running instance already runs exactly this (same fingerprint): a reload
+    /// then leaves it untouched.
+    kept: bool,
 }
 
 /// A replica after the first, going through the pipeline with its service.
@@ -345,6 +354,8 @@ impl Deployment {
                         supervisor: None,
                     })
                     .collect(),
+                fingerprint: String::new(),
+                kept: false,
             })
             .collect();
 
@@ -380,6 +391,12 @@ impl Deployment {
                         let deployment = Arc::clone(&deployment);
                         let context = Arc::clone(&launch_context);
                         async move {
+                            // A service whose instance runs exactly this stays as it is.
+                            let mut item = item;
+                            item.kept = deployment.runs(&item.service.id, &item.fingerprint);
+                            if item.kept {
+                                return Ok::<_, Error>(item);
+                            }
                             // The UI's port is its file's: the running UI leaves it first (as
                             // llama_deploy stops its UI before starting the new one).
                             if item.service.id == UI_ID {
@@ -469,8 +486,13 @@ impl Deployment {
         }
     }
 
-    /// Brings a new instance in and stops the one it replaces.
+    /// Brings a new instance in and stops the one it replaces; a kept one stays as it is (the
+    /// consumers its deploy subscribed leave the group unused).
     async fn switch(&self, context: &Context, mut item: Item) -> Result<(), Error> {
+        if item.kept {
+            tracing::info!(service = %item.service.id, "unchanged; its instance keeps running");
+            return Ok(());
+        }
         let Some(supervisor) = item.supervisor.take() else {
             return Err(Error::BadRequest(format!(
                 "service `{}` reached switch without a process",
@@ -486,6 +508,7 @@ impl Deployment {
                     worker_stop,
                     worker: Mutex::new(None),
                 }],
+                fingerprint: std::mem::take(&mut item.fingerprint),
             });
             return self.swap_in(&item.service.id, instance).await;
         };
@@ -506,8 +529,15 @@ impl Deployment {
                 start_worker(context, &item.service, supervisor, consumer)
             })
             .collect();
-        self.swap_in(&item.service.id, Arc::new(Instance { replicas }))
-            .await
+        let fingerprint = std::mem::take(&mut item.fingerprint);
+        self.swap_in(
+            &item.service.id,
+            Arc::new(Instance {
+                replicas,
+                fingerprint,
+            }),
+        )
+        .await
     }
 
     /// Puts `instance` in the place of service `id`'s running one, which is stopped.
@@ -540,6 +570,17 @@ impl Deployment {
                 Err(Error::ShuttingDown)
             }
         }
+    }
+
+    /// Whether service `id`'s running instance runs what `fingerprint` says, and has not
+    /// failed.
+    fn runs(&self, id: &str, fingerprint: &str) -> bool {
+        let state = self.state();
+        state.instances.iter().any(|(held, instance)| {
+            held == id
+                && instance.fingerprint == fingerprint
+                && instance.status().phase != crate::Phase::Failed
+        })
     }
 
     /// Stops the running instance of `id`, if there is one.
@@ -827,6 +868,7 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
     ]);
     let env = supervisor::process_env(env);
     let marks = BuildMarks::new(&context.dir, &service.id);
+    item.fingerprint = fingerprint(service, &marks, &env);
     let build_log = context
         .dir
         .join("logs")
@@ -851,7 +893,27 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
     Ok(item)
 }
 
+/// What [`Item::fingerprint`] holds: a SHA-256 of the service's settings, the digest of its
+/// synced tree and its environment without `PORT`.
+fn fingerprint(service: &ServiceSpec, marks: &BuildMarks, env: &[(String, String)]) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(format!("{service:?}").as_bytes());
+    hash.update(b"\0");
+    hash.update(marks.synced().unwrap_or_default().as_bytes());
+    for (key, value) in env.iter().filter(|(key, _)| key != "PORT") {
+        hash.update(b"\0");
+        hash.update(key.as_bytes());
+        hash.update(b"=");
+        hash.update(value.as_bytes());
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Error> {
+    if item.kept {
+        return Ok(item);
+    }
     let Some(prepared) = item.prepared.take() else {
         return Err(Error::BadRequest(format!(
             "service `{}` reached launch unprepared",
@@ -891,6 +953,9 @@ async fn launch_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Err
 /// Waits until the new instance is healthy; a service that fails or never gets healthy fails
 /// here and its process is stopped.
 async fn ready_stage(mut item: Item) -> Result<Item, Error> {
+    if item.kept {
+        return Ok(item);
+    }
     let Some(supervisor) = item.supervisor.as_ref() else {
         return Err(Error::BadRequest(format!(
             "service `{}` has no process",

@@ -158,6 +158,11 @@ impl BuildMarks {
             .map_err(|err| Error::io("cannot write", &self.synced, err))
     }
 
+    /// The digest of the tree synced last, if one was recorded.
+    pub(crate) fn synced(&self) -> Option<String> {
+        std::fs::read_to_string(&self.synced).ok()
+    }
+
     /// What a build is of: the tree synced last and the build's own commands.
     fn key(&self, service: &ServiceSpec) -> Option<String> {
         let synced = std::fs::read_to_string(&self.synced).ok()?;

@@ -4,7 +4,8 @@
 //!
 //! `GET /healthz` answers 200; `POST /tasks` answers one event and the result
 //! `"Message received: <input.message>"` as chunked NDJSON, in one write. Listens on
-//! `127.0.0.1:$PORT`.
+//! `127.0.0.1:$PORT`. With `ECHO_DELAY_MS`, each task waits that many milliseconds before it is
+//! answered (a service that takes time: the cluster benchmark's).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -37,6 +38,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn serve(stream: TcpStream) -> std::io::Result<()> {
+    let delay = std::env::var("ECHO_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
@@ -72,6 +77,9 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"status\":\"ok\"}",
             )?,
             ("POST", "/tasks") => {
+                if let Some(delay) = delay {
+                    std::thread::sleep(delay);
+                }
                 let task: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let message = task["input"]["message"].as_str().unwrap_or_default();
                 let event = serde_json::json!({"type": "event", "data": {"step": "received", "message": message}});
