@@ -1128,7 +1128,7 @@ impl Manager {
         base: &Path,
         reload: bool,
     ) -> Result<Deployed, Error> {
-        self.deploy_from(text, origin, base, reload, FileOrigin::Client)
+        self.deploy_inner(text, origin, base, reload, FileOrigin::Client, false, true)
             .await
     }
 
@@ -1143,7 +1143,7 @@ impl Manager {
         reload: bool,
         from: FileOrigin,
     ) -> Result<Deployed, Error> {
-        self.deploy_with(text, origin, base, reload, from, false)
+        self.deploy_inner(text, origin, base, reload, from, false, true)
             .await
     }
 

@@ -15,6 +15,10 @@
 //! Finally 100,000 tasks in a row through deployd with the native echo service: its RSS after
 //! each 10,000, which must stay within 10% of the figure after the first 10,000, and the count of
 //! store errors in its log, which must be 0.
+//!
+//! With `DEPLOYD_BASELINE_BIN` naming another build of deployd (an earlier commit's), that build
+//! is measured with the native echo too, in the same run, and this one must answer at least
+//! [`BASELINE_RATIO`] of its tasks/s at each load: a change does not slow the task path.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -53,6 +57,10 @@ const NATIVE_P99: Duration = Duration::from_millis(20);
 const DEPLOYD_CPU_PER_TASK: Duration = Duration::from_micros(300);
 const FLOW_P50: Duration = Duration::from_millis(5);
 const RSS_GROWTH: f64 = 0.10;
+/// With a baseline build: this build's tasks/s over the baseline's, at least (a margin for the
+/// noise of two runs on a shared machine).
+const BASELINE_RATIO: f64 = 0.95;
+const BASELINE: &str = "baseline, native echo";
 
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -130,6 +138,17 @@ pub(crate) fn run() -> anyhow::Result<()> {
                 &deployd,
                 &native,
                 "deployd, native echo",
+                &target,
+            )?);
+        }
+        if let Some(baseline) = std::env::var_os("DEPLOYD_BASELINE_BIN")
+            && wanted("native")
+        {
+            report.systems.push(bench_deployd(
+                &work,
+                Path::new(&baseline),
+                &native,
+                BASELINE,
                 &target,
             )?);
         }
@@ -546,6 +565,23 @@ impl Report {
                 flow.map_or("-".to_owned(), |r| format!("{r:.2}x"))
             );
         }
+        let baseline: Vec<String> = LOADS
+            .iter()
+            .filter_map(|&(c, _)| {
+                Some(format!(
+                    "{:.2}x at {c}",
+                    self.rate("deployd, native echo", c)? / self.rate(BASELINE, c)?
+                ))
+            })
+            .collect();
+        if !baseline.is_empty() {
+            let _ = writeln!(
+                out,
+                "deployd, native echo / the baseline build (DEPLOYD_BASELINE_BIN): {} (target \
+                 {BASELINE_RATIO}x)",
+                baseline.join(", ")
+            );
+        }
         if let Some(soak) = &self.soak {
             let rss: Vec<String> = soak
                 .rss_mib
@@ -586,6 +622,19 @@ impl Report {
                 missed.push(format!(
                     "{}: {failed} tasks failed (first: {first})",
                     system.name
+                ));
+            }
+        }
+        for (connections, _) in LOADS {
+            if let (Some(n), Some(b)) = (
+                self.rate(native, connections),
+                self.rate(BASELINE, connections),
+            ) && n < BASELINE_RATIO * b
+            {
+                missed.push(format!(
+                    "native echo at {connections} connection(s): {:.2}x the baseline build \
+                     (target {BASELINE_RATIO}x)",
+                    n / b
                 ));
             }
         }

@@ -22,6 +22,7 @@ use crate::{Error, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 #[cfg(test)]
 mod conformance;
 mod postgres;
+mod rows;
 mod sqlite;
 
 pub(crate) use postgres::PostgresStore;

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
 use tokio::sync::mpsc;
 
+use super::rows;
 use super::{
     CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
     finish_columns, redact, to_json,
@@ -30,7 +31,7 @@ macro_rules! now {
     };
 }
 
-/// The columns of a task, in the order [`task_from_row`] reads them by name.
+/// The columns of a task, which `rows::task` reads.
 macro_rules! task_columns {
     () => {
         "id, deployment, service, session_id, input, status, attempt, result, error"
@@ -378,7 +379,7 @@ async fn apply(tx: &mut Transaction<'_, Postgres>, write: &Write) -> Result<Writ
             let started = match row {
                 Some(row) => {
                     let state: Option<String> = row.try_get("state").map_err(store_error)?;
-                    Some((task_from_row(&row)?, to_json(state)))
+                    Some((rows::task(&row)?, to_json(state)))
                 }
                 None => None,
             };
@@ -472,37 +473,6 @@ async fn append(
     }))
 }
 
-fn task_from_row(row: &PgRow) -> Result<TaskInfo, Error> {
-    let input: String = row.try_get("input").map_err(store_error)?;
-    let status: String = row.try_get("status").map_err(store_error)?;
-    let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
-    Ok(TaskInfo {
-        id: row.try_get("id").map_err(store_error)?,
-        deployment: row.try_get("deployment").map_err(store_error)?,
-        service: row.try_get("service").map_err(store_error)?,
-        session_id: row.try_get("session_id").map_err(store_error)?,
-        input: serde_json::from_str(&input).unwrap_or(Value::String(input)),
-        status: TaskStatus::parse(&status),
-        attempt: u32::try_from(attempt).unwrap_or(0),
-        result: to_json(row.try_get("result").map_err(store_error)?),
-        error: row.try_get("error").map_err(store_error)?,
-    })
-}
-
-fn deployment_from_row(row: &PgRow) -> Result<StoredDeployment, Error> {
-    Ok(StoredDeployment {
-        name: row.try_get("name").map_err(store_error)?,
-        spec: row.try_get("spec").map_err(store_error)?,
-        origin: row.try_get("origin").map_err(store_error)?,
-        base_path: row.try_get("base_path").map_err(store_error)?,
-        from: row.try_get("origin_kind").map_err(store_error)?,
-    })
-}
-
-fn tasks_from_rows(rows: &[PgRow]) -> Result<Vec<TaskInfo>, Error> {
-    rows.iter().map(task_from_row).collect()
-}
-
 fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -555,7 +525,7 @@ impl ControlStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        row.as_ref().map(deployment_from_row).transpose()
+        row.as_ref().map(rows::deployment).transpose()
     }
 
     async fn deployments(&self) -> Result<Vec<StoredDeployment>, Error> {
@@ -566,7 +536,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.iter().map(deployment_from_row).collect()
+        rows.iter().map(rows::deployment).collect()
     }
 
     async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
@@ -625,23 +595,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let mut sessions: Vec<SessionInfo> = Vec::new();
-        for row in rows {
-            let id: String = row.try_get("id").map_err(store_error)?;
-            let task: Option<String> = row.try_get("task_id").map_err(store_error)?;
-            if sessions.last().is_none_or(|s| s.id != id) {
-                let state: Option<String> = row.try_get("state").map_err(store_error)?;
-                sessions.push(SessionInfo {
-                    id,
-                    task_ids: Vec::new(),
-                    state: to_json(state),
-                });
-            }
-            if let (Some(task), Some(session)) = (task, sessions.last_mut()) {
-                session.task_ids.push(task);
-            }
-        }
-        Ok(sessions)
+        rows::sessions(&rows)
     }
 
     async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
@@ -665,7 +619,7 @@ impl ControlStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(store_error)?;
-        row.as_ref().map(task_from_row).transpose()
+        row.as_ref().map(rows::task).transpose()
     }
 
     async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
@@ -678,7 +632,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        tasks_from_rows(&rows)
+        rows::tasks(&rows)
     }
 
     async fn tasks_page(
@@ -725,7 +679,7 @@ impl ControlStore for PostgresStore {
                 .map_err(store_error)?
             }
         };
-        tasks_from_rows(&rows).map(Some)
+        rows::tasks(&rows).map(Some)
     }
 
     async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
@@ -737,59 +691,17 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(crate::TaskCount {
-                    deployment: row.try_get("deployment").map_err(store_error)?,
-                    service: row.try_get("service").map_err(store_error)?,
-                    status: TaskStatus::parse(
-                        &row.try_get::<String, _>("status").map_err(store_error)?,
-                    ),
-                    count: u64::try_from(row.try_get::<i64, _>("n").map_err(store_error)?)
-                        .unwrap_or(0),
-                    oldest_ms: row.try_get("oldest").map_err(store_error)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::task_count).collect()
     }
 
     async fn task_durations(&self, bounds: &[f64]) -> Result<Vec<crate::TaskDurations>, Error> {
-        // The bounds are numbers of ours, written into the statement in milliseconds.
-        let columns: String = bounds
-            .iter()
-            .enumerate()
-            .map(|(i, bound)| {
-                format!(
-                    ", COUNT(*) FILTER (WHERE updated_at - created_at <= {}) AS b{i}",
-                    (bound * 1000.0).round() as i64
-                )
-            })
-            .collect();
-        let statement = format!(
-            "SELECT deployment, service, COUNT(*) AS n,
-               COALESCE(SUM(updated_at - created_at), 0)::BIGINT AS total{columns}
-             FROM tasks WHERE status IN ('succeeded', 'failed')
-             GROUP BY deployment, service ORDER BY deployment, service"
-        );
-        let rows = sqlx::query(AssertSqlSafe(statement))
+        // Only numbers of ours are written into the statement.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(rows::durations_statement(bounds)))
             .fetch_all(&self.pool)
             .await
             .map_err(store_error)?;
-        let count = |value: i64| u64::try_from(value).unwrap_or(0);
-        rows.into_iter()
-            .map(|row| {
-                let at_most = (0..bounds.len())
-                    .map(|i| row.try_get::<i64, _>(i + 4).map(count).map_err(store_error))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(crate::TaskDurations {
-                    deployment: row.try_get("deployment").map_err(store_error)?,
-                    service: row.try_get("service").map_err(store_error)?,
-                    at_most,
-                    count: count(row.try_get("n").map_err(store_error)?),
-                    sum_seconds: row.try_get::<i64, _>("total").map_err(store_error)? as f64
-                        / 1000.0,
-                })
-            })
+        rows.iter()
+            .map(|row| rows::durations(row, bounds.len()))
             .collect()
     }
 
@@ -826,7 +738,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        tasks_from_rows(&rows)
+        rows::tasks(&rows)
     }
 
     async fn set_task_status(
@@ -884,7 +796,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        tasks_from_rows(&rows)
+        rows::tasks(&rows)
     }
 
     async fn log_after(
@@ -903,28 +815,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        let Some(first) = rows.first() else {
-            return Ok(None);
-        };
-        let status: String = first.try_get("status").map_err(store_error)?;
-        let ended = TaskStatus::parse(&status).is_finished();
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let Some(seq) = row.try_get::<Option<i64>, _>("seq").map_err(store_error)? else {
-                continue;
-            };
-            let kind: String = row.try_get("kind").map_err(store_error)?;
-            let data: String = row.try_get("data").map_err(store_error)?;
-            let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
-            events.push(TaskEvent {
-                task_id: task_id.to_owned(),
-                seq: u64::try_from(seq).unwrap_or(0),
-                kind: EventKind::parse(&kind),
-                attempt: u32::try_from(attempt).unwrap_or(0),
-                data: to_json(Some(data)).unwrap_or(Value::Null),
-            });
-        }
-        Ok(Some((events, ended)))
+        rows::log(task_id, &rows)
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error> {
@@ -1010,16 +901,8 @@ impl ControlStore for PostgresStore {
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         let nodes = rows
-            .into_iter()
-            .map(|row| {
-                Ok(NodeRecord {
-                    id: row.try_get("id").map_err(store_error)?,
-                    address: row.try_get("address").map_err(store_error)?,
-                    version: row.try_get("version").map_err(store_error)?,
-                    started_ms: row.try_get("started_at").map_err(store_error)?,
-                    lease_until_ms: row.try_get("lease_until").map_err(store_error)?,
-                })
-            })
+            .iter()
+            .map(rows::node)
             .collect::<Result<Vec<_>, Error>>()?;
         Ok((nodes, now))
     }
@@ -1050,7 +933,7 @@ impl ControlStore for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(store_error)?;
-        tasks_from_rows(&rows)
+        rows::tasks(&rows)
     }
 
     async fn close(&self) {

@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use tokio::sync::watch;
 
+use super::rows;
 use super::{
     CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
     finish_columns, now_ms, restrict, to_json,
@@ -219,17 +220,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(StoredDeployment {
-                    name: row.try_get("name").map_err(store_error)?,
-                    spec: row.try_get("spec").map_err(store_error)?,
-                    origin: row.try_get("origin").map_err(store_error)?,
-                    base_path: row.try_get("base_path").map_err(store_error)?,
-                    from: row.try_get("origin_kind").map_err(store_error)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::deployment).collect()
     }
 
     /// Removes a deployment with its tasks, events and sessions, in one transaction.
@@ -295,23 +286,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        let mut sessions: Vec<SessionInfo> = Vec::new();
-        for row in rows {
-            let id: String = row.try_get("id").map_err(store_error)?;
-            let task: Option<String> = row.try_get("task_id").map_err(store_error)?;
-            if sessions.last().is_none_or(|s| s.id != id) {
-                let state: Option<String> = row.try_get("state").map_err(store_error)?;
-                sessions.push(SessionInfo {
-                    id,
-                    task_ids: Vec::new(),
-                    state: to_json(state),
-                });
-            }
-            if let (Some(task), Some(session)) = (task, sessions.last_mut()) {
-                session.task_ids.push(task);
-            }
-        }
-        Ok(sessions)
+        rows::sessions(&rows)
     }
 
     /// Deletes a session; its tasks stay readable. Returns whether it existed.
@@ -339,7 +314,7 @@ impl ControlStore for SqliteStore {
         .fetch_optional(&self.read)
         .await
         .map_err(store_error)?;
-        row.map(task_from_row).transpose()
+        row.as_ref().map(rows::task).transpose()
     }
 
     async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
@@ -351,7 +326,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        rows.into_iter().map(task_from_row).collect()
+        rows::tasks(&rows)
     }
 
     /// At most `limit` tasks of a deployment, oldest first, starting after the task `after`
@@ -400,8 +375,8 @@ impl ControlStore for SqliteStore {
                 .map_err(store_error)?
             }
         };
-        rows.into_iter()
-            .map(task_from_row)
+        rows.iter()
+            .map(rows::task)
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -416,59 +391,17 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(crate::TaskCount {
-                    deployment: row.try_get("deployment").map_err(store_error)?,
-                    service: row.try_get("service").map_err(store_error)?,
-                    status: TaskStatus::parse(
-                        &row.try_get::<String, _>("status").map_err(store_error)?,
-                    ),
-                    count: u64::try_from(row.try_get::<i64, _>("n").map_err(store_error)?)
-                        .unwrap_or(0),
-                    oldest_ms: row.try_get("oldest").map_err(store_error)?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::task_count).collect()
     }
 
     async fn task_durations(&self, bounds: &[f64]) -> Result<Vec<crate::TaskDurations>, Error> {
-        // The bounds are numbers of ours, written into the statement in milliseconds.
-        let columns: String = bounds
-            .iter()
-            .enumerate()
-            .map(|(i, bound)| {
-                format!(
-                    ", SUM(CASE WHEN updated_at - created_at <= {} THEN 1 ELSE 0 END) AS b{i}",
-                    (bound * 1000.0).round() as i64
-                )
-            })
-            .collect();
-        let statement = format!(
-            "SELECT deployment, service, COUNT(*) AS n, SUM(updated_at - created_at) AS total{columns}
-             FROM tasks WHERE status IN ('succeeded', 'failed')
-             GROUP BY deployment, service ORDER BY deployment, service"
-        );
-        // Only numbers of ours are written into it.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(statement))
+        // Only numbers of ours are written into the statement.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(rows::durations_statement(bounds)))
             .fetch_all(&self.read)
             .await
             .map_err(store_error)?;
-        let count = |value: i64| u64::try_from(value).unwrap_or(0);
-        rows.into_iter()
-            .map(|row| {
-                let at_most = (0..bounds.len())
-                    .map(|i| row.try_get::<i64, _>(i + 4).map(count).map_err(store_error))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(crate::TaskDurations {
-                    deployment: row.try_get("deployment").map_err(store_error)?,
-                    service: row.try_get("service").map_err(store_error)?,
-                    at_most,
-                    count: count(row.try_get("n").map_err(store_error)?),
-                    sum_seconds: row.try_get::<i64, _>("total").map_err(store_error)? as f64
-                        / 1000.0,
-                })
-            })
+        rows.iter()
+            .map(|row| rows::durations(row, bounds.len()))
             .collect()
     }
 
@@ -513,7 +446,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        rows.into_iter().map(task_from_row).collect()
+        rows::tasks(&rows)
     }
 
     async fn set_task_status(
@@ -585,7 +518,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        rows.into_iter().map(task_from_row).collect()
+        rows::tasks(&rows)
     }
 
     /// The entries of a task's log after `after`, and whether the task had ended, read in one
@@ -606,29 +539,7 @@ impl ControlStore for SqliteStore {
         .fetch_all(&self.read)
         .await
         .map_err(store_error)?;
-        let Some(first) = rows.first() else {
-            return Ok(None);
-        };
-        let status: String = first.try_get("status").map_err(store_error)?;
-        let ended = TaskStatus::parse(&status).is_finished();
-        let events = rows
-            .into_iter()
-            .filter(|row| matches!(row.try_get::<Option<i64>, _>("seq"), Ok(Some(_))))
-            .map(|row| {
-                let seq: i64 = row.try_get("seq").map_err(store_error)?;
-                let kind: String = row.try_get("kind").map_err(store_error)?;
-                let data: String = row.try_get("data").map_err(store_error)?;
-                let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
-                Ok(TaskEvent {
-                    task_id: task_id.to_owned(),
-                    seq: u64::try_from(seq).unwrap_or(0),
-                    kind: EventKind::parse(&kind),
-                    attempt: u32::try_from(attempt).unwrap_or(0),
-                    data: to_json(Some(data)).unwrap_or(Value::Null),
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok(Some((events, ended)))
+        rows::log(task_id, &rows)
     }
 
     async fn insert_deployment(&self, d: &StoredDeployment) -> Result<bool, Error> {
@@ -665,7 +576,7 @@ impl ControlStore for SqliteStore {
         .fetch_optional(&self.read)
         .await
         .map_err(store_error)?;
-        row.map(deployment_from_row).transpose()
+        row.as_ref().map(rows::deployment).transpose()
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<Written>, Error> {
@@ -744,16 +655,8 @@ impl ControlStore for SqliteStore {
         .await
         .map_err(store_error)?;
         let nodes = rows
-            .into_iter()
-            .map(|row| {
-                Ok(NodeRecord {
-                    id: row.try_get("id").map_err(store_error)?,
-                    address: row.try_get("address").map_err(store_error)?,
-                    version: row.try_get("version").map_err(store_error)?,
-                    started_ms: row.try_get("started_at").map_err(store_error)?,
-                    lease_until_ms: row.try_get("lease_until").map_err(store_error)?,
-                })
-            })
+            .iter()
+            .map(rows::node)
             .collect::<Result<Vec<_>, Error>>()?;
         Ok((nodes, now_ms()))
     }
@@ -814,16 +717,6 @@ pub(super) fn version_conflict(ours: &str, other: &str, theirs: &str) -> String 
          {theirs}: the nodes of a cluster must run one version (stop the others, or use \
          another cluster or store)"
     )
-}
-
-fn deployment_from_row(row: sqlx::sqlite::SqliteRow) -> Result<StoredDeployment, Error> {
-    Ok(StoredDeployment {
-        name: row.try_get("name").map_err(store_error)?,
-        spec: row.try_get("spec").map_err(store_error)?,
-        origin: row.try_get("origin").map_err(store_error)?,
-        base_path: row.try_get("base_path").map_err(store_error)?,
-        from: row.try_get("origin_kind").map_err(store_error)?,
-    })
 }
 
 /// Commits `writes` on the writer's thread, retrying with backoff while the store fails (a
@@ -1077,23 +970,6 @@ fn append_in(
         attempt,
         data,
     }))
-}
-
-fn task_from_row(row: sqlx::sqlite::SqliteRow) -> Result<TaskInfo, Error> {
-    let input: String = row.try_get("input").map_err(store_error)?;
-    let status: String = row.try_get("status").map_err(store_error)?;
-    let attempt: i64 = row.try_get("attempt").map_err(store_error)?;
-    Ok(TaskInfo {
-        id: row.try_get("id").map_err(store_error)?,
-        deployment: row.try_get("deployment").map_err(store_error)?,
-        service: row.try_get("service").map_err(store_error)?,
-        session_id: row.try_get("session_id").map_err(store_error)?,
-        input: serde_json::from_str(&input).unwrap_or(Value::String(input)),
-        status: TaskStatus::parse(&status),
-        attempt: u32::try_from(attempt).unwrap_or(0),
-        result: to_json(row.try_get("result").map_err(store_error)?),
-        error: row.try_get("error").map_err(store_error)?,
-    })
 }
 
 #[cfg(test)]
