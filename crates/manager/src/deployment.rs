@@ -56,6 +56,9 @@ pub(crate) struct Context {
     /// What the topics of the deployment's services are named after: the cluster, or the node
     /// alone (see `queues::task_topic`).
     pub(crate) topic_scope: String,
+    /// In a cluster, the longest a delivery is held before the broker gives it to another
+    /// node (see `sync_stage`).
+    pub(crate) cluster_ack_deadline: Option<Duration>,
     pub(crate) control: Arc<Control>,
     /// The queue the deployment file names, and a connection to it.
     pub(crate) queue_config: QueueConfig,
@@ -797,12 +800,17 @@ async fn sync_stage(context: &Context, mut item: Item) -> Result<Item, Error> {
     if item.service.id == UI_ID {
         return Ok(item);
     }
-    let ack_deadline = item
+    // Alone, a delivery is held as long as its task may run; in a cluster, for a few leases
+    // at most: a node that dies holding deliveries it had not marked running yet gives them
+    // back then (a task that runs longer is delivered again meanwhile, and the node that gets
+    // it acks it without running it: its owner is alive).
+    let alone = item
         .service
         .timeout
         .map_or(Duration::from_secs(24 * 3600), |t| {
             t + Duration::from_secs(60)
         });
+    let ack_deadline = context.cluster_ack_deadline.map_or(alone, |d| d.min(alone));
     let topic = task_topic(&context.topic_scope, &context.spec.name, &item.service.id);
     // Every replica's worker is a member of the one group: each task goes to one of them.
     let subscribe = || {

@@ -1362,6 +1362,12 @@ impl Manager {
             sync,
             node_id: self.inner.node_id.clone(),
             topic_scope: self.inner.topic_scope.clone(),
+            cluster_ack_deadline: self
+                .inner
+                .options
+                .cluster
+                .as_ref()
+                .map(|c| (c.lease * 3).max(Duration::from_secs(30))),
             control: Arc::clone(&self.inner.control),
             queue_config,
             queue,
