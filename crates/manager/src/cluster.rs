@@ -254,7 +254,9 @@ impl Manager {
                             }
                         });
                     }
-                    Some(Note::Entry { .. } | Note::TaskEvent { .. }) => {}
+                    Some(Note::TaskEvent { .. }) => {}
+                    // Entries go to their own channel (see `Notifier::subscribe_entries`).
+                    Some(Note::Entry { .. }) => {}
                     // Lost notes, a lagging receiver, or the tick: everything.
                     Some(Note::Lost) | None => manager.reconcile(None).await,
                 }

@@ -176,7 +176,7 @@ fn relay_entries(
     watchers: &Watchers,
     bus: &broadcast::Sender<Arc<TaskEvent>>,
 ) {
-    let mut notes = notifier.subscribe();
+    let mut notes = notifier.subscribe_entries();
     let store = Arc::downgrade(store);
     let watchers = Arc::downgrade(watchers);
     let bus = bus.clone();

@@ -134,6 +134,10 @@ pub(crate) fn channel(schema: &str) -> String {
 /// The notifier of one node.
 pub(crate) struct Notifier {
     node: Arc<str>,
+    /// Entries of task logs (many: one per event of every task).
+    entries: broadcast::Sender<Arc<Note>>,
+    /// The other notes (deployments, human-in-the-loop events): few, and never crowded out by
+    /// entries.
     notes: broadcast::Sender<Arc<Note>>,
     postgres: Option<(PgPool, String)>,
 }
@@ -143,6 +147,7 @@ impl Notifier {
     pub(crate) fn local(node: &str) -> Self {
         Self {
             node: Arc::from(node),
+            entries: broadcast::channel(CAPACITY).0,
             notes: broadcast::channel(CAPACITY).0,
             postgres: None,
         }
@@ -160,9 +165,11 @@ impl Notifier {
             .await
             .map_err(|err| Error::Store(format!("cannot listen for the cluster's notes: {err}")))?;
         let notes = broadcast::channel(CAPACITY).0;
+        let entries = broadcast::channel(CAPACITY).0;
         let node: Arc<str> = Arc::from(node);
         {
             let notes = notes.clone();
+            let entries = entries.clone();
             let node = Arc::clone(&node);
             let pool = pool.clone();
             tokio::spawn(async move {
@@ -178,11 +185,14 @@ impl Notifier {
                             if *envelope.n == *node {
                                 continue;
                             }
-                            if notes.send(Arc::new(envelope.note)).is_err() {
-                                // Nobody listens (the Manager is gone).
-                                if notes.receiver_count() == 0 && Arc::strong_count(&node) == 1 {
-                                    return;
-                                }
+                            let channel = match envelope.note {
+                                Note::Entry { .. } => &entries,
+                                _ => &notes,
+                            };
+                            let _ = channel.send(Arc::new(envelope.note));
+                            // Nobody holds the notifier any more (the Manager is gone).
+                            if Arc::strong_count(&node) == 1 {
+                                return;
                             }
                         }
                         Ok(None) => {
@@ -190,10 +200,12 @@ impl Notifier {
                                 "lost the connection that carries the cluster's notes; reconnecting"
                             );
                             let _ = notes.send(Arc::new(Note::Lost));
+                            let _ = entries.send(Arc::new(Note::Lost));
                         }
                         Err(err) => {
                             tracing::warn!(error = %err, "cannot receive the cluster's notes; retrying");
                             let _ = notes.send(Arc::new(Note::Lost));
+                            let _ = entries.send(Arc::new(Note::Lost));
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
                     }
@@ -205,6 +217,7 @@ impl Notifier {
         }
         Ok(Self {
             node,
+            entries,
             notes,
             postgres: Some((pool, channel)),
         })
@@ -215,10 +228,15 @@ impl Notifier {
         self.postgres.is_some()
     }
 
-    /// Notes from the other nodes, from now on. A receiver that lags gets
+    /// Notes from the other nodes but entries, from now on. A receiver that lags gets
     /// `RecvError::Lagged`: it missed some and reads the store again.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Note>> {
         self.notes.subscribe()
+    }
+
+    /// The entries other nodes commit (and [`Note::Lost`]), from now on.
+    pub(crate) fn subscribe_entries(&self) -> broadcast::Receiver<Arc<Note>> {
+        self.entries.subscribe()
     }
 
     /// Tells the other nodes `note`.

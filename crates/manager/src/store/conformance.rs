@@ -658,3 +658,66 @@ conformance!(
     two_nodes_appending_to_one_log_take_distinct_places,
     a_store_of_a_newer_schema_is_refused,
 );
+
+/// With PostgreSQL, the entries one node commits reach another node's notifier (with the
+/// entry), and so do the notes it publishes; a node does not hear its own notes.
+#[tokio::test]
+async fn postgres_notes_go_from_node_to_node() {
+    use crate::notifier::{Note, Notifier, channel};
+    let backend = Backend::postgres().await;
+    let Backend::Postgres { url, schema } = &backend else {
+        unreachable!()
+    };
+    let a = PostgresStore::connect(url, schema).await.unwrap();
+    a.notify_as("a");
+    let b = PostgresStore::connect(url, schema).await.unwrap();
+    b.notify_as("b");
+    let hears_a = Notifier::postgres("a", a.pool().clone(), channel(schema))
+        .await
+        .unwrap();
+    let hears_b = Notifier::postgres("b", b.pool().clone(), channel(schema))
+        .await
+        .unwrap();
+    let mut entries = hears_b.subscribe_entries();
+    let mut notes = hears_b.subscribe();
+    let mut own = hears_a.subscribe_entries();
+    commit(
+        &a,
+        vec![
+            create("t", "s", true),
+            event("t", json!({"big": "x".repeat(9000)})),
+            event("t", json!(2)),
+        ],
+    )
+    .await;
+    let within = Duration::from_secs(10);
+    let first = tokio::time::timeout(within, entries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.event().is_none(),
+        "too large for a note: read from the store"
+    );
+    assert!(matches!(&*first, Note::Entry { t, s: 1, .. } if t == "t"));
+    let second = tokio::time::timeout(within, entries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.event().unwrap().data, json!(2));
+    hears_a
+        .publish(&Note::Deployment { name: "d".into() })
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(within, notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*note, Note::Deployment { name: "d".into() });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), own.recv())
+            .await
+            .is_err(),
+        "a node does not hear itself"
+    );
+}
