@@ -29,10 +29,12 @@ fn a_deployment_s_ui_is_supervised_and_proxied_with_its_websocket() {
     let server = Server::start(&data.path().join("data"), &[]);
     let deployed = success(&server.cli(&["deploy", file.to_str().unwrap()]));
     assert!(!deployed.contains("does not serve a UI"), "{deployed}");
+    // Ready, or failed (pnpm missing, an install that failed): the wait ends either way.
     let status = wait_for("the UI to be ready", Duration::from_secs(240), || {
         let (_, status) = server.get("/deployments/withui").ok()?;
-        (status["ui"]["phase"] == "ready").then_some(status)
+        matches!(status["ui"]["phase"].as_str(), Some("ready" | "failed")).then_some(status)
     });
+    assert_eq!(status["ui"]["phase"], "ready", "{status}");
     assert_eq!(status["ui"]["id"], "@ui");
     assert_eq!(status["ui"]["port"], ui_port);
     assert_eq!(status["services"][0]["id"], "echo");

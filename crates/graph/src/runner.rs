@@ -192,14 +192,67 @@ impl<G: Graph> Runner<G> {
         self.begin(node, state, Status::Pending).await
     }
 
+    /// Runs the run `run_id`: starts it at `node` on `state` when the store has none of that
+    /// id; otherwise continues it from its last committed step as [`resume`](Self::resume)
+    /// does (a run that ended or waits returns at once, one leased by a live worker is an
+    /// [`Error::Conflict`]). A task delivered again (`RunId::for_task`) so resumes the run its
+    /// first delivery started, and no committed node runs again.
+    pub async fn run_as<N: Node<G>>(
+        &self,
+        run_id: &RunId,
+        node: N,
+        state: G::State,
+    ) -> Result<Finished<G>, Error> {
+        if self.store.latest(run_id).await?.is_some() {
+            return self.resume(run_id).await;
+        }
+        match self
+            .begin_as(Some(run_id), node, state, Status::Running)
+            .await
+        {
+            Ok(run) => run.finish().await,
+            // Started meanwhile by another delivery.
+            Err(Error::Conflict { .. }) => self.resume(run_id).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    /// [`start`](Self::start) with the run's id given (see [`run_as`](Self::run_as)): a
+    /// conflict when the store has a run of that id.
+    pub async fn start_as<N: Node<G>>(
+        &self,
+        run_id: &RunId,
+        node: N,
+        state: G::State,
+    ) -> Result<GraphRun<G>, Error> {
+        if self.store.latest(run_id).await?.is_some() {
+            return Err(Error::Conflict {
+                id: run_id.to_string(),
+                reason: "a run of this id exists".to_owned(),
+            });
+        }
+        self.begin_as(Some(run_id), node, state, Status::Pending)
+            .await
+    }
+
     async fn begin<N: Node<G>>(
         &self,
         node: N,
         state: G::State,
         status: Status,
     ) -> Result<GraphRun<G>, Error> {
+        self.begin_as(None, node, state, status).await
+    }
+
+    async fn begin_as<N: Node<G>>(
+        &self,
+        run_id: Option<&RunId>,
+        node: N,
+        state: G::State,
+        status: Status,
+    ) -> Result<GraphRun<G>, Error> {
         let now = self.clock.now();
-        let mut first = self.first_snapshot(&node, &state, now)?;
+        let mut first = self.first_snapshot(run_id, &node, &state, now)?;
         first.status = status;
         first.lease = Some(self.lease_from(now));
         if status == Status::Running {
@@ -227,19 +280,22 @@ impl<G: Graph> Runner<G> {
     /// Records a new run starting at `node`, runnable (`created`) but not claimed: any worker
     /// sharing the store picks it up with [`run_next`](Self::run_next).
     pub async fn submit<N: Node<G>>(&self, node: &N, state: &G::State) -> Result<RunId, Error> {
-        let first = self.first_snapshot(node, state, self.clock.now())?;
+        let first = self.first_snapshot(None, node, state, self.clock.now())?;
         self.store.insert(&first).await?;
         Ok(first.run_id)
     }
 
     fn first_snapshot<N: Node<G>>(
         &self,
+        run_id: Option<&RunId>,
         node: &N,
         state: &G::State,
         now: Timestamp,
     ) -> Result<Snapshot, Error> {
         Ok(Snapshot::fresh(
-            RunId::from_hex(self.ids.next_id()),
+            run_id
+                .cloned()
+                .unwrap_or_else(|| RunId::from_hex(self.ids.next_id())),
             0,
             N::ID,
             self.ids.next_id(),

@@ -188,6 +188,15 @@ impl RunId {
         let digits = crate::clock::hex_digits(hex);
         RunId(Arc::from(std::str::from_utf8(&digits).unwrap_or_default()))
     }
+
+    /// The run of a deployd task: the task's id (a UUID, as deployd makes them) as 32 hex
+    /// digits, so that a task delivered again finds the run its first delivery started.
+    /// `None` when `task_id` is not a UUID.
+    pub fn for_task(task_id: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(task_id)
+            .ok()
+            .map(|id| Self::from_hex(id.as_u128()))
+    }
 }
 
 impl SnapshotId {

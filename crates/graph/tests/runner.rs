@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use deployd_graph::store::MemoryStore;
 use deployd_graph::{
-    Ctx, End, Error, ManualClock, Node, NodeError, Outcome, Runner, SequentialIds, Status,
+    Ctx, End, Error, ManualClock, Node, NodeError, Outcome, RunId, Runner, SequentialIds, Status,
     Timestamp, graph, mermaid,
 };
 use serde::{Deserialize, Serialize};
@@ -425,4 +425,83 @@ async fn workers_share_submitted_runs() {
     done.sort();
     runs.sort();
     assert_eq!(done, runs, "every run ran exactly once");
+}
+
+/// A deployd task's run: its id comes from the task's id, so a delivery of the task after a
+/// crash finds the run and goes on from its last committed step: the node committed before the
+/// crash does not run again, and a delivery of a run that waits returns the same interrupt.
+#[tokio::test]
+async fn a_task_delivered_again_resumes_its_run_from_the_last_committed_step() {
+    assert!(RunId::for_task("not a uuid").is_none());
+    let task = "01938a8e-7b3c-7f00-8a1b-0123456789ab";
+    let run_id = RunId::for_task(task).unwrap();
+    assert_eq!(run_id.to_string(), "01938a8e7b3c7f008a1b0123456789ab");
+
+    let store: Arc<dyn deployd_graph::Store> = Arc::new(MemoryStore::full_history());
+    let clock = Arc::new(ManualClock::new(Timestamp::from_micros(1_000_000)));
+    let (events, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    // The first delivery commits `Write` (and `Review` next), then its process dies.
+    let first = Runner::<Essay>::with_store(store.clone(), Deps::default())
+        .owner("first")
+        .clock(clock.clone())
+        .lease(Duration::from_secs(10))
+        .events(events.clone());
+    let mut run = first
+        .start_as(&run_id, Write { topic: "t".into() }, Doc::default())
+        .await
+        .unwrap();
+    assert!(run.next().await.unwrap());
+    drop(run);
+    assert!(matches!(
+        first
+            .start_as(&run_id, Write { topic: "t".into() }, Doc::default())
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+
+    // The second delivery, in a new process, once the lease is over.
+    let second = Runner::<Essay>::with_store(store.clone(), Deps::default())
+        .owner("second")
+        .clock(clock.clone())
+        .events(events);
+    clock.advance(Duration::from_secs(11));
+    let done = second
+        .run_as(
+            &run_id,
+            Write {
+                topic: "again".into(),
+            },
+            Doc::default(),
+        )
+        .await
+        .unwrap();
+    let interrupt = interrupt_of(&done.outcome);
+    assert_eq!(
+        done.state.text, "t (0 reviews)",
+        "the first delivery's state goes on"
+    );
+    // A third delivery of a run that waits: the same interrupt, nothing runs.
+    let again = second
+        .run_as(
+            &run_id,
+            Write {
+                topic: "third".into(),
+            },
+            Doc::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(interrupt_of(&again.outcome).id, interrupt.id);
+    let writes: Vec<_> = std::iter::from_fn(|| heard.try_recv().ok())
+        .filter(|e| e.node_id == "Write")
+        .collect();
+    assert_eq!(writes.len(), 1, "Write ran once: {writes:?}");
+    let history = second.history(&run_id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .filter(|s| s.node_id == "Write" && s.status == Status::Success)
+            .count(),
+        1
+    );
 }
