@@ -108,6 +108,8 @@ mod macros;
 pub mod mermaid;
 mod node;
 mod runner;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod snapshot;
 pub mod store;
 
