@@ -5,6 +5,7 @@ mod brokers;
 mod cluster;
 mod faults;
 mod git;
+mod graph;
 mod llama_tools;
 mod logs;
 mod pipeline;

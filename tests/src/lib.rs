@@ -41,6 +41,34 @@ pub fn binary() -> &'static Path {
     })
 }
 
+/// The example graph service (`examples/graph-service`): `DEPLOYD_GRAPH_SERVICE_BIN`, else
+/// built next to deployd's binary.
+pub fn graph_service_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("DEPLOYD_GRAPH_SERVICE_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "graph-service",
+                "--bin",
+                "graph-service",
+            ])
+            .current_dir(workspace())
+            .status()
+            .expect("cannot run cargo to build graph-service");
+        assert!(status.success(), "building graph-service failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| workspace().join("target"), PathBuf::from);
+        target.join("debug").join("graph-service")
+    })
+}
+
 /// Where the scenarios' Python installers keep their caches: `target/python-cache`.
 pub fn python_cache() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

@@ -190,8 +190,18 @@ fn e2e() -> anyhow::Result<()> {
         bail!("the scenarios' services need python3, which is not installed");
     }
     run(
-        "build deployd",
-        cargo().args(["build", "-p", "deployd", "--bin", "deployd"]),
+        "build deployd and the example graph service",
+        cargo().args([
+            "build",
+            "-p",
+            "deployd",
+            "--bin",
+            "deployd",
+            "-p",
+            "graph-service",
+            "--bin",
+            "graph-service",
+        ]),
     )?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
@@ -207,6 +217,8 @@ fn e2e() -> anyhow::Result<()> {
         let vars = env.vars();
         let mut envs = env_refs(&vars);
         envs.push(("DEPLOYD_BIN", binary.as_os_str()));
+        let graph_service = target.join("debug").join("graph-service");
+        envs.push(("DEPLOYD_GRAPH_SERVICE_BIN", graph_service.as_os_str()));
         envs.push(python_tools::scenario_env(&target)?);
         test("end-to-end scenarios", &["-p", "deployd-e2e"], &envs)
     })

@@ -1726,6 +1726,33 @@ impl Manager {
         protocol::send_event(port, task_id, data).await
     }
 
+    /// The graph a graph service serves, in Mermaid (`GET /graph` of the service), with the
+    /// run of `task_id` drawn over it when given (a task of this deployment).
+    pub async fn service_graph(
+        &self,
+        deployment: &str,
+        service: &str,
+        task_id: Option<&str>,
+    ) -> Result<String, Error> {
+        if let Some(task) = task_id {
+            self.task(deployment, task).await?;
+        }
+        let status = self.status(deployment)?;
+        let found = status
+            .services
+            .iter()
+            .find(|s| s.id == service)
+            .ok_or_else(|| Error::not_found("service", service))?;
+        if found.phase != Phase::Ready {
+            return Err(Error::Conflict(format!(
+                "service `{service}` is not ready (it is {}); its graph is asked of the running \
+                 service",
+                phase_name(found.phase)
+            )));
+        }
+        protocol::graph(found.port, service, task_id).await
+    }
+
     /// A task of a deployment.
     pub async fn task(&self, deployment: &str, task_id: &str) -> Result<TaskInfo, Error> {
         match self.inner.control.store().task(task_id).await? {

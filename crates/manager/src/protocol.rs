@@ -202,6 +202,47 @@ pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<
     })
 }
 
+/// `GET /graph` of a service (a graph service, see `deployd_graph::service`): its diagram in
+/// Mermaid, with `task_id`'s run drawn over it when given. A service without the route is a
+/// not-found naming it.
+pub(crate) async fn graph(
+    port: u16,
+    service: &str,
+    task_id: Option<&str>,
+) -> Result<String, crate::Error> {
+    let mut request = shared_client()
+        .get(format!("http://127.0.0.1:{port}/graph"))
+        .timeout(Duration::from_secs(30));
+    if let Some(task) = task_id {
+        request = request.query(&[("task_id", task)]);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|err| crate::Error::Unavailable(format!("cannot reach the service: {err}")))?;
+    let status = response.status();
+    let body: String = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        return Ok(body);
+    }
+    let said: String = body.chars().take(500).collect();
+    Err(match (status, task_id) {
+        (reqwest::StatusCode::NOT_FOUND, Some(task)) if said.contains("run") => {
+            crate::Error::NotFound {
+                what: "graph run of task",
+                name: task.to_owned(),
+            }
+        }
+        (reqwest::StatusCode::NOT_FOUND, _) => crate::Error::NotFound {
+            what: "graph of service",
+            name: service.to_owned(),
+        },
+        _ => crate::Error::Unavailable(format!(
+            "service `{service}` answered {status} to GET /graph: {said}"
+        )),
+    })
+}
+
 /// The HTTP client used to talk to services. It keeps connections alive between calls (a
 /// service that speaks HTTP/1.1 is not reconnected for every task).
 pub(crate) fn client() -> reqwest::Client {

@@ -142,6 +142,10 @@ pub(crate) fn routes(
             "/deployments/{name}/services/{service}/logs",
             get(service_logs),
         )
+        .route(
+            "/deployments/{name}/services/{service}/graph",
+            get(service_graph),
+        )
         .route("/deployments/{name}/ui", any(ui))
         .route("/deployments/{name}/ui/", any(ui))
         .route("/deployments/{name}/ui/{*path}", any(ui))
@@ -1129,6 +1133,35 @@ async fn task_events(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+struct GraphParams {
+    /// A task of the deployment whose run to draw over the graph.
+    task_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/services/{service}/graph", tag = "deployments",
+    summary = "The graph a graph service runs, in Mermaid",
+    description = "What the service's `GET /graph` answers (a service made with \
+`deployd_graph::service`): its graph as a Mermaid diagram; with `task_id`, the task's run \
+drawn over it (the nodes it went through, the one it is at). 404 when the service serves no \
+graph, or the task has no run.",
+    params(("name" = String, Path, description = "The deployment"), ("service" = String, Path, description = "The service's id"), GraphParams),
+    responses((status = 200, description = "The diagram", content_type = "text/plain", body = String),
+        (status = 409, description = "The service is not ready", body = ErrorBody)))]
+/// The Mermaid diagram of a graph service.
+async fn service_graph(
+    State(state): State<AppState>,
+    P((name, service)): P<(String, String)>,
+    Q(params): Q<GraphParams>,
+) -> ApiResult<Response> {
+    let text = state
+        .manager
+        .service_graph(&name, &service, params.task_id.as_deref())
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogParams {
     /// How many lines from the end (100 by default, at most 10,000).
     #[param(maximum = 10000)]
@@ -1342,7 +1375,7 @@ async fn send_event(
     ),
     paths(
         root, openapi_json, docs_page, status, metrics_page, list_deployments, create_deployment, get_deployment,
-        delete_deployment, service_logs, ui, list_tasks, create_task, run_task, task_result,
+        delete_deployment, service_logs, service_graph, ui, list_tasks, create_task, run_task, task_result,
         task_events, send_event, list_sessions, get_session, create_session, delete_session
     ),
     components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine)),

@@ -388,6 +388,9 @@ pub(crate) fn route_of(path: &str) -> &'static str {
         ["deployments", _, "tasks", _, "results"] => "/deployments/{name}/tasks/{task_id}/results",
         ["deployments", _, "tasks", _, "events"] => "/deployments/{name}/tasks/{task_id}/events",
         ["deployments", _, "services", _, "logs"] => "/deployments/{name}/services/{service}/logs",
+        ["deployments", _, "services", _, "graph"] => {
+            "/deployments/{name}/services/{service}/graph"
+        }
         ["deployments", _, "sessions"] => "/deployments/{name}/sessions",
         ["deployments", _, "sessions", "create"] => "/deployments/{name}/sessions/create",
         ["deployments", _, "sessions", "delete"] => "/deployments/{name}/sessions/delete",
