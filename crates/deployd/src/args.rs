@@ -291,6 +291,11 @@ pub(crate) struct ServeArgs {
     /// store) keeps its tasks before the other nodes run them again [default: 10].
     #[arg(long, value_name = "SECS", env = "DEPLOYD_LEASE", value_parser = parse_seconds)]
     pub(crate) lease: Option<Duration>,
+    /// Where graph services (`deployd_graph::service`) keep their runs: every service gets it
+    /// as `DEPLOYD_GRAPH_STORE` (`sqlite:///path` or `postgres://…?schema=NAME`). By default
+    /// each keeps them in a SQLite file of its own data folder; a cluster needs a shared one.
+    #[arg(long, value_name = "URL", hide_env_values = true)]
+    pub(crate) graph_store: Option<String>,
     /// Deployment files to deploy at start.
     pub(crate) files: Vec<PathBuf>,
 }

@@ -71,6 +71,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .store(args.store.clone().unwrap_or(StoreLocation::DataDir))
         .queue(args.queue.clone().filter(|q| !q.is_empty()))
         .map_err(anyhow::Error::msg)?
+        .graph_store(args.graph_store.clone().filter(|g| !g.is_empty()))
+        .map_err(anyhow::Error::msg)?
         .cluster(cluster_options(&args, listen)?);
     let store_shown = manager_options.store.shown();
     // Draining, then stopping the services, then a margin: the whole shutdown's deadline.

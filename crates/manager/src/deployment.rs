@@ -59,6 +59,8 @@ pub(crate) struct Context {
     /// In a cluster, the longest a delivery is held before the broker gives it to another
     /// node (see `sync_stage`).
     pub(crate) cluster_ack_deadline: Option<Duration>,
+    /// `DEPLOYD_GRAPH_STORE` of every service, when the operator gave one.
+    pub(crate) graph_store: Option<String>,
     pub(crate) control: Arc<Control>,
     /// The queue the deployment file names, and a connection to it.
     pub(crate) queue_config: QueueConfig,
@@ -874,6 +876,9 @@ async fn prepare_stage(context: Arc<Context>, mut item: Item) -> Result<Item, Er
         ),
         (NODE_VAR.into(), context.node_id.clone()),
     ]);
+    if let Some(store) = &context.graph_store {
+        env.push(("DEPLOYD_GRAPH_STORE".into(), store.clone()));
+    }
     let env = supervisor::process_env(env);
     let marks = BuildMarks::new(&context.dir, &service.id);
     item.fingerprint = fingerprint(service, &marks, &env);

@@ -162,6 +162,10 @@ pub struct Options {
     /// The message queue of the deployments whose file names none (or the embedded
     /// `simple` one), as a URL (see [`Options::queue`]); `None`: the embedded queue.
     pub queue: Option<String>,
+    /// Where graph services keep their runs (`DEPLOYD_GRAPH_STORE` of every service:
+    /// `sqlite:///path` or a `postgres://` URL); `None`: each service's own SQLite file in
+    /// its data folder.
+    pub graph_store: Option<String>,
 }
 
 /// How a node takes part in a cluster (see `cluster.rs`).
@@ -230,7 +234,25 @@ impl Options {
             store: StoreLocation::DataDir,
             cluster: None,
             queue: None,
+            graph_store: None,
         }
+    }
+
+    /// Sets where graph services keep their runs (see [`Options::graph_store`]); fails on
+    /// another kind of URL.
+    pub fn graph_store(mut self, url: Option<String>) -> Result<Self, String> {
+        if let Some(url) = &url
+            && !(url.starts_with("sqlite://")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            return Err(format!(
+                "graph store {}: expected sqlite:///path or a postgres:// URL",
+                redact_url(url)
+            ));
+        }
+        self.graph_store = url;
+        Ok(self)
     }
 
     /// Makes the node part of a cluster.
@@ -1362,6 +1384,7 @@ impl Manager {
             sync,
             node_id: self.inner.node_id.clone(),
             topic_scope: self.inner.topic_scope.clone(),
+            graph_store: self.inner.options.graph_store.clone(),
             cluster_ack_deadline: self
                 .inner
                 .options
