@@ -94,7 +94,12 @@ fn a_graph_service_resumes_after_a_kill_and_asks_a_human_across_restarts() {
     // The runs go where the operator says: deployd hands the services `--graph-store`.
     let graphs = data.path().join("graphs.sqlite");
     let graph_store = format!("sqlite://{}", graphs.display());
-    let flags = ["--drain-timeout", "1", "--graph-store", graph_store.as_str()];
+    let flags = [
+        "--drain-timeout",
+        "1",
+        "--graph-store",
+        graph_store.as_str(),
+    ];
     let mut server = Server::start(&data_dir, &flags);
     success(&server.cli(&["deploy", file.to_str().unwrap()]));
     server.wait_ready("trips");
@@ -110,7 +115,10 @@ fn a_graph_service_resumes_after_a_kill_and_asks_a_human_across_restarts() {
     answer(&server, &task, &json!({"approve": true}));
     let done = result(&server, &task);
     assert_eq!(done["result"], "booked 2 nights in Lisbon", "{done}");
-    assert!(graphs.is_file(), "the service keeps its runs in --graph-store");
+    assert!(
+        graphs.is_file(),
+        "the service keeps its runs in --graph-store"
+    );
     let counts = steps(&log, &run_of(&task));
     assert_eq!(counts["Research"], 1);
     assert_eq!(counts["Draft"], 1);
