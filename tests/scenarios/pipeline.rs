@@ -293,3 +293,27 @@ fn a_reload_replaces_only_the_services_that_changed() {
     ]));
     assert!(out.contains("two changing: hi"), "{out}");
 }
+
+/// A service with a `build` and no `source` (its command names a program elsewhere, as the
+/// graph example's does): the build runs in its empty folder, and the service starts.
+#[test]
+fn a_service_without_a_source_builds_and_runs() {
+    let project = Project::new();
+    let echo = project.path().join("src/echo.py");
+    let built = project.path().join("built");
+    let file = project.write(
+        "sourceless.yaml",
+        &format!(
+            "name: sourceless\nservices:\n  svc:\n    build:\n      - touch {}\n    command: python3 {}\n",
+            built.display(),
+            echo.display()
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    server.wait_ready("sourceless");
+    assert!(built.is_file(), "the build ran");
+    let out = success(&server.cli(&["run", "-d", "sourceless", "-a", "message", "hi"]));
+    assert!(out.contains("svc: hi"), "{out}");
+}

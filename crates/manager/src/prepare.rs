@@ -178,6 +178,10 @@ impl BuildMarks {
     }
 
     fn record_build(&self, service: &ServiceSpec) -> Result<(), Error> {
+        // A service without a source has no sync record, and so no folder for it yet.
+        if let Some(dir) = self.built.parent() {
+            std::fs::create_dir_all(dir).map_err(|err| Error::io("cannot create", dir, err))?;
+        }
         let key = self.key(service).unwrap_or_default();
         std::fs::write(&self.built, key).map_err(|err| Error::io("cannot write", &self.built, err))
     }
