@@ -461,6 +461,17 @@ fn load(
     cap: Duration,
     request: &(dyn Fn(usize, usize) -> Vec<u8> + Sync),
 ) -> Measure {
+    load_on(&[port], connections, tasks, cap, request)
+}
+
+/// [`load`] over several servers: connection `c` goes to `ports[c % ports.len()]`.
+fn load_on(
+    ports: &[u16],
+    connections: usize,
+    tasks: usize,
+    cap: Duration,
+    request: &(dyn Fn(usize, usize) -> Vec<u8> + Sync),
+) -> Measure {
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     let deadline = started + cap;
@@ -468,6 +479,7 @@ fn load(
         let workers: Vec<_> = (0..connections)
             .map(|connection| {
                 let next = &next;
+                let port = ports[connection % ports.len()];
                 scope.spawn(move || {
                     let mut latencies = Vec::new();
                     let mut failures = 0;

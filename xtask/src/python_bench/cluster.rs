@@ -9,19 +9,13 @@
 //! checked. It prints tasks/s and p50/p99 per size, and the ratios to one node; the target is
 //! [`TARGET_3`] at three nodes.
 
-use std::io::BufReader;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::{
-    DEPLOYMENT, EXPECTED, IO_TIMEOUT, Measure, Process, connect, contains, exchange, free_port,
-    run_request, summarize,
-};
+use super::{DEPLOYMENT, Measure, Process, free_port, load_on, run_request};
 
 /// What each task waits in the service.
 const DELAY_MS: u64 = 20;
@@ -179,69 +173,9 @@ fn measure(
 /// `tasks` tasks/run over `connections` keep-alive connections, connection `c` to node
 /// `c % nodes`; at most `cap`.
 fn load(ports: &[u16], connections: usize, tasks: usize, cap: Duration) -> Measure {
-    let next = AtomicUsize::new(0);
-    let started = Instant::now();
-    let deadline = started + cap;
-    let per_connection: Vec<(Vec<Duration>, usize, Option<String>)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..connections)
-            .map(|connection| {
-                let next = &next;
-                let port = ports[connection % ports.len()];
-                scope.spawn(move || {
-                    let request = run_request(port);
-                    let mut latencies = Vec::new();
-                    let mut failures = 0;
-                    let mut first_failure = None;
-                    let mut stream: Option<BufReader<TcpStream>> = None;
-                    while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < tasks
-                    {
-                        let sent = Instant::now();
-                        let answer = match stream.as_mut() {
-                            Some(open) => exchange(open, &request),
-                            None => connect(port, IO_TIMEOUT)
-                                .and_then(|open| exchange(stream.insert(open), &request)),
-                        };
-                        match answer {
-                            Ok((200, body, keep_alive)) if contains(&body, EXPECTED) => {
-                                latencies.push(sent.elapsed());
-                                if !keep_alive {
-                                    stream = None;
-                                }
-                            }
-                            Ok((status, body, _)) => {
-                                failures += 1;
-                                first_failure.get_or_insert_with(|| {
-                                    format!(
-                                        "{status}: {}",
-                                        String::from_utf8_lossy(&body)
-                                            .chars()
-                                            .take(300)
-                                            .collect::<String>()
-                                    )
-                                });
-                                stream = None;
-                            }
-                            Err(err) => {
-                                failures += 1;
-                                first_failure.get_or_insert_with(|| err.to_string());
-                                stream = None;
-                            }
-                        }
-                    }
-                    (latencies, failures, first_failure)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|worker| {
-                worker
-                    .join()
-                    .unwrap_or_else(|_| (Vec::new(), 1, Some("a load thread panicked".into())))
-            })
-            .collect()
-    });
-    summarize(connections, tasks, started.elapsed(), per_connection)
+    let requests: Vec<Vec<u8>> = ports.iter().map(|port| run_request(*port)).collect();
+    let request = |_: usize, connection: usize| requests[connection % requests.len()].clone();
+    load_on(ports, connections, tasks, cap, &request)
 }
 
 fn drop_schema(postgres: &str, schema: &str) {

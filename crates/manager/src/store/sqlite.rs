@@ -381,7 +381,6 @@ impl ControlStore for SqliteStore {
             .map(Some)
     }
 
-    /// Tasks that had not finished, oldest first: to be queued again after a restart.
     async fn task_counts(&self) -> Result<Vec<crate::TaskCount>, Error> {
         let rows = sqlx::query(
             "SELECT deployment, service, status, COUNT(*) AS n, MIN(created_at) AS oldest
