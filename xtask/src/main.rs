@@ -23,9 +23,12 @@ tasks:
            (the queue's bench runs against every broker, started as for e2e; the Python echo
            workflow runs through deployd, the adapter alone and llama_deploy 0.9.2; the task
            path runs deployd with a native and a Python echo service against llama_deploy; a
-           cluster of 1, 2 and 3 nodes on PostgreSQL and Redis runs a 20 ms service)
+           cluster of 1, 2 and 3 nodes on PostgreSQL and Redis runs a 20 ms service; a 100-step
+           durable graph runs through deployd and in process)
   bench tasks          only the task path (the same as bench-tasks)
   bench cluster        only the cluster benchmark (throughput of 1, 2 and 3 nodes)
+  bench graph          only the durable graph benchmark (a 100-step graph through deployd and
+                       in process)
   bench python         only the Python workflow benchmark (the same as bench-python)
   bench-python [--without-deployd]
                        only the Python workflow benchmark (without deployd: only the adapter
@@ -44,6 +47,7 @@ fn main() -> std::process::ExitCode {
             None => bench(),
             Some("tasks") => python_bench::tasks::run(),
             Some("cluster") => bench_cluster(),
+            Some("graph") => python_bench::graph::run(),
             Some("python") => python_bench::run(true),
             Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}`\n\n{USAGE}")),
         },
@@ -275,6 +279,11 @@ fn bench() -> anyhow::Result<()> {
     if let Err(err) = python_bench::tasks::run() {
         eprintln!("xtask: {err:#}");
         missed.push("task path (bench-tasks)");
+    }
+    // A 100-step durable graph through deployd and in process.
+    if let Err(err) = python_bench::graph::run() {
+        eprintln!("xtask: {err:#}");
+        missed.push("durable graph steps (bench graph)");
     }
     // A cluster of 1, 2 and 3 nodes on PostgreSQL and Redis.
     if let Err(err) = bench_cluster() {

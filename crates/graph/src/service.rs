@@ -358,7 +358,8 @@ impl Service {
 
     /// Serves graph `G`: a task's input becomes its first node and state through `start`
     /// (an `Err` fails the task with that message), and its nodes get `deps`. With several
-    /// graphs, a task names its graph in its input's `graph`.
+    /// graphs, a task names its graph in its input's `graph` (`GET /graph` in `?graph=`); one
+    /// that names none goes to the first served.
     pub fn graph<G, N>(
         mut self,
         start: impl Fn(Value) -> Result<(N, G::State), String> + Send + Sync + 'static,
@@ -427,11 +428,7 @@ impl Shared {
     fn pick(&self, name: Option<&str>) -> Result<Arc<dyn Served>, String> {
         match (name, self.graphs.as_slice()) {
             (_, []) => Err("the service serves no graph".to_owned()),
-            (None, [only]) => Ok(Arc::clone(only)),
-            (None, _) => Err(format!(
-                "name the graph in the input's `graph`: one of {}",
-                self.names()
-            )),
+            (None, [first, ..]) => Ok(Arc::clone(first)),
             (Some(name), graphs) => graphs
                 .iter()
                 .find(|g| g.name() == name)
