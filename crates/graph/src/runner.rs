@@ -391,6 +391,19 @@ impl<G: Graph> Runner<G> {
         interrupt_id: &SnapshotId,
         answer: A,
     ) -> Result<Finished<G>, Error> {
+        self.answer(run_id, interrupt_id, answer).await?;
+        self.resume(run_id).await
+    }
+
+    /// Records the answer to the interrupt `interrupt_id` the run waits on, as
+    /// [`resume_with`](Self::resume_with) does, without running the run: it is runnable again
+    /// ([`open`](Self::open) it to go on step by step).
+    pub async fn answer<A: Serialize>(
+        &self,
+        run_id: &RunId,
+        interrupt_id: &SnapshotId,
+        answer: A,
+    ) -> Result<(), Error> {
         let latest = self
             .store
             .latest(run_id)
@@ -441,11 +454,10 @@ impl<G: Graph> Runner<G> {
             .transition(interrupt_id, Transition::Answer { answer })
             .await
         {
-            Ok(()) => {}
-            Err(Error::IllegalTransition { .. }) => return Err(answered()),
-            Err(err) => return Err(err),
+            Ok(()) => Ok(()),
+            Err(Error::IllegalTransition { .. }) => Err(answered()),
+            Err(err) => Err(err),
         }
-        self.resume(run_id).await
     }
 
     /// Tries a failed run's node again (with `attempt + 1`) and continues the run.
@@ -710,6 +722,19 @@ impl<G: Graph> GraphRun<G> {
         } else {
             let span = self.span.clone();
             self.step(false).instrument(span).await?;
+        }
+        Ok(matches!(self.position, Position::Ready { .. }))
+    }
+
+    /// Runs the next node as [`finish`](Self::finish) runs each: what follows it is recorded
+    /// `running` under this worker's lease in the same commit (one commit per step, where
+    /// [`next`](Self::next) makes two). Returns whether another node is ready to run.
+    pub async fn advance(&mut self) -> Result<bool, Error> {
+        if self.span.is_disabled() {
+            self.step(true).await?;
+        } else {
+            let span = self.span.clone();
+            self.step(true).instrument(span).await?;
         }
         Ok(matches!(self.position, Position::Ready { .. }))
     }

@@ -4,8 +4,9 @@
 //! - `POST /tasks`: the task's run has the task's id ([`RunId::for_task`]); a first delivery
 //!   starts it at the node the graph's `start` function makes from the task's input, a later
 //!   delivery (deployd sends a task again after a crash, with `attempt + 1`) continues it from
-//!   its last committed step, so no committed node runs again. What nodes emit goes out as
-//!   `event` lines, the graph's `End` output as the `result`.
+//!   its last committed step, so no committed node runs again. Each step's `started` and
+//!   `finished` (`interrupted`, `failed`) and what nodes emit go out as `event` lines, in order;
+//!   the graph's `End` output is the `result`.
 //! - A node that asks (human in the loop) sends an `InputRequiredEvent`-shaped event carrying
 //!   the interrupt's id and request, and the task waits, its answer open, for
 //!   `POST /tasks/{task_id}/events` (what deployd forwards from a client's
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{Error, Graph, Node, Outcome, RunId, Runner, Store, mermaid};
+use crate::{Error, Graph, Node, RunId, Runner, Store, mermaid};
 
 /// How long a delivery waits for the lease of an earlier delivery's worker (a process that
 /// died mid-node) to expire before it gives up with a 503, which deployd retries.
@@ -143,8 +144,9 @@ fn run_of(task_id: &str) -> Result<RunId, Error> {
     })
 }
 
-/// Runs the task's run to its end, asking for answers as its nodes need them; the output as
-/// JSON, or the error's message.
+/// Runs the task's run to its end, step by step, asking for answers as its nodes need them:
+/// each step's `started` and `finished` (or `interrupted`, `failed`) and what the node emitted
+/// go out as event lines, in order. The output as JSON, or the error's message.
 async fn run_task<G, N>(
     entry: &Entry<G, N>,
     task: &TaskRequest,
@@ -158,90 +160,91 @@ where
     N: Node<G>,
 {
     let run_id = run_of(&task.task_id).map_err(|err| err.to_string())?;
-    // What the nodes emit, as event lines, while the run goes on.
     let (events, mut emitted) = mpsc::unbounded_channel();
     let runner = entry.runner.clone().events(events);
-    let forward = {
-        let lines = lines.clone();
-        tokio::spawn(async move {
-            while let Some(emitted) = emitted.recv().await {
-                let data = json!({
-                    "node": emitted.node_id,
-                    "event": serde_json::to_value(&emitted.event).unwrap_or(Value::Null),
-                });
-                if lines.send(Line::Event { data }).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
-    let mut finished = first_run(entry, &runner, &run_id, task).await;
-    let outcome = loop {
-        let done = match finished {
-            Ok(done) => done,
-            Err(err) => break Err(err.to_string()),
-        };
-        match done.outcome {
-            Outcome::End(output) => {
-                break serde_json::to_value(&output).map_err(|err| err.to_string());
-            }
-            Outcome::Interrupted(interrupt) => {
-                let request: Value =
-                    serde_json::from_str(interrupt.request.get()).unwrap_or(Value::Null);
-                let asked = json!({
-                    "__is_pydantic": true,
-                    "qualified_name": "llama_index.core.workflow.events.InputRequiredEvent",
-                    "value": {
-                        "prefix": "",
-                        "interrupt_id": interrupt.id.to_string(),
-                        "node": interrupt.node_id,
-                        "request": request,
-                    },
-                });
-                if lines.send(Line::Event { data: asked }).await.is_err() {
-                    break Err("the task's answer was closed while it waited".to_owned());
-                }
-                let Some(answer) = answers.recv().await else {
-                    break Err("the task stopped waiting for an answer".to_owned());
-                };
-                finished = runner
-                    .resume_with(&run_id, &interrupt.id, answer_of(answer))
-                    .await;
-            }
+    let send = |data: Value| lines.send(Line::Event { data });
+    let closed = || "the task's answer was closed".to_owned();
+    let mut run = open_run(entry, &runner, &run_id, task)
+        .await
+        .map_err(|err| err.to_string())?;
+    loop {
+        if let Some(output) = run.output() {
+            return serde_json::to_value(output).map_err(|err| err.to_string());
         }
-    };
-    drop(runner);
-    let _ = forward.await;
-    outcome
+        if let Some(interrupt) = run.interrupt().cloned() {
+            let request: Value =
+                serde_json::from_str(interrupt.request.get()).unwrap_or(Value::Null);
+            let asked = json!({
+                "__is_pydantic": true,
+                "qualified_name": "llama_index.core.workflow.events.InputRequiredEvent",
+                "value": {
+                    "prefix": "",
+                    "interrupt_id": interrupt.id.to_string(),
+                    "node": interrupt.node_id,
+                    "request": request,
+                },
+            });
+            send(asked).await.map_err(|_| closed())?;
+            let Some(answer) = answers.recv().await else {
+                return Err("the task stopped waiting for an answer".to_owned());
+            };
+            runner
+                .answer(&run_id, &interrupt.id, answer_of(answer))
+                .await
+                .map_err(|err| err.to_string())?;
+            run = runner.open(&run_id).await.map_err(|err| err.to_string())?;
+            continue;
+        }
+        let node = run.next_node().map_or("?", |node| node.node_id());
+        send(json!({"node": node, "step": "started"}))
+            .await
+            .map_err(|_| closed())?;
+        let stepped = run.advance().await;
+        // What the node emitted is in the channel once its step is done.
+        while let Ok(emitted) = emitted.try_recv() {
+            let data = json!({
+                "node": emitted.node_id,
+                "event": serde_json::to_value(&emitted.event).unwrap_or(Value::Null),
+            });
+            send(data).await.map_err(|_| closed())?;
+        }
+        let step = match &stepped {
+            Ok(_) if run.interrupt().is_some() => "interrupted",
+            Ok(_) => "finished",
+            Err(_) => "failed",
+        };
+        send(json!({"node": node, "step": step}))
+            .await
+            .map_err(|_| closed())?;
+        stepped.map_err(|err| err.to_string())?;
+    }
 }
 
-/// Starts the run, or continues it (a task delivered again), waiting out the lease of a
-/// delivery whose process died.
-async fn first_run<G, N>(
+/// Opens the task's run: starts it from the input when the store has none, else continues it
+/// (a task delivered again), waiting out the lease of a delivery whose process died.
+async fn open_run<G, N>(
     entry: &Entry<G, N>,
     runner: &Runner<G>,
     run_id: &RunId,
     task: &TaskRequest,
-) -> Result<crate::Finished<G>, Error>
+) -> Result<crate::GraphRun<G>, Error>
 where
     G: Graph,
     N: Node<G>,
 {
     let deadline = tokio::time::Instant::now() + LEASE_WAIT;
     loop {
-        // A run of this task exists (an earlier delivery started it): continue it; else
-        // start it from the input.
-        let attempt = if runner.store().latest(run_id).await?.is_some() {
-            runner.resume(run_id).await
+        let opened = if runner.store().latest(run_id).await?.is_some() {
+            runner.open(run_id).await
         } else {
             let (node, state) = (entry.start)(task.input.clone()).map_err(|message| {
                 Error::Storage(format!(
                     "the task's input does not start the graph: {message}"
                 ))
             })?;
-            runner.run_as(run_id, node, state).await
+            runner.start_as(run_id, node, state).await
         };
-        match attempt {
+        match opened {
             // Leased by the worker of a delivery whose process died: wait for the lease.
             Err(Error::Conflict { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -325,14 +328,61 @@ async fn open_sqlite(_: &std::path::Path) -> Result<Arc<dyn Store>, Error> {
 
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str) -> Result<Arc<dyn Store>, Error> {
-    let (base, schema) = match url.split_once("?schema=") {
-        Some((base, schema)) => (base, schema),
-        None => (url, "public"),
-    };
+    let (base, schema) = split_schema(url);
     Ok(Arc::new(
-        crate::store::PostgresStore::connect_in_schema(base, schema, crate::Durability::Immediate)
-            .await?,
+        crate::store::PostgresStore::connect_in_schema(
+            &base,
+            schema.as_deref().unwrap_or("public"),
+            crate::Durability::Immediate,
+        )
+        .await?,
     ))
+}
+
+/// A URL without its `schema=` query parameter, and that parameter's value.
+fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("schema=") {
+            Some(name) => {
+                schema = Some(name.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let base = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (base, schema)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_store_url_s_schema_is_taken_out_of_its_query() {
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?sslmode=disable&schema=s_graphs"),
+            (
+                "postgres://u@h/db?sslmode=disable".to_owned(),
+                Some("s_graphs".to_owned())
+            )
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db?schema=x"),
+            ("postgres://u@h/db".to_owned(), Some("x".to_owned()))
+        );
+        assert_eq!(
+            super::split_schema("postgres://u@h/db"),
+            ("postgres://u@h/db".to_owned(), None)
+        );
+    }
 }
 
 #[cfg(not(feature = "postgres"))]

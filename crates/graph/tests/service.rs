@@ -173,10 +173,18 @@ async fn a_task_s_question_outlives_its_process_and_its_answer_finishes_the_run(
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/x-ndjson");
     let (lines, _rest) = lines_until(response, |l| l["data"]["__is_pydantic"] == true).await;
-    assert_eq!(lines[0]["type"], "event");
+    assert!(lines.iter().all(|l| l["type"] == "event"), "{lines:?}");
+    // Each step's start and end, and what it emitted in between, in order.
+    let data: Vec<&Value> = lines.iter().map(|l| &l["data"]).collect();
     assert_eq!(
-        lines[0]["data"],
-        json!({"node": "Plan", "event": {"planned": "Lisbon"}})
+        data[..5],
+        [
+            &json!({"node": "Plan", "step": "started"}),
+            &json!({"node": "Plan", "event": {"planned": "Lisbon"}}),
+            &json!({"node": "Plan", "step": "finished"}),
+            &json!({"node": "Ask", "step": "started"}),
+            &json!({"node": "Ask", "step": "interrupted"}),
+        ]
     );
     let asked = &lines.last().unwrap()["data"];
     assert_eq!(
@@ -226,10 +234,35 @@ async fn a_task_s_question_outlives_its_process_and_its_answer_finishes_the_run(
     while let Some(chunk) = rest.next().await {
         text.extend_from_slice(&chunk.unwrap());
     }
-    let last: Value = serde_json::from_slice(text.trim_ascii()).unwrap();
+    let lines: Vec<Value> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let steps: Vec<String> = lines
+        .iter()
+        .filter_map(|l| {
+            let data = &l["data"];
+            Some(format!(
+                "{} {}",
+                data["node"].as_str()?,
+                data["step"].as_str()?
+            ))
+        })
+        .collect();
     assert_eq!(
-        last,
-        json!({"type": "result", "data": "3 nights in Lisbon"})
+        steps,
+        [
+            "Ask started",
+            "Ask finished",
+            "Book started",
+            "Book finished"
+        ],
+        "the answered step runs again with its answer, then the rest"
+    );
+    assert_eq!(
+        lines.last().unwrap(),
+        &json!({"type": "result", "data": "3 nights in Lisbon"})
     );
 
     // Its diagram, and the run drawn over it.

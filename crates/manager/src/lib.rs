@@ -163,8 +163,10 @@ pub struct Options {
     /// `simple` one), as a URL (see [`Options::queue`]); `None`: the embedded queue.
     pub queue: Option<String>,
     /// Where graph services keep their runs (`DEPLOYD_GRAPH_STORE` of every service:
-    /// `sqlite:///path` or a `postgres://` URL); `None`: each service's own SQLite file in
-    /// its data folder.
+    /// `sqlite:///path` or a `postgres://` URL). `None`: on a PostgreSQL control store, the
+    /// same database in the schema `<control schema>_graphs` (services then hold the store's
+    /// credentials: give them a role of their own with this option); on SQLite, each service's
+    /// own SQLite file in its data folder.
     pub graph_store: Option<String>,
 }
 
@@ -823,10 +825,20 @@ impl Manager {
         }
         let cluster_name = options.cluster.as_ref().map(|c| c.name.as_str());
         let topic_scope = queues::topic_scope(cluster_name, &node_id);
+        // On PostgreSQL, graph services keep their runs there too (unless told otherwise), so
+        // that a task sent again to another node goes on with its run.
+        let graph_store = options
+            .graph_store
+            .clone()
+            .or_else(|| store::default_graph_store(&options.store, cluster_name));
         let (store, notifier) =
             store::open(&options.store, &data_dir, &node_id, cluster_name).await?;
         let control = Arc::new(Control::new(store, &node_id, Arc::new(notifier)));
         let cluster = options.cluster.as_ref().map(cluster::State::new);
+        let options = Options {
+            graph_store,
+            ..options
+        };
         let manager = Self {
             inner: Arc::new(Inner {
                 options,

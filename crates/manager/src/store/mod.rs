@@ -360,6 +360,35 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// The schema of a PostgreSQL store: the URL's `?schema=`, else `deployd_<cluster>` (`-` as
+/// `_`), else `deployd`.
+pub(crate) fn schema_of(schema: Option<&String>, cluster: Option<&str>) -> String {
+    match (schema, cluster) {
+        (Some(schema), _) => schema.clone(),
+        (None, Some(cluster)) => {
+            format!("deployd_{}", cluster.to_ascii_lowercase().replace('-', "_"))
+        }
+        (None, None) => "deployd".to_owned(),
+    }
+}
+
+/// Where graph services keep their runs by default on a node whose control store is
+/// PostgreSQL: the same database, in the schema `<control schema>_graphs`. `None` with SQLite
+/// (each service then keeps a SQLite file in its data folder).
+pub(crate) fn default_graph_store(
+    location: &StoreLocation,
+    cluster: Option<&str>,
+) -> Option<String> {
+    match location {
+        StoreLocation::DataDir => None,
+        StoreLocation::Postgres { url, schema } => {
+            let schema = schema_of(schema.as_ref(), cluster);
+            let separator = if url.contains('?') { '&' } else { '?' };
+            Some(format!("{url}{separator}schema={schema}_graphs"))
+        }
+    }
+}
+
 /// Opens the store at `location` (the SQLite file lives in `data_dir`) for node `node`, with
 /// the notifier that goes with it.
 pub(crate) async fn open(
@@ -374,13 +403,7 @@ pub(crate) async fn open(
             crate::notifier::Notifier::local(node),
         ),
         StoreLocation::Postgres { url, schema } => {
-            let schema = match (schema, cluster) {
-                (Some(schema), _) => schema.clone(),
-                (None, Some(cluster)) => {
-                    format!("deployd_{}", cluster.to_ascii_lowercase().replace('-', "_"))
-                }
-                (None, None) => "deployd".to_owned(),
-            };
+            let schema = schema_of(schema.as_ref(), cluster);
             let store = PostgresStore::connect(url, &schema).await?;
             store.notify_as(node);
             let notifier = crate::notifier::Notifier::postgres(
@@ -423,5 +446,20 @@ mod tests {
         assert!(err.contains("postgres://") && !err.contains("pw"), "{err}");
         let err = StoreLocation::parse("postgres://h/db?schema=Bad-Name").unwrap_err();
         assert!(err.contains("Bad-Name"), "{err}");
+    }
+
+    #[test]
+    fn graph_services_default_to_a_schema_beside_the_control_store() {
+        let cluster = StoreLocation::parse("postgres://u:p@h/db").unwrap();
+        assert_eq!(
+            default_graph_store(&cluster, Some("prod-eu")).as_deref(),
+            Some("postgres://u:p@h/db?schema=deployd_prod_eu_graphs")
+        );
+        let named = StoreLocation::parse("postgres://u@h/db?sslmode=disable&schema=c1").unwrap();
+        assert_eq!(
+            default_graph_store(&named, None).as_deref(),
+            Some("postgres://u@h/db?sslmode=disable&schema=c1_graphs")
+        );
+        assert_eq!(default_graph_store(&StoreLocation::DataDir, None), None);
     }
 }
