@@ -248,6 +248,29 @@ fn measure_all(env: &Env, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds deployd and the binary `bin` of package `package` in release; returns the target
+/// folder (absolute), whose `release/` holds them.
+fn build_release_with(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    crate::run(
+        &format!("build deployd and {bin} (release)"),
+        crate::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "deployd",
+            "--bin",
+            "deployd",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ]),
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| crate::root().join("target"), PathBuf::from);
+    Ok(std::path::absolute(&target)?)
+}
+
 /// `POST /deployments/bench/tasks/run` with the input `{"message": "hi"}`.
 fn run_request(port: u16) -> Vec<u8> {
     post(

@@ -9,7 +9,7 @@
 //! checked. It prints tasks/s and p50/p99 per size, and the ratios to one node; the target is
 //! [`TARGET_3`] at three nodes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -38,24 +38,7 @@ fn native_file(binary: &Path) -> String {
 }
 
 pub(crate) fn run(postgres: &str, redis: &str) -> anyhow::Result<()> {
-    crate::run(
-        "build deployd and echo-service (release)",
-        crate::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "deployd",
-            "--bin",
-            "deployd",
-            "-p",
-            "xtask",
-            "--bin",
-            "echo-service",
-        ]),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| crate::root().join("target"), PathBuf::from);
-    let target = std::path::absolute(&target)?;
+    let target = super::build_release_with("xtask", "echo-service")?;
     let deployd = target.join("release").join("deployd");
     let echo = target.join("release").join("echo-service");
     let work = target.join("cluster-bench");

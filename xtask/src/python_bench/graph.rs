@@ -5,7 +5,6 @@
 //! SQLite file with the same durability and run [`CONCURRENCY`] runs at a time; it prints the
 //! durable steps per second of each and their ratio, which must be at least [`TARGET`].
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,24 +31,7 @@ fn request(port: u16) -> Vec<u8> {
 }
 
 pub(crate) fn run() -> anyhow::Result<()> {
-    crate::run(
-        "build deployd and graph-service (release)",
-        crate::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "deployd",
-            "--bin",
-            "deployd",
-            "-p",
-            "graph-service",
-            "--bin",
-            "graph-service",
-        ]),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| crate::root().join("target"), PathBuf::from);
-    let target = std::path::absolute(&target)?;
+    let target = super::build_release_with("graph-service", "graph-service")?;
     let deployd = target.join("release").join("deployd");
     let service = target.join("release").join("graph-service");
     let work = target.join("graph-bench");

@@ -21,7 +21,7 @@
 //! [`BASELINE_RATIO`] of its tasks/s at each load: a change does not slow the task path.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -88,24 +88,7 @@ services:
 
 /// Runs the benchmark; fails when a target is missed.
 pub(crate) fn run() -> anyhow::Result<()> {
-    crate::run(
-        "build deployd and echo-service (release)",
-        crate::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "deployd",
-            "--bin",
-            "deployd",
-            "-p",
-            "xtask",
-            "--bin",
-            "echo-service",
-        ]),
-    )?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| crate::root().join("target"), PathBuf::from);
-    let target = std::path::absolute(&target)?;
+    let target = super::build_release_with("xtask", "echo-service")?;
     let deployd = target.join("release").join("deployd");
     let echo = target.join("release").join("echo-service");
     let python = crate::python_tools::llama_deploy_python(&target)?;
