@@ -125,28 +125,14 @@ impl Manager {
             return Ok(Vec::new());
         };
         let store = self.inner.control.store();
-        store
-            .hold_lease(
-                &self.inner.node_id,
-                state.address.as_deref(),
-                &version(),
-                state.lease_ms(),
-            )
-            .await?;
+        self.hold_lease(state).await?;
         state.healthy.store(true, Ordering::Relaxed);
         state.renewed_ms.store(now_ms(), Ordering::Relaxed);
         // What this node was running before it restarted runs nowhere now: give it up and
         // take it back, with whatever other dead nodes left.
         store.release_lease(&self.inner.node_id).await?;
         let orphans = store.take_orphans().await;
-        store
-            .hold_lease(
-                &self.inner.node_id,
-                state.address.as_deref(),
-                &version(),
-                state.lease_ms(),
-            )
-            .await?;
+        self.hold_lease(state).await?;
         let orphans = orphans?;
         if !orphans.is_empty() {
             tracing::info!(
@@ -264,16 +250,9 @@ impl Manager {
         });
     }
 
-    fn is_closing(&self) -> bool {
-        self.inner.closing.load(Ordering::Relaxed)
-    }
-
-    async fn renew_lease(&self) {
-        let Some(state) = self.cluster_state() else {
-            return;
-        };
-        let renewed = self
-            .inner
+    /// Takes or renews this node's lease in the store.
+    async fn hold_lease(&self, state: &State) -> Result<(), Error> {
+        self.inner
             .control
             .store()
             .hold_lease(
@@ -282,7 +261,18 @@ impl Manager {
                 &version(),
                 state.lease_ms(),
             )
-            .await;
+            .await
+    }
+
+    fn is_closing(&self) -> bool {
+        self.inner.closing.load(Ordering::Relaxed)
+    }
+
+    async fn renew_lease(&self) {
+        let Some(state) = self.cluster_state() else {
+            return;
+        };
+        let renewed = self.hold_lease(state).await;
         match renewed {
             Ok(()) => {
                 if !state.healthy.swap(true, Ordering::Relaxed) {
