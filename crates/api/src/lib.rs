@@ -221,10 +221,10 @@ pub struct TaskResult {
     /// Extra data; empty.
     #[serde(default)]
     pub data: Value,
-    /// `succeeded` or `failed`.
+    /// `succeeded`, `failed` or `cancelled`.
     #[serde(default)]
     pub status: String,
-    /// The error of a failed task.
+    /// The error of a failed task (of a cancelled one: who cancelled it).
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -236,7 +236,7 @@ pub struct EventLine {
     /// Position in the task's log, from 1: pass the last one seen as `after` (or
     /// `Last-Event-ID`) to resume.
     pub seq: u64,
-    /// `event`, `result` or `error`; the last two end the stream.
+    /// `event`, `result`, `error` or `cancelled`; the last three end the stream.
     #[serde(rename = "type")]
     pub kind: String,
     /// The event's data, the result, or the error message.
@@ -245,6 +245,74 @@ pub struct EventLine {
     /// task): the events of an attempt that broke off stay in the log, marked with it.
     #[serde(default)]
     pub attempt: u32,
+}
+
+/// A task as deployd keeps it: where it is, when it was created and changed, its input and
+/// outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskSummary {
+    /// The task.
+    pub task_id: String,
+    /// The service that runs it.
+    pub service: String,
+    /// The session it runs in.
+    pub session_id: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    /// How many times it has been handed to its service.
+    pub attempt: u32,
+    /// When it was created (ms since the epoch).
+    pub created_at: i64,
+    /// When its status last changed (ms since the epoch).
+    pub updated_at: i64,
+    /// Its input, as given.
+    pub input: Value,
+    /// Its result, once it succeeded.
+    pub result: Option<Value>,
+    /// Its error once it failed; who cancelled it once cancelled.
+    pub error: Option<String>,
+}
+
+/// One page of a task search, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskPage {
+    /// The tasks.
+    pub tasks: Vec<TaskSummary>,
+    /// Pass as `before` for the next (older) page; `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// What a revision's service ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RevisionSource {
+    /// The digest of its synced source tree.
+    pub digest: String,
+    /// The commit, for a git source.
+    pub commit: Option<String>,
+}
+
+/// One deploy, reload or rollback of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RevisionInfo {
+    /// Its number, from 1.
+    pub revision: u64,
+    /// When it was made (ms since the epoch).
+    pub created_at: i64,
+    /// Who asked for it: `operator` (a file given to `serve`), or `client <address>`.
+    pub by: String,
+    /// `deploy`, `reload` or `rollback`.
+    pub kind: String,
+    /// Of a rollback: the revision it went back to.
+    pub rollback_of: Option<u64>,
+    /// `deploying`, then `deployed` or `failed`.
+    pub outcome: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Each service's source, by service id.
+    pub sources: std::collections::BTreeMap<String, RevisionSource>,
+    /// The deployment file (only when one revision is asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<String>,
 }
 
 /// llama_deploy's `EventDefinition`: an event sent into a running task (a human's answer).

@@ -77,6 +77,28 @@ pub(crate) enum Command {
         #[arg(short, long, default_value_t = 0)]
         replica: usize,
     },
+    /// Lists a deployment's revisions (every deploy, reload and rollback), newest first.
+    History {
+        /// The deployment.
+        deployment: String,
+    },
+    /// Deploys an earlier revision of a deployment again (see `history`); returns once it
+    /// serves.
+    Rollback {
+        /// The deployment.
+        deployment: String,
+        /// The revision to go back to; the last one that deployed before the current one when
+        /// absent.
+        revision: Option<u64>,
+    },
+    /// Cancels a queued or running task.
+    Cancel {
+        /// The deployment.
+        #[arg(short, long)]
+        deployment: String,
+        /// The task.
+        task_id: String,
+    },
     /// Stops and deletes a deployment.
     Delete {
         /// The deployment.

@@ -89,6 +89,75 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Some(Command::History { deployment }) => {
+            let revisions = client.revisions(&deployment).await?;
+            println!(
+                "{:>4}  {:<20}  {:<9} {:<10} {:<24} sources",
+                "rev", "when (UTC)", "kind", "outcome", "by"
+            );
+            for r in &revisions {
+                let kind = match r.rollback_of {
+                    Some(of) => format!("{}→{of}", r.kind),
+                    None => r.kind.clone(),
+                };
+                let sources: Vec<String> = r
+                    .sources
+                    .iter()
+                    .map(|(id, s)| {
+                        let shown = s.commit.as_deref().unwrap_or(&s.digest);
+                        let shown = shown.strip_prefix("sha256:").unwrap_or(shown);
+                        format!("{id}@{}", &shown[..shown.len().min(10)])
+                    })
+                    .collect();
+                println!(
+                    "{:>4}  {:<20}  {:<9} {:<10} {:<24} {}",
+                    r.revision,
+                    utc(r.created_at),
+                    kind,
+                    r.outcome,
+                    r.by,
+                    sources.join(" ")
+                );
+                if let Some(error) = &r.error {
+                    println!("      {}", error.lines().next().unwrap_or_default());
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Rollback {
+            deployment,
+            revision,
+        }) => {
+            let revision = match revision {
+                Some(revision) => revision,
+                None => {
+                    // The newest revision that deployed, before the newest one.
+                    let revisions = client.revisions(&deployment).await?;
+                    revisions
+                        .iter()
+                        .skip(1)
+                        .find(|r| r.outcome == "deployed")
+                        .map(|r| r.revision)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "deployment `{deployment}` has no earlier revision that \
+                                 deployed; name one (see `deployd history {deployment}`)"
+                            )
+                        })?
+                }
+            };
+            client.rollback(&deployment, revision).await?;
+            println!("deployment `{deployment}` rolled back to revision {revision}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Cancel {
+            deployment,
+            task_id,
+        }) => {
+            let task = client.cancel(&deployment, &task_id).await?;
+            println!("task {} {}", task.task_id, task.status);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Some(Command::Delete { name }) => {
             client.delete(&name).await?;
             println!("deployment `{name}` deleted");
@@ -239,5 +308,40 @@ fn validate(files: &[PathBuf]) -> std::process::ExitCode {
         std::process::ExitCode::FAILURE
     } else {
         std::process::ExitCode::SUCCESS
+    }
+}
+
+/// `ms` since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_show_in_utc() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(1_796_515_200_000), "2026-12-06 00:00:00");
+        assert_eq!(
+            super::utc(951_782_400_000 + 3_661_000),
+            "2000-02-29 01:01:01"
+        );
     }
 }

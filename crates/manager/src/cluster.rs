@@ -241,6 +241,10 @@ impl Manager {
                         });
                     }
                     Some(Note::TaskEvent { .. }) => {}
+                    Some(Note::Cancel { to, task }) if **to == *manager.inner.node_id => {
+                        manager.stop_cancelled(task);
+                    }
+                    Some(Note::Cancel { .. }) => {}
                     // Entries go to their own channel (see `Notifier::subscribe_entries`).
                     Some(Note::Entry { .. }) => {}
                     // Lost notes, a lagging receiver, or the tick: everything.

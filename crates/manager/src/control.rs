@@ -104,10 +104,18 @@ pub(crate) struct Control {
     failed_commits: Arc<AtomicU64>,
     /// Tasks a worker of this server is running now, with the port of the replica it calls
     /// (0 until it calls one); see [`Control::claim`].
-    running: std::sync::Mutex<HashMap<String, u16>>,
+    running: std::sync::Mutex<HashMap<String, Running>>,
     /// Tasks created here in a new session and not taken by a worker yet; see
     /// [`Control::take_fresh`].
     fresh: std::sync::Mutex<HashMap<String, TaskInfo>>,
+}
+
+/// A task a worker of this server runs: the port of the replica it calls (0 until it calls
+/// one), and the signal that tells the worker the task was cancelled.
+#[derive(Debug, Default)]
+struct Running {
+    port: u16,
+    cancelled: Arc<tokio::sync::Notify>,
 }
 
 /// A task this server runs; dropping it lets a later delivery of the task run it again.
@@ -120,8 +128,17 @@ impl Claim<'_> {
     /// Records the port of the replica the task is handed to.
     pub(crate) fn calls(&self, port: u16) {
         if let Some(entry) = self.control.running_tasks().get_mut(&self.task) {
-            *entry = port;
+            entry.port = port;
         }
+    }
+
+    /// Completes once the task is cancelled (see [`Control::cancel_running`]).
+    pub(crate) fn cancelled(&self) -> Arc<tokio::sync::Notify> {
+        self.control
+            .running_tasks()
+            .get(&self.task)
+            .map(|entry| Arc::clone(&entry.cancelled))
+            .unwrap_or_default()
     }
 }
 
@@ -214,7 +231,7 @@ fn relay_entries(
 }
 
 impl Control {
-    fn running_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, u16>> {
+    fn running_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -228,7 +245,7 @@ impl Control {
         if running.contains_key(task) {
             return None;
         }
-        running.insert(task.to_owned(), 0);
+        running.insert(task.to_owned(), Running::default());
         Some(Claim {
             control: self,
             task: task.to_owned(),
@@ -239,8 +256,17 @@ impl Control {
     pub(crate) fn running_port(&self, task: &str) -> Option<u16> {
         self.running_tasks()
             .get(task)
-            .copied()
+            .map(|entry| entry.port)
             .filter(|port| *port != 0)
+    }
+
+    /// Tells the worker of this node that runs `task` that it was cancelled; the port of the
+    /// replica it calls, when a worker here runs it and calls one.
+    pub(crate) fn cancel_running(&self, task: &str) -> Option<u16> {
+        let running = self.running_tasks();
+        let entry = running.get(task)?;
+        entry.cancelled.notify_one();
+        Some(entry.port).filter(|port| *port != 0)
     }
 
     fn fresh_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskInfo>> {
@@ -475,9 +501,26 @@ impl Control {
             outcome,
             state,
             only_if_queued: false,
+            cancelled: false,
         })
         .await
         .map(drop)
+    }
+
+    /// Ends a task that has not ended as `cancelled`, with `message` (who cancelled it) as its
+    /// last entry; returns whether it did (a task that ended meanwhile keeps its outcome).
+    pub(crate) async fn cancel(&self, task: &TaskInfo, message: String) -> Result<bool, Error> {
+        self.commit(Write::Finish {
+            task_id: task.id.clone(),
+            session_id: task.session_id.clone(),
+            attempt: task.attempt,
+            outcome: Err(message),
+            state: None,
+            only_if_queued: false,
+            cancelled: true,
+        })
+        .await
+        .map(|written| written.applied)
     }
 
     /// Fails a task that no worker has started, with `message`; returns whether it did (a task
@@ -494,6 +537,7 @@ impl Control {
             outcome: Err(message),
             state: None,
             only_if_queued: true,
+            cancelled: false,
         })
         .await
         .map(|written| written.applied)

@@ -52,6 +52,9 @@ pub(crate) struct Context {
     pub(crate) dir: PathBuf,
     /// Sync the sources (a deploy) or reuse the synced copies when present (a restore).
     pub(crate) sync: bool,
+    /// Commits git sources are synced at instead of their file's `branch`/`tag` (a
+    /// rollback), by service id.
+    pub(crate) pins: std::collections::BTreeMap<String, String>,
     pub(crate) node_id: String,
     /// What the topics of the deployment's services are named after: the cluster, or the node
     /// alone (see `queues::task_topic`).
@@ -1083,8 +1086,12 @@ async fn sync_source(
     if !context.sync && workdir.is_dir() {
         return Ok(());
     }
+    let reference = match context.pins.get(&service.id) {
+        Some(commit) if source.kind == SourceKind::Git => Some(commit.clone()),
+        _ => source.reference.clone(),
+    };
     let request = SyncRequest::new(&source.location, &context.base, workdir)
-        .with_reference(source.reference.clone())
+        .with_reference(reference)
         .with_policy(sync_policy(source.sync_policy))
         .within(&context.dir);
     let synced = match source.kind {
@@ -1108,7 +1115,10 @@ async fn sync_source(
         digest = %synced.digest,
         "source synced"
     );
-    BuildMarks::new(&context.dir, &service.id).record_sync(&synced.digest.to_string())
+    BuildMarks::new(&context.dir, &service.id).record_sync(
+        &synced.digest.to_string(),
+        synced.git.as_ref().map(|git| git.commit.as_str()),
+    )
 }
 
 /// The command llama_deploy 0.9 installs a UI with, and the one it serves it with.

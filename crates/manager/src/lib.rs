@@ -472,31 +472,41 @@ pub enum TaskStatus {
     Succeeded,
     /// Finished with an error.
     Failed,
+    /// Cancelled by a client before it ended.
+    Cancelled,
 }
 
 impl TaskStatus {
-    /// Its name on the wire (`queued`, `running`, `succeeded`, `failed`).
+    /// Its name on the wire (`queued`, `running`, `succeeded`, `failed`, `cancelled`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
             Self::Running => "running",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
         }
     }
 
-    pub(crate) fn parse(text: &str) -> Self {
-        match text {
+    /// The status named `text` (as [`TaskStatus::as_str`] writes it).
+    pub fn from_name(text: &str) -> Option<Self> {
+        Some(match text {
+            "queued" => Self::Queued,
             "running" => Self::Running,
             "succeeded" => Self::Succeeded,
             "failed" => Self::Failed,
-            _ => Self::Queued,
-        }
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn parse(text: &str) -> Self {
+        Self::from_name(text).unwrap_or(Self::Queued)
     }
 
     /// Whether the task has ended.
     pub fn is_finished(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed)
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 }
 
@@ -537,6 +547,10 @@ pub fn rotated_log(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// How long a worker waits for a cancelled task's service to end its answer before it
+/// abandons the call (and the task's place in the instance's concurrency).
+pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
 /// How long an ended task is kept by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -564,6 +578,70 @@ pub struct TaskInfo {
     pub result: Option<Value>,
     /// The error, once it failed.
     pub error: Option<String>,
+}
+
+/// A task with when it was created and when it last changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The task.
+    #[serde(flatten)]
+    pub task: TaskInfo,
+    /// When it was created (ms since the epoch).
+    pub created_ms: i64,
+    /// When its status last changed (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+/// Which tasks a search returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// Only tasks in this status.
+    pub status: Option<TaskStatus>,
+    /// Only tasks of this service.
+    pub service: Option<String>,
+}
+
+/// What a revision's service ran: the digest of its synced source, and for a git source the
+/// commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSource {
+    /// The digest of the synced tree (`sha256:…`).
+    pub digest: String,
+    /// The commit checked out, for a git source.
+    #[serde(default)]
+    pub commit: Option<String>,
+}
+
+/// One deploy, reload or rollback of a deployment: its file, what its sources were, who asked,
+/// when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The deployment.
+    pub deployment: String,
+    /// Its number, from 1, in the order the deployment's revisions were made.
+    pub revision: u64,
+    /// When it was made (ms since the epoch).
+    pub created_ms: i64,
+    /// Who asked for it (`operator` for a file given to `serve`, else the client's address).
+    pub by: String,
+    /// `deploy` (a new deployment), `reload` or `rollback`.
+    pub kind: String,
+    /// Of a rollback: the revision it went back to.
+    pub rollback_of: Option<u64>,
+    /// `deploying` while it runs, then `deployed` or `failed`.
+    pub outcome: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Each service's source, by service id, once synced.
+    pub sources: std::collections::BTreeMap<String, RevisionSource>,
+    /// The deployment file.
+    pub spec: String,
+    /// The file's name, as sent.
+    pub origin: String,
+    /// The folder its relative paths were read from.
+    pub base_path: String,
+    /// Where the file came from (`client` or `operator`).
+    pub from: String,
 }
 
 /// A session: state carried from one task to the next.
@@ -606,6 +684,8 @@ pub enum EventKind {
     Result,
     /// The task's error; the last entry.
     Error,
+    /// The task was cancelled (the data says by whom); the last entry.
+    Cancelled,
 }
 
 impl EventKind {
@@ -614,6 +694,7 @@ impl EventKind {
             Self::Event => "event",
             Self::Result => "result",
             Self::Error => "error",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -621,6 +702,7 @@ impl EventKind {
         match text {
             "result" => Self::Result,
             "error" => Self::Error,
+            "cancelled" => Self::Cancelled,
             _ => Self::Event,
         }
     }
@@ -647,6 +729,14 @@ pub struct TaskEvent {
     pub attempt: u32,
     /// The payload: the event's data, the result, or the error message.
     pub data: Value,
+}
+
+/// Who asked for a deploy, and of a rollback, what it goes back to.
+#[derive(Debug, Default)]
+struct DeployMeta {
+    by: String,
+    rollback_of: Option<u64>,
+    pins: std::collections::BTreeMap<String, String>,
 }
 
 /// A deployment that was deployed, with what the user should know about its file.
@@ -1198,6 +1288,90 @@ impl Manager {
             .await
     }
 
+    /// [`Manager::deploy_with`] asked for by `by` (a client's address; `operator` for a file
+    /// given to `serve`), which its revision records.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn deploy_as(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+        from: FileOrigin,
+        wait: bool,
+        by: &str,
+    ) -> Result<Deployed, Error> {
+        let meta = DeployMeta {
+            by: by.to_owned(),
+            ..DeployMeta::default()
+        };
+        self.deploy_meta(text, origin, base, reload, from, wait, true, &meta)
+            .await
+    }
+
+    /// Deploys revision `revision` of a deployment again: its file, with its git sources at
+    /// the commits it ran (local sources are read from their folder as it is now), through a
+    /// reload; answers once that version serves, or with the error of the first service that
+    /// failed (which keeps serving what it ran). The rollback is a revision of its own.
+    pub async fn rollback(
+        &self,
+        deployment: &str,
+        revision: u64,
+        by: &str,
+    ) -> Result<Deployed, Error> {
+        self.deployment(deployment)?;
+        let Some(old) = self
+            .inner
+            .control
+            .store()
+            .revision(deployment, revision)
+            .await?
+        else {
+            return Err(Error::not_found("revision", &revision.to_string()));
+        };
+        let meta = DeployMeta {
+            by: by.to_owned(),
+            rollback_of: Some(revision),
+            pins: old
+                .sources
+                .iter()
+                .filter_map(|(service, source)| Some((service.clone(), source.commit.clone()?)))
+                .collect(),
+        };
+        self.deploy_meta(
+            &old.spec,
+            &old.origin,
+            Path::new(&old.base_path),
+            true,
+            FileOrigin::parse(&old.from),
+            true,
+            true,
+            &meta,
+        )
+        .await
+    }
+
+    /// A deployment's revisions, newest first, at most `limit`.
+    pub async fn revisions(&self, deployment: &str, limit: usize) -> Result<Vec<Revision>, Error> {
+        self.deployment(deployment)?;
+        self.inner
+            .control
+            .store()
+            .revisions(deployment, limit)
+            .await
+    }
+
+    /// One revision of a deployment.
+    pub async fn revision(&self, deployment: &str, revision: u64) -> Result<Revision, Error> {
+        self.deployment(deployment)?;
+        self.inner
+            .control
+            .store()
+            .revision(deployment, revision)
+            .await?
+            .ok_or_else(|| Error::not_found("revision", &revision.to_string()))
+    }
+
     /// Runs the stored deployment `file` here as it is, without storing it (a cluster's
     /// reconcile: the node that took the deploy stored it).
     pub(crate) async fn deploy_here(&self, file: &StoredDeployment) -> Result<(), Error> {
@@ -1226,6 +1400,32 @@ impl Manager {
         from: FileOrigin,
         wait: bool,
         api: bool,
+    ) -> Result<Deployed, Error> {
+        let meta = DeployMeta {
+            by: match from {
+                FileOrigin::Operator => "operator".to_owned(),
+                FileOrigin::Client => "api".to_owned(),
+            },
+            ..DeployMeta::default()
+        };
+        self.deploy_meta(text, origin, base, reload, from, wait, api, &meta)
+            .await
+    }
+
+    /// [`Manager::deploy_inner`] with who asked, and of a rollback, what it goes back to. A
+    /// deploy through the API records a revision once its sources are synced (and, of a
+    /// deployment that exists, also when they cannot be).
+    #[allow(clippy::too_many_arguments)]
+    async fn deploy_meta(
+        &self,
+        text: &str,
+        origin: &str,
+        base: &Path,
+        reload: bool,
+        from: FileOrigin,
+        wait: bool,
+        api: bool,
+        meta: &DeployMeta,
     ) -> Result<Deployed, Error> {
         // Parsing a large file takes CPU time: not on the async runtime's threads.
         let loaded = {
@@ -1305,7 +1505,42 @@ impl Manager {
         };
         // The pipeline returns once every source is synced: a sync that fails leaves what runs
         // as it is (and a new deployment is not created).
-        let context = self.context(spec, text, &base, true, queue_config, queue);
+        let mut context = self.context(spec, text, &base, true, queue_config, queue);
+        context.pins.clone_from(&meta.pins);
+        let service_ids: Vec<String> = context.spec.services.iter().map(|s| s.id.clone()).collect();
+        let dir = context.dir.clone();
+        let kind = match (meta.rollback_of, &existing) {
+            (Some(_), _) => "rollback",
+            (None, Some(_)) => "reload",
+            (None, None) => "deploy",
+        };
+        let revision = |outcome: &str, error: Option<String>| Revision {
+            deployment: name.clone(),
+            revision: 0,
+            created_ms: store::now_ms(),
+            by: meta.by.clone(),
+            kind: kind.to_owned(),
+            rollback_of: meta.rollback_of,
+            outcome: outcome.to_owned(),
+            error,
+            sources: service_ids
+                .iter()
+                .filter_map(|id| {
+                    let marks = prepare::BuildMarks::new(&dir, id);
+                    Some((
+                        id.clone(),
+                        RevisionSource {
+                            digest: marks.synced()?,
+                            commit: marks.synced_commit(),
+                        },
+                    ))
+                })
+                .collect(),
+            spec: text.to_owned(),
+            origin: origin.to_owned(),
+            base_path: base.to_string_lossy().into_owned(),
+            from: from.as_str().to_owned(),
+        };
         let (deployment, is_new) = match existing {
             Some(current) => (current, false),
             None => {
@@ -1318,6 +1553,14 @@ impl Manager {
         let deploying = match deployment.deploy(context).await {
             Ok(deploying) => deploying,
             Err(err) => {
+                if api && !is_new {
+                    // A reload whose sources cannot be synced: the deployment runs on as it
+                    // was, and its history shows the attempt.
+                    let failed = revision("failed", Some(err.to_string()));
+                    if let Err(store_err) = self.inner.control.store().add_revision(&failed).await {
+                        tracing::warn!(deployment = %name, error = %store_err, "cannot record a revision");
+                    }
+                }
                 if is_new {
                     self.write_deployments().remove(&name);
                     deployment.stop().await;
@@ -1333,16 +1576,55 @@ impl Manager {
             // Tasks waiting in the previous queue move to the new one.
             self.requeue_unfinished(&deployment).await?;
         }
-        if api {
+        let number = if api {
             self.inner.control.store().put_deployment(&stored).await?;
             self.note_deployment(&name).await;
-        }
+            Some(
+                self.inner
+                    .control
+                    .store()
+                    .add_revision(&revision("deploying", None))
+                    .await?,
+            )
+        } else {
+            None
+        };
+        // How the revision's deploy ended, once it has.
+        let end = {
+            let control = Arc::clone(&self.inner.control);
+            let name = name.clone();
+            move |ended: &Result<(), Error>| {
+                let (outcome, error) = match ended {
+                    Ok(()) => ("deployed", None),
+                    Err(err) => ("failed", Some(err.to_string())),
+                };
+                let (control, name) = (Arc::clone(&control), name.clone());
+                async move {
+                    if let Some(number) = number
+                        && let Err(err) = control
+                            .store()
+                            .end_revision(&name, number, outcome, error.as_deref())
+                            .await
+                    {
+                        tracing::warn!(deployment = %name, error = %err, "cannot record how a revision ended");
+                    }
+                }
+            }
+        };
         if wait || !is_new {
             // A reload answers once the new version serves (as llama_deploy's does), so that a
             // task sent right after the answer runs the new code; a service whose new
             // instance fails keeps its old one, and the answer names it.
             drop(ops);
-            deploying.finished(&deployment).await?;
+            let ended = deploying.finished(&deployment).await;
+            end(&ended).await;
+            ended?;
+        } else {
+            let deployment = Arc::clone(&deployment);
+            tokio::spawn(async move {
+                let ended = deploying.finished(&deployment).await;
+                end(&ended).await;
+            });
         }
         Ok(Deployed {
             status: deployment.status(),
@@ -1394,6 +1676,7 @@ impl Manager {
             base: base.to_owned(),
             dir,
             sync,
+            pins: std::collections::BTreeMap::new(),
             node_id: self.inner.node_id.clone(),
             topic_scope: self.inner.topic_scope.clone(),
             graph_store: self.inner.options.graph_store.clone(),
@@ -1759,6 +2042,102 @@ impl Manager {
             .map(|s| s.port)
             .ok_or_else(|| Error::not_found("service", &task.service))?;
         protocol::send_event(port, task_id, data).await
+    }
+
+    /// Cancels a task that has not ended: it ends `cancelled` (its log's last entry says so,
+    /// with `by`), a queued task never runs, and the worker running a running one asks its
+    /// service to stop it (`POST /tasks/{id}/cancel`), then abandons the call after
+    /// [`CANCEL_GRACE`]. A task that has ended is a conflict.
+    pub async fn cancel_task(
+        &self,
+        deployment: &str,
+        task_id: &str,
+        by: &str,
+    ) -> Result<TaskRecord, Error> {
+        let task = self.task(deployment, task_id).await?;
+        let ended = |status: TaskStatus| {
+            Error::Conflict(format!(
+                "task `{task_id}` has ended (it is {}); only a queued or running task can be \
+                 cancelled",
+                status.as_str()
+            ))
+        };
+        if task.status.is_finished() {
+            return Err(ended(task.status));
+        }
+        let message = format!("cancelled by {by}");
+        if !self.inner.control.cancel(&task, message).await? {
+            let now = self.task(deployment, task_id).await?;
+            if now.status != TaskStatus::Cancelled {
+                return Err(ended(now.status));
+            }
+        }
+        tracing::info!(deployment, task = task_id, by, "task cancelled");
+        // Stop whatever runs it: a worker here, or (in a cluster) the owner's.
+        if !self.stop_cancelled(task_id) && self.inner.cluster.is_some() {
+            match self.inner.control.store().owner(task_id).await {
+                Ok(Some(owner)) if owner != self.inner.node_id => {
+                    let note = notifier::Note::Cancel {
+                        to: owner,
+                        task: task_id.to_owned(),
+                    };
+                    if let Err(err) = self.inner.control.notifier().publish(&note).await {
+                        tracing::warn!(task = task_id, error = %err, "cannot tell the task's node it was cancelled");
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.task_record(deployment, task_id).await
+    }
+
+    /// Stops this node's worker of a cancelled task, asking its service to stop it first;
+    /// whether a worker here ran it.
+    pub(crate) fn stop_cancelled(&self, task_id: &str) -> bool {
+        let Some(port) = self.inner.control.running_port(task_id) else {
+            return self.inner.control.cancel_running(task_id).is_some();
+        };
+        let task = task_id.to_owned();
+        let control = Arc::clone(&self.inner.control);
+        tokio::spawn(async move {
+            // The service is asked first; the worker waits out the grace from its signal.
+            if let Err(err) = protocol::cancel(port, &task).await {
+                tracing::debug!(task = %task, error = %err, "the service did not take the cancel");
+            }
+            control.cancel_running(&task);
+        });
+        true
+    }
+
+    /// A task of a deployment with when it was created and last changed.
+    pub async fn task_record(&self, deployment: &str, task_id: &str) -> Result<TaskRecord, Error> {
+        match self.inner.control.store().task_record(task_id).await? {
+            Some(record) if record.task.deployment == deployment => Ok(record),
+            _ => Err(Error::not_found("task", task_id)),
+        }
+    }
+
+    /// At most `limit` tasks of a deployment that match `filter`, newest first, starting
+    /// after (older than) the task `before`.
+    pub async fn search_tasks(
+        &self,
+        deployment: &str,
+        filter: &TaskFilter,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, Error> {
+        self.deployment(deployment)?;
+        self.inner
+            .control
+            .store()
+            .search_tasks(deployment, filter, before, limit)
+            .await?
+            .ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "`before`: no task `{}` in deployment `{deployment}`",
+                    before.unwrap_or_default()
+                ))
+            })
     }
 
     /// The graph a graph service serves, in Mermaid (`GET /graph` of the service), with the

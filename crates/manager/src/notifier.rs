@@ -49,6 +49,9 @@ pub(crate) enum Note {
         task: String,
         data: Value,
     },
+    /// Task `task`, which runs on node `to`, was cancelled: that node stops it.
+    #[serde(rename = "x")]
+    Cancel { to: String, task: String },
     /// Notes may have been missed: read the store again.
     #[serde(skip)]
     Lost,

@@ -149,13 +149,26 @@ impl BuildMarks {
         }
     }
 
-    /// Records the digest of the tree a sync produced.
-    pub(crate) fn record_sync(&self, digest: &str) -> Result<(), Error> {
+    /// Records the digest of the tree a sync produced, and the commit of a git source.
+    pub(crate) fn record_sync(&self, digest: &str, commit: Option<&str>) -> Result<(), Error> {
         if let Some(dir) = self.synced.parent() {
             std::fs::create_dir_all(dir).map_err(|err| Error::io("cannot create", dir, err))?;
         }
+        let commit_file = self.synced.with_extension("commit");
+        match commit {
+            Some(commit) => std::fs::write(&commit_file, commit)
+                .map_err(|err| Error::io("cannot write", &commit_file, err))?,
+            None => {
+                let _ = std::fs::remove_file(&commit_file);
+            }
+        }
         std::fs::write(&self.synced, digest)
             .map_err(|err| Error::io("cannot write", &self.synced, err))
+    }
+
+    /// The commit of the git source synced last, if it is one.
+    pub(crate) fn synced_commit(&self) -> Option<String> {
+        std::fs::read_to_string(self.synced.with_extension("commit")).ok()
     }
 
     /// The digest of the tree synced last, if one was recorded.

@@ -202,6 +202,25 @@ pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<
     })
 }
 
+/// Asks a service to stop a running task: `POST /tasks/{task_id}/cancel`. A service without
+/// the route (`404`/`405`) is not an error the caller can act on: its call is abandoned.
+pub(crate) async fn cancel(port: u16, task_id: &str) -> Result<(), crate::Error> {
+    let response = shared_client()
+        .post(format!("http://127.0.0.1:{port}/tasks/{task_id}/cancel"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|err| crate::Error::Unavailable(format!("cannot reach the service: {err}")))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(crate::Error::Unavailable(format!(
+            "the service answered {status} to the cancel"
+        )))
+    }
+}
+
 /// `GET /graph` of a service (a graph service, see `deployd_graph::service`): its diagram in
 /// Mermaid, with `task_id`'s run drawn over it when given. A service without the route is a
 /// not-found naming it.

@@ -207,14 +207,33 @@ async fn handle(
         traceparent.as_deref(),
         |data| control.event(&task.id, attempt, data),
     );
-    let called = match context.timeout {
-        Some(limit) => match tokio::time::timeout(limit, call).await {
-            Ok(called) => called,
-            Err(_) => Ok(Outcome::Error(format!(
-                "the task timed out after {limit:?}"
-            ))),
-        },
-        None => call.await,
+    let limited = async {
+        match context.timeout {
+            Some(limit) => match tokio::time::timeout(limit, call).await {
+                Ok(called) => called,
+                Err(_) => Ok(Outcome::Error(format!(
+                    "the task timed out after {limit:?}"
+                ))),
+            },
+            None => call.await,
+        }
+    };
+    tokio::pin!(limited);
+    let cancelled = claim.cancelled();
+    let called = tokio::select! {
+        called = &mut limited => called,
+        () = cancelled.notified() => {
+            // Cancelled: its outcome is stored. The service was asked to stop; its answer
+            // gets a grace to end, then the call is abandoned (its connection closed).
+            if tokio::time::timeout(crate::CANCEL_GRACE, &mut limited).await.is_err() {
+                tracing::info!(task = %task.id, "abandoned the call of a cancelled task");
+            }
+            if let Some(trace) = trace {
+                trace.end(Some("cancelled"));
+            }
+            let _ = delivery.ack().await;
+            return;
+        }
     };
     if let Some(trace) = trace {
         let error = match &called {

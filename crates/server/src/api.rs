@@ -19,10 +19,12 @@ use axum::routing::{any, delete, get, post};
 use axum::{Extension, Json, Router};
 use deployd_api::{
     Deployed, DeploymentName, DeploymentStatus, DeploymentUpload, ErrorBody, EventDefinition,
-    EventLine, Root, SessionDefinition, Status, TaskDefinition, TaskResult, result_text,
+    EventLine, RevisionInfo, RevisionSource, Root, SessionDefinition, Status, TaskDefinition,
+    TaskPage, TaskResult, TaskSummary, result_text,
 };
 use deployd_manager::{
-    Error, EventKind, Manager, NewTask, SessionInfo, TaskEvent, TaskInfo, TaskStatus,
+    Error, EventKind, Manager, NewTask, Revision, SessionInfo, TaskEvent, TaskFilter, TaskInfo,
+    TaskRecord, TaskStatus,
 };
 use futures::StreamExt;
 use serde::Deserialize;
@@ -130,10 +132,25 @@ pub(crate) fn routes(
         .route("/deployments/{name}/tasks", get(list_tasks))
         .route("/deployments/{name}/tasks/create", post(create_task))
         .route("/deployments/{name}/tasks/run", post(run_task))
+        .route("/deployments/{name}/tasks/search", get(search_tasks))
+        .route("/deployments/{name}/tasks/{task_id}", get(get_task))
+        .route(
+            "/deployments/{name}/tasks/{task_id}/cancel",
+            post(cancel_task),
+        )
         .route(
             "/deployments/{name}/tasks/{task_id}/results",
             get(task_result),
         )
+        .route("/deployments/{name}/revisions", get(list_revisions))
+        .route(
+            "/deployments/{name}/revisions/{revision}",
+            get(get_revision),
+        )
+        .route("/deployments/{name}/rollback", post(rollback))
+        .route("/console", get(crate::console::page))
+        .route("/console/", get(crate::console::page))
+        .route("/console/{*path}", get(crate::console::asset))
         .route(
             "/deployments/{name}/tasks/{task_id}/events",
             get(task_events).post(send_event),
@@ -629,13 +646,14 @@ async fn create_deployment(
     }
     let deployed = state
         .manager
-        .deploy_with(
+        .deploy_as(
             &text,
             &origin,
             &base,
             params.reload,
             deployd_manager::FileOrigin::Client,
             params.wait,
+            &client_of(peer),
         )
         .await?;
     Ok((
@@ -815,6 +833,14 @@ async fn run_task(
                 done.error.as_deref().unwrap_or("unknown error")
             ),
         )),
+        Ok(done) if done.status == TaskStatus::Cancelled => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "task {} was {}",
+                done.id,
+                done.error.as_deref().unwrap_or("cancelled")
+            ),
+        )),
         // The wait ended before the task did: deployd is stopping, or the deployment was
         // deleted meanwhile.
         ended => {
@@ -960,15 +986,15 @@ async fn task_result(
             status: "succeeded".to_owned(),
             error: None,
         }),
-        TaskStatus::Failed => Some(TaskResult {
+        TaskStatus::Failed | TaskStatus::Cancelled => Some(TaskResult {
             task_id: task.id,
             history: Vec::new(),
             result: String::new(),
             data: json!({}),
-            status: "failed".to_owned(),
+            status: task.status.as_str().to_owned(),
             error: task.error,
         }),
-        _ => None,
+        TaskStatus::Queued | TaskStatus::Running => None,
     };
     Ok(Json(result))
 }
@@ -1025,7 +1051,249 @@ fn event_kind(kind: EventKind) -> &'static str {
         EventKind::Event => "event",
         EventKind::Result => "result",
         EventKind::Error => "error",
+        EventKind::Cancelled => "cancelled",
     }
+}
+
+/// Who asked, as a revision or a cancel records it: the client's address.
+fn client_of(peer: Option<IpAddr>) -> String {
+    match peer {
+        Some(address) => format!("client {address}"),
+        None => "client".to_owned(),
+    }
+}
+
+fn task_summary(record: TaskRecord) -> TaskSummary {
+    let TaskRecord {
+        task,
+        created_ms,
+        updated_ms,
+    } = record;
+    TaskSummary {
+        task_id: task.id,
+        service: task.service,
+        session_id: task.session_id,
+        status: task.status.as_str().to_owned(),
+        attempt: task.attempt,
+        created_at: created_ms,
+        updated_at: updated_ms,
+        input: task.input,
+        result: task.result,
+        error: task.error,
+    }
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SearchParams {
+    /// Only tasks in this status: `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    status: Option<String>,
+    /// Only tasks of this service.
+    service: Option<String>,
+    /// The most tasks in the page (1 to 1,000; 50 by default).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The last task of the previous page (its `next`): the page holds older tasks.
+    before: Option<String>,
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/tasks/search", tag = "tasks",
+    summary = "A deployment's tasks, newest first, by status and service, a page at a time",
+    params(("name" = String, Path, description = "The deployment"), SearchParams),
+    responses((status = 200, description = "One page", body = TaskPage),
+        (status = 400, description = "An unknown status, a bad limit, or a `before` that names no task of the deployment", body = ErrorBody)))]
+async fn search_tasks(
+    State(manager): State<Manager>,
+    P(name): P<String>,
+    Q(params): Q<SearchParams>,
+) -> ApiResult<Json<TaskPage>> {
+    let status = match params.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => Some(TaskStatus::from_name(text).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`status` must be one of queued, running, succeeded, failed, cancelled; not \
+                 {text:?}"
+            ))
+        })?),
+    };
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let filter = TaskFilter {
+        status,
+        service: params.service.filter(|s| !s.is_empty()),
+    };
+    let before = params.before.filter(|b| !b.is_empty());
+    let records = manager
+        .search_tasks(&name, &filter, before.as_deref(), limit)
+        .await?;
+    let next = (records.len() == limit)
+        .then(|| records.last().map(|r| r.task.id.clone()))
+        .flatten();
+    Ok(Json(TaskPage {
+        tasks: records.into_iter().map(task_summary).collect(),
+        next,
+    }))
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/tasks/{task_id}", tag = "tasks",
+    summary = "A task: its service, session, status, times, input and outcome",
+    params(("name" = String, Path, description = "The deployment"), ("task_id" = String, Path, description = "The task")),
+    responses((status = 200, description = "The task", body = TaskSummary),
+        (status = 404, description = "No such task in the deployment", body = ErrorBody)))]
+async fn get_task(
+    State(manager): State<Manager>,
+    P((name, task_id)): P<(String, String)>,
+) -> ApiResult<Json<TaskSummary>> {
+    manager.status(&name)?;
+    Ok(Json(task_summary(
+        manager.task_record(&name, &task_id).await?,
+    )))
+}
+
+#[utoipa::path(post, path = "/deployments/{name}/tasks/{task_id}/cancel", tag = "tasks",
+    summary = "Cancels a queued or running task",
+    description = "The task ends `cancelled` at once: its log's last entry is a `cancelled` \
+entry (the stream ends with it), a queued task never runs, and the service running a running \
+one is asked to stop it (`POST /tasks/{id}/cancel` of the service protocol); its call is \
+abandoned after a grace of 5 seconds.",
+    params(("name" = String, Path, description = "The deployment"), ("task_id" = String, Path, description = "The task")),
+    responses((status = 200, description = "The cancelled task", body = TaskSummary),
+        (status = 404, description = "No such task in the deployment", body = ErrorBody),
+        (status = 409, description = "The task has ended", body = ErrorBody)))]
+async fn cancel_task(
+    State(manager): State<Manager>,
+    Peer(peer): Peer,
+    P((name, task_id)): P<(String, String)>,
+) -> ApiResult<Json<TaskSummary>> {
+    manager.status(&name)?;
+    let record = manager
+        .cancel_task(&name, &task_id, &client_of(peer))
+        .await?;
+    Ok(Json(task_summary(record)))
+}
+
+fn revision_info(revision: Revision, with_spec: bool) -> RevisionInfo {
+    RevisionInfo {
+        revision: revision.revision,
+        created_at: revision.created_ms,
+        by: revision.by,
+        kind: revision.kind,
+        rollback_of: revision.rollback_of,
+        outcome: revision.outcome,
+        error: revision.error,
+        sources: revision
+            .sources
+            .into_iter()
+            .map(|(id, source)| {
+                (
+                    id,
+                    RevisionSource {
+                        digest: source.digest,
+                        commit: source.commit,
+                    },
+                )
+            })
+            .collect(),
+        spec: with_spec.then_some(revision.spec),
+    }
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RevisionsParams {
+    /// The most revisions to list, newest first (1 to 1,000; 100 by default).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/revisions", tag = "deployments",
+    summary = "A deployment's revisions, newest first: every deploy, reload and rollback",
+    params(("name" = String, Path, description = "The deployment"), RevisionsParams),
+    responses((status = 200, description = "The revisions, without their files", body = Vec<RevisionInfo>)))]
+async fn list_revisions(
+    State(manager): State<Manager>,
+    P(name): P<String>,
+    Q(params): Q<RevisionsParams>,
+) -> ApiResult<Json<Vec<RevisionInfo>>> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let revisions = manager.revisions(&name, limit).await?;
+    Ok(Json(
+        revisions
+            .into_iter()
+            .map(|r| revision_info(r, false))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/revisions/{revision}", tag = "deployments",
+    summary = "One revision of a deployment, with its file",
+    params(("name" = String, Path, description = "The deployment"), ("revision" = u64, Path, description = "The revision's number")),
+    responses((status = 200, description = "The revision", body = RevisionInfo),
+        (status = 404, description = "No such revision", body = ErrorBody)))]
+async fn get_revision(
+    State(manager): State<Manager>,
+    P((name, revision)): P<(String, String)>,
+) -> ApiResult<Json<RevisionInfo>> {
+    let number = revision_number(&revision)?;
+    Ok(Json(revision_info(
+        manager.revision(&name, number).await?,
+        true,
+    )))
+}
+
+fn revision_number(text: &str) -> ApiResult<u64> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "a revision is a number from 1 (see GET /deployments/{{name}}/revisions), not \
+                 {text:?}"
+            ))
+        })
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct RollbackParams {
+    /// The revision to go back to.
+    revision: Option<String>,
+}
+
+#[utoipa::path(post, path = "/deployments/{name}/rollback", tag = "deployments",
+    summary = "Deploys an earlier revision again, through a draining reload",
+    description = "Redeploys the revision's file with its git sources at the commits it ran \
+(local sources as their folder is now). Answers once that version serves, or with the error of \
+the first service that failed, which keeps serving what it ran. The rollback is recorded as a \
+revision of its own.",
+    params(("name" = String, Path, description = "The deployment"), RollbackParams),
+    responses((status = 200, description = "The deployment, rolled back", body = DeploymentStatus),
+        (status = 400, description = "No `revision`, or a service of the revision failed", body = ErrorBody),
+        (status = 404, description = "No such deployment or revision", body = ErrorBody)))]
+async fn rollback(
+    State(manager): State<Manager>,
+    Peer(peer): Peer,
+    P(name): P<String>,
+    Q(params): Q<RollbackParams>,
+) -> ApiResult<Json<DeploymentStatus>> {
+    let Some(revision) = params.revision.filter(|r| !r.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "name the revision to go back to: `?revision=N` (see GET /deployments/{name}/revisions)",
+        ));
+    };
+    let number = revision_number(&revision)?;
+    let deployed = manager.rollback(&name, number, &client_of(peer)).await?;
+    Ok(Json(openapi::deployment_status(deployed.status)))
 }
 
 /// Whether a client asks for server-sent events.
@@ -1376,9 +1644,10 @@ async fn send_event(
     paths(
         root, openapi_json, docs_page, status, metrics_page, list_deployments, create_deployment, get_deployment,
         delete_deployment, service_logs, service_graph, ui, list_tasks, create_task, run_task, task_result,
-        task_events, send_event, list_sessions, get_session, create_session, delete_session
+        task_events, send_event, list_sessions, get_session, create_session, delete_session,
+        search_tasks, get_task, cancel_task, list_revisions, get_revision, rollback
     ),
-    components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine)),
+    components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine, TaskSummary, TaskPage, RevisionInfo, RevisionSource)),
     modifiers(&Additions),
     tags(
         (name = "health", description = "Health, metrics and this description"),

@@ -163,9 +163,11 @@ pub(crate) fn task_scope_allows(method: &Method, path: &str) -> bool {
     }
 }
 
-/// Whether a request is the health check anyone may make.
+/// Whether a request is one anyone may make: the health check, and the web console's files
+/// (which hold no data: the console asks for the token before it reads any).
 pub(crate) fn is_health_check(method: &Method, path: &str) -> bool {
-    matches!(*method, Method::GET | Method::HEAD) && matches!(path, "/status" | "/status/")
+    matches!(*method, Method::GET | Method::HEAD)
+        && (matches!(path, "/status" | "/status/" | "/console") || path.starts_with("/console/"))
 }
 
 /// A refused request.
@@ -246,6 +248,9 @@ mod tests {
             (Method::GET, "/deployments/d/tasks/t/events"),
             (Method::POST, "/deployments/d/tasks/t/events"),
             (Method::GET, "/deployments/d/tasks/t/results"),
+            (Method::GET, "/deployments/d/tasks/search"),
+            (Method::GET, "/deployments/d/tasks/t"),
+            (Method::POST, "/deployments/d/tasks/t/cancel"),
             (Method::POST, "/deployments/d/sessions/create"),
             (Method::POST, "/deployments/d/sessions/delete"),
             (Method::GET, "/deployments/d/sessions/s"),
@@ -268,6 +273,8 @@ mod tests {
             (Method::GET, "/status/metrics"),
             (Method::POST, "/openapi.json"),
             (Method::GET, "/deployments/d/services/s/logs"),
+            (Method::GET, "/deployments/d/revisions"),
+            (Method::POST, "/deployments/d/rollback"),
         ] {
             assert!(!task_scope_allows(&method, path), "{method} {path}");
         }

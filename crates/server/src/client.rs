@@ -227,4 +227,36 @@ impl Client {
         ))))
         .await
     }
+    /// `GET /deployments/{name}/revisions`: the deployment's revisions, newest first.
+    pub async fn revisions(&self, name: &str) -> Result<Vec<deployd_api::RevisionInfo>, Error> {
+        self.send(
+            self.http
+                .get(self.url(&format!("/deployments/{name}/revisions"))),
+        )
+        .await
+    }
+
+    /// `POST /deployments/{name}/rollback?revision=N`: deploys revision `revision` again;
+    /// answers once it serves.
+    pub async fn rollback(&self, name: &str, revision: u64) -> Result<DeploymentStatus, Error> {
+        self.send(
+            self.http
+                .post(self.url(&format!("/deployments/{name}/rollback")))
+                .query(&[("revision", revision)]),
+        )
+        .await
+    }
+
+    /// `POST /deployments/{deployment}/tasks/{task_id}/cancel`.
+    pub async fn cancel(
+        &self,
+        deployment: &str,
+        task_id: &str,
+    ) -> Result<deployd_api::TaskSummary, Error> {
+        self.send(
+            self.http
+                .post(self.url(&format!("/deployments/{deployment}/tasks/{task_id}/cancel"))),
+        )
+        .await
+    }
 }

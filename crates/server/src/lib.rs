@@ -20,6 +20,8 @@
 mod api;
 pub mod auth;
 mod base_path;
+mod console;
+
 pub mod client;
 mod error;
 mod guard;

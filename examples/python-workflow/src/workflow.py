@@ -1,4 +1,4 @@
-"""Three llama-index workflows: streamed events, a session counter, and a human in the loop."""
+"""Four llama-index workflows: streamed events, a session counter, a human in the loop, and slow work."""
 
 import asyncio
 
@@ -53,6 +53,20 @@ class ApprovalWorkflow(Workflow):
         return StopEvent(result=f"human said: {ev.response}")
 
 
+class SlowWorkflow(Workflow):
+    """Streams a Progress event every second for `seconds` seconds, then answers: a long task
+    to watch, or to cancel."""
+
+    @step()
+    async def work(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        seconds = int(ev.get("seconds", 10))
+        for n in range(1, seconds + 1):
+            ctx.write_event_to_stream(Progress(step=n, message=f"{n} of {seconds}"))
+            await asyncio.sleep(1)
+        return StopEvent(result=f"worked {seconds} seconds")
+
+
 echo_workflow = EchoWorkflow()
 counter_workflow = CounterWorkflow()
 approval_workflow = ApprovalWorkflow(timeout=300)
+slow_workflow = SlowWorkflow(timeout=3600)

@@ -384,6 +384,16 @@ class Runner:
         ctx.send_event(event)
         return True
 
+    def cancel(self, task_id: str) -> bool:
+        """Cancels a running task's workflow (deployd's `POST /tasks/{id}/cancel`): its answer
+        then ends with an error line. False when no such task runs here."""
+        entry = self.running.get(task_id)
+        if entry is None or entry.done.done():
+            return False
+        log(f"task {task_id} (attempt {entry.attempt}): cancelled by deployd")
+        self._cancel(entry)
+        return True
+
     async def cancel_all(self) -> None:
         for entry in list(self.running.values()):
             self._cancel(entry)

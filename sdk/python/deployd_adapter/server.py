@@ -48,6 +48,7 @@ REASONS = {
 TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 TARGET = re.compile(rb"^[\x21-\x7e]+$")
 EVENTS_PATH = re.compile(r"^/tasks/([^/]+)/events/?$")
+CANCEL_PATH = re.compile(r"^/tasks/([^/]+)/cancel/?$")
 # Marks an event passed on by another worker, which is not passed on again.
 FORWARDED = "x-deployd-adapter-forwarded"
 # The longest the sweeper (see `_Watch`) waits between two looks at the connections: a running
@@ -447,6 +448,12 @@ class Server:
                 return await self._not_allowed(writer, request, keep, "POST")
             return await self._post_event(unquote(match.group(1)), request, writer, keep)
 
+        match = CANCEL_PATH.match(path)
+        if match:
+            if method != "POST":
+                return await self._not_allowed(writer, request, keep, "POST")
+            return await self._post_cancel(unquote(match.group(1)), request, writer, keep)
+
         await self._send_json(
             writer, 404, {"error": f"no route {method} {path}"}, keep_alive=keep, request=request
         )
@@ -576,6 +583,30 @@ class Server:
                 await writer.drain()
                 return keep
         if not delivered:
+            await self._send_json(
+                writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
+            )
+            return keep
+        await self._send_json(writer, 200, {}, keep_alive=keep, request=request)
+        return keep
+
+    async def _post_cancel(
+        self, task_id: str, request: Request, writer: asyncio.StreamWriter, keep: bool
+    ) -> bool:
+        cancelled = self.runner.cancel(task_id)
+        if not cancelled and self.peers and FORWARDED not in request.headers:
+            answer = await self._forward(request)
+            if answer is not None:
+                status, payload = answer
+                head = self._head(
+                    status,
+                    [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+                    + self._connection_header(request, keep),
+                )
+                writer.write(head + payload)
+                await writer.drain()
+                return keep
+        if not cancelled:
             await self._send_json(
                 writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
             )

@@ -249,6 +249,29 @@ def test_a_closed_connection_cancels_the_run(serve):
     assert "task h4 (attempt 1): deployd closed the connection; the run is cancelled" in adapter.log()
 
 
+def test_a_cancel_request_cancels_the_run_and_ends_its_answer(serve):
+    adapter = serve("src/hitl:hitl_workflow")
+    # No such task yet: 404.
+    status, _, _ = http(adapter.port, "POST", "/tasks/h5/cancel")
+    assert status == 404
+    conn = Conn(adapter.port)
+    conn.request("POST", "/tasks", task("h5"))
+    assert conn.read_head()[0] == 200
+    conn.read_chunk()  # the question: the run waits for a human
+    status, _, _ = http(adapter.port, "POST", "/tasks/h5/cancel")
+    assert status == 200
+    # The answer ends with an error line that says the run was cancelled.
+    lines = ndjson(conn.read_body({"transfer-encoding": "chunked"}))
+    assert lines[-1]["type"] == "error"
+    assert "cancel" in lines[-1]["message"].lower()
+    assert "task h5 (attempt 1): cancelled by deployd" in adapter.log()
+    # It has ended: neither events nor another cancel find it.
+    status, _, _ = http(adapter.port, "POST", "/tasks/h5/cancel")
+    assert status == 404
+    status, _, _ = http(adapter.port, "GET", "/tasks/h5/cancel")
+    assert status == 405
+
+
 def test_many_concurrent_tasks_over_keep_alive_connections(echo):
     connections, per_connection = 16, 20
 

@@ -63,6 +63,34 @@ impl Backend {
         }
     }
 
+    /// Runs `sql` on the store, outside deployd (as an older or newer deployd left it).
+    async fn execute(&self, sql: &str) {
+        match self {
+            Self::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("deployd.db")).unwrap();
+                conn.execute_batch(sql).unwrap();
+            }
+            Self::Postgres { url, schema } => {
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SET LOCAL search_path TO {schema}"
+                )))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+                    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                pool.close().await;
+            }
+        }
+    }
+
     /// Sets the stored schema version, as a newer deployd would.
     async fn set_schema_version(&self, version: i64) {
         match self {
@@ -163,6 +191,7 @@ fn finish(id: &str, outcome: Result<Value, String>, only_if_queued: bool) -> Wri
         outcome,
         state: Some(json!({"after": id})),
         only_if_queued,
+        cancelled: false,
     }
 }
 
@@ -645,7 +674,304 @@ macro_rules! conformance {
     };
 }
 
+fn cancel(id: &str) -> Write {
+    Write::Finish {
+        task_id: id.into(),
+        session_id: "s".into(),
+        attempt: 1,
+        outcome: Err(format!("cancelled by client 127.0.0.1 ({id})")),
+        state: None,
+        only_if_queued: false,
+        cancelled: true,
+    }
+}
+
+async fn a_task_is_cancelled_once_while_queued_or_running(backend: Backend) {
+    let store = backend.open().await;
+    store
+        .write(vec![
+            create("q", "s", true),
+            create("r", "s", false),
+            create("done", "s", false),
+        ])
+        .await
+        .unwrap();
+    store
+        .write(vec![
+            running("r", 1, "n1"),
+            running("done", 1, "n1"),
+            finish("done", Ok(json!("ok")), false),
+        ])
+        .await
+        .unwrap();
+    let written = commit(
+        &*store,
+        vec![
+            cancel("q"),
+            cancel("r"),
+            cancel("done"),
+            // The worker's outcome that comes after the cancel is not kept.
+            finish("r", Ok(json!("too late")), false),
+        ],
+    )
+    .await;
+    assert!(written[0].applied && written[1].applied);
+    assert!(!written[2].applied, "an ended task keeps its outcome");
+    assert!(!written[3].applied, "a cancelled task keeps its cancel");
+    for id in ["q", "r"] {
+        let task = store.task(id).await.unwrap().unwrap();
+        assert_eq!(task.status, TaskStatus::Cancelled, "{id}");
+        assert!(task.status.is_finished());
+        assert_eq!(
+            task.error,
+            Some(format!("cancelled by client 127.0.0.1 ({id})"))
+        );
+        assert_eq!(task.result, None);
+        let (log, ended) = store.log_after(id, 0).await.unwrap().unwrap();
+        assert!(ended, "{id}: the log has ended");
+        let last = log.last().unwrap();
+        assert_eq!(last.kind, EventKind::Cancelled);
+        assert!(last.kind.is_terminal());
+        assert_eq!(
+            last.data,
+            json!(format!("cancelled by client 127.0.0.1 ({id})"))
+        );
+    }
+    assert_eq!(
+        store.task("done").await.unwrap().unwrap().status,
+        TaskStatus::Succeeded
+    );
+    assert_eq!(store.owner("r").await.unwrap(), None);
+    // A redelivery of the cancelled task does not run it.
+    let written = store.write(vec![running("q", 1, "n1")]).await.unwrap();
+    assert!(!written[0].applied && written[0].started.is_none());
+    // A cancelled task is an ended one: it is pruned with them, and left out of the unfinished.
+    assert!(store.unfinished_tasks("d").await.unwrap().is_empty());
+    let pruned = store.prune_ended(i64::MAX, 100).await.unwrap();
+    assert_eq!(pruned, 3);
+}
+
+async fn tasks_are_searched_newest_first_by_status_and_service(backend: Backend) {
+    use crate::TaskFilter;
+    let store = backend.open().await;
+    // Ten tasks, a millisecond apart or more: t0 oldest. Even ones of `svc`, odd ones of
+    // `other`; t3 and t6 succeed.
+    for n in 0..10 {
+        let mut task = task(&format!("t{n}"), "s");
+        if n % 2 == 1 {
+            task.service = "other".into();
+        }
+        store
+            .write(vec![Write::Create {
+                task,
+                new_session: n == 0,
+            }])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    for id in ["t3", "t6"] {
+        store
+            .write(vec![running(id, 1, "n1"), finish(id, Ok(json!(id)), false)])
+            .await
+            .unwrap();
+    }
+    let search = |filter: TaskFilter, before: Option<&'static str>, limit: usize| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .search_tasks("d", &filter, before, limit)
+                .await
+                .unwrap()
+                .map(|records| {
+                    records
+                        .iter()
+                        .map(|r| r.task.id.clone())
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    let all = TaskFilter::default();
+    assert_eq!(
+        search(all.clone(), None, 4).await.unwrap(),
+        ["t9", "t8", "t7", "t6"]
+    );
+    assert_eq!(
+        search(all.clone(), Some("t6"), 4).await.unwrap(),
+        ["t5", "t4", "t3", "t2"]
+    );
+    assert_eq!(
+        search(all.clone(), Some("t2"), 4).await.unwrap(),
+        ["t1", "t0"]
+    );
+    assert_eq!(search(all.clone(), Some("nope"), 4).await, None);
+    let svc = TaskFilter {
+        service: Some("svc".into()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(
+        search(svc.clone(), Some("t7"), 10).await.unwrap(),
+        ["t6", "t4", "t2", "t0"]
+    );
+    let succeeded = TaskFilter {
+        status: Some(TaskStatus::Succeeded),
+        ..TaskFilter::default()
+    };
+    assert_eq!(
+        search(succeeded.clone(), None, 10).await.unwrap(),
+        ["t6", "t3"]
+    );
+    let both = TaskFilter {
+        status: Some(TaskStatus::Succeeded),
+        service: Some("other".into()),
+    };
+    assert_eq!(search(both, None, 10).await.unwrap(), ["t3"]);
+    let queued_svc = TaskFilter {
+        status: Some(TaskStatus::Queued),
+        service: Some("svc".into()),
+    };
+    assert_eq!(
+        search(queued_svc, Some("t8"), 2).await.unwrap(),
+        ["t4", "t2"]
+    );
+    // Another deployment's tasks are not found, nor taken as a cursor.
+    assert_eq!(
+        store
+            .search_tasks("e", &all, None, 10)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(
+        store
+            .search_tasks("e", &all, Some("t1"), 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let record = store.task_record("t6").await.unwrap().unwrap();
+    assert_eq!(record.task.status, TaskStatus::Succeeded);
+    assert!(record.updated_ms >= record.created_ms && record.created_ms > 0);
+    assert!(store.task_record("nope").await.unwrap().is_none());
+}
+
+fn revision(deployment: &str, kind: &str) -> crate::Revision {
+    crate::Revision {
+        deployment: deployment.into(),
+        revision: 99,
+        created_ms: 1_000,
+        by: "client 127.0.0.1".into(),
+        kind: kind.into(),
+        rollback_of: (kind == "rollback").then_some(1),
+        outcome: "deploying".into(),
+        error: None,
+        sources: [(
+            "svc".to_owned(),
+            crate::RevisionSource {
+                digest: "sha256:abc".into(),
+                commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            },
+        )]
+        .into(),
+        spec: format!("name: {deployment}\n# {kind}"),
+        origin: "deployment.yml".into(),
+        base_path: "/base".into(),
+        from: "client".into(),
+    }
+}
+
+async fn revisions_are_numbered_ended_listed_and_deleted(backend: Backend) {
+    let store = backend.open().await;
+    assert_eq!(
+        store.add_revision(&revision("a", "deploy")).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.add_revision(&revision("a", "reload")).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.add_revision(&revision("b", "deploy")).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .add_revision(&revision("a", "rollback"))
+            .await
+            .unwrap(),
+        3
+    );
+    store.end_revision("a", 1, "deployed", None).await.unwrap();
+    store
+        .end_revision("a", 2, "failed", Some("service `svc` is not ready"))
+        .await
+        .unwrap();
+    let listed = store.revisions("a", 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| (r.revision, r.kind.as_str(), r.outcome.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (3, "rollback", "deploying"),
+            (2, "reload", "failed"),
+            (1, "deploy", "deployed")
+        ]
+    );
+    assert_eq!(listed[0].rollback_of, Some(1));
+    assert_eq!(
+        listed[1].error.as_deref(),
+        Some("service `svc` is not ready")
+    );
+    assert_eq!(store.revisions("a", 1).await.unwrap().len(), 1);
+    let mut expected = revision("a", "reload");
+    expected.revision = 2;
+    expected.outcome = "failed".into();
+    expected.error = Some("service `svc` is not ready".into());
+    assert_eq!(store.revision("a", 2).await.unwrap(), Some(expected));
+    assert_eq!(store.revision("a", 4).await.unwrap(), None);
+    // A deployment's revisions go with it; another's stay.
+    store.put_deployment(&deployment("a", "x")).await.unwrap();
+    store.delete_deployment("a").await.unwrap();
+    assert!(store.revisions("a", 10).await.unwrap().is_empty());
+    assert_eq!(store.revisions("b", 10).await.unwrap().len(), 1);
+    // Numbers start again for a deployment made anew.
+    assert_eq!(
+        store.add_revision(&revision("a", "deploy")).await.unwrap(),
+        1
+    );
+}
+
+async fn a_store_of_schema_version_1_is_brought_to_the_current_one(backend: Backend) {
+    let store = backend.open().await;
+    store.add_revision(&revision("a", "deploy")).await.unwrap();
+    store.write(vec![create("t", "s", true)]).await.unwrap();
+    store.close().await;
+    drop(store);
+    // As deployd 1 left it: no revisions table, version 1.
+    backend
+        .execute("DROP TABLE revisions; UPDATE schema_version SET version = 1")
+        .await;
+    let store = backend.open().await;
+    assert_eq!(
+        store.add_revision(&revision("a", "deploy")).await.unwrap(),
+        1
+    );
+    assert!(
+        store.task("t").await.unwrap().is_some(),
+        "the tasks are kept"
+    );
+    store.write(vec![cancel("t")]).await.unwrap();
+    assert_eq!(store.prune_ended(i64::MAX, 10).await.unwrap(), 1);
+}
+
 conformance!(
+    a_task_is_cancelled_once_while_queued_or_running,
+    tasks_are_searched_newest_first_by_status_and_service,
+    revisions_are_numbered_ended_listed_and_deleted,
+    a_store_of_schema_version_1_is_brought_to_the_current_one,
     deployments_are_created_replaced_and_deleted_with_their_tasks,
     a_task_runs_streams_and_ends_once,
     a_queued_task_fails_only_while_queued,

@@ -30,7 +30,7 @@ pub(crate) use sqlite::SqliteStore;
 
 /// The version of the control store's schema this deployd writes. A store whose schema is
 /// newer (written by a later deployd) is refused.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -62,6 +62,9 @@ pub(crate) struct StoredDeployment {
     /// Where the file came from (`client` or `operator`), which decides what its `${VAR}` read.
     pub(crate) from: String,
 }
+
+/// A revision as stored: one deploy, reload or rollback of a deployment.
+pub(crate) type StoredRevision = crate::Revision;
 
 /// A node of a cluster as its lease row says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +127,9 @@ pub(crate) enum Write {
         data: Value,
     },
     /// The task's end: its final entry, its outcome and its session's new state. With
-    /// `only_if_queued`, nothing is written unless the task is still `queued`.
+    /// `only_if_queued`, nothing is written unless the task is still `queued`. With
+    /// `cancelled`, the task ends `cancelled` (its outcome is then the message that says by
+    /// whom).
     Finish {
         task_id: String,
         session_id: String,
@@ -132,12 +137,14 @@ pub(crate) enum Write {
         outcome: Result<Value, String>,
         state: Option<Value>,
         only_if_queued: bool,
+        cancelled: bool,
     },
 }
 
 /// What a finish writes: `(kind, data, status, result column, error column)`.
 fn finish_columns(
     outcome: &Result<Value, String>,
+    cancelled: bool,
 ) -> (
     crate::EventKind,
     Value,
@@ -146,6 +153,13 @@ fn finish_columns(
     Option<&str>,
 ) {
     match outcome {
+        Err(message) if cancelled => (
+            crate::EventKind::Cancelled,
+            Value::String(message.clone()),
+            TaskStatus::Cancelled,
+            None,
+            Some(message.as_str()),
+        ),
         Ok(result) => (
             crate::EventKind::Result,
             result.clone(),
@@ -196,6 +210,39 @@ pub(crate) trait ControlStore: Send + Sync + std::fmt::Debug {
     async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error>;
 
     async fn task(&self, id: &str) -> Result<Option<TaskInfo>, Error>;
+    /// A task with when it was created and last changed.
+    async fn task_record(&self, id: &str) -> Result<Option<crate::TaskRecord>, Error>;
+    /// At most `limit` tasks of a deployment, newest first, that match `filter`, starting
+    /// before the task `before` (in the same order); `None` when `before` names no task of the
+    /// deployment.
+    async fn search_tasks(
+        &self,
+        deployment: &str,
+        filter: &crate::TaskFilter,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::TaskRecord>>, Error>;
+
+    /// Records a new revision of `revision.deployment`, numbered one past its last; returns
+    /// the number (the given `revision.revision` is ignored).
+    async fn add_revision(&self, revision: &StoredRevision) -> Result<u64, Error>;
+    /// Sets how a revision's deploy ended.
+    async fn end_revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+        outcome: &str,
+        error: Option<&str>,
+    ) -> Result<(), Error>;
+    /// A deployment's revisions, newest first, at most `limit`.
+    async fn revisions(&self, deployment: &str, limit: usize)
+    -> Result<Vec<StoredRevision>, Error>;
+    /// One revision of a deployment, with its file.
+    async fn revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+    ) -> Result<Option<StoredRevision>, Error>;
     /// The tasks of a deployment, oldest first.
     async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error>;
     /// At most `limit` tasks of a deployment, oldest first, starting after the task `after`

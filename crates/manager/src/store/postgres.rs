@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 
 use super::rows;
 use super::{
-    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
-    finish_columns, redact, to_json,
+    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, StoredRevision, Write,
+    Written, finish_columns, redact, to_json,
 };
 use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 
@@ -39,8 +39,9 @@ macro_rules! task_columns {
 }
 
 /// The schema's migrations: `MIGRATIONS[n]` takes a store from version `n` to `n + 1`.
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE deployments (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE deployments (
         name TEXT PRIMARY KEY,
         spec TEXT NOT NULL,
         origin TEXT NOT NULL,
@@ -48,14 +49,14 @@ const MIGRATIONS: &[&[&str]] = &[&[
         origin_kind TEXT NOT NULL,
         created_at BIGINT NOT NULL
     )",
-    "CREATE TABLE sessions (
+        "CREATE TABLE sessions (
         id TEXT PRIMARY KEY,
         deployment TEXT NOT NULL,
         state TEXT,
         created_at BIGINT NOT NULL
     )",
-    "CREATE INDEX sessions_by_deployment ON sessions (deployment, created_at, id)",
-    "CREATE TABLE tasks (
+        "CREATE INDEX sessions_by_deployment ON sessions (deployment, created_at, id)",
+        "CREATE TABLE tasks (
         id TEXT PRIMARY KEY,
         deployment TEXT NOT NULL,
         service TEXT NOT NULL,
@@ -70,12 +71,12 @@ const MIGRATIONS: &[&[&str]] = &[&[
         owner TEXT,
         last_seq BIGINT NOT NULL DEFAULT 0
     )",
-    "CREATE INDEX tasks_by_deployment ON tasks (deployment, created_at, id)",
-    "CREATE INDEX tasks_by_session ON tasks (session_id)",
-    "CREATE INDEX tasks_unfinished ON tasks (deployment, service, status, updated_at)
+        "CREATE INDEX tasks_by_deployment ON tasks (deployment, created_at, id)",
+        "CREATE INDEX tasks_by_session ON tasks (session_id)",
+        "CREATE INDEX tasks_unfinished ON tasks (deployment, service, status, updated_at)
        WHERE status IN ('queued', 'running')",
-    "CREATE INDEX tasks_ended ON tasks (updated_at) WHERE status IN ('succeeded', 'failed')",
-    "CREATE TABLE events (
+        "CREATE INDEX tasks_ended ON tasks (updated_at) WHERE status IN ('succeeded', 'failed')",
+        "CREATE TABLE events (
         task_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
         kind TEXT NOT NULL,
@@ -83,14 +84,36 @@ const MIGRATIONS: &[&[&str]] = &[&[
         attempt BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (task_id, seq)
     )",
-    "CREATE TABLE nodes (
+        "CREATE TABLE nodes (
         id TEXT PRIMARY KEY,
         address TEXT,
         version TEXT NOT NULL,
         started_at BIGINT NOT NULL,
         lease_until BIGINT NOT NULL
     )",
-]];
+    ],
+    &[
+        "DROP INDEX tasks_ended",
+        "CREATE INDEX tasks_ended ON tasks (updated_at)
+       WHERE status IN ('succeeded', 'failed', 'cancelled')",
+        "CREATE TABLE revisions (
+        deployment TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        by_whom TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        rollback_of BIGINT,
+        outcome TEXT NOT NULL,
+        error TEXT,
+        sources TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        base_path TEXT NOT NULL,
+        origin_kind TEXT NOT NULL,
+        PRIMARY KEY (deployment, revision)
+    )",
+    ],
+];
 
 /// The advisory lock taken while the schema is migrated, so that nodes starting together do
 /// not race on it.
@@ -406,8 +429,9 @@ async fn apply(tx: &mut Transaction<'_, Postgres>, write: &Write) -> Result<Writ
             outcome,
             state,
             only_if_queued,
+            cancelled,
         } => {
-            let (kind, data, status, result, error) = finish_columns(outcome);
+            let (kind, data, status, result, error) = finish_columns(outcome, *cancelled);
             // A finished task stays as it ended: its first outcome is the one kept.
             let updated = sqlx::query(concat!(
                 "UPDATE tasks SET status = $1, result = $2, error = $3, owner = NULL,
@@ -545,6 +569,7 @@ impl ControlStore for PostgresStore {
             "DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE deployment = $1)",
             "DELETE FROM tasks WHERE deployment = $1",
             "DELETE FROM sessions WHERE deployment = $1",
+            "DELETE FROM revisions WHERE deployment = $1",
             "DELETE FROM deployments WHERE name = $1",
         ] {
             sqlx::query(statement)
@@ -620,6 +645,156 @@ impl ControlStore for PostgresStore {
         .await
         .map_err(store_error)?;
         row.as_ref().map(rows::task).transpose()
+    }
+
+    async fn task_record(&self, id: &str) -> Result<Option<crate::TaskRecord>, Error> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            ", created_at, updated_at FROM tasks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(rows::task_record).transpose()
+    }
+
+    async fn search_tasks(
+        &self,
+        deployment: &str,
+        filter: &crate::TaskFilter,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::TaskRecord>>, Error> {
+        let cursor = match before {
+            None => None,
+            Some(before) => {
+                let created_at: Option<i64> = sqlx::query_scalar(
+                    "SELECT created_at FROM tasks WHERE id = $1 AND deployment = $2",
+                )
+                .bind(before)
+                .bind(deployment)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+                let Some(created_at) = created_at else {
+                    return Ok(None);
+                };
+                Some((created_at, before))
+            }
+        };
+        let sql = rows::search_statement(filter, cursor.is_some(), |n| format!("${n}"));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(deployment);
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(service) = &filter.service {
+            query = query.bind(service.as_str());
+        }
+        if let Some((created_at, id)) = cursor {
+            query = query.bind(created_at).bind(id);
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter()
+            .map(rows::task_record)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    async fn add_revision(&self, r: &StoredRevision) -> Result<u64, Error> {
+        let sources = serde_json::to_string(&r.sources).unwrap_or_else(|_| "{}".to_owned());
+        // Two nodes numbering a revision of one deployment at once: one insert conflicts on
+        // the key, and numbers again.
+        let mut tries = 0;
+        loop {
+            let number: Result<i64, sqlx::Error> = sqlx::query_scalar(
+                "INSERT INTO revisions (deployment, revision, created_at, by_whom, kind,
+                   rollback_of, outcome, error, sources, spec, origin, base_path, origin_kind)
+                 SELECT $1, COALESCE(MAX(revision), 0) + 1, $2, $3, $4, $5, $6, $7, $8, $9,
+                   $10, $11, $12 FROM revisions WHERE deployment = $1
+                 RETURNING revision",
+            )
+            .bind(&r.deployment)
+            .bind(r.created_ms)
+            .bind(&r.by)
+            .bind(&r.kind)
+            .bind(r.rollback_of.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+            .bind(&r.outcome)
+            .bind(&r.error)
+            .bind(&sources)
+            .bind(&r.spec)
+            .bind(&r.origin)
+            .bind(&r.base_path)
+            .bind(&r.from)
+            .fetch_one(&self.pool)
+            .await;
+            match number {
+                Ok(number) => return Ok(u64::try_from(number).unwrap_or(0)),
+                Err(sqlx::Error::Database(err)) if err.is_unique_violation() && tries < 5 => {
+                    tries += 1;
+                }
+                Err(err) => return Err(store_error(err)),
+            }
+        }
+    }
+
+    async fn end_revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+        outcome: &str,
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE revisions SET outcome = $1, error = $2 WHERE deployment = $3 AND revision = $4",
+        )
+        .bind(outcome)
+        .bind(error)
+        .bind(deployment)
+        .bind(i64::try_from(revision).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)
+        .map(drop)
+    }
+
+    async fn revisions(
+        &self,
+        deployment: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredRevision>, Error> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM revisions WHERE deployment = $1 ORDER BY revision DESC LIMIT $2",
+            rows::REVISION_COLUMNS
+        )))
+        .bind(deployment)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(rows::revision).collect()
+    }
+
+    async fn revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+    ) -> Result<Option<StoredRevision>, Error> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM revisions WHERE deployment = $1 AND revision = $2",
+            rows::REVISION_COLUMNS
+        )))
+        .bind(deployment)
+        .bind(i64::try_from(revision).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(rows::revision).transpose()
     }
 
     async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
@@ -709,7 +884,7 @@ impl ControlStore for PostgresStore {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         let ids: Vec<String> = sqlx::query_scalar(
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
-               WHERE status IN ('succeeded', 'failed') AND updated_at < $1
+               WHERE status IN ('succeeded', 'failed', 'cancelled') AND updated_at < $1
                LIMIT $2 FOR UPDATE SKIP LOCKED)
              RETURNING id",
         )

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{NodeRecord, StoredDeployment, to_json};
+use super::{NodeRecord, StoredDeployment, StoredRevision, to_json};
 use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
 
 fn store_error(err: sqlx::Error) -> Error {
@@ -140,7 +140,7 @@ pub(super) fn durations_statement(bounds: &[f64]) -> String {
     format!(
         "SELECT deployment, service, COUNT(*) AS n,
            CAST(COALESCE(SUM(updated_at - created_at), 0) AS BIGINT) AS total{columns}
-         FROM tasks WHERE status IN ('succeeded', 'failed')
+         FROM tasks WHERE status IN ('succeeded', 'failed', 'cancelled')
          GROUP BY deployment, service ORDER BY deployment, service"
     )
 }
@@ -183,4 +183,75 @@ pub(super) fn log<R: Columns>(
         });
     }
     Ok(Some((events, ended)))
+}
+
+/// A task row with `created_at` and `updated_at` too.
+pub(super) fn task_record(row: &impl Columns) -> Result<crate::TaskRecord, Error> {
+    Ok(crate::TaskRecord {
+        task: task(row)?,
+        created_ms: row.int("created_at")?,
+        updated_ms: row.int("updated_at")?,
+    })
+}
+
+/// The columns of a revision row.
+pub(super) const REVISION_COLUMNS: &str = "deployment, revision, created_at, by_whom, kind, \
+    rollback_of, outcome, error, sources, spec, origin, base_path, origin_kind";
+
+/// A row of [`REVISION_COLUMNS`].
+pub(super) fn revision(row: &impl Columns) -> Result<StoredRevision, Error> {
+    let sources = row.text("sources")?;
+    Ok(StoredRevision {
+        deployment: row.text("deployment")?,
+        revision: count(row.int("revision")?),
+        created_ms: row.int("created_at")?,
+        by: row.text("by_whom")?,
+        kind: row.text("kind")?,
+        rollback_of: row.maybe_int("rollback_of")?.map(count),
+        outcome: row.text("outcome")?,
+        error: row.maybe_text("error")?,
+        sources: serde_json::from_str(&sources).unwrap_or_default(),
+        spec: row.text("spec")?,
+        origin: row.text("origin")?,
+        base_path: row.text("base_path")?,
+        from: row.text("origin_kind")?,
+    })
+}
+
+/// The statement of a task search: the tasks of deployment `p(1)` newest first, filtered
+/// by status and service when asked (each the next placeholder), starting before the
+/// `(created_at, id)` of the next two when `before`, and at most the last placeholder's
+/// count. `p(n)` writes the n-th placeholder (`?` for SQLite, `$n` for PostgreSQL).
+pub(super) fn search_statement(
+    filter: &crate::TaskFilter,
+    before: bool,
+    p: impl Fn(usize) -> String,
+) -> String {
+    let mut n = 1;
+    let mut sql = format!(
+        "SELECT id, deployment, service, session_id, input, status, attempt, result, error, \
+         created_at, updated_at FROM tasks WHERE deployment = {}",
+        p(n)
+    );
+    if filter.status.is_some() {
+        n += 1;
+        sql.push_str(&format!(" AND status = {}", p(n)));
+    }
+    if filter.service.is_some() {
+        n += 1;
+        sql.push_str(&format!(" AND service = {}", p(n)));
+    }
+    if before {
+        sql.push_str(&format!(
+            " AND (created_at, id) < ({}, {})",
+            p(n + 1),
+            p(n + 2)
+        ));
+        n += 2;
+    }
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, id DESC LIMIT {}",
+        p(n + 1)
+    ));
+    sql
 }

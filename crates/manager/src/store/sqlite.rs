@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::rows;
 use super::{
-    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, Write, Written,
-    finish_columns, now_ms, restrict, to_json,
+    CommitJob, ControlStore, NodeRecord, SCHEMA_VERSION, StoredDeployment, StoredRevision, Write,
+    Written, finish_columns, now_ms, restrict, to_json,
 };
 use crate::writer::{Writer, sqlite_error};
 use crate::{Error, EventKind, SessionInfo, TaskEvent, TaskInfo, TaskStatus};
@@ -72,6 +72,23 @@ const SCHEMA: &[&str] = &[
         lease_until INTEGER NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    // Every deploy, reload and rollback of a deployment (schema version 2).
+    "CREATE TABLE IF NOT EXISTS revisions (
+        deployment TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        by_whom TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        rollback_of INTEGER,
+        outcome TEXT NOT NULL,
+        error TEXT,
+        sources TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        base_path TEXT NOT NULL,
+        origin_kind TEXT NOT NULL,
+        PRIMARY KEY (deployment, revision)
+    )",
 ];
 
 /// Columns added after a table was first created: `(table, column, definition)`, added to a
@@ -233,6 +250,7 @@ impl ControlStore for SqliteStore {
                        (SELECT id FROM tasks WHERE deployment = ?)",
                     "DELETE FROM tasks WHERE deployment = ?",
                     "DELETE FROM sessions WHERE deployment = ?",
+                    "DELETE FROM revisions WHERE deployment = ?",
                     "DELETE FROM deployments WHERE name = ?",
                 ] {
                     tx.execute(statement, [&name]).map_err(sqlite_error)?;
@@ -315,6 +333,163 @@ impl ControlStore for SqliteStore {
         .await
         .map_err(store_error)?;
         row.as_ref().map(rows::task).transpose()
+    }
+
+    async fn task_record(&self, id: &str) -> Result<Option<crate::TaskRecord>, Error> {
+        let row = sqlx::query(
+            "SELECT id, deployment, service, session_id, input, status, attempt, result, error,
+               created_at, updated_at
+             FROM tasks WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(rows::task_record).transpose()
+    }
+
+    async fn search_tasks(
+        &self,
+        deployment: &str,
+        filter: &crate::TaskFilter,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<crate::TaskRecord>>, Error> {
+        let cursor = match before {
+            None => None,
+            Some(before) => {
+                let row =
+                    sqlx::query("SELECT created_at FROM tasks WHERE id = ? AND deployment = ?")
+                        .bind(before)
+                        .bind(deployment)
+                        .fetch_optional(&self.read)
+                        .await
+                        .map_err(store_error)?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let created_at: i64 = row.try_get("created_at").map_err(store_error)?;
+                Some((created_at, before))
+            }
+        };
+        let sql = rows::search_statement(filter, cursor.is_some(), |_| "?".to_owned());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(deployment);
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(service) = &filter.service {
+            query = query.bind(service.as_str());
+        }
+        if let Some((created_at, id)) = cursor {
+            query = query.bind(created_at).bind(id);
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.read)
+            .await
+            .map_err(store_error)?;
+        rows.iter()
+            .map(rows::task_record)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    async fn add_revision(&self, revision: &StoredRevision) -> Result<u64, Error> {
+        let r = revision.clone();
+        let sources = serde_json::to_string(&r.sources).unwrap_or_else(|_| "{}".to_owned());
+        self.write
+            .call(move |conn| {
+                let number: i64 = conn
+                    .prepare_cached(
+                        "INSERT INTO revisions (deployment, revision, created_at, by_whom, kind,
+                           rollback_of, outcome, error, sources, spec, origin, base_path,
+                           origin_kind)
+                         SELECT ?1, COALESCE(MAX(revision), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8,
+                           ?9, ?10, ?11, ?12 FROM revisions WHERE deployment = ?1
+                         RETURNING revision",
+                    )
+                    .and_then(|mut statement| {
+                        statement.query_row(
+                            rusqlite::params![
+                                r.deployment,
+                                r.created_ms,
+                                r.by,
+                                r.kind,
+                                r.rollback_of.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                                r.outcome,
+                                r.error,
+                                sources,
+                                r.spec,
+                                r.origin,
+                                r.base_path,
+                                r.from,
+                            ],
+                            |row| row.get(0),
+                        )
+                    })
+                    .map_err(sqlite_error)?;
+                Ok(u64::try_from(number).unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn end_revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+        outcome: &str,
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        let (deployment, outcome) = (deployment.to_owned(), outcome.to_owned());
+        let error = error.map(str::to_owned);
+        let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        self.write
+            .call(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE revisions SET outcome = ?, error = ?
+                     WHERE deployment = ? AND revision = ?",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(rusqlite::params![outcome, error, deployment, revision])
+                })
+                .map_err(sqlite_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn revisions(
+        &self,
+        deployment: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredRevision>, Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM revisions WHERE deployment = ? ORDER BY revision DESC LIMIT ?",
+            rows::REVISION_COLUMNS
+        )))
+        .bind(deployment)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.read)
+        .await
+        .map_err(store_error)?;
+        rows.iter().map(rows::revision).collect()
+    }
+
+    async fn revision(
+        &self,
+        deployment: &str,
+        revision: u64,
+    ) -> Result<Option<StoredRevision>, Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM revisions WHERE deployment = ? AND revision = ?",
+            rows::REVISION_COLUMNS
+        )))
+        .bind(deployment)
+        .bind(i64::try_from(revision).unwrap_or(i64::MAX))
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        row.as_ref().map(rows::revision).transpose()
     }
 
     async fn tasks(&self, deployment: &str) -> Result<Vec<TaskInfo>, Error> {
@@ -412,7 +587,7 @@ impl ControlStore for SqliteStore {
             .transaction(move |tx| {
                 let ids: Vec<String> = tx
                     .prepare_cached(
-                        "SELECT id FROM tasks WHERE status IN ('succeeded', 'failed')
+                        "SELECT id FROM tasks WHERE status IN ('succeeded', 'failed', 'cancelled')
                          AND updated_at < ? LIMIT ?",
                     )
                     .and_then(|mut statement| {
@@ -872,6 +1047,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
             outcome,
             state,
             only_if_queued,
+            cancelled,
         } => {
             let event = finish_in(
                 tx,
@@ -881,6 +1057,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
                 outcome,
                 state.as_ref(),
                 *only_if_queued,
+                *cancelled,
             )?;
             Ok(Written {
                 applied: event.is_some(),
@@ -899,8 +1076,9 @@ fn finish_in(
     outcome: &Result<Value, String>,
     state: Option<&Value>,
     only_if_queued: bool,
+    cancelled: bool,
 ) -> Result<Option<TaskEvent>, Error> {
-    let (kind, data, status, result, error) = finish_columns(outcome);
+    let (kind, data, status, result, error) = finish_columns(outcome, cancelled);
     // A finished task stays as it ended: its first outcome is the one kept.
     let updated = tx
         .prepare_cached(
@@ -1005,6 +1183,7 @@ mod tests {
                 outcome: Ok(Value::Null),
                 state: None,
                 only_if_queued: false,
+                cancelled: false,
             }])
             .await
             .unwrap();

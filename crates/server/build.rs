@@ -1,0 +1,44 @@
+//! Embeds the web console's files (`console/`) in the server: writes `console_assets.rs`, a
+//! table of every file's name, content type and bytes, into `OUT_DIR`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn main() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("console");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+                .filter_map(|entry| entry.file_name().into_string().ok())
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut table = String::from("&[\n");
+    for name in &names {
+        let path = dir.join(name);
+        println!("cargo:rerun-if-changed={}", path.display());
+        let kind = match name.rsplit_once('.').map(|(_, ext)| ext) {
+            Some("html") => "text/html; charset=utf-8",
+            Some("js" | "mjs") => "text/javascript; charset=utf-8",
+            Some("css") => "text/css; charset=utf-8",
+            Some("svg") => "image/svg+xml",
+            Some("png") => "image/png",
+            Some("json") => "application/json",
+            _ => "application/octet-stream",
+        };
+        let _ = writeln!(
+            table,
+            "    ({name:?}, {kind:?}, include_bytes!({:?}) as &[u8]),",
+            path.display().to_string()
+        );
+    }
+    table.push(']');
+    let out =
+        Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("console_assets.rs");
+    std::fs::write(out, table).expect("OUT_DIR is writable");
+}
