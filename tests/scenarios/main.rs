@@ -6,6 +6,7 @@ mod cluster;
 mod faults;
 mod git;
 mod graph;
+mod history;
 mod llama_tools;
 mod logs;
 mod pipeline;

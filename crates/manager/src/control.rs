@@ -283,7 +283,8 @@ impl Control {
     }
 
     /// Takes a task [`Control::remember_fresh`] kept. Only the holder of the task's
-    /// [`Claim`] may call this with intent to run it: a worker, or the watchdog failing it.
+    /// [`Claim`] may call this with intent to run it: a worker, or the watchdog failing it; a
+    /// cancel takes it to drop it, so that the worker reads the store (and finds it ended).
     pub(crate) fn take_fresh(&self, task_id: &str) -> Option<TaskInfo> {
         self.fresh_tasks().remove(task_id)
     }

@@ -2072,6 +2072,9 @@ impl Manager {
                 return Err(ended(now.status));
             }
         }
+        // A task created here a moment ago is handed to its worker without a read of the
+        // store: it must not be, now.
+        self.inner.control.take_fresh(task_id);
         tracing::info!(deployment, task = task_id, by, "task cancelled");
         // Stop whatever runs it: a worker here, or (in a cluster) the owner's.
         if !self.stop_cancelled(task_id) && self.inner.cluster.is_some() {

@@ -376,7 +376,9 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
       showError(listError, null);
       render(limit ? revisions.slice(0, limit) : revisions, revisions);
     } catch (err) {
-      if (!isAbort(err)) showError(listError, err);
+      if (isAbort(err)) return;
+      showError(listError, err);
+      clear(table);
     }
   }
 
@@ -385,14 +387,16 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
       replace(table, notice('No revisions recorded.', 'revisions-empty'));
       return;
     }
-    const current = all.find((r) => r.outcome === 'deployed');
+    // The newest revision is the deployment's file now (a failed reload's too, while the old
+    // instances serve on): every other one can be rolled back to.
+    const latest = all[0];
     const body = h('tbody');
     for (const r of shown) {
-      const isCurrent = current && r.revision === current.revision;
+      const isLatest = latest && r.revision === latest.revision;
       const actions = h('td', { class: 'actions' });
       const showButton = () => {
-        if (isCurrent) {
-          replace(actions, h('span', { class: 'badge badge-good', testid: 'revision-current' }, 'serving'));
+        if (isLatest) {
+          replace(actions, h('span', { class: 'muted small', testid: 'revision-latest' }, 'latest'));
           return;
         }
         replace(
@@ -437,7 +441,7 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
           {
             testid: 'revision-row',
             dataset: { revision: String(r.revision), outcome: r.outcome, kind: r.kind },
-            class: isCurrent ? 'current' : '',
+            class: isLatest ? 'current' : '',
           },
           h('td', { class: 'num mono' }, String(r.revision)),
           h('td', { class: 'nowrap', title: ago(r.created_at) }, formatTime(r.created_at)),
@@ -740,6 +744,7 @@ export function tasksPage(root, ctx) {
   ]);
   const status = ctx.query.get('status') || '';
   const service = ctx.query.get('service') || '';
+  const limit = Math.min(1000, Math.max(1, Number(ctx.query.get('limit')) || PAGE_SIZE));
   const statusSelect = h(
     'select',
     { testid: 'tasks-status', id: 'tasks-status' },
@@ -779,7 +784,9 @@ export function tasksPage(root, ctx) {
   );
 
   const applyFilters = () => {
-    location.hash = routeOf('deployments', name, 'tasks') + query({ status: statusSelect.value, service: serviceSelect.value });
+    location.hash =
+      routeOf('deployments', name, 'tasks') +
+      query({ status: statusSelect.value, service: serviceSelect.value, limit: limit === PAGE_SIZE ? undefined : limit });
   };
   statusSelect.addEventListener('change', applyFilters);
   serviceSelect.addEventListener('change', applyFilters);
@@ -801,7 +808,7 @@ export function tasksPage(root, ctx) {
     refresh.disabled = true;
     try {
       const page = await getJSON(
-        path('deployments', name, 'tasks', 'search') + query({ status, service, limit: PAGE_SIZE, before }),
+        path('deployments', name, 'tasks', 'search') + query({ status, service, limit, before }),
         { signal: ctx.signal },
       );
       showError(error, null);
@@ -865,7 +872,7 @@ export function sessionsPage(root, ctx) {
     const body = h('tbody');
     for (const s of sessions.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)) {
       const tasksCell = h('td', {});
-      const toggle = h('button', { type: 'button', class: 'small', testid: 'session-tasks-toggle' }, `${s.task_ids.length} tasks`);
+      const toggle = h('button', { type: 'button', class: 'small', testid: 'session-tasks-toggle' }, s.task_ids.length === 1 ? '1 task' : `${s.task_ids.length} tasks`);
       toggle.disabled = s.task_ids.length === 0;
       let open = false;
       toggle.addEventListener('click', () => {
@@ -877,7 +884,7 @@ export function sessionsPage(root, ctx) {
         h(
           'tr',
           { testid: 'session-row', dataset: { sessionId: s.session_id } },
-          h('td', { class: 'mono' }, s.session_id),
+          h('td', { class: 'mono nowrap' }, s.session_id),
           h('td', {}, toggle),
           h('td', { class: 'mono small', title: json(s.state, 0) }, short(s.state, 80)),
           tasksCell,
@@ -889,7 +896,7 @@ export function sessionsPage(root, ctx) {
       h(
         'table',
         { class: 'grid', testid: 'sessions-table' },
-        h('thead', {}, h('tr', {}, ['session', 'tasks', 'state', ''].map((t) => h('th', {}, t)))),
+        h('thead', {}, h('tr', {}, ['session', 'tasks', 'state', 'its tasks, newest first'].map((t) => h('th', {}, t)))),
         body,
       ),
     );

@@ -280,7 +280,16 @@ export function taskPage(root, ctx) {
           { signal: ctx.signal },
         );
         question = null;
-        replace(hitl, h('div', { class: 'notice', testid: 'hitl-sent' }, `Sent: ${text.value}`));
+        replace(
+          hitl,
+          h(
+            'div',
+            { class: 'form hitl answered', testid: 'hitl-answered' },
+            h('h2', {}, 'The task asked'),
+            h('div', { class: 'prompt', testid: 'hitl-prompt' }, q.prefix || 'An answer is required.'),
+            h('div', {}, 'Answered: ', h('b', { testid: 'hitl-answer' }, text.value)),
+          ),
+        );
       } catch (err) {
         if (!isAbort(err)) showError(error, err);
       } finally {

@@ -141,7 +141,19 @@ export function stageSteps(stage) {
     wrap.appendChild(h('span', { class: `step step-${state}` }, name));
   });
   if (index < 0) wrap.appendChild(h('span', { class: 'step' }, `${stage.stage}: ${stage.state}`));
-  if (stage.error) wrap.appendChild(h('div', { class: 'stage-error', testid: 'stage-error' }, stage.error));
+  if (stage.error) {
+    const [first, ...rest] = stage.error.split('\n');
+    wrap.appendChild(
+      rest.length
+        ? h(
+            'details',
+            { class: 'stage-error', testid: 'stage-error' },
+            h('summary', {}, first),
+            h('pre', { class: 'stage-error-more' }, rest.join('\n')),
+          )
+        : h('div', { class: 'stage-error', testid: 'stage-error' }, first),
+    );
+  }
   return wrap;
 }
 
