@@ -303,4 +303,34 @@ fn cancelled_tasks_end_at_once_and_a_queued_one_never_runs() {
             .log()
             .contains("abandoned the call of a cancelled task")
     );
+
+    // A run that waits for a task that is cancelled answers 409, naming who cancelled it.
+    std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            server.post(
+                "/deployments/cancel/tasks/run",
+                &json!({ "input": json!({"message": "waited", "sleep": 600}).to_string() }),
+            )
+        });
+        let waited = wait_for("the waited task to run", Duration::from_secs(30), || {
+            let (_, page) = server
+                .get("/deployments/cancel/tasks/search?status=running")
+                .ok()?;
+            page["tasks"][0]["task_id"].as_str().map(str::to_owned)
+        });
+        let (status, _) = server.post(
+            &format!("/deployments/cancel/tasks/{waited}/cancel"),
+            &json!({}),
+        );
+        assert_eq!(status, 200);
+        let (status, body) = run.join().unwrap();
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("cancelled by client"),
+            "{body}"
+        );
+    });
 }

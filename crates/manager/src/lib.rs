@@ -2226,9 +2226,13 @@ impl Manager {
                 done.result = Some(event.data);
                 return Ok(done);
             }
-            Some(event) if event.kind == EventKind::Error => {
+            Some(event) if matches!(event.kind, EventKind::Error | EventKind::Cancelled) => {
                 done.attempt = event.attempt;
-                done.status = TaskStatus::Failed;
+                done.status = if event.kind == EventKind::Cancelled {
+                    TaskStatus::Cancelled
+                } else {
+                    TaskStatus::Failed
+                };
                 done.error = Some(match event.data {
                     Value::String(message) => message,
                     other => other.to_string(),

@@ -13,6 +13,7 @@ import {
   isBusy,
   json,
   link,
+  longText,
   notice,
   poll,
   replace,
@@ -435,6 +436,31 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
       };
       showButton();
       const sources = Object.entries(r.sources || {});
+      const fileRow = h(
+        'tr',
+        { class: 'detail', hidden: true, testid: 'revision-file-row' },
+        h('td', { colspan: '8' }),
+      );
+      const fileToggle = h(
+        'button',
+        { type: 'button', class: 'small', testid: 'revision-file-toggle', title: 'Show the deployment file of this revision' },
+        'file',
+      );
+      fileToggle.addEventListener('click', async () => {
+        if (!fileRow.hidden) {
+          fileRow.hidden = true;
+          return;
+        }
+        fileRow.hidden = false;
+        const cell = fileRow.firstChild;
+        replace(cell, h('span', { class: 'muted' }, 'loading…'));
+        try {
+          const full = await getJSON(path('deployments', name, 'revisions', String(r.revision)), { signal: ctx.signal });
+          replace(cell, h('pre', { class: 'json', testid: 'revision-file' }, full.spec ?? ''));
+        } catch (err) {
+          if (!isAbort(err)) replace(cell, errorBox(err));
+        }
+      });
       body.appendChild(
         h(
           'tr',
@@ -443,7 +469,7 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
             dataset: { revision: String(r.revision), outcome: r.outcome, kind: r.kind },
             class: isLatest ? 'current' : '',
           },
-          h('td', { class: 'num mono' }, String(r.revision)),
+          h('td', { class: 'num mono nowrap' }, String(r.revision), ' ', fileToggle),
           h('td', { class: 'nowrap', title: ago(r.created_at) }, formatTime(r.created_at)),
           h(
             'td',
@@ -453,7 +479,7 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
           ),
           h('td', {}, r.by || h('span', { class: 'muted' }, '—')),
           h('td', {}, badge(r.outcome, 'revision-outcome')),
-          h('td', { class: 'small pre-wrap', testid: 'revision-error' }, r.error || ''),
+          h('td', { class: 'small revision-error' }, r.error ? longText(r.error, { testid: 'revision-error', class: 'text-bad' }) : ''),
           h(
             'td',
             { class: 'small' },
@@ -475,6 +501,7 @@ function revisionsView(container, ctx, name, { limit = 0, onDeployed } = {}) {
           actions,
         ),
       );
+      body.appendChild(fileRow);
     }
     replace(
       table,

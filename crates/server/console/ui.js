@@ -141,20 +141,15 @@ export function stageSteps(stage) {
     wrap.appendChild(h('span', { class: `step step-${state}` }, name));
   });
   if (index < 0) wrap.appendChild(h('span', { class: 'step' }, `${stage.stage}: ${stage.state}`));
-  if (stage.error) {
-    const [first, ...rest] = stage.error.split('\n');
-    wrap.appendChild(
-      rest.length
-        ? h(
-            'details',
-            { class: 'stage-error', testid: 'stage-error' },
-            h('summary', {}, first),
-            h('pre', { class: 'stage-error-more' }, rest.join('\n')),
-          )
-        : h('div', { class: 'stage-error', testid: 'stage-error' }, first),
-    );
-  }
+  if (stage.error) wrap.appendChild(longText(stage.error, { class: 'stage-error', testid: 'stage-error' }));
   return wrap;
+}
+
+// A text of several lines: its first line, the rest behind a click.
+export function longText(text, attrs = {}) {
+  const [first, ...rest] = String(text).split('\n');
+  if (!rest.length) return h('div', attrs, first);
+  return h('details', attrs, h('summary', {}, first), h('pre', { class: 'stage-error-more' }, rest.join('\n')));
 }
 
 export function stageDone(stage) {

@@ -1119,6 +1119,7 @@ fn documented_routes() -> Vec<(String, String)> {
             .replace("{service}", "svc")
             .replace("{task_id}", "t")
             .replace("{session_id}", "s")
+            .replace("{revision}", "1")
             .replace("{path}", "index.html");
         assert!(!uri.contains('{'), "a parameter is not filled in: {path}");
         for method in item.as_object().unwrap().keys() {
