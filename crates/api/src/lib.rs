@@ -282,6 +282,15 @@ pub struct TaskPage {
     pub next: Option<String>,
 }
 
+/// One page of a session search, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionPage {
+    /// The sessions.
+    pub sessions: Vec<SessionDefinition>,
+    /// Pass as `before` for the next (older) page; `null` on the last page.
+    pub next: Option<String>,
+}
+
 /// What a revision's service ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RevisionSource {

@@ -2112,6 +2112,28 @@ impl Manager {
         true
     }
 
+    /// At most `limit` sessions of a deployment, newest first, starting after (older than)
+    /// the session `before`.
+    pub async fn search_sessions(
+        &self,
+        deployment: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, Error> {
+        self.deployment(deployment)?;
+        self.inner
+            .control
+            .store()
+            .search_sessions(deployment, before, limit)
+            .await?
+            .ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "`before`: no session `{}` in deployment `{deployment}`",
+                    before.unwrap_or_default()
+                ))
+            })
+    }
+
     /// A task of a deployment with when it was created and last changed.
     pub async fn task_record(&self, deployment: &str, task_id: &str) -> Result<TaskRecord, Error> {
         match self.inner.control.store().task_record(task_id).await? {

@@ -19,8 +19,8 @@ use axum::routing::{any, delete, get, post};
 use axum::{Extension, Json, Router};
 use deployd_api::{
     Deployed, DeploymentName, DeploymentStatus, DeploymentUpload, ErrorBody, EventDefinition,
-    EventLine, RevisionInfo, RevisionSource, Root, SessionDefinition, Status, TaskDefinition,
-    TaskPage, TaskResult, TaskSummary, result_text,
+    EventLine, RevisionInfo, RevisionSource, Root, SessionDefinition, SessionPage, Status,
+    TaskDefinition, TaskPage, TaskResult, TaskSummary, result_text,
 };
 use deployd_manager::{
     Error, EventKind, Manager, NewTask, Revision, SessionInfo, TaskEvent, TaskFilter, TaskInfo,
@@ -169,6 +169,7 @@ pub(crate) fn routes(
         .route("/deployments/{name}/sessions", get(list_sessions))
         .route("/deployments/{name}/sessions/", get(list_sessions))
         .route("/deployments/{name}/sessions/create", post(create_session))
+        .route("/deployments/{name}/sessions/search", get(search_sessions))
         .route("/deployments/{name}/sessions/delete", post(delete_session))
         .route(
             "/deployments/{name}/sessions/{session_id}",
@@ -1204,6 +1205,45 @@ fn revision_info(revision: Revision, with_spec: bool) -> RevisionInfo {
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+struct SessionSearchParams {
+    /// The most sessions in the page (1 to 1,000; 50 by default).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The last session of the previous page (its `next`): the page holds older sessions.
+    before: Option<String>,
+}
+
+#[utoipa::path(get, path = "/deployments/{name}/sessions/search", tag = "sessions",
+    summary = "A deployment's sessions, newest first, a page at a time",
+    params(("name" = String, Path, description = "The deployment"), SessionSearchParams),
+    responses((status = 200, description = "One page", body = SessionPage),
+        (status = 400, description = "A bad limit, or a `before` that names no session of the deployment", body = ErrorBody)))]
+async fn search_sessions(
+    State(manager): State<Manager>,
+    P(name): P<String>,
+    Q(params): Q<SessionSearchParams>,
+) -> ApiResult<Json<SessionPage>> {
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
+        )));
+    }
+    let before = params.before.filter(|b| !b.is_empty());
+    let sessions = manager
+        .search_sessions(&name, before.as_deref(), limit)
+        .await?;
+    let next = (sessions.len() == limit)
+        .then(|| sessions.last().map(|s| s.id.clone()))
+        .flatten();
+    Ok(Json(SessionPage {
+        sessions: sessions.into_iter().map(session_definition).collect(),
+        next,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RevisionsParams {
     /// The most revisions to list, newest first (1 to 1,000; 100 by default).
     #[param(minimum = 1, maximum = 1000)]
@@ -1645,9 +1685,9 @@ async fn send_event(
         root, openapi_json, docs_page, status, metrics_page, list_deployments, create_deployment, get_deployment,
         delete_deployment, service_logs, service_graph, ui, list_tasks, create_task, run_task, task_result,
         task_events, send_event, list_sessions, get_session, create_session, delete_session,
-        search_tasks, get_task, cancel_task, list_revisions, get_revision, rollback
+        search_tasks, get_task, cancel_task, list_revisions, get_revision, rollback, search_sessions
     ),
-    components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine, TaskSummary, TaskPage, RevisionInfo, RevisionSource)),
+    components(schemas(ErrorBody, deployd_api::Diagnostic, EventLine, TaskSummary, TaskPage, SessionPage, RevisionInfo, RevisionSource)),
     modifiers(&Additions),
     tags(
         (name = "health", description = "Health, metrics and this description"),

@@ -401,6 +401,7 @@ pub(crate) fn route_of(path: &str) -> &'static str {
         ["deployments", _, "sessions"] => "/deployments/{name}/sessions",
         ["deployments", _, "sessions", "create"] => "/deployments/{name}/sessions/create",
         ["deployments", _, "sessions", "delete"] => "/deployments/{name}/sessions/delete",
+        ["deployments", _, "sessions", "search"] => "/deployments/{name}/sessions/search",
         ["deployments", _, "sessions", _] => "/deployments/{name}/sessions/{session_id}",
         ["deployments", _, "ui", ..] => "/deployments/{name}/ui/{path}",
         _ => "unmatched",

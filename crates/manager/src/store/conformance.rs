@@ -857,6 +857,50 @@ async fn tasks_are_searched_newest_first_by_status_and_service(backend: Backend)
     assert!(store.task_record("nope").await.unwrap().is_none());
 }
 
+async fn sessions_are_searched_newest_first_with_their_tasks(backend: Backend) {
+    let store = backend.open().await;
+    for n in 0..5 {
+        store.create_session(&format!("s{n}"), "d").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    store.create_session("other", "e").await.unwrap();
+    for (task, session) in [("a", "s1"), ("b", "s3"), ("c", "s3")] {
+        store
+            .write(vec![create(task, session, false)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let page = |before: Option<&'static str>, limit: usize| {
+        let store = Arc::clone(&store);
+        async move { store.search_sessions("d", before, limit).await.unwrap() }
+    };
+    let first = page(None, 2).await.unwrap();
+    assert_eq!(
+        first
+            .iter()
+            .map(|s| (s.id.as_str(), s.task_ids.clone()))
+            .collect::<Vec<_>>(),
+        [("s4", vec![]), ("s3", vec!["b".to_owned(), "c".to_owned()])]
+    );
+    let second = page(Some("s3"), 2).await.unwrap();
+    assert_eq!(
+        second.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["s2", "s1"]
+    );
+    assert_eq!(second[1].task_ids, ["a"]);
+    let last = page(Some("s1"), 2).await.unwrap();
+    assert_eq!(
+        last.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["s0"]
+    );
+    assert!(
+        page(Some("other"), 2).await.is_none(),
+        "another deployment's session"
+    );
+    assert!(page(Some("nope"), 2).await.is_none());
+}
+
 fn revision(deployment: &str, kind: &str) -> crate::Revision {
     crate::Revision {
         deployment: deployment.into(),
@@ -969,6 +1013,7 @@ async fn a_store_of_schema_version_1_is_brought_to_the_current_one(backend: Back
 
 conformance!(
     a_task_is_cancelled_once_while_queued_or_running,
+    sessions_are_searched_newest_first_with_their_tasks,
     tasks_are_searched_newest_first_by_status_and_service,
     revisions_are_numbered_ended_listed_and_deleted,
     a_store_of_schema_version_1_is_brought_to_the_current_one,

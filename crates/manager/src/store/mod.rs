@@ -206,6 +206,15 @@ pub(crate) trait ControlStore: Send + Sync + std::fmt::Debug {
     async fn session(&self, id: &str) -> Result<Option<(String, Option<Value>)>, Error>;
     /// The sessions of a deployment with their task ids and state, oldest first.
     async fn sessions(&self, deployment: &str) -> Result<Vec<SessionInfo>, Error>;
+    /// At most `limit` sessions of a deployment with their task ids and state, newest first,
+    /// starting before the session `before`; `None` when `before` names no session of the
+    /// deployment.
+    async fn search_sessions(
+        &self,
+        deployment: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<SessionInfo>>, Error>;
     /// Deletes a session; its tasks stay readable. Returns whether it existed.
     async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error>;
 

@@ -623,6 +623,42 @@ impl ControlStore for PostgresStore {
         rows::sessions(&rows)
     }
 
+    async fn search_sessions(
+        &self,
+        deployment: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<SessionInfo>>, Error> {
+        let cursor = match before {
+            None => None,
+            Some(before) => {
+                let created_at: Option<i64> = sqlx::query_scalar(
+                    "SELECT created_at FROM sessions WHERE id = $1 AND deployment = $2",
+                )
+                .bind(before)
+                .bind(deployment)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?;
+                let Some(created_at) = created_at else {
+                    return Ok(None);
+                };
+                Some((created_at, before))
+            }
+        };
+        let sql = rows::session_search_statement(cursor.is_some(), |n| format!("${n}"));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(deployment);
+        if let Some((created_at, id)) = cursor {
+            query = query.bind(created_at).bind(id);
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows::sessions(&rows).map(Some)
+    }
+
     async fn delete_session(&self, deployment: &str, id: &str) -> Result<bool, Error> {
         let deleted = sqlx::query("DELETE FROM sessions WHERE id = $1 AND deployment = $2")
             .bind(id)

@@ -255,3 +255,25 @@ pub(super) fn search_statement(
     ));
     sql
 }
+
+/// The statement of a session search: the sessions of deployment `p(1)` newest first, starting
+/// before the `(created_at, id)` of `p(2), p(3)` when `before`, at most the last placeholder's
+/// count, each joined with its tasks (oldest first) as [`sessions`] reads them.
+pub(super) fn session_search_statement(before: bool, p: impl Fn(usize) -> String) -> String {
+    let (cursor, limit) = if before {
+        (
+            format!(" AND (created_at, id) < ({}, {})", p(2), p(3)),
+            p(4),
+        )
+    } else {
+        (String::new(), p(2))
+    };
+    format!(
+        "WITH page AS (SELECT id, state, created_at FROM sessions WHERE deployment = {}{cursor} \
+           ORDER BY created_at DESC, id DESC LIMIT {limit}) \
+         SELECT page.id AS id, page.state AS state, t.id AS task_id \
+         FROM page LEFT JOIN tasks t ON t.session_id = page.id \
+         ORDER BY page.created_at DESC, page.id DESC, t.created_at, t.id",
+        p(1)
+    )
+}

@@ -48,6 +48,8 @@ const SCHEMA: &[&str] = &[
         updated_at INTEGER NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS tasks_by_deployment ON tasks (deployment, created_at)",
+    // A session's tasks, and a deployment's sessions newest first (schema version 2).
+    "CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session_id)",
     // Superseded by `tasks_unfinished`, which holds only the tasks that have not ended.
     "DROP INDEX IF EXISTS tasks_by_status",
     "CREATE TABLE IF NOT EXISTS events (
@@ -72,6 +74,7 @@ const SCHEMA: &[&str] = &[
         lease_until INTEGER NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_deployment ON sessions (deployment, created_at, id)",
     // Every deploy, reload and rollback of a deployment (schema version 2).
     "CREATE TABLE IF NOT EXISTS revisions (
         deployment TEXT NOT NULL,
@@ -305,6 +308,42 @@ impl ControlStore for SqliteStore {
         .await
         .map_err(store_error)?;
         rows::sessions(&rows)
+    }
+
+    async fn search_sessions(
+        &self,
+        deployment: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<SessionInfo>>, Error> {
+        let cursor = match before {
+            None => None,
+            Some(before) => {
+                let created_at: Option<i64> = sqlx::query_scalar(
+                    "SELECT created_at FROM sessions WHERE id = ? AND deployment = ?",
+                )
+                .bind(before)
+                .bind(deployment)
+                .fetch_optional(&self.read)
+                .await
+                .map_err(store_error)?;
+                let Some(created_at) = created_at else {
+                    return Ok(None);
+                };
+                Some((created_at, before))
+            }
+        };
+        let sql = rows::session_search_statement(cursor.is_some(), |_| "?".to_owned());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(deployment);
+        if let Some((created_at, id)) = cursor {
+            query = query.bind(created_at).bind(id);
+        }
+        let rows = query
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.read)
+            .await
+            .map_err(store_error)?;
+        rows::sessions(&rows).map(Some)
     }
 
     /// Deletes a session; its tasks stay readable. Returns whether it existed.
