@@ -13,7 +13,9 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   ci       cargo fmt --check, clippy -D warnings, the unit and integration tests, the Python
-           adapter's tests (sdk/python/run-tests.sh), then e2e
+           adapter's tests (sdk/python/run-tests.sh), then e2e, then the TypeScript client's
+           tests (sdk/typescript) and the web console's browser test (tests/console), both
+           against the deployd e2e built
   e2e      starts the brokers that are not running (Redis, RabbitMQ, NATS, tansu, moto), runs
            the queue's conformance suite against each, then builds deployd and runs the
            end-to-end scenarios against the real binary (with a llama-deploy 0.9.2
@@ -24,11 +26,14 @@ tasks:
            workflow runs through deployd, the adapter alone and llama_deploy 0.9.2; the task
            path runs deployd with a native and a Python echo service against llama_deploy; a
            cluster of 1, 2 and 3 nodes on PostgreSQL and Redis runs a 20 ms service; a 100-step
-           durable graph runs through deployd and in process)
+           durable graph runs through deployd and in process; the web console's pages load
+           with 100,000 tasks in the store)
   bench tasks          only the task path (the same as bench-tasks)
   bench cluster        only the cluster benchmark (throughput of 1, 2 and 3 nodes)
   bench graph          only the durable graph benchmark (a 100-step graph through deployd and
                        in process)
+  bench console        only the web console's benchmark (its pages in headless Chromium with
+                       100,000 tasks and 201 deployments; every page under 300 ms)
   bench python         only the Python workflow benchmark (the same as bench-python)
   bench-python [--without-deployd]
                        only the Python workflow benchmark (without deployd: only the adapter
@@ -48,6 +53,7 @@ fn main() -> std::process::ExitCode {
             Some("tasks") => python_bench::tasks::run(),
             Some("cluster") => bench_cluster(),
             Some("graph") => python_bench::graph::run(),
+            Some("console") => python_bench::console::run(),
             Some("python") => python_bench::run(true),
             Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}`\n\n{USAGE}")),
         },
@@ -186,7 +192,28 @@ fn ci() -> anyhow::Result<()> {
             .arg(root().join("sdk/python/run-tests.sh"))
             .current_dir(root()),
     )?;
-    e2e()
+    e2e()?;
+    // Against the binary e2e built: the TypeScript client's tests, and the web console in
+    // headless Chromium.
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let binary = std::path::absolute(target.join("debug").join("deployd"))?;
+    run(
+        "the TypeScript client's tests (sdk/typescript, against deployd)",
+        Command::new("bash")
+            .arg(root().join("sdk/typescript/run-tests.sh"))
+            .env("DEPLOYD_BIN", &binary)
+            .current_dir(root()),
+    )?;
+    let (key, python) = python_tools::scenario_env(&target)?;
+    run(
+        "the web console's browser test (tests/console, headless Chromium)",
+        Command::new("bash")
+            .arg(root().join("tests/console/run-tests.sh"))
+            .env("DEPLOYD_BIN", &binary)
+            .env(key, python)
+            .current_dir(root()),
+    )
 }
 
 fn e2e() -> anyhow::Result<()> {
@@ -284,6 +311,11 @@ fn bench() -> anyhow::Result<()> {
     if let Err(err) = python_bench::graph::run() {
         eprintln!("xtask: {err:#}");
         missed.push("durable graph steps (bench graph)");
+    }
+    // The web console's pages with 100,000 tasks and 201 deployments.
+    if let Err(err) = python_bench::console::run() {
+        eprintln!("xtask: {err:#}");
+        missed.push("web console pages (bench console)");
     }
     // A cluster of 1, 2 and 3 nodes on PostgreSQL and Redis.
     if let Err(err) = bench_cluster() {

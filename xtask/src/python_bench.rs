@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub(crate) mod cluster;
+pub(crate) mod console;
 pub(crate) mod graph;
 pub(crate) mod tasks;
 
