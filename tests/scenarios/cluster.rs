@@ -293,6 +293,65 @@ fn three_nodes_share_deployments_tasks_events_and_outlive_a_reload_and_a_kill() 
         "one waited on C: {runs_on:?}"
     );
 
+    // Three long tasks, one per node, all cancelled through node A: each ends at once, and the
+    // node that runs it (told through the store) stops it and frees its place.
+    let long: Vec<String> = (0..3)
+        .map(|_| {
+            create(
+                &cluster.nodes[2],
+                "shared",
+                &json!({"sleep": 600, "report_process": true}),
+            )
+        })
+        .collect();
+    let mut long_on = BTreeMap::new();
+    for task in &long {
+        let lines = cluster.nodes[0].read_lines_until(
+            &format!("/deployments/shared/tasks/{task}/events?envelope=true"),
+            |line| line["data"]["step"] == "process",
+        );
+        let node = lines.last().unwrap()["data"]["node"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        long_on.insert(node, task.clone());
+    }
+    assert_eq!(long_on.len(), 3, "one long task per node: {long_on:?}");
+    for task in &long {
+        let (code, body) = cluster.nodes[0].post(
+            &format!("/deployments/shared/tasks/{task}/cancel"),
+            &json!({}),
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "cancelled", "{body}");
+        let lines = cluster.nodes[1].read_lines_until(
+            &format!("/deployments/shared/tasks/{task}/events?envelope=true"),
+            |line| line["type"] != "event",
+        );
+        assert_eq!(lines.last().unwrap()["type"], "cancelled", "{lines:?}");
+    }
+    // Every node's one place is free again long before 600 s: three quick tasks succeed.
+    let quick: Vec<String> = (0..3)
+        .map(|i| create(&cluster.nodes[i], "shared", &json!({"message": "after"})))
+        .collect();
+    for task in &quick {
+        let outcome = result(&cluster.nodes[0], "shared", task, Duration::from_secs(60));
+        assert_eq!(outcome["status"], "succeeded", "{outcome}");
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        assert!(
+            node.log()
+                .contains("abandoned the call of a cancelled task"),
+            "node {i} ({}) stopped its cancelled task ({long_on:?}):\n{}",
+            ids[i],
+            node.log()
+                .lines()
+                .filter(|l| l.contains("cancel"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     // A reload on B while tasks flow to all three: every task succeeds, once.
     let before_reload = runs(&log).len();
     let v2 = deployment(&project, "shared", &log, "v2 ");

@@ -2065,6 +2065,13 @@ impl Manager {
         if task.status.is_finished() {
             return Err(ended(task.status));
         }
+        // The node that runs it, read before the cancel (which clears it).
+        let owner = match self.inner.cluster {
+            Some(_) if task.status == TaskStatus::Running => {
+                self.inner.control.store().owner(task_id).await?
+            }
+            _ => None,
+        };
         let message = format!("cancelled by {by}");
         if !self.inner.control.cancel(&task, message).await? {
             let now = self.task(deployment, task_id).await?;
@@ -2077,18 +2084,15 @@ impl Manager {
         self.inner.control.take_fresh(task_id);
         tracing::info!(deployment, task = task_id, by, "task cancelled");
         // Stop whatever runs it: a worker here, or (in a cluster) the owner's.
-        if !self.stop_cancelled(task_id) && self.inner.cluster.is_some() {
-            match self.inner.control.store().owner(task_id).await {
-                Ok(Some(owner)) if owner != self.inner.node_id => {
-                    let note = notifier::Note::Cancel {
-                        to: owner,
-                        task: task_id.to_owned(),
-                    };
-                    if let Err(err) = self.inner.control.notifier().publish(&note).await {
-                        tracing::warn!(task = task_id, error = %err, "cannot tell the task's node it was cancelled");
-                    }
-                }
-                _ => {}
+        if !self.stop_cancelled(task_id)
+            && let Some(owner) = owner.filter(|owner| *owner != self.inner.node_id)
+        {
+            let note = notifier::Note::Cancel {
+                to: owner,
+                task: task_id.to_owned(),
+            };
+            if let Err(err) = self.inner.control.notifier().publish(&note).await {
+                tracing::warn!(task = task_id, error = %err, "cannot tell the task's node it was cancelled");
             }
         }
         self.task_record(deployment, task_id).await

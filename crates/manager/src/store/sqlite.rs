@@ -1107,6 +1107,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<Written, Error
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish_in(
     tx: &rusqlite::Transaction<'_>,
     task_id: &str,
