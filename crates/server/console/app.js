@@ -136,8 +136,8 @@ async function header() {
   try {
     const root = await getJSON('/');
     server.textContent = `${root.name || 'deployd'} ${root.version || ''}`.trim();
-  } catch {
-    server.textContent = '';
+  } catch (err) {
+    server.textContent = `GET / failed: ${err.message}`;
   }
   const health = document.getElementById('health');
   const check = async () => {

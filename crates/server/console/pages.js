@@ -26,6 +26,9 @@ import {
 const PAGE_SIZE = 50;
 const BUSY_POLL_MS = 1000;
 const IDLE_POLL_MS = 5000;
+// The list polls each shown deployment this often while nothing moves (50 of them: 5 requests
+// a second).
+const LIST_IDLE_POLL_MS = 10000;
 
 function errorSlot(testid = 'error') {
   const slot = h('div', { class: 'error-slot', hidden: true });
@@ -142,7 +145,7 @@ export function deploymentsPage(root, ctx) {
         replace(card.body, servicesTable(status, { links: true }));
       }
       card.el.dataset.busy = String(isBusy(status));
-      card.due = Date.now() + (isBusy(status) ? BUSY_POLL_MS : IDLE_POLL_MS);
+      card.due = Date.now() + (isBusy(status) ? BUSY_POLL_MS : LIST_IDLE_POLL_MS);
     } catch (err) {
       if (isAbort(err)) return;
       card.last = null;
@@ -711,7 +714,9 @@ export function logsPage(root, ctx) {
         replica.addEventListener('change', run);
       }
     })
-    .catch(() => {});
+    .catch((err) => {
+      if (!isAbort(err)) showError(error, err);
+    });
   run();
 }
 
@@ -862,7 +867,8 @@ export function tasksPage(root, ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Sessions: GET …/sessions; each session's tasks on demand (GET …/tasks/{id}).
+// 6. Sessions: GET …/sessions/search, newest first, 50 to a page ("Older" for the next); each
+// session's tasks on demand (GET …/tasks/{id}).
 
 export function sessionsPage(root, ctx) {
   const name = ctx.params[0];
@@ -873,59 +879,48 @@ export function sessionsPage(root, ctx) {
   const error = errorSlot('sessions-error');
   const create = h('button', { type: 'button', testid: 'session-create' }, 'New session');
   const refresh = h('button', { type: 'button', testid: 'sessions-refresh' }, 'Refresh');
-  const prev = h('button', { type: 'button', testid: 'sessions-prev' }, '← Previous');
-  const next = h('button', { type: 'button', testid: 'sessions-next' }, 'Next →');
-  const pageLabel = h('span', { class: 'muted' });
-  const list = h('div', {}, h('span', { class: 'muted' }, 'loading…'));
+  const older = h('button', { type: 'button', testid: 'sessions-older', hidden: true }, 'Older');
+  const count = h('span', { class: 'muted', testid: 'sessions-count' });
+  const body = h('tbody', { testid: 'sessions-body' });
+  const empty = notice('No sessions.', 'sessions-empty');
+  empty.hidden = true;
+  const limit = Math.min(1000, Math.max(1, Number(ctx.query.get('limit')) || PAGE_SIZE));
   root.append(
     deploymentNav(name, 'sessions'),
-    h('div', { class: 'toolbar' }, create, refresh, h('span', { class: 'spacer' }), prev, pageLabel, next),
+    h('div', { class: 'toolbar' }, create, refresh, h('span', { class: 'spacer' }), count),
     error,
-    list,
+    h(
+      'table',
+      { class: 'grid', testid: 'sessions-table' },
+      h('thead', {}, h('tr', {}, ['session', 'tasks', 'state', 'its tasks, newest first'].map((t) => h('th', {}, t)))),
+      body,
+    ),
+    empty,
+    h('div', { class: 'toolbar' }, older),
   );
-  let sessions = [];
-  let page = 0;
 
-  function render() {
-    const pages = Math.max(1, Math.ceil(sessions.length / PAGE_SIZE));
-    if (page >= pages) page = pages - 1;
-    prev.disabled = page === 0;
-    next.disabled = page >= pages - 1;
-    pageLabel.textContent = `${sessions.length} sessions · page ${page + 1} of ${pages}`;
-    if (!sessions.length) {
-      replace(list, notice('No sessions.', 'sessions-empty'));
-      return;
-    }
-    const body = h('tbody');
-    for (const s of sessions.slice(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)) {
-      const tasksCell = h('td', {});
-      const toggle = h('button', { type: 'button', class: 'small', testid: 'session-tasks-toggle' }, s.task_ids.length === 1 ? '1 task' : `${s.task_ids.length} tasks`);
-      toggle.disabled = s.task_ids.length === 0;
-      let open = false;
-      toggle.addEventListener('click', () => {
-        open = !open;
-        if (open) showSessionTasks(tasksCell, s);
-        else clear(tasksCell);
-      });
-      body.appendChild(
-        h(
-          'tr',
-          { testid: 'session-row', dataset: { sessionId: s.session_id } },
-          h('td', { class: 'mono nowrap' }, s.session_id),
-          h('td', {}, toggle),
-          h('td', { class: 'mono small', title: json(s.state, 0) }, short(s.state, 80)),
-          tasksCell,
-        ),
-      );
-    }
-    replace(
-      list,
-      h(
-        'table',
-        { class: 'grid', testid: 'sessions-table' },
-        h('thead', {}, h('tr', {}, ['session', 'tasks', 'state', 'its tasks, newest first'].map((t) => h('th', {}, t)))),
-        body,
-      ),
+  function sessionRow(s) {
+    const tasksCell = h('td', {});
+    const ids = s.task_ids || [];
+    const toggle = h(
+      'button',
+      { type: 'button', class: 'small', testid: 'session-tasks-toggle' },
+      ids.length === 1 ? '1 task' : `${ids.length} tasks`,
+    );
+    toggle.disabled = ids.length === 0;
+    let open = false;
+    toggle.addEventListener('click', () => {
+      open = !open;
+      if (open) showSessionTasks(tasksCell, s);
+      else clear(tasksCell);
+    });
+    return h(
+      'tr',
+      { testid: 'session-row', dataset: { sessionId: s.session_id } },
+      h('td', { class: 'mono nowrap' }, s.session_id),
+      h('td', {}, toggle),
+      h('td', { class: 'mono small', title: json(s.state, 0) }, short(s.state, 80)),
+      tasksCell,
     );
   }
 
@@ -955,31 +950,45 @@ export function sessionsPage(root, ctx) {
     await Promise.all([worker(), worker(), worker(), worker()]);
   }
 
-  async function load() {
+  let next = null;
+  let shown = 0;
+  async function load(before) {
+    older.disabled = true;
+    refresh.disabled = true;
     try {
-      sessions = await getJSON(path('deployments', name, 'sessions'), { signal: ctx.signal });
+      const page = await getJSON(path('deployments', name, 'sessions', 'search') + query({ limit, before }), {
+        signal: ctx.signal,
+      });
       showError(error, null);
-      render();
+      if (!before) {
+        clear(body);
+        shown = 0;
+      }
+      for (const s of page.sessions || []) body.appendChild(sessionRow(s));
+      shown += (page.sessions || []).length;
+      next = page.next || null;
+      older.hidden = !next;
+      empty.hidden = shown > 0;
+      count.textContent = `${shown} shown${next ? ', more older' : ''}`;
     } catch (err) {
       if (!isAbort(err)) showError(error, err);
+    } finally {
+      older.disabled = false;
+      refresh.disabled = false;
     }
   }
+  older.addEventListener('click', () => next && load(next));
+  refresh.addEventListener('click', () => load());
   create.addEventListener('click', async () => {
+    create.disabled = true;
     try {
       await postEmpty(path('deployments', name, 'sessions', 'create'), { signal: ctx.signal });
       await load();
     } catch (err) {
       if (!isAbort(err)) showError(error, err);
+    } finally {
+      create.disabled = false;
     }
-  });
-  refresh.addEventListener('click', load);
-  prev.addEventListener('click', () => {
-    page--;
-    render();
-  });
-  next.addEventListener('click', () => {
-    page++;
-    render();
   });
   load();
 }

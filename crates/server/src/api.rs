@@ -1307,6 +1307,7 @@ fn revision_number(text: &str) -> ApiResult<u64> {
 #[into_params(parameter_in = Query)]
 struct RollbackParams {
     /// The revision to go back to.
+    #[param(required = true, value_type = u64, minimum = 1)]
     revision: Option<String>,
 }
 

@@ -1205,6 +1205,28 @@ fn the_openapi_document_and_docs_http_api_md_list_the_same_routes() {
     }
 }
 
+/// The TypeScript client's types are generated from `sdk/typescript/openapi.json`: it must be
+/// the document the server serves (regenerate with `npm run fetch-openapi && npm run generate`
+/// in `sdk/typescript`).
+#[test]
+fn the_typescript_client_is_generated_from_the_current_openapi_document() {
+    let doc = serde_json::to_value(deployd_server::openapi_document()).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/typescript/openapi.json");
+    let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        doc == committed,
+        "sdk/typescript/openapi.json is not the server's OpenAPI document: in sdk/typescript run \
+         `DEPLOYD_BIN=$PWD/../../target/debug/deployd npm run fetch-openapi && npm run generate`"
+    );
+    let schema = std::fs::read_to_string(path.with_file_name("src").join("schema.ts")).unwrap();
+    for route in doc["paths"].as_object().unwrap().keys() {
+        assert!(
+            schema.contains(&format!("\"{route}\"")),
+            "src/schema.ts has no {route}: regenerate it (npm run generate)"
+        );
+    }
+}
+
 #[tokio::test]
 async fn every_route_of_the_openapi_document_is_served() {
     let fixture = Fixture::new().await;
