@@ -1,31 +1,9 @@
 //! Services whose code comes from git repositories.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, copy_python_fixtures, success, wait_for, workspace};
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("cannot run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use deployd_e2e::{Project, Server, copy_python_fixtures, git, success, wait_for, workspace};
 
 /// A repository holding the test service, with tags `v1` and `v2` whose `RESULT_PREFIX` (which
 /// the service puts before every result) differ.

@@ -5,29 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use deployd_e2e::{Project, Server, success, wait_for, workspace};
+use deployd_e2e::{Project, Server, git, success, wait_for, workspace};
 use serde_json::{Value, json};
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("cannot run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Commits a `RESULT_PREFIX` of `version` on the repository's `main`; returns the commit.
 fn commit(dir: &Path, version: &str) -> String {

@@ -443,6 +443,28 @@ impl Default for Project {
     }
 }
 
+/// Runs `git args` in `dir` as a test user (branch `main` by default); panics when it fails.
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("cannot run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// SIGKILLs process `pid`.
 pub fn sigkill(pid: u32) {
     let pid = i32::try_from(pid).expect("a pid fits in i32");

@@ -731,6 +731,14 @@ pub struct TaskEvent {
     pub data: Value,
 }
 
+/// A page's `before` that names no `what` of the deployment.
+fn no_cursor(what: &str, before: Option<&str>, deployment: &str) -> Error {
+    Error::BadRequest(format!(
+        "`before`: no {what} `{}` in deployment `{deployment}`",
+        before.unwrap_or_default()
+    ))
+}
+
 /// Who asked for a deploy, and of a rollback, what it goes back to.
 #[derive(Debug, Default)]
 struct DeployMeta {
@@ -2130,12 +2138,7 @@ impl Manager {
             .store()
             .search_sessions(deployment, before, limit)
             .await?
-            .ok_or_else(|| {
-                Error::BadRequest(format!(
-                    "`before`: no session `{}` in deployment `{deployment}`",
-                    before.unwrap_or_default()
-                ))
-            })
+            .ok_or_else(|| no_cursor("session", before, deployment))
     }
 
     /// A task of a deployment with when it was created and last changed.
@@ -2161,12 +2164,7 @@ impl Manager {
             .store()
             .search_tasks(deployment, filter, before, limit)
             .await?
-            .ok_or_else(|| {
-                Error::BadRequest(format!(
-                    "`before`: no task `{}` in deployment `{deployment}`",
-                    before.unwrap_or_default()
-                ))
-            })
+            .ok_or_else(|| no_cursor("task", before, deployment))
     }
 
     /// The graph a graph service serves, in Mermaid (`GET /graph` of the service), with the

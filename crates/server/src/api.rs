@@ -908,12 +908,7 @@ async fn list_tasks(
         let all: Vec<TaskDefinition> = tasks.iter().map(task_definition_of).collect();
         return Ok(Json(all).into_response());
     }
-    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(page.limit, DEFAULT_PAGE)?;
     let after = page.after.filter(|after| !after.is_empty());
     let tasks = manager.tasks_page(&name, after.as_deref(), limit).await?;
     let definitions: Vec<TaskDefinition> = tasks.iter().map(task_definition_of).collect();
@@ -1064,6 +1059,18 @@ fn client_of(peer: Option<IpAddr>) -> String {
     }
 }
 
+/// A page's `limit`: `default` when absent, else from 1 to [`MAX_PAGE`].
+fn page_limit(limit: Option<usize>, default: usize) -> ApiResult<usize> {
+    let limit = limit.unwrap_or(default);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
+        )))
+    }
+}
+
 fn task_summary(record: TaskRecord) -> TaskSummary {
     let TaskRecord {
         task,
@@ -1117,12 +1124,7 @@ async fn search_tasks(
             ))
         })?),
     };
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(params.limit, 50)?;
     let filter = TaskFilter {
         status,
         service: params.service.filter(|s| !s.is_empty()),
@@ -1223,12 +1225,7 @@ async fn search_sessions(
     P(name): P<String>,
     Q(params): Q<SessionSearchParams>,
 ) -> ApiResult<Json<SessionPage>> {
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(params.limit, 50)?;
     let before = params.before.filter(|b| !b.is_empty());
     let sessions = manager
         .search_sessions(&name, before.as_deref(), limit)
@@ -1259,12 +1256,7 @@ async fn list_revisions(
     P(name): P<String>,
     Q(params): Q<RevisionsParams>,
 ) -> ApiResult<Json<Vec<RevisionInfo>>> {
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "`limit` must be from 1 to {MAX_PAGE}, not {limit}"
-        )));
-    }
+    let limit = page_limit(params.limit, 100)?;
     let revisions = manager.revisions(&name, limit).await?;
     Ok(Json(
         revisions

@@ -570,18 +570,8 @@ class Server:
         except BadRequest as err:
             await self._send_json(writer, 400, {"error": str(err)}, keep_alive=keep, request=request)
             return keep
-        if not delivered and self.peers and FORWARDED not in request.headers:
-            answer = await self._forward(request)
-            if answer is not None:
-                status, payload = answer
-                head = self._head(
-                    status,
-                    [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-                    + self._connection_header(request, keep),
-                )
-                writer.write(head + payload)
-                await writer.drain()
-                return keep
+        if not delivered and await self._answered_by_peer(request, writer, keep):
+            return keep
         if not delivered:
             await self._send_json(
                 writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
@@ -594,18 +584,8 @@ class Server:
         self, task_id: str, request: Request, writer: asyncio.StreamWriter, keep: bool
     ) -> bool:
         cancelled = self.runner.cancel(task_id)
-        if not cancelled and self.peers and FORWARDED not in request.headers:
-            answer = await self._forward(request)
-            if answer is not None:
-                status, payload = answer
-                head = self._head(
-                    status,
-                    [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-                    + self._connection_header(request, keep),
-                )
-                writer.write(head + payload)
-                await writer.drain()
-                return keep
+        if not cancelled and await self._answered_by_peer(request, writer, keep):
+            return keep
         if not cancelled:
             await self._send_json(
                 writer, 404, {"error": f"no running task {task_id!r}"}, keep_alive=keep, request=request
@@ -613,6 +593,26 @@ class Server:
             return keep
         await self._send_json(writer, 200, {}, keep_alive=keep, request=request)
         return keep
+
+    async def _answered_by_peer(
+        self, request: Request, writer: asyncio.StreamWriter, keep: bool
+    ) -> bool:
+        """Passes a request about a task that does not run here to the other workers; True once
+        the one that runs it answered (its answer is sent on)."""
+        if not self.peers or FORWARDED in request.headers:
+            return False
+        answer = await self._forward(request)
+        if answer is None:
+            return False
+        status, payload = answer
+        head = self._head(
+            status,
+            [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+            + self._connection_header(request, keep),
+        )
+        writer.write(head + payload)
+        await writer.drain()
+        return True
 
     async def _forward(self, request: Request) -> Optional[Tuple[int, bytes]]:
         """Passes an event to every other worker; the answer of the one that runs the task (any

@@ -178,6 +178,28 @@ pub(crate) struct PostgresStore {
 type Notes = Arc<std::sync::OnceLock<(String, String)>>;
 
 impl PostgresStore {
+    /// Where a page of `table` (`tasks` or `sessions`) of a deployment starts.
+    async fn cursor<'a>(
+        &self,
+        table: &'static str,
+        before: Option<&'a str>,
+        deployment: &str,
+    ) -> Result<rows::Cursor<'a>, Error> {
+        let Some(id) = before else {
+            return Ok(rows::Cursor::Newest);
+        };
+        // `table` is one of this file's names.
+        let created: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT created_at FROM {table} WHERE id = $1 AND deployment = $2"
+        )))
+        .bind(id)
+        .bind(deployment)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(rows::Cursor::of(id, created))
+    }
+
     /// Connects to `url` and keeps the tables in `schema`, created or migrated as needed.
     /// Fails, naming the URL without its password, when PostgreSQL cannot be reached; and when
     /// the schema was written by a newer deployd.
@@ -629,22 +651,10 @@ impl ControlStore for PostgresStore {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Option<Vec<SessionInfo>>, Error> {
-        let cursor = match before {
-            None => None,
-            Some(before) => {
-                let created_at: Option<i64> = sqlx::query_scalar(
-                    "SELECT created_at FROM sessions WHERE id = $1 AND deployment = $2",
-                )
-                .bind(before)
-                .bind(deployment)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-                let Some(created_at) = created_at else {
-                    return Ok(None);
-                };
-                Some((created_at, before))
-            }
+        let cursor = match self.cursor("sessions", before, deployment).await? {
+            rows::Cursor::Newest => None,
+            rows::Cursor::Before(created_at, id) => Some((created_at, id)),
+            rows::Cursor::Missing => return Ok(None),
         };
         let sql = rows::session_search_statement(cursor.is_some(), |n| format!("${n}"));
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(deployment);
@@ -703,22 +713,10 @@ impl ControlStore for PostgresStore {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Option<Vec<crate::TaskRecord>>, Error> {
-        let cursor = match before {
-            None => None,
-            Some(before) => {
-                let created_at: Option<i64> = sqlx::query_scalar(
-                    "SELECT created_at FROM tasks WHERE id = $1 AND deployment = $2",
-                )
-                .bind(before)
-                .bind(deployment)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(store_error)?;
-                let Some(created_at) = created_at else {
-                    return Ok(None);
-                };
-                Some((created_at, before))
-            }
+        let cursor = match self.cursor("tasks", before, deployment).await? {
+            rows::Cursor::Newest => None,
+            rows::Cursor::Before(created_at, id) => Some((created_at, id)),
+            rows::Cursor::Missing => return Ok(None),
         };
         let sql = rows::search_statement(filter, cursor.is_some(), |n| format!("${n}"));
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(deployment);

@@ -277,3 +277,24 @@ pub(super) fn session_search_statement(before: bool, p: impl Fn(usize) -> String
         p(1)
     )
 }
+
+/// Where a page that starts before row `before` starts.
+pub(super) enum Cursor<'a> {
+    /// At the newest row: no `before`.
+    Newest,
+    /// Before the row `(created_at, id)`.
+    Before(i64, &'a str),
+    /// `before` names no row of the deployment.
+    Missing,
+}
+
+impl<'a> Cursor<'a> {
+    /// The cursor of the row `id`, whose `created_at` is `created` (`None` when it is no row of
+    /// the deployment).
+    pub(super) fn of(id: &'a str, created: Option<i64>) -> Self {
+        match created {
+            Some(created_at) => Self::Before(created_at, id),
+            None => Self::Missing,
+        }
+    }
+}

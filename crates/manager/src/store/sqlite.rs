@@ -126,6 +126,28 @@ pub(crate) struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Where a page of `table` (`tasks` or `sessions`) of a deployment starts.
+    async fn cursor<'a>(
+        &self,
+        table: &'static str,
+        before: Option<&'a str>,
+        deployment: &str,
+    ) -> Result<rows::Cursor<'a>, Error> {
+        let Some(id) = before else {
+            return Ok(rows::Cursor::Newest);
+        };
+        // `table` is one of this file's names.
+        let created: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT created_at FROM {table} WHERE id = ? AND deployment = ?"
+        )))
+        .bind(id)
+        .bind(deployment)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(store_error)?;
+        Ok(rows::Cursor::of(id, created))
+    }
+
     pub(crate) async fn open(path: &Path) -> Result<Self, Error> {
         let write = Writer::open(path)?;
         // The database holds literal secrets of deployment files: only its owner reads it.
@@ -316,22 +338,10 @@ impl ControlStore for SqliteStore {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Option<Vec<SessionInfo>>, Error> {
-        let cursor = match before {
-            None => None,
-            Some(before) => {
-                let created_at: Option<i64> = sqlx::query_scalar(
-                    "SELECT created_at FROM sessions WHERE id = ? AND deployment = ?",
-                )
-                .bind(before)
-                .bind(deployment)
-                .fetch_optional(&self.read)
-                .await
-                .map_err(store_error)?;
-                let Some(created_at) = created_at else {
-                    return Ok(None);
-                };
-                Some((created_at, before))
-            }
+        let cursor = match self.cursor("sessions", before, deployment).await? {
+            rows::Cursor::Newest => None,
+            rows::Cursor::Before(created_at, id) => Some((created_at, id)),
+            rows::Cursor::Missing => return Ok(None),
         };
         let sql = rows::session_search_statement(cursor.is_some(), |_| "?".to_owned());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(deployment);
@@ -394,22 +404,10 @@ impl ControlStore for SqliteStore {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Option<Vec<crate::TaskRecord>>, Error> {
-        let cursor = match before {
-            None => None,
-            Some(before) => {
-                let row =
-                    sqlx::query("SELECT created_at FROM tasks WHERE id = ? AND deployment = ?")
-                        .bind(before)
-                        .bind(deployment)
-                        .fetch_optional(&self.read)
-                        .await
-                        .map_err(store_error)?;
-                let Some(row) = row else {
-                    return Ok(None);
-                };
-                let created_at: i64 = row.try_get("created_at").map_err(store_error)?;
-                Some((created_at, before))
-            }
+        let cursor = match self.cursor("tasks", before, deployment).await? {
+            rows::Cursor::Newest => None,
+            rows::Cursor::Before(created_at, id) => Some((created_at, id)),
+            rows::Cursor::Missing => return Ok(None),
         };
         let sql = rows::search_statement(filter, cursor.is_some(), |_| "?".to_owned());
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(deployment);
