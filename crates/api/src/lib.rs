@@ -327,8 +327,9 @@ pub struct RevisionInfo {
 /// llama_deploy's `EventDefinition`: an event sent into a running task (a human's answer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EventDefinition {
-    /// The service the event is for; the task's own when absent.
-    #[serde(default)]
+    /// The service the event is for; the task's own when absent. `agent_id` (llama_deploy's
+    /// name) is accepted for it.
+    #[serde(default, alias = "agent_id")]
     pub service_id: Option<String>,
     /// The event, serialized as the workflow serializer writes it (usually JSON).
     pub event_obj_str: String,

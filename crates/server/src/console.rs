@@ -4,7 +4,7 @@
 //! the page makes for data needs one, as any client's.
 //!
 //! With `DEPLOYD_CONSOLE_DIR` set, the files are read from that folder on each request
-//! instead (for working on the console without rebuilding deployd).
+//! instead, any plain file of it (for working on the console without rebuilding deployd).
 
 use axum::extract::Path;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -26,16 +26,23 @@ pub(crate) async fn asset(Path(path): Path<String>) -> Response {
 }
 
 fn serve(name: &str) -> Response {
-    let Some(&(name, kind, bytes)) = ASSETS.iter().find(|(asset, _, _)| *asset == name) else {
+    let found = match std::env::var_os("DEPLOYD_CONSOLE_DIR") {
+        // Working on the console: every plain file of the folder, read at each request.
+        Some(dir) if is_plain_name(name) => std::fs::read(std::path::Path::new(&dir).join(name))
+            .ok()
+            .map(|bytes| (content_type(name), bytes)),
+        Some(_) => None,
+        None => ASSETS
+            .iter()
+            .find(|(asset, _, _)| *asset == name)
+            .map(|&(_, kind, bytes)| (kind, bytes.to_vec())),
+    };
+    let Some((kind, body)) = found else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
             format!("the console has no file `{name}`"),
         )
         .into_response();
-    };
-    let body = match std::env::var_os("DEPLOYD_CONSOLE_DIR") {
-        Some(dir) => std::fs::read(std::path::Path::new(&dir).join(name)).unwrap_or_default(),
-        None => bytes.to_vec(),
     };
     let mut response = (
         [
@@ -60,4 +67,42 @@ fn serve(name: &str) -> Response {
         );
     }
     response
+}
+
+/// A file name of the console's folder: no folder, no `..`, no hidden file.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\'])
+}
+
+/// The content type of a console file, by its extension (as `build.rs` gives the embedded
+/// ones).
+fn content_type(name: &str) -> &'static str {
+    match name.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_is_embedded_with_its_content_types() {
+        let page = ASSETS.iter().find(|(name, _, _)| *name == "index.html");
+        let (_, kind, bytes) = page.expect("index.html is embedded");
+        assert_eq!(*kind, "text/html; charset=utf-8");
+        assert!(String::from_utf8_lossy(bytes).contains("<html"));
+        for (name, kind, _) in ASSETS {
+            assert_eq!(*kind, content_type(name), "{name}");
+            assert!(is_plain_name(name), "{name}");
+        }
+        assert!(!is_plain_name("../Cargo.toml") && !is_plain_name(".hidden"));
+        assert!(!is_plain_name("a/b.js"));
+    }
 }

@@ -594,7 +594,10 @@ export interface components {
         EventDefinition: {
             /** @description The event, serialized as the workflow serializer writes it (usually JSON). */
             event_obj_str: string;
-            /** @description The service the event is for; the task's own when absent. */
+            /**
+             * @description The service the event is for; the task's own when absent. `agent_id` (llama_deploy's
+             *     name) is accepted for it.
+             */
             service_id?: string | null;
         };
         /**
