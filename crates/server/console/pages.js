@@ -1,7 +1,8 @@
 // The console's pages but the task's (task.js): deployments, a deployment, logs, tasks,
 // sessions, revisions. Each page is `(root, ctx)`; `ctx.signal` aborts when it is left.
 
-import { ApiError, getJSON, path, postEmpty, postJSON, query, streamLines } from './api.js';
+import { ApiError, getJSON, getText, path, postEmpty, postJSON, query, streamLines } from './api.js';
+import { drawGraph } from './graph.js';
 import {
   ago,
   badge,
@@ -24,9 +25,12 @@ import {
 } from './ui.js';
 
 const PAGE_SIZE = 50;
+// Deployments shown at once: each card reads its deployment's state (one request each), so a
+// page of them loads in a few rounds of a browser's six connections.
+const DEPLOYMENTS_PAGE = 20;
 const BUSY_POLL_MS = 1000;
 const IDLE_POLL_MS = 5000;
-// The list polls each shown deployment this often while nothing moves (50 of them: 5 requests
+// The list polls each shown deployment this often while nothing moves (20 of them: 2 requests
 // a second).
 const LIST_IDLE_POLL_MS = 10000;
 
@@ -83,9 +87,9 @@ export function deploymentsPage(root, ctx) {
 
   function render() {
     const all = filtered();
-    const pages = Math.max(1, Math.ceil(all.length / PAGE_SIZE));
+    const pages = Math.max(1, Math.ceil(all.length / DEPLOYMENTS_PAGE));
     if (page >= pages) page = pages - 1;
-    const visible = all.slice(page * PAGE_SIZE, page * PAGE_SIZE + PAGE_SIZE);
+    const visible = all.slice(page * DEPLOYMENTS_PAGE, page * DEPLOYMENTS_PAGE + DEPLOYMENTS_PAGE);
     count.textContent =
       all.length === names.length ? `${names.length} deployments` : `${all.length} of ${names.length} deployments`;
     pageLabel.textContent = `page ${page + 1} of ${pages}`;
@@ -209,7 +213,8 @@ export function deploymentsPage(root, ctx) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. A deployment: its services (polled), the run form, its latest revisions.
+// 2. A deployment: its services (polled), the graphs of its graph services, the run form, its
+// latest revisions.
 
 function deploymentNav(name, current) {
   const item = (key, route, text) =>
@@ -323,12 +328,44 @@ export function deploymentPage(root, ctx) {
 
   const revisions = h('div', { testid: 'deployment-revisions' });
 
+  // The graph of each graph service: asked of each service when it is first seen ready (one
+  // request; a service without a graph answers 404 and shows nothing), in the services' order.
+  const graphList = h('div', { class: 'graphs', testid: 'deployment-graphs' });
+  const graphsSection = h('section', { hidden: true }, h('h2', {}, 'Graphs'), graphList);
+  const graphsAsked = new Set();
+  async function loadServiceGraph(service) {
+    graphsAsked.add(service);
+    const body = h('div', { class: 'graph' });
+    const card = h(
+      'div',
+      { class: 'service-graph', testid: 'service-graph', dataset: { service }, hidden: true },
+      h('h3', { class: 'mono' }, service),
+      body,
+    );
+    graphList.appendChild(card);
+    let text;
+    try {
+      text = await getText(path('deployments', name, 'services', service, 'graph'), { signal: ctx.signal });
+    } catch (err) {
+      card.remove();
+      // No graph (404): never asked again on this page; another failure: asked at the next
+      // change of the deployment's status.
+      if (!(err instanceof ApiError && err.status === 404)) graphsAsked.delete(service);
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    card.hidden = false;
+    graphsSection.hidden = false;
+    await drawGraph(body, text);
+  }
+
   root.append(
     deploymentNav(name, 'overview'),
     statusError,
     meta,
     h('section', {}, h('h2', {}, 'Services'), services),
     h('section', {}, h('h2', {}, 'Run a task'), form),
+    graphsSection,
     h(
       'section',
       {},
@@ -348,6 +385,9 @@ export function deploymentPage(root, ctx) {
         status.deploying ? badge('deploying', 'deployment-deploying') : null,
       );
       replace(services, servicesTable(status, { links: true }));
+      for (const s of status.services || []) {
+        if (s.phase === 'ready' && !graphsAsked.has(s.id)) loadServiceGraph(s.id);
+      }
       if (!formReady) {
         formReady = true;
         for (const s of status.services) {

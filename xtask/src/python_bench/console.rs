@@ -188,6 +188,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
             "/deployments/console".to_owned(),
             "/deployments/console/tasks/search?limit=50".to_owned(),
             "/deployments/console/tasks/search?limit=50&status=queued".to_owned(),
+            // No task has failed: the whole deployment is read to find none.
+            "/deployments/console/tasks/search?limit=50&status=failed".to_owned(),
             "/deployments/console/tasks/search?limit=50&service=parked".to_owned(),
             format!("/deployments/console/tasks/search?limit=50&before={deep}"),
             format!("/deployments/console/tasks/{task}"),
