@@ -313,3 +313,69 @@ fn cancelled_tasks_end_at_once_and_a_queued_one_never_runs() {
         );
     });
 }
+
+/// A reload whose old instance still runs a task at the drain deadline cuts it off and queues it
+/// again: the new instance runs it (attempt 2), and the log names one task cut.
+#[test]
+fn a_task_cut_off_at_the_drain_deadline_runs_again_on_the_new_instance() {
+    let project = Project::new();
+    let log = project.path().join("tasks.log");
+    let file = |greeting: &str| {
+        format!(
+            "name: drain\nservices:\n  svc:\n    source:\n      type: local\n      location: src\n    command: python3 echo.py\n    env:\n      TASK_LOG: {}\n      GREETING: \"{greeting}\"\n",
+            log.display()
+        )
+    };
+    let path = project.write("drain.yaml", &file("one "));
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &["--drain-timeout", "2"]);
+    success(&server.cli(&["deploy", path.to_str().unwrap()]));
+    let (status, body) = server.post(
+        "/deployments/drain/tasks/create",
+        &json!({ "input": json!({"message": "long", "sleep": 4}).to_string() }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let task = body["task_id"].as_str().unwrap().to_owned();
+    wait_for("the task to run", Duration::from_secs(30), || {
+        let (_, t) = server
+            .get(&format!("/deployments/drain/tasks/{task}"))
+            .ok()?;
+        (t["status"] == "running").then_some(())
+    });
+    // The new version, while the old instance runs the 4 s task: it is cut off after 2 s.
+    project.write("drain.yaml", &file("two "));
+    success(&server.cli(&["deploy", "--reload", path.to_str().unwrap()]));
+    let result = server.wait_result("drain", &task, Duration::from_secs(60));
+    assert_eq!(result["result"], json!("two svc: long"), "{result}");
+    let (_, t) = server
+        .get(&format!("/deployments/drain/tasks/{task}"))
+        .unwrap();
+    assert_eq!(t["attempt"], json!(2), "{t}");
+    let ran = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(ran.lines().filter(|l| *l == task).count(), 2, "{ran}");
+    // The log's fields may be styled (ANSI escapes between a field's name and its value).
+    let log = strip_ansi(&server.log());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cut off") && l.contains("tasks=1")),
+        "{log}"
+    );
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte (a letter).
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -95,8 +95,9 @@ pub(crate) async fn run(
     .await;
     drop(consumer);
     if drained.is_err() {
+        // Read before the handlers are aborted: each one leaves the set as it is dropped.
+        let cut: Vec<String> = lock(&in_flight).iter().cloned().collect();
         running.shutdown().await;
-        let cut: Vec<String> = lock(&in_flight).drain().collect();
         tracing::warn!(
             service = %context.service,
             tasks = cut.len(),
