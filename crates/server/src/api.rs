@@ -583,13 +583,14 @@ fn yes() -> bool {
 #[utoipa::path(post, path = "/deployments/create", tag = "deployments",
     summary = "Deploys a deployment file, or reloads a deployment with `reload=true`",
     description = "The file comes as the multipart field `config_file` (as llamactl sends \
-it), or as the body itself (`application/json`: the deployment as JSON). Local sources are \
+it), or as the body itself (`application/yaml`, or `application/json`: the deployment as JSON). Local sources are \
 read under `base_path`, which a client on another machine may name only within the folders \
 the operator allowed.",
     params(CreateParams),
     request_body(content(
         (DeploymentUpload = "multipart/form-data"),
-        (Object = "application/json"))),
+        (Object = "application/json"),
+        (String = "application/yaml"))),
     responses((status = 200, description = "Deployed (with `wait=true`, every service serves)", body = Deployed),
         (status = 409, description = "A deployment of that name exists (send `reload=true`), or too many deployments", body = ErrorBody),
         (status = 413, description = "The body is larger than `--max-body-bytes`, or the file than `--max-deployment-file-bytes`", body = ErrorBody),

@@ -52,7 +52,7 @@ export interface paths {
         put?: never;
         /**
          * Deploys a deployment file, or reloads a deployment with `reload=true`
-         * @description The file comes as the multipart field `config_file` (as llamactl sends it), or as the body itself (`application/json`: the deployment as JSON). Local sources are read under `base_path`, which a client on another machine may name only within the folders the operator allowed.
+         * @description The file comes as the multipart field `config_file` (as llamactl sends it), or as the body itself (`application/yaml`, or `application/json`: the deployment as JSON). Local sources are read under `base_path`, which a client on another machine may name only within the folders the operator allowed.
          */
         post: operations["create_deployment"];
         delete?: never;
@@ -994,6 +994,7 @@ export interface operations {
         requestBody: {
             content: {
                 "application/json": Record<string, unknown>;
+                "application/yaml": string;
                 "multipart/form-data": components["schemas"]["DeploymentUpload"];
             };
         };
