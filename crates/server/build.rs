@@ -1,5 +1,5 @@
 //! Embeds the web console's files (`console/`) in the server: writes `console_assets.rs`, a
-//! table of every file's name, content type and bytes, into `OUT_DIR`.
+//! table of every file's name, content type, `ETag` and bytes, into `OUT_DIR`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,11 +29,17 @@ fn main() {
             Some("svg") => "image/svg+xml",
             Some("png") => "image/png",
             Some("json") => "application/json",
+            Some("txt") => "text/plain; charset=utf-8",
             _ => "application/octet-stream",
         };
+        // The file's version for `ETag`: FNV-1a of its bytes.
+        let bytes = std::fs::read(&path).expect("the console's file is readable");
+        let tag = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
         let _ = writeln!(
             table,
-            "    ({name:?}, {kind:?}, include_bytes!({:?}) as &[u8]),",
+            "    ({name:?}, {kind:?}, \"\\\"{tag:016x}\\\"\", include_bytes!({:?}) as &[u8]),",
             path.display().to_string()
         );
     }

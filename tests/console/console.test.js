@@ -1,10 +1,12 @@
 // deployd's web console in headless Chromium, against a real deployd with the quickstart and
 // the python-workflow example: the deployments page, running a task and watching its events, a
-// human in the loop, cancelling a long task, the tasks list, logs, sessions, and a rollback after
-// a failed reload. Screenshots go to docs/console/.
+// human in the loop, cancelling a long task, the tasks list, logs, sessions, the Rust graph
+// service's graph drawn with Mermaid (with a task's run over it), and a rollback after a failed
+// reload. Screenshots go to docs/console/.
 //
-// Run it with tests/console/run-tests.sh (DEPLOYD_BIN names the binary; DEPLOYD_CONSOLE_DIR,
-// when set, makes deployd serve the console's files from that folder).
+// Run it with tests/console/run-tests.sh (DEPLOYD_BIN names the binary,
+// DEPLOYD_GRAPH_SERVICE_BIN the example graph service; DEPLOYD_CONSOLE_DIR, when set, makes
+// deployd serve the console's files from that folder).
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -12,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { CONSOLE_DIR, Deployd, REPO, SCREENSHOTS, launchBrowser, sleep } from './harness.js';
+import { CONSOLE_DIR, Deployd, REPO, SCREENSHOTS, graphServiceBinary, launchBrowser, sleep } from './harness.js';
 
 const QUICKSTART = path.join(REPO, 'examples/quickstart/deployment.yaml');
 const PYTHON_WORKFLOW = path.join(REPO, 'examples/python-workflow/deployment.yml');
@@ -25,6 +27,8 @@ let browser;
 let page;
 let failed = false;
 const pageErrors = [];
+// What the browser said about the page's Content-Security-Policy (Mermaid must run under it).
+const cspViolations = [];
 const timings = [];
 
 async function screenshot(name) {
@@ -85,9 +89,53 @@ async function timed(name, fn) {
   }
 }
 
+// The names of the graph's states in a drawn diagram (`within` the graph's container) that
+// carry each of the run's classes: {visited: [...], current: [...], failed: [...]}, sorted, with
+// the fill each class shows.
+function runClasses(within) {
+  return page.$$eval(`${within} [data-testid="graph-svg"] svg g.node`, (nodes) => {
+    const out = { visited: [], current: [], failed: [], fills: {} };
+    for (const node of nodes) {
+      for (const name of ['visited', 'current', 'failed']) {
+        if (!node.classList.contains(name)) continue;
+        out[name].push(node.textContent.trim());
+        const shape = node.querySelector('rect, path, polygon');
+        if (shape) out.fills[name] = getComputedStyle(shape).fill;
+      }
+    }
+    for (const name of ['visited', 'current', 'failed']) out[name].sort();
+    return out;
+  });
+}
+
+// Waits until the diagram in `within` marks exactly these states (sorted names).
+async function waitRunClasses(within, want) {
+  let last = null;
+  try {
+    await page.waitForFunction(
+      ([sel, w]) => {
+        const names = (cls) =>
+          [...document.querySelectorAll(`${sel} [data-testid="graph-svg"] svg g.node.${cls}`)]
+            .map((n) => n.textContent.trim())
+            .sort()
+            .join(',');
+        return ['visited', 'current', 'failed'].every((c) => names(c) === (w[c] || []).join(','));
+      },
+      [within, want],
+      { timeout: 30_000 },
+    );
+  } catch (err) {
+    last = await runClasses(within).catch(() => null);
+    throw new Error(`the diagram never marked ${JSON.stringify(want)} (last: ${JSON.stringify(last)}): ${err.message}`);
+  }
+  return runClasses(within);
+}
+
 // deployd with both examples deployed and ready, and the browser.
 async function setUp() {
   const start = Date.now();
+  // Checked first: the graph test needs it, and a missing binary should fail at once.
+  graphServiceBinary();
   server = await Deployd.start();
   console.log(`deployd on ${server.url}, data in ${server.dataDir}`);
   for (const file of [QUICKSTART, PYTHON_WORKFLOW]) {
@@ -101,6 +149,11 @@ async function setUp() {
   browser = await launchBrowser();
   page = browser.context.pages()[0] || (await browser.context.newPage());
   page.on('pageerror', (err) => pageErrors.push(err.message));
+  page.on('console', (msg) => {
+    if (/Content[- ]Security[- ]Policy|Refused to (load|execute|apply|evaluate)/i.test(msg.text())) {
+      cspViolations.push(msg.text());
+    }
+  });
 }
 
 describe('the console', { timeout: 40 * 60_000 }, () => {
@@ -380,6 +433,113 @@ describe('the console', { timeout: 40 * 60_000 }, () => {
       assert.deepEqual(await attrs(tid('session-row'), 'data-session-id'), ids.slice(0, 2));
     }));
 
+  test('a graph service: its graph drawn on the deployment page, then the run of a task over it, a human answering', STEP, () =>
+    timed('graph', async () => {
+      // The example's binary as the service's command (as the graph scenario deploys it); the
+      // service keeps its runs in a SQLite file of its data folder.
+      const dir = fs.mkdtempSync(path.join(server.root, 'graphs-'));
+      const file = path.join(dir, 'graphs.yaml');
+      fs.writeFileSync(
+        file,
+        `name: graphs\nservices:\n  planner:\n    name: Trip planner\n    command: ${JSON.stringify(graphServiceBinary())}\n`,
+      );
+      const deployed = await server.deploy(file);
+      assert.equal(deployed.status, 200, JSON.stringify(deployed.body));
+      await server.waitReady('graphs', 60_000);
+      const text = await server.api('GET', '/deployments/graphs/services/planner/graph');
+      assert.equal(text.status, 200, JSON.stringify(text.body));
+      assert.match(text.body, /^stateDiagram-v2/m);
+      const nodes = ['Book', 'Draft', 'Research', 'Review'];
+
+      // Mermaid is loaded only for a graph: none was drawn yet (the other services have none).
+      assert.equal(await page.locator('script[src*="mermaid"]').count(), 0);
+      // The deployment page draws the graph, without a run.
+      await open('/deployments/graphs');
+      const planner = `${tid('service-graph')}[data-service="planner"]`;
+      await page.locator(`${planner} ${tid('graph-svg')} svg`).waitFor();
+      const drawn = await page.locator(`${planner} ${tid('graph-svg')}`).innerText();
+      for (const node of nodes) assert.match(drawn, new RegExp(`\\b${node}\\b`), drawn);
+      assert.match(drawn, /approved/, 'the edges are labelled');
+      assert.match(drawn, /Asks a human to approve the draft\./, 'the nodes have their notes');
+      assert.deepEqual(await runClasses(planner), { visited: [], current: [], failed: [], fills: {} });
+      assert.equal(await page.locator(`${planner} ${tid('graph-legend')}`).count(), 0);
+      // The Mermaid text, under its <details>.
+      assert.equal(await page.locator(`${planner} ${tid('graph-source')}`).getAttribute('open'), null);
+      assert.equal(await page.locator(`${planner} ${tid('graph')}`).textContent(), text.body);
+
+      // A task: it stops at the review, which asks a human; the diagram shows where it is.
+      const taskId = await runFromDeploymentPage('graphs', 'planner', '{"city": "Lisbon", "nights": 2}');
+      await page.locator(tid('hitl-form')).waitFor();
+      assert.match(await page.locator(tid('hitl-request')).innerText(), /day 2 in Lisbon/);
+      const view = tid('graph-view');
+      const waiting = await waitRunClasses(view, { visited: ['Draft', 'Research'], current: ['Review'] });
+      assert.equal(waiting.fills.visited, 'rgb(200, 230, 201)', JSON.stringify(waiting));
+      assert.equal(waiting.fills.current, 'rgb(253, 255, 50)', JSON.stringify(waiting));
+      assert.match(await page.locator(tid('graph-legend')).innerText(), /went through[\s\S]*is at/);
+      await screenshot('graph.png');
+
+      // The answer, from the form, as a JSON value: the task books the trip.
+      await page.check(tid('hitl-json'));
+      await page.fill(tid('hitl-input'), '{"approve": true}');
+      await page.click(tid('hitl-send'));
+      await page.locator(tid('task-result')).waitFor();
+      assert.equal((await page.locator(tid('task-result')).innerText()).trim(), 'booked 2 nights in Lisbon');
+      await page.waitForFunction((sel) => document.querySelector(sel)?.dataset.status === 'succeeded', tid('task-status'));
+
+      // At the end, every state it went through is marked, as the service's text says.
+      const done = await waitRunClasses(view, { visited: nodes });
+      assert.equal(done.fills.visited, 'rgb(200, 230, 201)', JSON.stringify(done));
+      const run = await server.api('GET', `/deployments/graphs/services/planner/graph?task_id=${taskId}`);
+      assert.equal(run.status, 200, JSON.stringify(run.body));
+      for (const node of nodes) assert.match(run.body, new RegExp(`^class ${node} visited$`, 'm'), run.body);
+      await page.waitForFunction(
+        ([sel, want]) => document.querySelector(sel)?.textContent === want,
+        [`${view} ${tid('graph')}`, run.body],
+      );
+      const svgText = await page.locator(`${view} ${tid('graph-svg')}`).innerText();
+      for (const node of nodes) assert.match(svgText, new RegExp(`\\b${node}\\b`), svgText);
+      // Mermaid was loaded once, for all the diagrams drawn.
+      assert.deepEqual(
+        await page.$$eval('script[src]', (scripts) => scripts.map((s) => new URL(s.src).pathname).filter((p) => p.includes('mermaid'))),
+        ['/console/mermaid.min.js'],
+      );
+
+      // A text Mermaid cannot draw: the error and the text, never a blank.
+      const broken = 'stateDiagram-v2\n  Research --> --> Draft\n';
+      const failedDraw = await page.evaluate(async (t) => {
+        const { drawGraph } = await import('/console/graph.js');
+        const slot = document.createElement('div');
+        document.body.appendChild(slot);
+        try {
+          await drawGraph(slot, t);
+          return {
+            state: slot.dataset.state,
+            error: slot.querySelector('[data-testid="graph-render-error"]')?.textContent,
+            source: slot.querySelector('[data-testid="graph"]')?.textContent,
+            open: slot.querySelector('[data-testid="graph-source"]')?.open,
+            svg: slot.querySelectorAll('svg').length,
+          };
+        } finally {
+          slot.remove();
+        }
+      }, broken);
+      assert.equal(failedDraw.state, 'failed', JSON.stringify(failedDraw));
+      assert.match(failedDraw.error, /^The graph could not be drawn: \S/, JSON.stringify(failedDraw));
+      assert.deepEqual([failedDraw.source, failedDraw.open, failedDraw.svg], [broken, true, 0]);
+      // Mermaid leaves nothing of the failed draw in the page.
+      assert.equal(await page.locator('body > [id^="ddeployd-graph-"], body > svg[id^="deployd-graph-"]').count(), 0);
+
+      // A service without a graph shows none (its graph request answers 404).
+      const asked = page.waitForResponse((r) => new URL(r.url()).pathname === '/deployments/quickstart/services/echo/graph');
+      await open('/deployments/quickstart');
+      assert.equal((await asked).status(), 404);
+      await page.locator(`${tid('service-row')}[data-service="echo"]`).waitFor();
+      await sleep(300);
+      assert.equal(await page.locator(tid('service-graph')).count(), 0);
+      assert.equal(await page.locator(`${tid('deployment-graphs')}`).isVisible(), false);
+      assert.deepEqual(cspViolations, []);
+    }));
+
   test('a failed reload, then a rollback from the revisions page; a task runs again', { timeout: 240_000 }, () =>
     timed('revisions', async () => {
       // A reload whose command cannot start fails; the old version serves on.
@@ -472,7 +632,8 @@ describe('the console', { timeout: 40 * 60_000 }, () => {
       }
     }));
 
-  test('no uncaught error in the page', () => {
+  test('no uncaught error in the page, nothing refused by its Content-Security-Policy', () => {
     assert.deepEqual(pageErrors, []);
+    assert.deepEqual(cspViolations, []);
   });
 });

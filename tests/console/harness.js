@@ -25,6 +25,19 @@ export function deploydBinary() {
   return bin;
 }
 
+// The example graph service (examples/graph-service, `cargo build -p graph-service`), which the
+// test deploys as a plain command.
+export function graphServiceBinary() {
+  const bin = process.env.DEPLOYD_GRAPH_SERVICE_BIN || path.join(REPO, 'target/debug/graph-service');
+  if (!fs.existsSync(bin)) {
+    throw new Error(
+      `no graph-service binary at ${bin}: build it (cargo build -p graph-service) or point ` +
+        'DEPLOYD_GRAPH_SERVICE_BIN at one',
+    );
+  }
+  return bin;
+}
+
 export function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -211,6 +211,10 @@ fn ci() -> anyhow::Result<()> {
         Command::new("bash")
             .arg(root().join("tests/console/run-tests.sh"))
             .env("DEPLOYD_BIN", &binary)
+            .env(
+                "DEPLOYD_GRAPH_SERVICE_BIN",
+                std::path::absolute(target.join("debug").join("graph-service"))?,
+            )
             .env(key, python)
             .current_dir(root()),
     )

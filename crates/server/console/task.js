@@ -2,6 +2,7 @@
 // Last-Event-ID), its result or error, a human-in-the-loop form, Cancel, and its graph.
 
 import { ApiError, getJSON, getText, path, postEmpty, postJSON, query, streamSse } from './api.js';
+import { clearGraph, drawGraph } from './graph.js';
 import { ago, badge, clear, formatTime, h, isAbort, json, link, replace, routeOf, showError, sleep } from './ui.js';
 
 const ENDED = new Set(['succeeded', 'failed', 'cancelled']);
@@ -112,6 +113,7 @@ export function taskPage(root, ctx) {
     summaryError,
     cancelError,
     hitl,
+    graph,
     h(
       'section',
       {},
@@ -126,7 +128,6 @@ export function taskPage(root, ctx) {
       noEvents,
     ),
     h('section', {}, h('h2', {}, 'Outcome'), outcome),
-    graph,
   );
   replace(outcome, h('span', { class: 'muted', testid: 'task-pending' }, 'The task has not ended yet.'));
 
@@ -301,28 +302,58 @@ export function taskPage(root, ctx) {
   }
 
   // --- Graph (graph services) ---------------------------------------------------------------
+  // The service's graph with the task's run drawn over it (GET …/graph?task_id=), as a diagram;
+  // fetched when the summary comes, again after the graph's steps (their events name a `node`)
+  // and at the task's end. 404/409 (no graph, no run yet, the service not ready): nothing shown.
   let graphTried = false;
   let graphLoadedAtEnd = false;
+  let graphShown = false;
+  let graphRequests = 0;
+  let graphTimer = null;
+  const graphBody = h('div', { class: 'graph', testid: 'graph-view' });
+  const graphSection = h(
+    'section',
+    { testid: 'graph-section' },
+    h('h2', {}, 'Graph ', h('span', { class: 'muted small' }, 'the task’s run over the service’s graph')),
+    graphBody,
+  );
   async function loadGraph(atEnd) {
     if (!summary?.service) return;
     graphTried = true;
     if (atEnd) graphLoadedAtEnd = true;
+    const mine = ++graphRequests;
     try {
       const text = await getText(
         path('deployments', name, 'services', summary.service, 'graph') + query({ task_id: taskId }),
         { signal: ctx.signal },
       );
-      replace(graph, h('section', {}, h('h2', {}, 'Graph (Mermaid)'), h('pre', { class: 'mermaid-text', testid: 'graph' }, text)));
+      if (mine !== graphRequests || ctx.signal.aborted) return;
+      if (!graphShown) {
+        graphShown = true;
+        clearGraph(graphBody);
+        replace(graph, graphSection);
+      }
+      await drawGraph(graphBody, text);
     } catch (err) {
-      if (isAbort(err)) return;
+      if (isAbort(err) || mine !== graphRequests) return;
       // No graph for this service (or no run yet): nothing to show.
       if (err instanceof ApiError && (err.status === 404 || err.status === 409)) {
-        clear(graph);
+        if (!graphShown) clear(graph);
         return;
       }
+      graphShown = false;
       replace(graph, h('section', {}, h('h2', {}, 'Graph'), h('div', { class: 'error', testid: 'graph-error' }, err.message)));
     }
   }
+  // After a step of the graph (a burst of events), the run drawn again.
+  function graphStepSeen() {
+    if (graphTimer || ctx.signal.aborted) return;
+    graphTimer = setTimeout(() => {
+      graphTimer = null;
+      if (!ctx.signal.aborted) loadGraph(false);
+    }, 500);
+  }
+  ctx.signal.addEventListener('abort', () => clearTimeout(graphTimer), { once: true });
 
   // --- Events --------------------------------------------------------------------------------
   function onEvent(ev) {
@@ -361,6 +392,9 @@ export function taskPage(root, ctx) {
     if (type === 'event') {
       const q = inputRequest(data);
       if (q && !ended && !(summary && ENDED.has(summary.status))) showQuestion(q, id);
+      // A graph service's step ({"node": …, "step": …}), or a question of one.
+      const node = data && typeof data === 'object' ? data.node ?? data.value?.node : undefined;
+      if (!ended && (graphShown || typeof node === 'string')) graphStepSeen();
     }
     if (TERMINAL_EVENTS.has(type)) {
       ended = true;
