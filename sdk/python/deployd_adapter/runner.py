@@ -105,13 +105,14 @@ def describe(exc: BaseException) -> str:
 
 
 class Running:
-    __slots__ = ("task_id", "attempt", "handler", "done")
+    __slots__ = ("task_id", "attempt", "handler", "done", "cancelled")
 
     def __init__(self, task_id: str, attempt: Any, handler: Any, done: asyncio.Future) -> None:
         self.task_id = task_id
         self.attempt = attempt
         self.handler = handler
         self.done = done
+        self.cancelled = False  # deployd asked (POST /tasks/{id}/cancel)
 
 
 def _retrieve(fut: asyncio.Future) -> None:
@@ -257,6 +258,11 @@ class Runner:
             await emit({"type": "error", "message": "CancelledError: the run was cancelled"})
             return
         except Exception as exc:
+            if entry.cancelled:
+                # The library's own "cancelled" error (WorkflowCancelledByUser): no traceback.
+                log(f"task {entry.task_id} (attempt {entry.attempt}): the run ended cancelled")
+                await emit({"type": "error", "message": f"cancelled: {describe(exc)}"})
+                return
             log(f"task {entry.task_id} (attempt {entry.attempt}) failed: {describe(exc)}")
             traceback.print_exception(type(exc), exc, exc.__traceback__)
             await emit({"type": "error", "message": describe(exc)})
@@ -391,6 +397,7 @@ class Runner:
         if entry is None or entry.done.done():
             return False
         log(f"task {task_id} (attempt {entry.attempt}): cancelled by deployd")
+        entry.cancelled = True
         self._cancel(entry)
         return True
 

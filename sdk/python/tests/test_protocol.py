@@ -265,6 +265,7 @@ def test_a_cancel_request_cancels_the_run_and_ends_its_answer(serve):
     assert lines[-1]["type"] == "error"
     assert "cancel" in lines[-1]["message"].lower()
     assert "task h5 (attempt 1): cancelled by deployd" in adapter.log()
+    assert "Traceback" not in adapter.log(), "a cancelled run is not a failure"
     # It has ended: neither events nor another cancel find it.
     status, _, _ = http(adapter.port, "POST", "/tasks/h5/cancel")
     assert status == 404
