@@ -194,7 +194,10 @@ pub(crate) async fn send_event(port: u16, task_id: &str, data: Value) -> Result<
         .take(500)
         .collect();
     Err(if status == reqwest::StatusCode::NOT_FOUND {
-        crate::Error::Conflict(format!("the service has no running task `{task_id}`"))
+        crate::Error::Conflict(format!(
+            "the service answered 404 to the event: it runs no task `{task_id}` that waits for \
+             one, or it takes no events (POST /tasks/{{task_id}}/events)"
+        ))
     } else {
         crate::Error::Unavailable(format!(
             "the service answered {status} to the event: {body}"

@@ -564,9 +564,12 @@ async fn delete_deployment(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct CreateParams {
+    /// The folder local sources are read under (this server's working folder when absent).
     base_path: Option<String>,
+    /// Replace a deployment of the same name.
     #[serde(default)]
     reload: bool,
+    /// Sent by llamactl; accepted and ignored (the file's sources say where code is).
     #[serde(default)]
     #[allow(dead_code)]
     local: bool,
@@ -999,6 +1002,7 @@ async fn task_result(
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct EventParams {
+    /// Sent by llama_deploy's client; accepted and ignored (a task belongs to one session).
     #[serde(default)]
     #[allow(dead_code)]
     session_id: Option<String>,

@@ -978,8 +978,11 @@ export interface operations {
     create_deployment: {
         parameters: {
             query?: {
+                /** @description The folder local sources are read under (this server's working folder when absent). */
                 base_path?: string;
+                /** @description Replace a deployment of the same name. */
                 reload?: boolean;
+                /** @description Sent by llamactl; accepted and ignored (the file's sources say where code is). */
                 local?: boolean;
                 /**
                  * @description Answer once every service serves (the default, as llama_deploy's server does), or,
@@ -2356,6 +2359,7 @@ export interface operations {
     task_events: {
         parameters: {
             query?: {
+                /** @description Sent by llama_deploy's client; accepted and ignored (a task belongs to one session). */
                 session_id?: string;
                 /** @description Each event as the workflow serializer wrote it, instead of its `value` alone. */
                 raw_event?: boolean;
@@ -2801,24 +2805,6 @@ export interface operations {
             };
             /** @description The request is malformed: a parameter, the body, or its headers */
             400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description No token, or a wrong one (when the server was given tokens) */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description The token may not do this, or the request's Host or Origin is refused */
-            403: {
                 headers: {
                     [name: string]: unknown;
                 };
