@@ -4,12 +4,15 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+include!("src/content_type.rs");
+
 fn main() {
     // The manifest folder of this build (read when the script runs: a script built for another
     // checkout of the crate must not list that one's folder).
     let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let dir = Path::new(&manifest).join("console");
     println!("cargo:rerun-if-changed={}", dir.display());
+    println!("cargo:rerun-if-changed=src/content_type.rs");
     let entries = std::fs::read_dir(&dir)
         .unwrap_or_else(|err| panic!("cannot read the console's folder {}: {err}", dir.display()));
     let mut names: Vec<String> = entries
@@ -28,16 +31,7 @@ fn main() {
     for name in &names {
         let path = dir.join(name);
         println!("cargo:rerun-if-changed={}", path.display());
-        let kind = match name.rsplit_once('.').map(|(_, ext)| ext) {
-            Some("html") => "text/html; charset=utf-8",
-            Some("js" | "mjs") => "text/javascript; charset=utf-8",
-            Some("css") => "text/css; charset=utf-8",
-            Some("svg") => "image/svg+xml",
-            Some("png") => "image/png",
-            Some("json") => "application/json",
-            Some("txt") => "text/plain; charset=utf-8",
-            _ => "application/octet-stream",
-        };
+        let kind = content_type(name);
         // The file's version for `ETag`: FNV-1a of its bytes.
         let bytes = std::fs::read(&path).expect("the console's file is readable");
         let tag = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {

@@ -1279,25 +1279,11 @@ impl Manager {
             .await
     }
 
-    /// [`Manager::deploy_from`] that, with `wait`, also answers a new deployment only once
-    /// every service serves, or with the error of the first that failed (as llama_deploy's
-    /// server, whose deploy runs the services before it answers); the deployment stays, with
-    /// that service failed.
-    pub async fn deploy_with(
-        &self,
-        text: &str,
-        origin: &str,
-        base: &Path,
-        reload: bool,
-        from: FileOrigin,
-        wait: bool,
-    ) -> Result<Deployed, Error> {
-        self.deploy_inner(text, origin, base, reload, from, wait, true)
-            .await
-    }
-
-    /// [`Manager::deploy_with`] asked for by `by` (a client's address; `operator` for a file
-    /// given to `serve`), which its revision records.
+    /// [`Manager::deploy_from`] asked for by `by` (a client's address), which its revision
+    /// records, that, with `wait`, also answers a new deployment only once every service
+    /// serves, or with the error of the first that failed (as llama_deploy's server, whose
+    /// deploy runs the services before it answers); the deployment stays, with that service
+    /// failed.
     #[allow(clippy::too_many_arguments)]
     pub async fn deploy_as(
         &self,

@@ -34,6 +34,42 @@ const IDLE_POLL_MS = 5000;
 // a second).
 const LIST_IDLE_POLL_MS = 10000;
 
+// A list read newest first a page at a time (`tasks/search`, `sessions/search`): the first page
+// into `body`, and "Older" (`older`) appends the page after `next`. Loads the first page and
+// returns the loader (`load()` reloads from the newest).
+function pageNewestFirst({ url, items, row, body, empty, count, older, refresh, error, signal }) {
+  let next = null;
+  let shown = 0;
+  async function load(before) {
+    older.disabled = true;
+    refresh.disabled = true;
+    try {
+      const page = await getJSON(url(before), { signal });
+      showError(error, null);
+      if (!before) {
+        clear(body);
+        shown = 0;
+      }
+      const got = items(page) || [];
+      for (const item of got) body.appendChild(row(item));
+      shown += got.length;
+      next = page.next || null;
+      older.hidden = !next;
+      empty.hidden = shown > 0;
+      count.textContent = `${shown} shown${next ? ', more older' : ''}`;
+    } catch (err) {
+      if (!isAbort(err)) showError(error, err);
+    } finally {
+      older.disabled = false;
+      refresh.disabled = false;
+    }
+  }
+  older.addEventListener('click', () => next && load(next));
+  refresh.addEventListener('click', () => load());
+  load();
+  return load;
+}
+
 function errorSlot(testid = 'error') {
   const slot = h('div', { class: 'error-slot', hidden: true });
   slot.dataset.errorTestid = testid;
@@ -873,37 +909,12 @@ export function tasksPage(root, ctx) {
       if (!isAbort(err)) showError(error, err);
     });
 
-  let next = null;
-  let shown = 0;
-  async function load(before) {
-    older.disabled = true;
-    refresh.disabled = true;
-    try {
-      const page = await getJSON(
-        path('deployments', name, 'tasks', 'search') + query({ status, service, limit, before }),
-        { signal: ctx.signal },
-      );
-      showError(error, null);
-      if (!before) {
-        clear(body);
-        shown = 0;
-      }
-      for (const t of page.tasks || []) body.appendChild(taskRow(name, t));
-      shown += (page.tasks || []).length;
-      next = page.next || null;
-      older.hidden = !next;
-      empty.hidden = shown > 0;
-      count.textContent = `${shown} shown${next ? ', more older' : ''}`;
-    } catch (err) {
-      if (!isAbort(err)) showError(error, err);
-    } finally {
-      older.disabled = false;
-      refresh.disabled = false;
-    }
-  }
-  older.addEventListener('click', () => next && load(next));
-  refresh.addEventListener('click', () => load());
-  load();
+  pageNewestFirst({
+    url: (before) => path('deployments', name, 'tasks', 'search') + query({ status, service, limit, before }),
+    items: (page) => page.tasks,
+    row: (t) => taskRow(name, t),
+    body, empty, count, older, refresh, error, signal: ctx.signal,
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -990,35 +1001,12 @@ export function sessionsPage(root, ctx) {
     await Promise.all([worker(), worker(), worker(), worker()]);
   }
 
-  let next = null;
-  let shown = 0;
-  async function load(before) {
-    older.disabled = true;
-    refresh.disabled = true;
-    try {
-      const page = await getJSON(path('deployments', name, 'sessions', 'search') + query({ limit, before }), {
-        signal: ctx.signal,
-      });
-      showError(error, null);
-      if (!before) {
-        clear(body);
-        shown = 0;
-      }
-      for (const s of page.sessions || []) body.appendChild(sessionRow(s));
-      shown += (page.sessions || []).length;
-      next = page.next || null;
-      older.hidden = !next;
-      empty.hidden = shown > 0;
-      count.textContent = `${shown} shown${next ? ', more older' : ''}`;
-    } catch (err) {
-      if (!isAbort(err)) showError(error, err);
-    } finally {
-      older.disabled = false;
-      refresh.disabled = false;
-    }
-  }
-  older.addEventListener('click', () => next && load(next));
-  refresh.addEventListener('click', () => load());
+  const load = pageNewestFirst({
+    url: (before) => path('deployments', name, 'sessions', 'search') + query({ limit, before }),
+    items: (page) => page.sessions,
+    row: sessionRow,
+    body, empty, count, older, refresh, error, signal: ctx.signal,
+  });
   create.addEventListener('click', async () => {
     create.disabled = true;
     try {
@@ -1030,5 +1018,4 @@ export function sessionsPage(root, ctx) {
       create.disabled = false;
     }
   });
-  load();
 }
