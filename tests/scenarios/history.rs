@@ -379,3 +379,134 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// Cancels racing one another over many tasks, and bad input to the new routes: every answer is
+/// a 200, a 4xx naming the problem, never a 5xx; every task ends cancelled or succeeded, once.
+#[test]
+fn concurrent_cancels_and_bad_input_get_clear_answers() {
+    let project = Project::new();
+    let log = project.path().join("tasks.log");
+    let file = project.write(
+        "race.yaml",
+        &format!(
+            "name: race\nservices:\n  svc:\n    source:\n      type: local\n      location: src\n    command: python3 echo.py\n    max-concurrency: 2\n    env:\n      TASK_LOG: {}\n",
+            log.display()
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(&data.path().join("data"), &[]);
+    success(&server.cli(&["deploy", file.to_str().unwrap()]));
+    let tasks: Vec<String> = (0..40)
+        .map(|i| {
+            let (status, body) = server.post(
+                "/deployments/race/tasks/create",
+                &json!({ "input": json!({"message": format!("m{i}"), "sleep": 0.2}).to_string() }),
+            );
+            assert_eq!(status, 200, "{body}");
+            body["task_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // Four clients cancel every task at once, in different orders.
+    let answers: Vec<(String, u16, Value)> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let (server, tasks) = (&server, &tasks);
+                scope.spawn(move || {
+                    let mut order: Vec<&String> = tasks.iter().collect();
+                    order.rotate_left(c * 10);
+                    order
+                        .into_iter()
+                        .map(|task| {
+                            let (status, body) = server.post(
+                                &format!("/deployments/race/tasks/{task}/cancel"),
+                                &json!({}),
+                            );
+                            (task.clone(), status, body)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    for (task, status, body) in &answers {
+        assert!(
+            *status == 200 || *status == 409,
+            "cancel {task}: {status} {body}"
+        );
+        if *status == 409 {
+            assert!(
+                body["detail"].as_str().unwrap().contains("has ended"),
+                "{body}"
+            );
+        }
+    }
+    let mut cancelled = 0;
+    for task in &tasks {
+        let result = server.wait_result("race", task, Duration::from_secs(60));
+        let status = result["status"].as_str().unwrap().to_owned();
+        assert!(status == "cancelled" || status == "succeeded", "{result}");
+        let won = answers.iter().any(|(t, s, _)| t == task && *s == 200);
+        assert_eq!(won, status == "cancelled", "{task}: {result}");
+        if status == "cancelled" {
+            cancelled += 1;
+        }
+    }
+    assert!(
+        cancelled > 30,
+        "most of the 40 tasks were cancelled before they ran: {cancelled}"
+    );
+    let ran = std::fs::read_to_string(&log).unwrap_or_default();
+    for task in &tasks {
+        assert!(
+            ran.lines().filter(|l| l == task).count() <= 1,
+            "{task} ran twice"
+        );
+    }
+
+    // Bad input.
+    for (path, status, names) in [
+        ("/deployments/race/tasks/search?status=bogus", 400, "bogus"),
+        ("/deployments/race/tasks/search?limit=0", 400, "limit"),
+        ("/deployments/race/tasks/search?limit=100000", 400, "limit"),
+        ("/deployments/race/tasks/search?before=nope", 400, "nope"),
+        ("/deployments/race/sessions/search?before=nope", 400, "nope"),
+        ("/deployments/race/revisions?limit=0", 400, "limit"),
+        ("/deployments/race/revisions/0", 400, "revision"),
+        ("/deployments/race/revisions/-1", 400, "revision"),
+        ("/deployments/race/revisions/99", 404, "99"),
+        (
+            "/deployments/race/tasks/a%20b%22",
+            404,
+            "task `a b\"` not found",
+        ),
+        (
+            "/deployments/nope/tasks/search",
+            404,
+            "Deployment not found",
+        ),
+    ] {
+        let (got, body) = server.get(path).unwrap();
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains(names),
+            "{path}: {body}"
+        );
+    }
+    let (got, body) = server.post(
+        "/deployments/race/rollback?revision=18446744073709551616",
+        &json!({}),
+    );
+    assert_eq!(got, 400, "{body}");
+    let (got, body) = server.post("/deployments/nope/tasks/x/cancel", &json!({}));
+    assert_eq!(got, 404, "{body}");
+    // The server is fine: a task still runs.
+    let (got, body) = server.post(
+        "/deployments/race/tasks/run",
+        &json!({ "input": json!({"message": "after"}).to_string() }),
+    );
+    assert_eq!(got, 200, "{body}");
+}
